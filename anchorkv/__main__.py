@@ -1,0 +1,3 @@
+from anchorkv.cli import main
+
+raise SystemExit(main())

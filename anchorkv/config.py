@@ -1,0 +1,51 @@
+"""Validated configuration, one dataclass per concern, built from the CLI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("bfloat16", "float32")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: Path | None = None  # None: the bundled SmolLM2-135M-Instruct GGUF
+    dtype: str = "bfloat16"
+    threads: int = os.cpu_count() or 1
+    device: str = "cpu"
+    ctx: int | None = None  # None: the model's trained context, capped at 8192
+    stages: int = 1
+    chunk_size: int = 128  # prefill chunk C; positions are computed in chunks aligned to multiples of C
+    cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {self.threads}")
+        if self.ctx is not None and self.ctx < 16:
+            raise ValueError(f"--ctx must be at least 16, got {self.ctx}")
+        if self.stages < 1:
+            raise ValueError(f"--stages must be at least 1, got {self.stages}")
+        if not 16 <= self.chunk_size <= 4096:
+            raise ValueError(f"--chunk-size must be between 16 and 4096, got {self.chunk_size}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    max_queue: int = 16  # requests waiting for the engine beyond the one running
+    model_alias: str | None = None  # the model id clients see; None: the model file's name
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
+        if self.max_queue < 1:
+            raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")

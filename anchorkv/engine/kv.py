@@ -1,0 +1,54 @@
+"""One stage's KV: plain tensors that can be sliced, saved and restored at any token position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class KVSlice:
+    """KV of positions [start, end) for one stage's layers. k, v: [n_layers, Hkv, end - start, hd]."""
+
+    start: int
+    k: Tensor
+    v: Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class StageKV:
+    """k, v: [n_layers, Hkv, ctx, hd]. Positions at or past `filled` hold no valid KV."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, ctx: int, head_dim: int, dtype: torch.dtype) -> None:
+        self.k = torch.zeros(n_layers, n_kv_heads, ctx, head_dim, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.filled = 0
+
+    @property
+    def ctx(self) -> int:
+        return self.k.shape[2]
+
+    def export(self, start: int, end: int) -> KVSlice:
+        if not 0 <= start <= end <= self.filled:
+            raise IndexError(f"cannot export [{start}, {end}): only [0, {self.filled}) is filled")
+        return KVSlice(start, self.k[:, :, start:end].clone(), self.v[:, :, start:end].clone())
+
+    def restore(self, piece: KVSlice) -> None:
+        """Write piece into place. Pieces must be restored in order from position 0."""
+        if piece.start > self.filled:
+            raise IndexError(f"restore at {piece.start} would leave a gap after {self.filled}")
+        self.k[:, :, piece.start : piece.end] = piece.k
+        self.v[:, :, piece.start : piece.end] = piece.v
+        self.filled = piece.end
+
+    def truncate(self, n: int) -> None:
+        self.filled = min(self.filled, n)

@@ -1,0 +1,59 @@
+"""Stages chained in one process, and prefill in chunks aligned to absolute positions.
+
+Exactness rests on the chunking: prefill of [start, n) is cut at multiples of C counted from position 0,
+
+    |<- C ->|<- C ->|<- C ->|<-- n % C -->|
+    0       C       2C      3C            n
+
+so a position p < C * floor(n / C) is always computed inside the full chunk [C*floor(p/C), C*floor(p/C) + C),
+with the same tensor shapes, whichever request computes it. KV restored at a multiple of C and followed by
+aligned prefill is therefore bit-identical to a cold run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from anchorkv.engine.plan import RequestPlan, StageInput
+from anchorkv.engine.stage import Stage
+
+
+def aligned_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
+    """[a, b) pieces of [start, end) whose inner boundaries are the multiples of chunk."""
+    out = []
+    a = start
+    while a < end:
+        b = min((a // chunk + 1) * chunk, end)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class Pipeline:
+    def __init__(self, stages: list[Stage], chunk_size: int, device: torch.device) -> None:
+        self.stages = stages
+        self.chunk_size = chunk_size
+        self.device = device
+
+    @property
+    def ctx(self) -> int:
+        return self.stages[0].kv.ctx
+
+    def forward(self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False) -> Tensor:
+        x: Tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        for stage in self.stages:
+            x = stage.forward(StageInput(x, start, plan), all_logits)
+        return x
+
+    def prefill(self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False) -> Tensor:
+        """Prefill tokens at positions [start, start + len(tokens)). Returns the last position's logits
+        [vocab], or with all_logits the logits of every position [len(tokens), vocab]."""
+        outs = []
+        for a, b in aligned_chunks(start, start + len(tokens), self.chunk_size):
+            outs.append(self.forward(tokens[a - start : b - start], a, plan, all_logits))
+        return torch.cat(outs) if all_logits else outs[-1]
+
+    def truncate(self, n: int) -> None:
+        for stage in self.stages:
+            stage.kv.truncate(n)

@@ -1,0 +1,52 @@
+"""Text <-> token ids, from an HF-style folder's tokenizer.json and tokenizer_config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+
+class TextTokenizer:
+    def __init__(self, folder: Path, eos_token_ids: tuple[int, ...] = ()) -> None:
+        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.bos_token: str | None = _token_text(cfg.get("bos_token"))
+        self.eos_token: str | None = _token_text(cfg.get("eos_token"))
+        self.add_bos: bool = bool(cfg.get("add_bos_token", False)) and self.bos_token is not None
+        eos = set(eos_token_ids)
+        if self.eos_token is not None and (i := self._tok.token_to_id(self.eos_token)) is not None:
+            eos.add(i)
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's [start, end) character span in text. Special tokens are parsed."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        ids, offsets = list(enc.ids), list(enc.offsets)
+        if self.add_bos and not text.startswith(self.bos_token or ""):
+            bos = self._tok.token_to_id(self.bos_token or "")
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+def _token_text(tok: Any) -> str | None:
+    if isinstance(tok, dict):  # {"content": "<s>", ...} in older tokenizer_config.json files
+        return tok.get("content")
+    return tok

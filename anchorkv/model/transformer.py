@@ -1,0 +1,164 @@
+"""The Llama-family forward pass (llama, qwen2, qwen3) over one contiguous layer range.
+
+Shapes: T = tokens in this forward, D = hidden size, H / Hkv = query / KV heads, hd = head dim.
+A single sequence is processed at a time, so there is no batch dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anchorkv.model.config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Tensor  # [D]
+    wqkv: Tensor  # [(H + 2 Hkv) * hd, D]; q, k and v fused so decode runs one GEMV
+    bqkv: Tensor | None  # qwen2 only
+    q_norm: Tensor | None  # [hd], qwen3 only
+    k_norm: Tensor | None
+    wo: Tensor  # [D, H * hd]
+    ffn_norm: Tensor  # [D]
+    w13: Tensor  # [2 * F, D]; gate and up fused
+    w2: Tensor  # [D, F]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        inv = inv / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_ctx / wavelen) - low) / (high - low)
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif kind not in (None, "default"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: [heads, T, hd]; cos, sin: [T, hd/2] in float32. Half-split (neox / HF) layout."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class StageModel:
+    """Layers [first, last) of the model, plus the embedding on the first stage and the head on the last.
+
+    The KV of this stage lives outside it, in tensors k, v: [n_layers, Hkv, ctx, hd].
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layers: list[LayerWeights],
+        layer_range: range,
+        embed: Tensor | None,
+        final_norm: Tensor | None,
+        lm_head: Tensor | None,
+    ) -> None:
+        self.cfg = cfg
+        self.layers = layers
+        self.layer_range = layer_range
+        self.embed = embed
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        positions = torch.arange(cfg.max_ctx, dtype=torch.float64)
+        angles = torch.outer(positions, rope_inv_freq(cfg))
+        device = (embed if embed is not None else layers[0].wqkv).device
+        self.cos = angles.cos().float().to(device)  # [max_ctx, hd/2]
+        self.sin = angles.sin().float().to(device)
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.lm_head is not None
+
+    def forward(self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor, all_logits: bool = False) -> Tensor:
+        """Run positions [start, start + T).
+
+        x is token ids [T] on the first stage, else hidden states [T, D]. Returns hidden states [T, D],
+        or on the last stage logits [vocab] for the last position ([T, vocab] with all_logits).
+        Writes this stage's KV for those positions into k_cache / v_cache.
+        """
+        if self.embed is not None:
+            x = F.embedding(x, self.embed)
+        end = start + x.shape[0]
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        mask = None
+        if x.shape[0] > 1:
+            # query i sits at absolute position start + i and sees keys [0, start + i]
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+        for i, layer in enumerate(self.layers):
+            x = self._layer(layer, x, start, end, cos, sin, mask, k_cache[i], v_cache[i])
+        if self.lm_head is None:
+            return x
+        assert self.final_norm is not None
+        h = x if all_logits else x[-1:]
+        logits = F.linear(rms_norm(h, self.final_norm, self.cfg.rms_eps), self.lm_head).float()
+        return logits if all_logits else logits[0]
+
+    def _attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q: [H, T, hd]; k, v: [Hkv, L, hd]. Returns [T, H * hd]."""
+        H, T, hd = q.shape
+        Hkv = k.shape[0]
+        if T == 1:
+            # decode: one query per head, so batch the GQA group into the rows of one bmm per KV head
+            scores = torch.bmm(q.view(Hkv, H // Hkv, hd), k.transpose(1, 2)) * hd**-0.5  # [Hkv, G, L]
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            return torch.bmm(probs, v).view(1, H * hd)
+        # 4-D inputs take the CPU flash kernel; 3-D ones fall back to the slow math path
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, enable_gqa=H != Hkv)
+        return o[0].transpose(0, 1).reshape(T, H * hd)
+
+    def _layer(
+        self,
+        w: LayerWeights,
+        x: Tensor,
+        start: int,
+        end: int,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        k_cache: Tensor,
+        v_cache: Tensor,
+    ) -> Tensor:
+        cfg = self.cfg
+        T, hd, H, Hkv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        qkv = F.linear(rms_norm(x, w.attn_norm, cfg.rms_eps), w.wqkv, w.bqkv)
+        q, k, v = qkv.split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
+        q = q.view(T, H, hd).transpose(0, 1)
+        k = k.view(T, Hkv, hd).transpose(0, 1)
+        v = v.view(T, Hkv, hd).transpose(0, 1)
+        if w.q_norm is not None and w.k_norm is not None:
+            q = rms_norm(q, w.q_norm, cfg.rms_eps)
+            k = rms_norm(k, w.k_norm, cfg.rms_eps)
+        q = apply_rope(q, cos, sin)
+        k_cache[:, start:end] = apply_rope(k, cos, sin)
+        v_cache[:, start:end] = v
+        x = x + F.linear(self._attention(q, k_cache[:, :end], v_cache[:, :end], mask), w.wo)
+        gate, up = F.linear(rms_norm(x, w.ffn_norm, cfg.rms_eps), w.w13).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w.w2)

@@ -1,0 +1,245 @@
+"""The OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from anchorkv import __version__
+from anchorkv.config import ServerConfig
+from anchorkv.engine.engine import Delta, Engine, Finished, PromptTooLong
+from anchorkv.engine.sampling import SamplingParams
+from anchorkv.model.chat_template import ChatTemplateError
+from anchorkv.server import errors
+from anchorkv.server.errors import APIError
+from anchorkv.server.metrics import Metrics
+from anchorkv.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
+
+log = logging.getLogger("anchorkv.server")
+
+
+def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+    worker = EngineWorker(engine, cfg.max_queue)
+    metrics = Metrics()
+    model_id = cfg.model_alias or engine.model_name
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="anchorkv", version=__version__, lifespan=lifespan)
+    errors.install(app)
+
+    async def auth(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {cfg.api_key}":
+            raise APIError(
+                401, "invalid or missing API key (send Authorization: Bearer <key>)", type_="authentication_error"
+            )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "queue": worker.waiting, "busy": worker.busy}
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "anchorkv"}],
+        }
+
+    @app.get("/props", dependencies=[Depends(auth)])
+    async def props() -> dict[str, Any]:
+        mc = engine.model_cfg
+        return {
+            "model": model_id,
+            "model_path": str(engine.files.source),
+            "model_fingerprint": engine.files.fingerprint,
+            "architecture": mc.arch,
+            "n_layers": mc.n_layers,
+            "n_ctx": engine.ctx,
+            "dtype": engine.cfg.dtype,
+            "device": engine.cfg.device,
+            "threads": engine.cfg.threads,
+            "chunk_size": engine.cfg.chunk_size,
+            "stages": [
+                {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop]} for s in engine.pipeline.stages
+            ],
+            "chat_template": engine.template.source,
+            "default_generation_settings": {"n_ctx": engine.ctx},
+            "max_queue": cfg.max_queue,
+            "version": __version__,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.queue_depth.set(worker.waiting)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            rendered = await asyncio.to_thread(engine.render_chat, messages, req.tools)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), "messages") from None
+        return await _serve("chat", req, rendered.token_ids, request, prompt_param="messages")
+
+    @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        if isinstance(req.prompt, str):
+            prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt)
+        else:
+            prompt = list(req.prompt)
+            if (bad := next((t for t in prompt if t >= engine.model_cfg.vocab_size), None)) is not None:
+                raise APIError(400, f"prompt: token id {bad} is outside the vocabulary", "prompt")
+        return await _serve("completion", req, prompt, request, prompt_param="prompt")
+
+    async def _serve(
+        kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str
+    ) -> Response:
+        t0 = time.perf_counter()
+        try:
+            max_tokens = engine.check_fits(len(prompt), req.token_limit)
+        except PromptTooLong as e:
+            param = "max_tokens" if req.token_limit is not None and len(prompt) < engine.ctx else prompt_param
+            raise APIError(400, str(e), param) from None
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_list,
+        )
+        try:
+            job = worker.submit(prompt, params)
+        except QueueFull:
+            metrics.requests.labels(kind, "503").inc()
+            raise APIError(
+                503, "the server is busy: the request queue is full", type_="server_busy", headers={"Retry-After": "1"}
+            ) from None
+        metrics.queue_depth.set(worker.waiting)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(kind, rid, job, include_usage, t0), media_type="text/event-stream")
+        done = await _final(job, request)
+        if done is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        _account(kind, done, t0)
+        return JSONResponse(_response(kind, rid, done))
+
+    async def _final(job: Job, request: Request) -> Finished | None:
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+                    continue
+                if isinstance(event, JobFailed):
+                    raise APIError(500, f"generation failed: {event}", type_="server_error")
+                if isinstance(event, Finished):
+                    return event
+        finally:
+            job.cancel.set()
+
+    def _account(kind: str, done: Finished, t0: float, ttft: float | None = None) -> None:
+        metrics.requests.labels(kind, "200").inc()
+        metrics.prompt_tokens.inc(done.prompt_tokens)
+        metrics.prefilled_tokens.inc(done.prompt_tokens - done.cached_tokens)
+        metrics.cached_tokens.inc(done.cached_tokens)
+        metrics.generated_tokens.inc(done.completion_tokens)
+        metrics.ttft.observe(ttft if ttft is not None else done.prompt_ms / 1000)
+        log.info(
+            "[request] %s prompt=%d cached=%d generated=%d prompt_ms=%.1f predicted_ms=%.1f finish=%s total_ms=%.1f",
+            kind, done.prompt_tokens, done.cached_tokens, done.completion_tokens,
+            done.prompt_ms, done.predicted_ms, done.finish_reason, (time.perf_counter() - t0) * 1000,
+        )  # fmt: skip
+
+    def _response(kind: str, rid: str, done: Finished) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": done.text}
+        else:
+            choice["text"] = done.text
+        return {
+            "id": rid,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": model_id,
+            "choices": [choice],
+            "usage": _usage(done),
+            "timings": done.timings(),
+        }
+
+    async def _sse(kind: str, rid: str, job: Job, include_usage: bool, t0: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+        def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> str:
+            if kind == "chat":
+                d: dict[str, Any] = {} if delta is None else {"content": delta}
+                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+            else:
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            body = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice], **extra}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        if kind == "chat":
+            first = json.loads(chunk("")[6:])
+            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            yield f"data: {json.dumps(first)}\n\n"
+        ttft: float | None = None
+        try:
+            async for event in job.stream():
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                if isinstance(event, Delta):
+                    yield chunk(event.text)
+                    continue
+                _account(kind, event, t0, ttft)
+                yield chunk(None, event.finish_reason, timings=event.timings())
+                if include_usage:
+                    body = {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": model_id,
+                        "choices": [],
+                        "usage": _usage(event),
+                        "timings": event.timings(),
+                    }
+                    yield f"data: {json.dumps(body)}\n\n"
+        except JobFailed as e:
+            yield f"data: {json.dumps(errors.error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def _usage(done: Finished) -> dict[str, Any]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }

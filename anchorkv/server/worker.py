@@ -1,0 +1,89 @@
+"""The engine runs on one thread, fed by a bounded queue; each job streams its events back to the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from anchorkv.engine.engine import Delta, Engine, Finished
+from anchorkv.engine.sampling import SamplingParams
+
+log = logging.getLogger("anchorkv.worker")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class JobFailed(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Delta | Finished | JobFailed] = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: Delta | Finished | JobFailed) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def stream(self) -> AsyncIterator[Delta | Finished]:
+        """Events until Finished. Leaving early (a client that went away) cancels the generation."""
+        try:
+            while True:
+                event = await self.events.get()
+                if isinstance(event, JobFailed):
+                    raise event
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self.cancel.set()
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, max_queue: int) -> None:
+        self.engine = engine
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._run, name="anchorkv-engine", daemon=True)
+        self.busy = False
+
+    @property
+    def waiting(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> Job:
+        job = Job(prompt, params, asyncio.get_running_loop())
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull from None
+        return job
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job.cancel.is_set():
+                continue
+            self.busy = True
+            try:
+                for event in self.engine.generate(job.prompt, job.params, job.cancel):
+                    job.emit(event)
+            except Exception as e:  # the request fails, the worker lives on
+                log.exception("generation failed")
+                job.emit(JobFailed(f"{type(e).__name__}: {e}"))
+            finally:
+                self.busy = False
