@@ -123,7 +123,7 @@ class Engine:
                 finish = "cancelled"
                 break
             token = sampler(logits)
-            if token in eos:
+            if token in eos and not params.ignore_eos:
                 finish = "stop"
                 break
             out.append(token)

@@ -16,6 +16,7 @@ class SamplingParams:
     top_k: int = 0  # 0 means no limit
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

@@ -83,19 +83,30 @@ class ChatTemplate:
 
     def _normalize(self, m: dict[str, Any]) -> dict[str, Any]:
         m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [dict(c) for c in m["tool_calls"]]
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             m["content"] = "".join(p.get("text", "") for p in content if p.get("type") == "text")
         elif content is None:
             m["content"] = ""
-        if m.get("tool_calls") and not self.knows_tool_calls:
-            calls = "".join(
-                f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': c['function']['arguments']})}"
-                "\n</tool_call>"
-                for c in m["tool_calls"]
+        calls = m.get("tool_calls") or []
+        for c in calls:  # templates expect arguments as an object; OpenAI sends a JSON string
+            c["function"] = {**c["function"], "arguments": _json_or_text(c["function"]["arguments"])}
+        if calls and not self.knows_tool_calls:
+            m["content"] += "".join(
+                f"<tool_call>\n{json.dumps(c['function'], ensure_ascii=False)}\n</tool_call>" for c in calls
             )
-            m["content"] = m["content"] + calls
         return m
+
+
+def _json_or_text(arguments: Any) -> Any:
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 def _tools_in_system_message(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -30,8 +30,8 @@ log = logging.getLogger("anchorkv.server")
 
 
 def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
-    worker = EngineWorker(engine, cfg.max_queue)
     metrics = Metrics()
+    worker = EngineWorker(engine, cfg.max_queue, on_cancel=metrics.cancelled.inc)
     model_id = cfg.model_alias or engine.model_name
     started = int(time.time())
 
@@ -42,6 +42,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         worker.stop()
 
     app = FastAPI(title="anchorkv", version=__version__, lifespan=lifespan)
+    app.state.worker = worker
+    app.state.metrics = metrics
     errors.install(app)
 
     async def auth(request: Request) -> None:
@@ -127,6 +129,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             top_k=req.top_k,
             seed=req.seed,
             stop=req.stop_list,
+            ignore_eos=req.ignore_eos,
         )
         try:
             job = worker.submit(prompt, params)

@@ -45,8 +45,10 @@ def field_path(loc: Sequence[Any]) -> str:
 
 
 def _is_union_tag(part: Any) -> bool:
-    # pydantic names union members in locations, e.g. 'str', 'list[int]', 'function-after[...]'
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool", "list", "dict"})
+    # pydantic names union members in locations, e.g. 'str', 'list[int]', 'constrained-str', 'function-after[...]'
+    return isinstance(part, str) and (
+        "[" in part or "-" in part or part in {"str", "int", "float", "bool", "list", "dict"}
+    )
 
 
 def install(app: FastAPI) -> None:

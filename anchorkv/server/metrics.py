@@ -18,6 +18,9 @@ class Metrics:
             "anchorkv_cached_tokens", "Prompt tokens restored from the prefix cache", registry=r
         )
         self.generated_tokens = Counter("anchorkv_generated_tokens", "Tokens generated", registry=r)
+        self.cancelled = Counter(
+            "anchorkv_cancelled_generations", "Generations stopped because the client left", registry=r
+        )
         self.queue_depth = Gauge("anchorkv_queue_depth", "Requests waiting for the engine", registry=r)
         self.ttft = Histogram(
             "anchorkv_time_to_first_token_seconds",

@@ -58,6 +58,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=0)] = 0
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    ignore_eos: bool = False  # llama.cpp extension: generate max_tokens even past end-of-sequence
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

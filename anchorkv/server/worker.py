@@ -6,7 +6,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from anchorkv.engine.engine import Delta, Engine, Finished
@@ -49,8 +49,9 @@ class Job:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, max_queue: int) -> None:
+    def __init__(self, engine: Engine, max_queue: int, on_cancel: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
+        self.on_cancel = on_cancel
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._thread = threading.Thread(target=self._run, name="anchorkv-engine", daemon=True)
         self.busy = False
@@ -77,11 +78,14 @@ class EngineWorker:
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
             if job.cancel.is_set():
+                self.on_cancel()
                 continue
             self.busy = True
             try:
                 for event in self.engine.generate(job.prompt, job.params, job.cancel):
                     job.emit(event)
+                    if isinstance(event, Finished) and event.finish_reason == "cancelled":
+                        self.on_cancel()
             except Exception as e:  # the request fails, the worker lives on
                 log.exception("generation failed")
                 job.emit(JobFailed(f"{type(e).__name__}: {e}"))

@@ -1,0 +1,72 @@
+"""Message-end offsets are the cache's safe chat boundaries: they must sit right after each end-of-turn."""
+
+from __future__ import annotations
+
+from anchorkv.engine.engine import Engine
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
+]
+
+
+def test_message_ends_fall_right_after_im_end_and_newline(engine: Engine) -> None:
+    r = engine.render_chat(CONVERSATION)
+    im_start, im_end = engine.tokenizer.encode("<|im_start|>")[0], engine.tokenizer.encode("<|im_end|>")[0]
+    newline = engine.tokenizer.encode("\n")[0]
+    assert len(r.message_ends) == len(CONVERSATION)
+    assert all(e is not None for e in r.message_ends)
+    ends = [e for e in r.message_ends if e is not None]
+    assert ends == sorted(ends) and len(set(ends)) == len(ends)
+    for end in ends:
+        assert r.token_ids[end - 2 : end] == [im_end, newline]
+        assert r.token_ids[end] == im_start  # the next message or the generation prompt starts here
+    # each prefix of the conversation tokenizes to exactly the tokens before its boundary
+    for i, end in enumerate(ends):
+        prefix = engine.render_chat(CONVERSATION[: i + 1]).token_ids
+        assert prefix[:end] == r.token_ids[:end]
+
+
+def test_default_system_prompt_is_part_of_the_first_boundary(engine: Engine) -> None:
+    r = engine.render_chat([{"role": "user", "content": "hi"}])
+    assert r.text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    (end,) = r.message_ends
+    assert end is not None and engine.tokenizer.decode(r.token_ids[:end]).endswith("user\nhi\n")
+
+
+def test_tools_and_tool_messages_reach_the_prompt(engine: Engine) -> None:
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "18C and sunny"},
+    ]
+    r = engine.render_chat(messages, TOOLS)
+    assert '"name": "get_weather"' in r.text and "Weather for a city" in r.text
+    assert "<tool_call>" in r.text and '"city": "Paris"' in r.text
+    assert "<|im_start|>tool\n18C and sunny<|im_end|>" in r.text
+    assert all(e is not None for e in r.message_ends)
+
+
+def test_content_parts_are_joined(engine: Engine) -> None:
+    parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
+    r = engine.render_chat([{"role": "user", "content": parts}])
+    assert "<|im_start|>user\nHello there<|im_end|>" in r.text

@@ -1,0 +1,83 @@
+"""Generation on the bundled model: sensible, deterministic, stage-independent, stoppable."""
+
+from __future__ import annotations
+
+import torch
+
+from anchorkv.engine.engine import Delta, Engine, Finished
+from anchorkv.engine.pipeline import aligned_chunks
+from anchorkv.engine.plan import RequestPlan
+from anchorkv.engine.sampling import SamplingParams
+from anchorkv.engine.text_stream import TextStream
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+]
+
+
+def generate(engine: Engine, prompt: list[int], **kw: object) -> tuple[str, list[int], str]:
+    params = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **kw})  # type: ignore[arg-type]
+    events = list(engine.generate(prompt, params))
+    done = events[-1]
+    assert isinstance(done, Finished)
+    streamed = "".join(e.text for e in events if isinstance(e, Delta))
+    assert streamed == done.text
+    return done.text, done.token_ids, done.finish_reason
+
+
+def test_names_paris(engine: Engine) -> None:
+    text, _, finish = generate(engine, engine.render_chat(PROMPTS[0]).token_ids)
+    assert "Paris" in text and finish == "stop"
+
+
+def test_greedy_is_deterministic(engine: Engine) -> None:
+    prompt = engine.render_chat(PROMPTS[1]).token_ids
+    assert generate(engine, prompt)[1] == generate(engine, prompt)[1]
+
+
+def test_three_stages_give_the_same_tokens_and_logits(engine: Engine, engine3: Engine) -> None:
+    assert [len(s.layer_range) for s in engine3.pipeline.stages] == [10, 10, 10]
+    for messages in PROMPTS:
+        prompt = engine.render_chat(messages).token_ids
+        assert generate(engine, prompt)[1] == generate(engine3, prompt)[1]
+        with torch.inference_mode():
+            a = engine.pipeline.prefill(prompt, 0, RequestPlan("a", len(prompt)))
+            b = engine3.pipeline.prefill(prompt, 0, RequestPlan("b", len(prompt)))
+        assert torch.equal(a, b)
+
+
+def test_seed_makes_sampling_reproducible(engine: Engine) -> None:
+    prompt = engine.render_chat(PROMPTS[1]).token_ids
+    a = generate(engine, prompt, temperature=1.0, seed=7)[1]
+    b = generate(engine, prompt, temperature=1.0, seed=7)[1]
+    c = generate(engine, prompt, temperature=1.0, seed=8)[1]
+    assert a == b and a != c
+
+
+def test_stop_string_cuts_the_text(engine: Engine) -> None:
+    prompt = engine.render_chat(PROMPTS[0]).token_ids
+    full, _, _ = generate(engine, prompt)
+    text, _, finish = generate(engine, prompt, stop=("Paris",))
+    assert finish == "stop" and text == full[: full.index("Paris")]
+
+
+def test_max_tokens_gives_length(engine: Engine) -> None:
+    prompt = engine.render_chat(PROMPTS[1]).token_ids
+    _, ids, finish = generate(engine, prompt, max_tokens=3)
+    assert len(ids) == 3 and finish == "length"
+
+
+def test_text_stream_holds_back_a_possible_stop_string(engine: Engine) -> None:
+    tok = engine.tokenizer
+    stream = TextStream(tok, stop=("END!",))
+    out = "".join(stream.push(t) for t in tok.encode("hello EN"))
+    assert out == "hello " and not stream.stopped
+    out += "".join(stream.push(t) for t in tok.encode("D! more"))
+    assert stream.stopped and out + stream.flush() == "hello "
+
+
+def test_prefill_chunks_are_aligned_to_absolute_positions() -> None:
+    assert aligned_chunks(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
+    assert aligned_chunks(256, 300, 128) == [(256, 300)]
+    assert aligned_chunks(100, 300, 128) == [(100, 128), (128, 256), (256, 300)]

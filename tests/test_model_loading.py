@@ -1,0 +1,124 @@
+"""Every architecture loads from a tiny GGUF and a tiny HF folder, and both give the same model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from anchorkv.config import EngineConfig
+from anchorkv.engine.engine import Engine, Finished
+from anchorkv.engine.plan import RequestPlan
+from anchorkv.engine.sampling import SamplingParams
+from anchorkv.model.loader import resolve_model
+from tests.factories import make_gguf, make_hf_folder
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+def _logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        engine.pipeline.truncate(0)
+        return engine.pipeline.prefill(ids, 0, RequestPlan("t", len(ids)), all_logits=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gguf_and_hf_folder_give_the_same_model(tmp_path: Path, arch: str) -> None:
+    hf = Engine(EngineConfig(model=make_hf_folder(tmp_path, arch), dtype="float32", threads=2, cache_home=tmp_path))
+    path, _ = make_gguf(tmp_path, arch)
+    gg = Engine(EngineConfig(model=path, dtype="float32", threads=2, cache_home=tmp_path))
+    assert gg.model_cfg.arch == arch
+    assert gg.model_cfg.tie_embeddings == hf.model_cfg.tie_embeddings
+    prompt = gg.render_chat([{"role": "user", "content": "hello world, how are you?"}]).token_ids
+    assert prompt == hf.render_chat([{"role": "user", "content": "hello world, how are you?"}]).token_ids
+    a, b = _logits(hf, prompt), _logits(gg, prompt)
+    assert a.shape == (len(prompt), hf.model_cfg.vocab_size)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    events = list(gg.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)))
+    done = events[-1]
+    assert isinstance(done, Finished) and done.completion_tokens == 5
+
+
+@pytest.mark.parametrize(
+    "quant",
+    [
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+        gguf.GGMLQuantizationType.Q8_0,
+        gguf.GGMLQuantizationType.Q4_0,
+        gguf.GGMLQuantizationType.Q4_1,
+        gguf.GGMLQuantizationType.Q5_0,
+    ],
+)
+def test_quantized_gguf_dequantizes_close_to_the_original(tmp_path: Path, quant: gguf.GGMLQuantizationType) -> None:
+    from safetensors.torch import load_file
+
+    path, weights = make_gguf(tmp_path, "qwen3", quant)
+    loaded = load_file(resolve_model(path, tmp_path).folder / "model.safetensors")
+    assert loaded.keys() == weights.keys()
+    for name, w in weights.items():
+        # 4-bit quants step by about range/15 per block of 32
+        tol = 0.02 if quant in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16) else 0.2
+        assert (loaded[name] - w).abs().max() <= tol * w.abs().max(), name
+
+
+@pytest.mark.parametrize(
+    "quant, f16_offsets",
+    [
+        (gguf.GGMLQuantizationType.Q4_K, (0, 2)),  # d, dmin lead the block
+        (gguf.GGMLQuantizationType.Q5_K, (0, 2)),
+        (gguf.GGMLQuantizationType.Q6_K, (208,)),  # d ends the block
+    ],
+)
+def test_k_quants_import_as_gguf_dequantizes_them(
+    tmp_path: Path, quant: gguf.GGMLQuantizationType, f16_offsets: tuple[int, ...]
+) -> None:
+    """K-quant blocks (256 weights) of random bytes with sane scales: the import keeps layout and values."""
+    from safetensors.torch import load_file
+
+    from anchorkv.model.gguf_import import import_gguf
+
+    rows, cols = 8, 512
+    block, nbytes = gguf.GGML_QUANT_SIZES[quant]
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
+    for off in f16_offsets:
+        raw[:, :, off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    raw = raw.reshape(rows, -1)
+    path = tmp_path / "k.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 1), ("embedding_length", cols), ("attention.head_count", 1)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    w.add_token_types([1, 1])
+    w.add_token_merges([])
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=quant)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    import_gguf(path, tmp_path / "out")
+    got = load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    expected = gguf.quants.dequantize(raw, quant)
+    assert got.shape == (rows, cols)
+    assert np.array_equal(got.numpy(), expected)
+
+
+def test_bundled_model_is_found_through_its_package() -> None:
+    from anchorkv.model.loader import bundled_model_path
+
+    p = bundled_model_path()
+    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.is_file()
+
+
+def test_second_load_reuses_the_imported_weights(tmp_path: Path) -> None:
+    path, _ = make_gguf(tmp_path, "llama")
+    first = resolve_model(path, tmp_path)
+    marker = first.folder / "model.safetensors"
+    mtime = marker.stat().st_mtime_ns
+    second = resolve_model(path, tmp_path)
+    assert second == first and marker.stat().st_mtime_ns == mtime

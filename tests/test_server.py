@@ -1,0 +1,212 @@
+"""The HTTP API, through FastAPI's test client and a live uvicorn server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from anchorkv.config import ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
+from tests.conftest import LiveServer, serve_in_thread
+
+CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 24}
+
+
+def sse_events(lines: list[str]) -> list[dict[str, Any]]:
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_chat_answers_paris_with_usage_and_timings(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "stop"
+    usage, timings = body["usage"], body["timings"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert timings["prompt_n"] == usage["prompt_tokens"] and timings["cache_n"] == 0
+    assert timings["predicted_n"] == usage["completion_tokens"] and timings["prompt_ms"] > 0
+
+
+def test_streamed_equals_non_streamed(client: TestClient) -> None:
+    whole = client.post("/v1/chat/completions", json=CHAT).json()
+    with client.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(list(r.iter_lines()))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert [f["choices"][0]["finish_reason"] for f in finals] == ["stop"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+
+
+def test_completions_streamed_and_not(client: TestClient) -> None:
+    req = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
+    whole = client.post("/v1/completions", json=req).json()
+    assert whole["object"] == "text_completion" and "Paris" in whole["choices"][0]["text"]
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+        events = sse_events(list(r.iter_lines()))
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+
+
+def test_models_health_props(client: TestClient, engine: Engine) -> None:
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert client.get("/health").json()["status"] == "ok"
+    props = client.get("/props").json()
+    assert props["architecture"] == "llama" and props["n_layers"] == 30
+    assert props["n_ctx"] == engine.ctx and props["dtype"] == "bfloat16"
+    assert props["stages"] == [{"index": 0, "layers": [0, 30]}]
+
+
+def test_metrics_count_tokens(client: TestClient) -> None:
+    client.post("/v1/chat/completions", json=CHAT)
+    text = client.get("/metrics").text
+    assert 'anchorkv_requests_total{endpoint="chat",status="200"}' in text
+    assert "anchorkv_generated_tokens_total" in text
+
+
+LONG = "word " * 9000
+BAD = [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({**CHAT, "temperature": -0.5}, "temperature"),
+    ({**CHAT, "temperature": "hot"}, "temperature"),
+    ({**CHAT, "max_tokens": 0}, "max_tokens"),
+    ({**CHAT, "max_tokens": 10**6}, "max_tokens"),
+    ({**CHAT, "top_p": 0}, "top_p"),
+    ({**CHAT, "n": 2}, "n"),
+    ({**CHAT, "stop": [1, 2]}, "stop"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body, param", BAD, ids=[p for _, p in BAD])
+def test_bad_chat_input_is_a_400_naming_the_field(client: TestClient, body: dict[str, Any], param: str) -> None:
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert param.split("[")[0] in err["message"] or "context" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [({"prompt": ""}, "prompt"), ({"prompt": [10**9]}, "prompt"), ({"prompt": "x", "max_tokens": -1}, "max_tokens")],
+)
+def test_bad_completion_input_is_a_400(client: TestClient, body: dict[str, Any], param: str) -> None:
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_malformed_json_is_a_400(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_api_key_is_required_when_set(engine: Engine) -> None:
+    with TestClient(create_app(engine, ServerConfig(api_key="sekret"))) as c:
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert c.get("/health").status_code == 200
+
+
+def test_full_queue_answers_503_with_retry_after(live: LiveServer, engine: Engine) -> None:
+    worker = live.app.state.worker
+    results: list[int] = []
+
+    def post() -> None:
+        results.append(httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=60).status_code)
+
+    with engine.lock:  # the engine is busy: the first request runs (blocked), the second waits in the queue
+        threads = [threading.Thread(target=post) for _ in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        deadline = time.monotonic() + 10
+        while not (worker.busy and worker.waiting == 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["type"] == "server_busy"
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [200, 200]
+
+
+def test_client_disconnect_stops_generation(live: LiveServer) -> None:
+    metrics = live.app.state.metrics
+    worker = live.app.state.worker
+    before = metrics.cancelled._value.get()
+    body = {**CHAT, "stream": True, "max_tokens": 4000, "ignore_eos": True}
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    t0 = time.monotonic()
+    while (worker.busy or metrics.cancelled._value.get() == before) and time.monotonic() - t0 < 20:
+        time.sleep(0.05)
+    assert metrics.cancelled._value.get() == before + 1 and not worker.busy
+    assert time.monotonic() - t0 < 20  # 4000 tokens would take minutes
+
+
+def test_streamed_live_equals_non_streamed(live: LiveServer) -> None:
+    whole = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=60).json()
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as r:
+        events = sse_events(list(r.iter_lines()))
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+        == whole["choices"][0]["message"]["content"]
+    )
+
+
+@pytest.fixture(scope="module")
+def keyed(engine: Engine) -> Any:
+    yield from serve_in_thread(create_app(engine, ServerConfig(api_key="k1")))
+
+
+def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="k1")
+    r = client.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        temperature=0,
+        max_tokens=24,
+    )
+    assert "Paris" in (r.choices[0].message.content or "")
+    assert r.usage is not None and r.usage.prompt_tokens_details is not None
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    stream = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        max_tokens=24, stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    comp = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in comp.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="any", messages=[], temperature=0)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
