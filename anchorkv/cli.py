@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from anchorkv.config import DEVICES, DTYPES, EngineConfig, ServerConfig
+from anchorkv.config import DECODE_WEIGHTS, DEVICES, DTYPES, EngineConfig, ServerConfig
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help=f"prefill chunk C, aligned to multiples of C (default {d.chunk_size})",
     )
     p.add_argument(
+        "--decode-weights",
+        default=d.decode_weights,
+        choices=DECODE_WEIGHTS,
+        help="weights that decode steps read: int8 copies (faster: decode is memory-bound) or the dense ones;"
+        " auto = int8 for bfloat16 on CPU (default auto)",
+    )
+    p.add_argument(
         "--cache-home", type=Path, default=None, help="where imported weights are kept (default ~/.cache/anchorkv)"
     )
 
@@ -35,7 +42,7 @@ def _engine_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineC
     try:
         return EngineConfig(
             model=a.model, dtype=a.dtype, threads=a.threads, device=a.device, ctx=a.ctx,
-            stages=a.stages, chunk_size=a.chunk_size, cache_home=a.cache_home,
+            stages=a.stages, chunk_size=a.chunk_size, decode_weights=a.decode_weights, cache_home=a.cache_home,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))

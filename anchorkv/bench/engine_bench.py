@@ -52,7 +52,7 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
         for _ in range(repeats):
             t = time.perf_counter()
             for i in range(decode_tokens):
-                pipe.forward([ids[ctx + i]], ctx + i, plan)
+                pipe.decode(ids[ctx + i], ctx + i, plan)
             times.append(time.perf_counter() - t)
             pipe.truncate(ctx)
         out.append(Measurement("decode", ctx, decode_tokens / statistics.median(times)))

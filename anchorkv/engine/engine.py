@@ -71,7 +71,7 @@ class Engine:
         self.tokenizer = TextTokenizer(self.files.folder, self.model_cfg.eos_token_ids)
         self.template = ChatTemplate(self.tokenizer)
         mc = self.model_cfg
-        models = load_stages(self.files.folder, mc, self.dtype, cfg.stages, self.device)
+        models = load_stages(self.files.folder, mc, self.dtype, cfg.stages, self.device, cfg.int8_decode)
         stages = [
             Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
             for i, m in enumerate(models)
@@ -134,7 +134,7 @@ class Engine:
                 break
             if len(out) >= params.max_tokens or pos >= self.ctx:
                 break
-            logits = self.pipeline.forward([token], pos, plan)
+            logits = self.pipeline.decode(token, pos, plan)
             pos += 1
         if rest := stream.flush():
             yield Delta(rest)

@@ -40,11 +40,17 @@ class Pipeline:
     def ctx(self) -> int:
         return self.stages[0].kv.ctx
 
-    def forward(self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False) -> Tensor:
+    def forward(
+        self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False, decode: bool = False
+    ) -> Tensor:
         x: Tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
         for stage in self.stages:
-            x = stage.forward(StageInput(x, start, plan), all_logits)
+            x = stage.forward(StageInput(x, start, plan, decode), all_logits)
         return x
+
+    def decode(self, token: int, pos: int, plan: RequestPlan) -> Tensor:
+        """One decode step at position pos. Returns logits [vocab]."""
+        return self.forward([token], pos, plan, decode=True)
 
     def prefill(self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False) -> Tensor:
         """Prefill tokens at positions [start, start + len(tokens)). Returns the last position's logits

@@ -22,3 +22,4 @@ class StageInput:
     x: Tensor  # token ids [T] into stage 0, hidden states [T, D] into later stages
     start: int  # absolute position of x[0]
     plan: RequestPlan
+    decode: bool = False  # a decode step (one sampled token), not prefill

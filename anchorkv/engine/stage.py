@@ -26,6 +26,6 @@ class Stage:
             raise ValueError(f"position {end} is past the context size {self.kv.ctx}")
         if inp.start > self.kv.filled:
             raise ValueError(f"stage {self.index}: forward at {inp.start} but KV is filled only to {self.kv.filled}")
-        out = self.model.forward(inp.x, inp.start, self.kv.k, self.kv.v, all_logits)
+        out = self.model.forward(inp.x, inp.start, self.kv.k, self.kv.v, all_logits, inp.decode)
         self.kv.filled = end
         return out

