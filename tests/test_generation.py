@@ -81,3 +81,17 @@ def test_prefill_chunks_are_aligned_to_absolute_positions() -> None:
     assert aligned_chunks(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
     assert aligned_chunks(256, 300, 128) == [(256, 300)]
     assert aligned_chunks(100, 300, 128) == [(100, 128), (128, 256), (256, 300)]
+
+
+def test_int8_decode_weights_leave_prefill_untouched(engine: Engine) -> None:
+    """Prefill, whose KV the cache reuses, reads the dense weights whatever --decode-weights says."""
+    from anchorkv.config import EngineConfig
+
+    assert engine.cfg.int8_decode
+    dense = Engine(EngineConfig(threads=engine.cfg.threads, decode_weights="dense"))
+    prompt = engine.render_chat(PROMPTS[0]).token_ids
+    with torch.inference_mode():
+        a = engine.pipeline.prefill(prompt, 0, RequestPlan("a", len(prompt)), all_logits=True)
+        b = dense.pipeline.prefill(prompt, 0, RequestPlan("b", len(prompt)), all_logits=True)
+    assert torch.equal(a, b)
+    assert "Paris" in generate(dense, prompt)[0]

@@ -19,7 +19,7 @@ from anchorkv.engine.sampling import Sampler, SamplingParams
 from anchorkv.engine.stage import Stage
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
-from anchorkv.model.loader import load_config, load_stages, resolve_model
+from anchorkv.model.loader import load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.tokenizer import TextTokenizer
 
 MAX_DEFAULT_CTX = 8192
@@ -71,7 +71,8 @@ class Engine:
         self.tokenizer = TextTokenizer(self.files.folder, self.model_cfg.eos_token_ids)
         self.template = ChatTemplate(self.tokenizer)
         mc = self.model_cfg
-        models = load_stages(self.files.folder, mc, self.dtype, cfg.stages, self.device, cfg.int8_decode)
+        weights = prepared_weights(self.files, mc, self.dtype, cfg.int8_decode, cfg.cache_home)
+        models = load_stages(weights, mc, cfg.stages, self.device)
         stages = [
             Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
             for i, m in enumerate(models)

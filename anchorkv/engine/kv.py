@@ -29,8 +29,8 @@ class StageKV:
     """k, v: [n_layers, Hkv, ctx, hd]. Positions at or past `filled` hold no valid KV."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, ctx: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.k = torch.zeros(n_layers, n_kv_heads, ctx, head_dim, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.k = torch.empty(n_layers, n_kv_heads, ctx, head_dim, dtype=dtype)  # never read past `filled`
+        self.v = torch.empty_like(self.k)
         self.filled = 0
 
     @property

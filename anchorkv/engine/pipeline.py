@@ -17,6 +17,7 @@ from torch import Tensor
 
 from anchorkv.engine.plan import RequestPlan, StageInput
 from anchorkv.engine.stage import Stage
+from anchorkv.model.transformer import Logits
 
 
 def aligned_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
@@ -41,11 +42,11 @@ class Pipeline:
         return self.stages[0].kv.ctx
 
     def forward(
-        self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False, decode: bool = False
+        self, tokens: list[int], start: int, plan: RequestPlan, logits: Logits = "last", decode: bool = False
     ) -> Tensor:
         x: Tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
         for stage in self.stages:
-            x = stage.forward(StageInput(x, start, plan, decode), all_logits)
+            x = stage.forward(StageInput(x, start, plan, decode, logits))
         return x
 
     def decode(self, token: int, pos: int, plan: RequestPlan) -> Tensor:
@@ -55,9 +56,11 @@ class Pipeline:
     def prefill(self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False) -> Tensor:
         """Prefill tokens at positions [start, start + len(tokens)). Returns the last position's logits
         [vocab], or with all_logits the logits of every position [len(tokens), vocab]."""
+        chunks = aligned_chunks(start, start + len(tokens), self.chunk_size)
         outs = []
-        for a, b in aligned_chunks(start, start + len(tokens), self.chunk_size):
-            outs.append(self.forward(tokens[a - start : b - start], a, plan, all_logits))
+        for i, (a, b) in enumerate(chunks):
+            mode: Logits = "all" if all_logits else "last" if i == len(chunks) - 1 else "none"
+            outs.append(self.forward(tokens[a - start : b - start], a, plan, mode))
         return torch.cat(outs) if all_logits else outs[-1]
 
     def truncate(self, n: int) -> None:

