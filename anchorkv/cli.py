@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from anchorkv.cache.policy import PolicyError, parse_scope
+from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import DECODE_WEIGHTS, DEVICES, DTYPES, EngineConfig, ServerConfig
 
 
@@ -38,6 +40,53 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    c = CacheConfig()
+    p.add_argument(
+        "--cache-exact",
+        default="on",
+        choices=["on", "off"],
+        help="on: hits never change the output (restore only at multiples of C, reuse only prefill KV); off: also reuse decoded KV and unaligned boundaries (default on)",
+    )
+    p.add_argument(
+        "--cache-stride", type=int, default=None, help="grid stride S of the chunk chain (default: the chunk size C)"
+    )
+    p.add_argument(
+        "--cache-ram-mb", type=int, default=c.ram_mb, help=f"RAM tier budget in MiB, 0 to disable (default {c.ram_mb})"
+    )
+    p.add_argument("--cache-dir", type=Path, default=None, help="disk tier folder (default: <cache home>/kv)")
+    p.add_argument(
+        "--disk-budget-mb",
+        type=int,
+        default=c.disk_budget_mb,
+        help=f"disk tier budget in MiB (default {c.disk_budget_mb})",
+    )
+    p.add_argument(
+        "--disk-prefix-cache",
+        default=c.scope,
+        metavar="off|full|auto|auto:N|N",
+        help=f"what is written to disk (default {c.scope}, i.e. auto:30)",
+    )
+    p.add_argument(
+        "--cache-min-tokens", type=int, default=c.min_tokens, help="nothing shorter is saved to disk (default 0)"
+    )
+
+
+def _cache_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> CacheConfig:
+    from anchorkv.model.loader import default_cache_home
+
+    try:
+        parse_scope(a.disk_prefix_cache)
+        return CacheConfig(
+            exact=a.cache_exact == "on", stride=a.cache_stride, ram_mb=a.cache_ram_mb,
+            cache_dir=None if a.disk_prefix_cache.strip().lower() == "off" else a.cache_dir or (a.cache_home or default_cache_home()) / "kv",
+            disk_budget_mb=a.disk_budget_mb, scope=a.disk_prefix_cache, min_tokens=a.cache_min_tokens,
+        )  # fmt: skip
+    except ValueError as e:
+        flag = "--disk-prefix-cache" if isinstance(e, PolicyError) else ""
+        p.error(f"{flag} {e}".strip())
+
+
 def _engine_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineConfig:
     try:
         return EngineConfig(
@@ -55,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the HTTP server")
     _engine_args(serve)
+    _cache_args(serve)
     s = ServerConfig()
     serve.add_argument("--host", default=s.host, help=f"address to bind (default {s.host})")
     serve.add_argument("--port", type=int, default=s.port, help=f"port (default {s.port})")
@@ -90,6 +140,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from anchorkv.server.app import create_app
 
     ecfg = _engine_config(parser, args)
+    ccfg = _cache_config(parser, args)
     try:
         scfg = ServerConfig(
             host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue, model_alias=args.alias
@@ -97,7 +148,10 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = Engine(ecfg)
+    try:
+        engine = Engine(ecfg, ccfg)
+    except ValueError as e:  # e.g. a stride that is not a multiple of the chunk size
+        parser.error(str(e))
     logging.getLogger("anchorkv").info(
         "loaded %s (%s, %d layers, %d stages, ctx %d)", engine.model_name, engine.model_cfg.arch,
         engine.model_cfg.n_layers, ecfg.stages, engine.ctx,

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from anchorkv.cache.keys import Namespace
+from anchorkv.cache.policy import Boundary, align_down, common_prefix
+from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
-from anchorkv.engine.pipeline import Pipeline
+from anchorkv.engine.pipeline import Pipeline, aligned_chunks
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import Sampler, SamplingParams
 from anchorkv.engine.stage import Stage
@@ -23,6 +27,8 @@ from anchorkv.model.loader import load_config, load_stages, prepared_weights, re
 from anchorkv.model.tokenizer import TextTokenizer
 
 MAX_DEFAULT_CTX = 8192
+
+log = logging.getLogger("anchorkv.engine")
 
 
 class PromptTooLong(ValueError):
@@ -44,6 +50,7 @@ class Finished:
     prompt_ms: float
     predicted_ms: float
     token_ids: list[int] = field(default_factory=list)
+    cache: dict[str, Any] = field(default_factory=dict)  # the prefix_cache report
 
     def timings(self) -> dict[str, Any]:
         """llama.cpp's `timings` object."""
@@ -60,7 +67,7 @@ class Finished:
 
 
 class Engine:
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, cache_cfg: CacheConfig | None = None) -> None:
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.files = resolve_model(cfg.model, cfg.cache_home)
@@ -82,6 +89,28 @@ class Engine:
         self.pipeline = Pipeline(stages, cfg.chunk_size, self.device)
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name
         self.lock = threading.Lock()  # one generation at a time owns the KV
+        self.cache_cfg = cache_cfg or CacheConfig(ram_mb=0, scope="off")
+        self.cache = PrefixCache(self.cache_cfg, self._namespaces(), cfg.chunk_size)
+        # what the stages' KV holds from the last request: [0, slot_valid) is reusable KV of slot_tokens
+        self.slot_tokens: list[int] = []
+        self.slot_valid = 0
+        self.slot_salt: str | None = None
+
+    def _namespaces(self) -> list[Namespace]:
+        """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
+        exact = self.cache_cfg.exact
+        base: dict[str, Any] = {
+            "model": self.files.fingerprint,
+            "dtype": self.cfg.dtype,
+            "kv": self.model_cfg.kv_params(),
+            "exact": exact,
+        }
+        if exact:
+            base |= {"chunk": self.cfg.chunk_size, "threads": self.cfg.threads, "device": self.cfg.device}
+            base |= {"torch": torch.__version__}
+        else:  # decoded KV is reused too, so the decode weights matter
+            base |= {"decode_weights": self.cfg.int8_decode}
+        return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
 
     def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
         return self.template.render(messages, tools)
@@ -101,20 +130,51 @@ class Engine:
 
     @torch.inference_mode()
     def generate(
-        self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        cancel: threading.Event | None = None,
+        cache_req: CacheRequest | None = None,
+        idle: Callable[[], bool] = lambda: True,
     ) -> Iterator[Delta | Finished]:
+        """Plan, restore, prefill, decode; then record into the cache after the response is out.
+
+        `idle` says whether no other request is waiting: the finished reply is re-prefilled (exact mode)
+        only while it is true."""
         self.check_fits(len(prompt), params.max_tokens)
         with self.lock:
-            yield from self._generate(prompt, params, cancel)
+            yield from self._generate(prompt, params, cancel, cache_req or CacheRequest(), idle)
+
+    def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
+        plan = self.cache.plan(prompt, creq)
+        kvs = [s.kv for s in self.pipeline.stages]
+        same_tenant = self.slot_salt == creq.salt
+        keep = common_prefix(prompt[: plan.restore_to], self.slot_tokens[: self.slot_valid]) if same_tenant else 0
+        self.pipeline.truncate(keep)
+        try:
+            self.cache.restore(plan, prompt, kvs, skip_upto=keep)
+        except CacheMiss as e:
+            log.warning("restore failed, prefilling cold: %s", e)
+            plan.restore_to, plan.chains, plan.kind, plan.tier = 0, [[] for _ in kvs], None, None
+        self.pipeline.truncate(plan.restore_to)
+        return plan
 
     def _generate(
-        self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        cancel: threading.Event | None,
+        creq: CacheRequest,
+        idle: Callable[[], bool],
     ) -> Iterator[Delta | Finished]:
-        plan = RequestPlan(uuid.uuid4().hex, len(prompt))
         t0 = time.perf_counter()
-        self.pipeline.truncate(0)
-        logits = self.pipeline.prefill(prompt, 0, plan)
+        cplan = self._restore(prompt, creq)
+        r = cplan.restore_to
+        plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
+        logits = self.pipeline.prefill(prompt[r:], r, plan)
         t1 = time.perf_counter()
+        C = self.cfg.chunk_size
+        self.slot_tokens, self.slot_valid, self.slot_salt = prompt, align_down(len(prompt), C), creq.salt
         sampler = Sampler(params)
         stream = TextStream(self.tokenizer, params.stop)
         eos = self.tokenizer.eos_token_ids
@@ -145,8 +205,39 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=len(prompt),
             completion_tokens=len(out),
-            cached_tokens=0,
+            cached_tokens=r,
             prompt_ms=(t1 - t0) * 1000,
             predicted_ms=(t2 - t1) * 1000,
             token_ids=out,
+            cache=cplan.report(),
         )
+        # The response is out; now keep what it computed. Prompt KV first, then the reply for the next turn.
+        kvs = [s.kv for s in self.pipeline.stages]
+        exact = self.cache_cfg.exact
+        self.cache.record(cplan, prompt, kvs, computed=self.slot_valid if exact else len(prompt))
+        self.cache.remember(cplan, prompt)
+        log.info(
+            "[cache] restore=%d kind=%s tier=%s recorded=%s",
+            r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
+        )  # fmt: skip
+        if out and finish != "cancelled":
+            self._keep_reply(cplan, prompt + out, idle)
+
+    def _keep_reply(self, cplan: CachePlan, tokens: list[int], idle: Callable[[], bool]) -> None:
+        """Record prompt + reply so the next turn hits. The reply's KV came from decode; in exact mode it is
+        re-prefilled in aligned chunks first, chunk by chunk while no request waits."""
+        kvs = [s.kv for s in self.pipeline.stages]
+        full = (Boundary(len(tokens), "full"),)
+        if not self.cache_cfg.exact:
+            self.cache.record(cplan, tokens, kvs, computed=len(tokens) - 1, extra=full, only_extra=True)
+            return
+        plan = RequestPlan(cplan.history_ns, len(tokens))
+        start = self.slot_valid
+        self.pipeline.truncate(start)
+        for a, b in aligned_chunks(start, align_down(len(tokens), self.cfg.chunk_size), self.cfg.chunk_size):
+            if not idle():
+                break
+            self.pipeline.forward(tokens[a:b], a, plan, logits="none")
+            self.slot_tokens, self.slot_valid = tokens, b
+        if self.slot_valid > start:
+            self.cache.record(cplan, tokens, kvs, computed=self.slot_valid, extra=full, only_extra=True)

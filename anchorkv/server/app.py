@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from anchorkv import __version__
+from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Delta, Engine, Finished, PromptTooLong
 from anchorkv.engine.sampling import SamplingParams
@@ -87,6 +88,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             "chat_template": engine.template.source,
             "default_generation_settings": {"n_ctx": engine.ctx},
             "max_queue": cfg.max_queue,
+            "full_cache": engine.cache.stats(),
             "version": __version__,
         }
 
@@ -102,7 +104,10 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             rendered = await asyncio.to_thread(engine.render_chat, messages, req.tools)
         except ChatTemplateError as e:
             raise APIError(400, str(e), "messages") from None
-        return await _serve("chat", req, rendered.token_ids, request, prompt_param="messages")
+        ends = rendered.message_ends
+        marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
+        creq = _cache_request(req, [e for e in ends if e is not None], marked)
+        return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -112,10 +117,14 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             prompt = list(req.prompt)
             if (bad := next((t for t in prompt if t >= engine.model_cfg.vocab_size), None)) is not None:
                 raise APIError(400, f"prompt: token id {bad} is outside the vocabulary", "prompt")
-        return await _serve("completion", req, prompt, request, prompt_param="prompt")
+        return await _serve("completion", req, prompt, request, "prompt", _cache_request(req, [], []))
+
+    def _cache_request(req: SamplingFields, ends: list[int], marked: list[int]) -> CacheRequest:
+        scope = req.prefix_cache.resolve(engine.cache.default_scope) if req.prefix_cache else None
+        return CacheRequest(ends, req.anchor_list, req.prompt_cache_key is not None, marked, req.cache_salt, scope)
 
     async def _serve(
-        kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str
+        kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str, creq: CacheRequest
     ) -> Response:
         t0 = time.perf_counter()
         try:
@@ -133,7 +142,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             ignore_eos=req.ignore_eos,
         )
         try:
-            job = worker.submit(prompt, params)
+            job = worker.submit(prompt, params, creq)
         except QueueFull:
             metrics.requests.labels(kind, "503").inc()
             raise APIError(
@@ -193,6 +202,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             "choices": [choice],
             "usage": _usage(done),
             "timings": done.timings(),
+            "prefix_cache": done.cache,
         }
 
     async def _sse(kind: str, rid: str, job: Job, include_usage: bool, t0: float) -> AsyncIterator[str]:
@@ -221,7 +231,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                     yield chunk(event.text)
                     continue
                 _account(kind, event, t0, ttft)
-                yield chunk(None, event.finish_reason, timings=event.timings())
+                yield chunk(None, event.finish_reason, timings=event.timings(), prefix_cache=event.cache)
                 if include_usage:
                     body = {
                         "id": rid,

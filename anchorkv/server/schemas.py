@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
+
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
@@ -27,9 +29,14 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+class CacheControl(BaseModel):
+    type: Literal["ephemeral"]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Role
+    cache_control: CacheControl | None = None  # anchor the cache at the end of this message
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
@@ -44,6 +51,28 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class PrefixCacheOptions(BaseModel):
+    scope: str | None = None  # off | full | auto | auto:N | N
+    window: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _valid_scope(self) -> PrefixCacheOptions:
+        if self.scope is not None:
+            try:
+                parse_scope(self.scope)
+            except PolicyError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def resolve(self, default: Scope) -> Scope:
+        if self.scope is None:
+            return parse_scope(str(default), self.window) if self.window is not None else default
+        return parse_scope(self.scope, self.window)
+
+
+AnchorCount = Annotated[int, Field(ge=0, strict=True)]
 
 
 class SamplingFields(BaseModel):
@@ -62,6 +91,15 @@ class SamplingFields(BaseModel):
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_anchor_tokens: AnchorCount | Annotated[list[AnchorCount], Field(max_length=MAX_ANCHORS)] | None = None
+    prefix_cache: PrefixCacheOptions | None = None
+    cache_salt: str | None = None
+
+    @property
+    def anchor_list(self) -> list[int]:
+        a = self.prompt_cache_anchor_tokens
+        return [] if a is None else [a] if isinstance(a, int) else list(a)
 
     @property
     def stop_list(self) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.engine.engine import Delta, Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
 
@@ -27,6 +28,7 @@ class JobFailed(Exception):
 class Job:
     prompt: list[int]
     params: SamplingParams
+    cache_req: CacheRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Delta | Finished | JobFailed] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -67,8 +69,8 @@ class EngineWorker:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Job:
-        job = Job(prompt, params, asyncio.get_running_loop())
+    def submit(self, prompt: list[int], params: SamplingParams, cache_req: CacheRequest) -> Job:
+        job = Job(prompt, params, cache_req, asyncio.get_running_loop())
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -82,7 +84,8 @@ class EngineWorker:
                 continue
             self.busy = True
             try:
-                for event in self.engine.generate(job.prompt, job.params, job.cancel):
+                events = self.engine.generate(job.prompt, job.params, job.cancel, job.cache_req, self._queue.empty)
+                for event in events:
                     job.emit(event)
                     if isinstance(event, Finished) and event.finish_reason == "cancelled":
                         self.on_cancel()

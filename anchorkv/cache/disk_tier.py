@@ -1,0 +1,269 @@
+"""The disk tier: one safetensors file per chunk under `cache-dir/<namespace id>/`.
+
+A file holds the tensors k, v and tokens, and a header (metadata) with magic, version, namespace, key,
+parent, positions and a checksum over all three tensors. Every read checks all of it, and the key against
+the tokens; a file that fails is deleted and counts as a miss. Writes go through one background thread:
+temp file, fsync, rename, so a reader never sees half a file and a completed save survives a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.keys import Namespace, chunk_key
+from anchorkv.cache.policy import EvictionCandidate, eviction_order
+from anchorkv.engine.kv import KVSlice
+
+log = logging.getLogger("anchorkv.cache")
+
+MAGIC = "anchorkv-kv"
+VERSION = "1"
+SUFFIX = ".kv"
+
+
+@dataclass
+class DiskEntry:
+    path: Path
+    parent: bytes
+    start: int
+    end: int
+    nbytes: int
+    retention: int
+    last_used: float
+
+
+def checksum(k: torch.Tensor, v: torch.Tensor, tokens: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in (k, v):
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    h.update(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
+class DiskWriter:
+    """One background thread that runs file writes in order; `flush()` waits for those queued so far."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="anchorkv-disk-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._q.put(job)
+
+    def flush(self) -> None:
+        done = threading.Event()
+        self._q.put(done.set)
+        done.wait()
+
+    def close(self) -> None:
+        self.flush()
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            try:
+                job()
+            except Exception:
+                log.exception("cache write failed")
+
+
+class DiskTier:
+    def __init__(
+        self, root: Path, namespace: Namespace, budget_bytes: int, writer: DiskWriter, on_corrupt: Callable[[], None]
+    ) -> None:
+        self.namespace = namespace
+        self.dir = root / namespace.id
+        self.budget = budget_bytes
+        self.writer = writer
+        self.on_corrupt = on_corrupt
+        self.lock = threading.Lock()  # the index is read by the engine thread, written by the writer
+        self.entries: dict[bytes, DiskEntry] = {}
+        self.tails: dict[bytes, set[int]] = {}
+        self.written_bytes = 0
+        self.evicted_bytes = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "namespace.json").write_text(json.dumps(dict(namespace.fields), indent=1))
+        self._rebuild()
+
+    # -- index ---------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Scan the folder at start: drop leftover temp files, index the headers of the rest."""
+        for p in self.dir.iterdir():
+            if ".tmp" in p.name:
+                p.unlink(missing_ok=True)
+            elif p.suffix == SUFFIX:
+                meta = self._header(p)
+                if meta is None:
+                    continue
+                st = p.stat()
+                self._index(
+                    bytes.fromhex(meta["key"]),
+                    DiskEntry(p, bytes.fromhex(meta["parent"]), int(meta["start"]), int(meta["end"]), st.st_size, int(meta["retention"]), st.st_mtime),
+                )  # fmt: skip
+
+    def _header(self, path: Path) -> dict[str, str] | None:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            if (
+                meta.get("magic") != MAGIC
+                or meta.get("version") != VERSION
+                or meta.get("namespace") != self.namespace.id
+            ):
+                raise ValueError("foreign header")
+            if path.stem != meta["key"]:
+                raise ValueError("file name does not match its key")
+            return meta
+        except Exception as e:
+            log.warning("dropping cache file %s: %s", path.name, e)
+            self._discard(path)
+            return None
+
+    def _index(self, key: bytes, e: DiskEntry) -> None:
+        with self.lock:
+            self.entries[key] = e
+            self.tails.setdefault(e.parent, set()).add(e.end)
+
+    def _unindex(self, key: bytes) -> DiskEntry | None:
+        with self.lock:
+            e = self.entries.pop(key, None)
+            if e is not None and e.parent in self.tails:
+                self.tails[e.parent].discard(e.end)
+                if not self.tails[e.parent]:
+                    del self.tails[e.parent]
+            return e
+
+    def _discard(self, path: Path) -> None:
+        self.on_corrupt()
+        path.unlink(missing_ok=True)
+
+    def __contains__(self, key: bytes) -> bool:
+        with self.lock:
+            return key in self.entries
+
+    def tail_ends(self, parent: bytes) -> set[int]:
+        with self.lock:
+            return set(self.tails.get(parent, ()))
+
+    @property
+    def nbytes(self) -> int:
+        with self.lock:
+            return sum(e.nbytes for e in self.entries.values())
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.entries)
+
+    # -- read ----------------------------------------------------------------------------------------
+    def load(self, key: bytes) -> Chunk | None:
+        """The chunk, verified; None (and the file deleted) when anything does not check out."""
+        with self.lock:
+            e = self.entries.get(key)
+        if e is None:
+            return None
+        try:
+            with safe_open(str(e.path), "pt") as f:
+                meta = f.metadata() or {}
+            t = load_file(e.path)
+            k, v, tokens = t["k"], t["v"], t["tokens"].numpy().astype(np.int32)
+            if meta.get("magic") != MAGIC or meta.get("namespace") != self.namespace.id or meta.get("key") != key.hex():
+                raise ValueError("header mismatch")
+            if chunk_key(bytes.fromhex(meta["parent"]), tokens.tolist()) != key:
+                raise ValueError("tokens do not hash to the key")
+            if checksum(k, v, tokens) != meta["checksum"]:
+                raise ValueError("checksum mismatch")
+            if k.shape[2] != int(meta["end"]) - int(meta["start"]) or len(tokens) != k.shape[2]:
+                raise ValueError("positions do not match the tensors")
+        except Exception as err:
+            log.warning("dropping corrupt cache file %s: %s", e.path.name, err)
+            self._unindex(key)
+            self._discard(e.path)
+            return None
+        e.last_used = time.time()
+        os.utime(e.path)
+        labels = set(filter(None, meta.get("labels", "").split(",")))
+        return Chunk(key, bytes.fromhex(meta["parent"]), tokens, KVSlice(int(meta["start"]), k, v), e.retention, labels)
+
+    # -- write ---------------------------------------------------------------------------------------
+    def save(self, chunk: Chunk) -> None:
+        """Queue a write; the file appears atomically, in the background."""
+        if chunk.key in self:
+            return
+        self.writer.submit(lambda: self._write(chunk))
+
+    def _write(self, c: Chunk) -> None:
+        if c.key in self:
+            return
+        meta = {
+            "magic": MAGIC,
+            "version": VERSION,
+            "namespace": self.namespace.id,
+            "key": c.key.hex(),
+            "parent": c.parent.hex(),
+            "start": str(c.start),
+            "end": str(c.end),
+            "retention": str(c.retention),
+            "labels": ",".join(sorted(c.labels)),
+            "checksum": checksum(c.kv.k, c.kv.v, c.tokens),
+        }
+        path = self.dir / f"{c.key.hex()}{SUFFIX}"
+        tmp = self.dir / f"{c.key.hex()}.tmp{os.getpid()}"
+        tensors = {
+            "k": c.kv.k.contiguous(),
+            "v": c.kv.v.contiguous(),
+            "tokens": torch.from_numpy(c.tokens.astype(np.int32)),
+        }
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        size = path.stat().st_size
+        self.written_bytes += size
+        self._index(c.key, DiskEntry(path, c.parent, c.start, c.end, size, c.retention, time.time()))
+        self._evict(protect=c.key)
+
+    def _evict(self, protect: bytes) -> None:
+        while self.nbytes > self.budget:
+            with self.lock:
+                parents = {e.parent for e in self.entries.values()}
+                leaves = [
+                    EvictionCandidate(k, e.retention, e.last_used)
+                    for k, e in self.entries.items()
+                    if k not in parents and k != protect
+                ]
+            order = eviction_order(leaves)
+            if not order:
+                return
+            e = self._unindex(order[0])
+            if e is not None:
+                self.evicted_bytes += e.nbytes
+                e.path.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        self.writer.flush()
+        for key in list(self.entries):
+            e = self._unindex(key)
+            if e is not None:
+                e.path.unlink(missing_ok=True)

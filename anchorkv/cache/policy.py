@@ -1,0 +1,184 @@
+"""Pure cache policy: which prompt boundaries to record and to what tier. No I/O, no tensors.
+
+The server and the simulator call these same functions on plain token lists.
+
+Positions are token counts: boundary b means the KV of tokens [0, b). In exact mode every restorable
+boundary is a multiple of the prefill chunk C, and the grid stride S is a multiple of C, so rounding a
+boundary down to C lands on a chunk end of the grid chain.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_AUTO_WINDOW = 30
+MAX_ANCHORS = 4
+
+# Restore kinds, strongest first. "exact": the same prompt again; "full": an earlier whole prompt (or
+# prompt plus reply) that this one extends; "generic": grid points only.
+KINDS = ("exact", "full", "anchor", "chat", "auto", "fixed", "generic")
+# Eviction classes: a chunk on the way to an anchor outlives one on the way to a chat boundary, which
+# outlives a volatile tail.
+RETENTION = {"anchor": 2, "chat": 1}
+
+
+class PolicyError(ValueError):
+    """A bad scope or window; the message lists the accepted forms."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What is written to disk: off, full, auto (window = recent prompts), or the first `tokens` tokens."""
+
+    mode: str  # "off" | "full" | "auto" | "fixed"
+    window: int = DEFAULT_AUTO_WINDOW
+    tokens: int = 0
+
+    def __str__(self) -> str:
+        if self.mode == "auto":
+            return f"auto:{self.window}"
+        if self.mode == "fixed":
+            return str(self.tokens)
+        return self.mode
+
+
+SCOPE_FORMS = "off, full, auto, auto:N (N >= 1 recent prompts) or N (a token count >= 1)"
+
+
+def parse_scope(text: str, window: int | None = None) -> Scope:
+    """Parse `off|full|auto|auto:N|N`; `window` overrides auto's window (lucebox's prefix_cache.window)."""
+    s = text.strip().lower()
+    if window is not None and window < 1:
+        raise PolicyError(f"window must be >= 1, got {window}")
+    if s in ("off", "full"):
+        return Scope(s)
+    if m := re.fullmatch(r"auto(?::(\d+))?", s):
+        n = int(m.group(1)) if m.group(1) else DEFAULT_AUTO_WINDOW
+        if n < 1:
+            raise PolicyError(f"bad scope {text!r}: the auto window must be >= 1; accepted: {SCOPE_FORMS}")
+        return Scope("auto", window if window is not None else n)
+    if s.isdigit() and int(s) >= 1:
+        return Scope("fixed", tokens=int(s))
+    raise PolicyError(f"bad scope {text!r}; accepted: {SCOPE_FORMS}")
+
+
+def align_down(pos: int, unit: int) -> int:
+    return pos - pos % unit
+
+
+def restorable_limit(n_prompt: int, unit: int) -> int:
+    """The furthest restore for an n-token prompt: n - 1 (the last token is always prefilled for its
+    logits), rounded down to the alignment unit."""
+    return align_down(max(n_prompt - 1, 0), unit)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def chat_floor(pos: int, chat_ends: Sequence[int]) -> int:
+    """The last chat boundary at or before pos (0 when none)."""
+    return max((e for e in chat_ends if e <= pos), default=0)
+
+
+def auto_boundary(
+    prompt: Sequence[int], history: Sequence[Sequence[int]], window: int, chat_ends: Sequence[int]
+) -> int:
+    """lucebox auto:N: the longest common token prefix with any of the last `window` prompts, aligned
+    down to a chat boundary. 0 when nothing is shared."""
+    recent = history[-window:] if window else []
+    lcp = max((common_prefix(prompt, h) for h in recent), default=0)
+    return chat_floor(lcp, chat_ends) if chat_ends else 0
+
+
+@dataclass(frozen=True)
+class AnchorVerdict:
+    tokens: int
+    accepted: bool
+    reason: str | None = None  # why it was ignored
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"tokens": self.tokens, "accepted": self.accepted}
+        if self.reason:
+            d["reason"] = self.reason
+        return d
+
+
+def judge_anchors(anchors: Sequence[int], has_key: bool, n_prompt: int) -> list[AnchorVerdict]:
+    """Skippy's conservative rules: ignored without prompt_cache_key, when zero, or when not a strict
+    prefix of the prompt. (Negative values are refused earlier, as bad input.)"""
+    out = []
+    for a in anchors:
+        if not has_key:
+            out.append(AnchorVerdict(a, False, "prompt_cache_key is required for anchors"))
+        elif a == 0:
+            out.append(AnchorVerdict(a, False, "zero-length anchor"))
+        elif a >= n_prompt:
+            out.append(AnchorVerdict(a, False, f"not a strict prefix of the {n_prompt}-token prompt"))
+        else:
+            out.append(AnchorVerdict(a, True))
+    return out
+
+
+@dataclass(frozen=True)
+class Boundary:
+    pos: int  # exact token count as asked (anchor count, message end, ...)
+    kind: str  # one of KINDS, or "grid"
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """What one request records: labelled boundaries (RAM) and how far its chain goes to disk."""
+
+    boundaries: tuple[Boundary, ...]
+    disk_upto: int  # chunks ending at or before this go to disk too (0: none)
+    scope_boundary: int  # the auto / fixed boundary before alignment (0 when the scope has none)
+
+
+def plan_records(
+    prompt: Sequence[int],
+    chat_ends: Sequence[int],
+    anchors: Sequence[int],
+    scope: Scope,
+    history: Sequence[Sequence[int]],
+    min_tokens: int,
+    full_at: int | None = None,
+) -> RecordPlan:
+    """Boundaries a request records, before alignment: chat ends, accepted anchors, the scope boundary
+    and the full prompt. Grid points come with the chain itself."""
+    n = len(prompt)
+    bounds = [Boundary(e, "chat") for e in chat_ends if 0 < e < n]
+    bounds += [Boundary(a, "anchor") for a in anchors]
+    scope_b = 0
+    if scope.mode == "auto":
+        scope_b = auto_boundary(prompt, history, scope.window, chat_ends)
+    elif scope.mode == "fixed":
+        scope_b = min(scope.tokens, n - 1)
+    if scope_b:
+        bounds.append(Boundary(scope_b, scope.mode))
+    bounds.append(Boundary(n if full_at is None else full_at, "full"))
+    disk = {"off": 0, "full": n, "auto": scope_b, "fixed": scope_b}[scope.mode]
+    # anchors are kept on disk unless the scope is off
+    if scope.mode != "off" and anchors:
+        disk = max(disk, *anchors)
+    if disk < min_tokens:
+        disk = 0
+    return RecordPlan(tuple(bounds), disk, scope_b)
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    key: bytes
+    retention: int  # RETENTION class; higher is kept longer
+    last_used: float
+
+
+def eviction_order(leaves: Sequence[EvictionCandidate]) -> list[bytes]:
+    """Leaves in the order they are evicted: lowest retention class first, then least recently used."""
+    return [c.key for c in sorted(leaves, key=lambda c: (c.retention, c.last_used))]

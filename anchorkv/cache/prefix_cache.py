@@ -1,0 +1,374 @@
+"""The prefix cache across stages: plan a restore, restore, record.
+
+Each stage has its own namespace, RAM tier and disk tier. A request's plan is decided once from all
+stages (the longest boundary that every stage has) and carried to each of them.
+
+Chains: grid chunks [0, S), [S, 2S), ... plus at most one tail chunk [g, b) hanging off the last grid
+point g before a boundary b that is not on the grid. In exact mode b is a multiple of the prefill chunk C.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.disk_tier import DiskTier, DiskWriter
+from anchorkv.cache.history import History
+from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
+from anchorkv.cache.policy import (
+    KINDS,
+    RETENTION,
+    AnchorVerdict,
+    Boundary,
+    RecordPlan,
+    Scope,
+    align_down,
+    judge_anchors,
+    parse_scope,
+    plan_records,
+    restorable_limit,
+)
+from anchorkv.cache.ram_tier import RamTier
+from anchorkv.engine.kv import StageKV
+
+log = logging.getLogger("anchorkv.cache")
+
+MAX_FULL_PROMPTS = 4096
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    exact: bool = True  # restore only at multiples of C, reuse only KV computed by aligned prefill
+    stride: int | None = None  # grid stride S; None: the prefill chunk C
+    ram_mb: int = 2048
+    cache_dir: Path | None = None  # None: no disk tier
+    disk_budget_mb: int = 4096
+    scope: str = "auto"  # what goes to disk: off | full | auto | auto:N | N
+    min_tokens: int = 0  # nothing shorter is saved to disk
+
+    def __post_init__(self) -> None:
+        parse_scope(self.scope)
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"--cache-stride must be >= 1, got {self.stride}")
+        if self.ram_mb < 0:
+            raise ValueError(f"--cache-ram-mb must be >= 0, got {self.ram_mb}")
+        if self.disk_budget_mb < 0:
+            raise ValueError(f"--disk-budget-mb must be >= 0, got {self.disk_budget_mb}")
+        if self.min_tokens < 0:
+            raise ValueError(f"--cache-min-tokens must be >= 0, got {self.min_tokens}")
+
+
+@dataclass(frozen=True)
+class CacheRequest:
+    """The cache-related parts of one request."""
+
+    message_ends: Sequence[int] = ()
+    anchors: Sequence[int] = ()  # prompt_cache_anchor_tokens: honoured only with prompt_cache_key
+    has_key: bool = False
+    marked: Sequence[int] = ()  # ends of messages marked with cache_control: anchors that need no key
+    salt: str | None = None
+    scope: Scope | None = None  # the request's prefix_cache override
+
+
+@dataclass
+class CachePlan:
+    restore_to: int
+    chains: list[list[bytes]]  # per stage, the keys of the chunks [0, restore_to)
+    kind: str | None
+    tier: str | None
+    records: RecordPlan
+    verdicts: list[AnchorVerdict]
+    roots: list[bytes]
+    scope: Scope
+    history_ns: str
+    limit: int  # the furthest this prompt could restore
+    recorded: list[dict[str, object]] = field(default_factory=list)
+
+    def report(self) -> dict[str, object]:
+        return {
+            "restored_tokens": self.restore_to,
+            "kind": self.kind,
+            "tier": self.tier,
+            "scope": str(self.scope),
+            "recorded": self.recorded,
+            "anchors": [v.as_dict() for v in self.verdicts],
+        }
+
+
+class PrefixCache:
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        namespaces: list[Namespace],
+        chunk_size: int,
+        on_corrupt: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.cfg = cfg
+        self.namespaces = namespaces
+        self.stride = cfg.stride or chunk_size
+        self.unit = chunk_size if cfg.exact else 1  # restores and boundaries align to this
+        if cfg.exact and self.stride % chunk_size:
+            raise ValueError(
+                f"--cache-stride {self.stride} must be a multiple of --chunk-size {chunk_size} in exact mode"
+            )
+        self.default_scope = parse_scope(cfg.scope)
+        per_stage = cfg.ram_mb * 2**20 // len(namespaces)
+        self.ram = [RamTier(per_stage) for _ in namespaces]
+        self.writer: DiskWriter | None = None
+        self.disk: list[DiskTier] = []
+        self.corrupt_dropped = 0
+        self._on_corrupt = on_corrupt
+        self.history = History(None)
+        if cfg.cache_dir is not None:
+            cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.writer = DiskWriter()
+            disk_per_stage = cfg.disk_budget_mb * 2**20 // len(namespaces)
+            self.disk = [DiskTier(cfg.cache_dir, ns, disk_per_stage, self.writer, self._corrupt) for ns in namespaces]
+            self.history = History(cfg.cache_dir / "history.json")
+        self.lock = threading.Lock()
+        # whole prompts recorded (and prompt + reply), to tell exact and full restores apart
+        self.full_prompts: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self.full_lengths: dict[bytes, set[int]] = {}
+        for ns in self.history.namespaces():
+            for p in self.history.recent(ns):
+                self._saw(bytes.fromhex(ns), p)
+
+    def _corrupt(self) -> None:
+        self.corrupt_dropped += 1
+        self._on_corrupt()
+
+    # -- lookup ----------------------------------------------------------------------------------------
+    def _has(self, s: int, key: bytes, disk_ok: bool) -> bool:
+        return key in self.ram[s] or (disk_ok and bool(self.disk) and key in self.disk[s])
+
+    def _tail_ends(self, s: int, parent: bytes, disk_ok: bool) -> set[int]:
+        ends = set(self.ram[s].tails.get(parent, ()))
+        if disk_ok and self.disk:
+            ends |= self.disk[s].tail_ends(parent)
+        return ends
+
+    def _chain_to(self, s: int, root: bytes, prompt: Sequence[int], pos: int, disk_ok: bool) -> list[bytes] | None:
+        """Keys of stage s's chunks covering exactly [0, pos), if all are cached."""
+        g = align_down(pos, self.stride)
+        keys = chain_keys(root, prompt, self.stride, g)
+        if not all(self._has(s, k, disk_ok) for k in keys):
+            return None
+        if g < pos:
+            tail = chunk_key(keys[-1] if keys else root, prompt[g:pos])
+            if not self._has(s, tail, disk_ok):
+                return None
+            keys.append(tail)
+        return keys
+
+    def _longest(self, s: int, root: bytes, prompt: Sequence[int], limit: int, disk_ok: bool) -> int:
+        keys = chain_keys(root, prompt, self.stride, limit)
+        j = 0
+        while j < len(keys) and self._has(s, keys[j], disk_ok):
+            j += 1
+        g, parent = j * self.stride, keys[j - 1] if j else root
+        for end in sorted(self._tail_ends(s, parent, disk_ok), reverse=True):
+            if g < end <= limit and end % self.unit == 0 and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok):
+                return end
+        return g
+
+    def plan(self, prompt: Sequence[int], req: CacheRequest) -> CachePlan:
+        scope = req.scope or self.default_scope
+        disk_ok = scope.mode != "off"
+        roots = [ns.salted(req.salt).root for ns in self.namespaces]
+        history_ns = roots[0].hex()
+        verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(req.marked, True, len(prompt))
+        anchors = [v.tokens for v in verdicts if v.accepted]
+        limit = restorable_limit(len(prompt), self.unit)
+        with self.lock:
+            ends = [self._longest(s, roots[s], prompt, limit, disk_ok) for s in range(len(roots))]
+            # the longest boundary that every stage has: a stage that misses vetoes longer ones
+            candidates = sorted(
+                {e for e in ends if e <= min(ends)} | set(range(0, min(ends) + 1, self.stride)), reverse=True
+            )
+            chains: list[list[bytes]] = [[] for _ in roots]
+            restore = 0
+            for c in candidates:
+                found = [self._chain_to(s, roots[s], prompt, c, disk_ok) for s in range(len(roots))]
+                if all(f is not None for f in found):
+                    restore, chains = c, [f or [] for f in found]
+                    break
+            records = plan_records(
+                prompt, [e for e in req.message_ends if e], anchors, scope,
+                self.history.recent(history_ns), self.cfg.min_tokens,
+                # the whole prompt: an identical prompt can restore only up to n - 1
+                full_at=len(prompt) if self.cfg.exact else len(prompt) - 1,
+            )  # fmt: skip
+        computable = align_down(len(prompt), self.unit)  # KV a prefill of this prompt leaves reusable
+        recorded: list[dict[str, object]] = [
+            {"kind": b.kind, "tokens": b.pos, "at": min(align_down(b.pos, self.unit), computable)}
+            for b in records.boundaries
+        ]
+        recorded = [d for d in recorded if d["at"]]
+        return CachePlan(restore, chains, None, None, records, verdicts, roots, scope, history_ns, limit, recorded)
+
+    def _kind(self, plan: CachePlan, prompt: Sequence[int]) -> str | None:
+        """exact: this very prompt was seen; full: a whole earlier prompt (or prompt + reply) is a prefix
+        of it; otherwise the strongest label recorded at the restored boundary."""
+        if not plan.restore_to:
+            return None
+        root = plan.roots[0]
+        if self._seen(root, prompt):
+            return "exact"
+        if any(
+            self._seen(root, prompt[:m]) for m in self.full_lengths.get(root, ()) if plan.restore_to <= m < len(prompt)
+        ):
+            return "full"
+        c = self.ram[0].chunks.get(plan.chains[0][-1])
+        labels = (c.labels if c is not None else set()) - {"full"}
+        return next((k for k in KINDS if k in labels), "generic")
+
+    def _seen(self, root: bytes, tokens: Sequence[int]) -> bool:
+        return (root, chunk_key(root, tokens)) in self.full_prompts
+
+    def _saw(self, root: bytes, tokens: Sequence[int]) -> None:
+        self.full_prompts[(root, chunk_key(root, tokens))] = None
+        self.full_lengths.setdefault(root, set()).add(len(tokens))
+        while len(self.full_prompts) > MAX_FULL_PROMPTS:
+            self.full_prompts.popitem(last=False)
+
+    # -- restore ---------------------------------------------------------------------------------------
+    def restore(self, plan: CachePlan, prompt: Sequence[int], kvs: list[StageKV], skip_upto: int = 0) -> None:
+        """Write the plan's chunks into each stage's KV. Chunks ending at or before skip_upto are already
+        there (the previous request left them). Sets plan.tier."""
+        from_disk = False
+        for s, chain in enumerate(plan.chains):
+            for key in chain:
+                c = self.ram[s].get(key)
+                if c is None:
+                    c = self.disk[s].load(key) if self.disk else None
+                    if c is None:  # vanished or corrupt since planning: stop here
+                        raise CacheMiss(f"stage {s} lost chunk {key.hex()}")
+                    from_disk = True
+                    self.ram[s].put(c)
+                if c.end <= skip_upto:
+                    continue
+                kvs[s].restore(c.kv)
+        plan.tier = ("disk" if from_disk else "ram") if plan.restore_to else None
+        plan.kind = self._kind(plan, prompt)
+
+    # -- record ----------------------------------------------------------------------------------------
+    def record(
+        self,
+        plan: CachePlan,
+        tokens: Sequence[int],
+        kvs: list[StageKV],
+        computed: int,
+        extra: Sequence[Boundary] = (),
+        only_extra: bool = False,
+    ) -> None:
+        """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
+        KV that may be reused (in exact mode: computed by aligned prefill)."""
+        bounds = (*(() if only_extra else plan.records.boundaries), *extra)
+        labelled: dict[int, set[str]] = {}
+        for b in bounds:
+            pos = min(align_down(b.pos, self.unit), align_down(computed, self.unit))
+            if pos > 0:
+                labelled.setdefault(pos, set()).add(b.kind)
+        if any(b.kind == "full" for b in bounds):
+            self._saw(plan.roots[0], tokens)
+        if not labelled:
+            return
+        disk_upto = plan.records.disk_upto
+        if plan.scope.mode == "full":  # full also keeps prompt + reply on disk, for the next turn
+            disk_upto = max(disk_upto, *(b.pos for b in extra), 0)
+        disk_upto = align_down(min(disk_upto, computed), self.unit)
+        retention_at = {p: max((RETENTION.get(k, 0) for k in ks), default=0) for p, ks in labelled.items()}
+        with self.lock:
+            for s, root in enumerate(plan.roots):
+                ends = sorted(labelled)
+                for pos in ends:
+                    self._record_chain(s, root, tokens, pos, labelled[pos], disk_upto, kvs[s], retention_at)
+
+    def _record_chain(
+        self, s: int, root: bytes, tokens: Sequence[int], pos: int, labels: set[str], disk_upto: int, kv: StageKV,
+        retention_at: dict[int, int],
+    ) -> None:  # fmt: skip
+        g = align_down(pos, self.stride)
+        parent = root
+        spans = [(a, a + self.stride) for a in range(0, g, self.stride)]
+        if g < pos:
+            spans.append((g, pos))
+        for a, b in spans:
+            key = chunk_key(parent, tokens[a:b])
+            # a chunk is kept at least as long as the strongest boundary at or past its end
+            keep_here = max(r for p, r in retention_at.items() if p >= b)
+            here = labels if b == pos else set()
+            chunk = self.ram[s].get(key)
+            if chunk is None:
+                chunk = Chunk(
+                    key, parent, np.asarray(tokens[a:b], dtype=np.int32), kv.export(a, b), keep_here, set(here)
+                )
+                self.ram[s].put(chunk)
+            else:
+                self.ram[s].promote(key, keep_here)
+                chunk.labels |= here
+            if self.disk and b <= disk_upto:
+                self.disk[s].save(chunk)
+            parent = key
+
+    def remember(self, plan: CachePlan, prompt: list[int]) -> None:
+        """Add the prompt to the auto window's history (persisted in the background)."""
+        self.history.add(plan.history_ns, prompt)
+        if self.writer is not None:
+            snap = self.history.snapshot()
+            self.writer.submit(lambda: self.history.save(snap))
+
+    # -- inspection ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "exact": self.cfg.exact,
+            "stride": self.stride,
+            "align": self.unit,
+            "disk_policy": str(self.default_scope),
+            "min_tokens": self.cfg.min_tokens,
+            "ram": {
+                "budget_bytes": self.cfg.ram_mb * 2**20,
+                "bytes": sum(r.nbytes for r in self.ram),
+                "entries": sum(len(r.chunks) for r in self.ram),
+                "evicted_bytes": sum(r.evicted_bytes for r in self.ram),
+            },
+            "disk": None
+            if not self.disk
+            else {
+                "dir": str(self.cfg.cache_dir),
+                "budget_bytes": self.cfg.disk_budget_mb * 2**20,
+                "bytes": sum(d.nbytes for d in self.disk),
+                "entries": sum(len(d) for d in self.disk),
+                "written_bytes": sum(d.written_bytes for d in self.disk),
+                "evicted_bytes": sum(d.evicted_bytes for d in self.disk),
+                "corrupt_dropped": self.corrupt_dropped,
+            },
+        }
+
+    def wipe_stage(self, s: int) -> None:
+        """Forget every chunk of stage s in RAM and on disk (for tests of the stage veto)."""
+        with self.lock:
+            for key in list(self.ram[s].chunks):
+                self.ram[s].drop(key)
+            if self.disk:
+                self.disk[s].clear()
+
+
+class CacheMiss(RuntimeError):
+    pass
+
+
+def timed_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1000

@@ -1,0 +1,82 @@
+"""The RAM tier: chunks under a byte budget. Evicts leaves first (a chunk is useless without its parent),
+the lowest retention class first, and least recently used among equals."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.policy import EvictionCandidate, eviction_order
+
+
+class RamTier:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.chunks: dict[bytes, Chunk] = {}
+        self.children: defaultdict[bytes, int] = defaultdict(int)  # cached children per key
+        self.tails: defaultdict[bytes, set[int]] = defaultdict(set)  # parent key -> ends of chunks under it
+        self.nbytes = 0
+        self.evicted_bytes = 0
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.chunks
+
+    def get(self, key: bytes) -> Chunk | None:
+        c = self.chunks.get(key)
+        if c is not None:
+            c.last_used = time.monotonic()
+        return c
+
+    def put(self, chunk: Chunk) -> list[bytes]:
+        """Insert (or refresh) chunk; returns the keys evicted to stay under budget."""
+        old = self.chunks.get(chunk.key)
+        if old is not None:
+            old.retention = max(old.retention, chunk.retention)
+            old.labels |= chunk.labels
+            old.last_used = time.monotonic()
+            return []
+        if chunk.nbytes > self.budget:
+            return []
+        self.chunks[chunk.key] = chunk
+        self.children[chunk.parent] += 1
+        self.tails[chunk.parent].add(chunk.end)
+        self.nbytes += chunk.nbytes
+        return self._evict(protect=chunk.key)
+
+    def promote(self, key: bytes, retention: int, label: str | None = None) -> None:
+        c = self.chunks.get(key)
+        if c is not None:
+            c.retention = max(c.retention, retention)
+            if label:
+                c.labels.add(label)
+
+    def drop(self, key: bytes) -> None:
+        c = self.chunks.pop(key, None)
+        if c is None:
+            return
+        self.children[c.parent] -= 1
+        if not self.children[c.parent]:
+            del self.children[c.parent]
+        self.tails[c.parent].discard(c.end)
+        if not self.tails[c.parent]:
+            del self.tails[c.parent]
+        self.nbytes -= c.nbytes
+
+    def eviction_order(self) -> list[bytes]:
+        leaves = [
+            EvictionCandidate(k, c.retention, c.last_used) for k, c in self.chunks.items() if not self.children.get(k)
+        ]
+        return eviction_order(leaves)
+
+    def _evict(self, protect: bytes) -> list[bytes]:
+        evicted: list[bytes] = []
+        while self.nbytes > self.budget:
+            order = [k for k in self.eviction_order() if k != protect]
+            if not order:
+                break
+            victim = order[0]
+            self.evicted_bytes += self.chunks[victim].nbytes
+            self.drop(victim)
+            evicted.append(victim)
+        return evicted
