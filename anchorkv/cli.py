@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     eng = bench_sub.add_parser("engine", help="prefill and decode tokens/s of the loaded model")
     _engine_args(eng)
     eng.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown (default 3)")
+    cache = sub.add_parser("cache", help="inspect or empty a disk cache folder")
+    cache.add_argument("action", choices=["ls", "stats", "clear"])
+    cache.add_argument("--cache-dir", type=Path, default=None, help="the folder (default: ~/.cache/anchorkv/kv)")
     return parser
 
 
@@ -130,7 +133,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(parser, args)
+    if args.command == "cache":
+        return _cache(args)
     return _bench_engine(parser, args)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from anchorkv.cache import inventory
+    from anchorkv.model.loader import default_cache_home
+
+    folder = args.cache_dir or default_cache_home() / "kv"
+    if not folder.is_dir():
+        print(f"no cache folder at {folder}", file=sys.stderr)
+        return 1
+    if args.action == "ls":
+        print(inventory.ls(folder))
+    elif args.action == "stats":
+        print(inventory.stats(folder))
+    else:
+        print(f"removed {inventory.clear(folder)} chunk files from {folder}")
+    return 0
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

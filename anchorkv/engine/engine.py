@@ -145,6 +145,24 @@ class Engine:
         with self.lock:
             yield from self._generate(prompt, params, cancel, cache_req or CacheRequest(), idle)
 
+    @torch.inference_mode()
+    def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
+        """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]."""
+        creq = cache_req or CacheRequest()
+        with self.lock:
+            cplan = self._restore(prompt, creq)
+            r = cplan.restore_to
+            logits = self.pipeline.prefill(prompt[r:], r, RequestPlan("logits", len(prompt), restore_to=r))
+            self.slot_tokens, self.slot_valid, self.slot_salt = (
+                prompt,
+                align_down(len(prompt), self.cfg.chunk_size),
+                creq.salt,
+            )
+            kvs = [s.kv for s in self.pipeline.stages]
+            self.cache.record(cplan, prompt, kvs, computed=self.slot_valid if self.cache_cfg.exact else len(prompt))
+            self.cache.remember(cplan, prompt)
+        return logits, cplan
+
     def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
         plan = self.cache.plan(prompt, creq)
         kvs = [s.kv for s in self.pipeline.stages]

@@ -95,6 +95,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.queue_depth.set(worker.waiting)
+        metrics.observe_cache(engine.cache.stats())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
@@ -181,6 +182,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         metrics.prefilled_tokens.inc(done.prompt_tokens - done.cached_tokens)
         metrics.cached_tokens.inc(done.cached_tokens)
         metrics.generated_tokens.inc(done.completion_tokens)
+        if done.cached_tokens:
+            metrics.cache_hits.labels(done.cache.get("kind"), done.cache.get("tier")).inc()
         metrics.ttft.observe(ttft if ttft is not None else done.prompt_ms / 1000)
         log.info(
             "[request] %s prompt=%d cached=%d generated=%d prompt_ms=%.1f predicted_ms=%.1f finish=%s total_ms=%.1f",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -21,6 +23,19 @@ class Metrics:
         self.cancelled = Counter(
             "anchorkv_cancelled_generations", "Generations stopped because the client left", registry=r
         )
+        self.cache_hits = Counter(
+            "anchorkv_cache_hits", "Requests that restored a prefix, by kind and tier", ["kind", "tier"], registry=r
+        )
+        self.cache_bytes_written = Gauge(
+            "anchorkv_cache_disk_written_bytes", "Bytes written to the disk tier since start", registry=r
+        )
+        self.cache_bytes_evicted = Gauge(
+            "anchorkv_cache_evicted_bytes", "Bytes evicted since start, by tier", ["tier"], registry=r
+        )
+        self.cache_bytes = Gauge("anchorkv_cache_bytes", "Bytes held, by tier", ["tier"], registry=r)
+        self.cache_corrupt = Gauge(
+            "anchorkv_cache_corrupt_files_dropped", "Disk cache files dropped as corrupt since start", registry=r
+        )
         self.queue_depth = Gauge("anchorkv_queue_depth", "Requests waiting for the engine", registry=r)
         self.ttft = Histogram(
             "anchorkv_time_to_first_token_seconds",
@@ -28,3 +43,14 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
+
+    def observe_cache(self, stats: dict[str, Any]) -> None:
+        """Copy the cache's running totals into gauges (called at scrape time)."""
+        ram, disk = stats["ram"], stats["disk"]
+        self.cache_bytes.labels("ram").set(ram["bytes"])
+        self.cache_bytes_evicted.labels("ram").set(ram["evicted_bytes"])
+        if disk:
+            self.cache_bytes.labels("disk").set(disk["bytes"])
+            self.cache_bytes_evicted.labels("disk").set(disk["evicted_bytes"])
+            self.cache_bytes_written.set(disk["written_bytes"])
+            self.cache_corrupt.set(disk["corrupt_dropped"])

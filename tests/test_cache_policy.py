@@ -1,0 +1,131 @@
+"""Cache policy on plain token lists: no model, no tensors beyond tiny stand-ins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
+from anchorkv.cache.policy import (
+    PolicyError,
+    Scope,
+    align_down,
+    auto_boundary,
+    chat_floor,
+    judge_anchors,
+    parse_scope,
+    plan_records,
+    restorable_limit,
+)
+from anchorkv.cache.ram_tier import RamTier
+from anchorkv.engine.kv import KVSlice
+
+
+def test_scope_forms() -> None:
+    assert parse_scope("off") == Scope("off")
+    assert parse_scope("full") == Scope("full")
+    assert parse_scope("auto") == Scope("auto", 30)
+    assert parse_scope("auto:8") == Scope("auto", 8)
+    assert parse_scope("auto:8", window=2) == Scope("auto", 2)
+    assert parse_scope("1000") == Scope("fixed", tokens=1000)
+    assert str(parse_scope("auto")) == "auto:30" and str(parse_scope("1000")) == "1000"
+
+
+@pytest.mark.parametrize("bad", ["", "on", "auto:", "auto:0", "auto:-1", "0", "-5", "12.5", "full:3"])
+def test_bad_scope_lists_the_accepted_forms(bad: str) -> None:
+    with pytest.raises(PolicyError, match=r"off, full, auto, auto:N"):
+        parse_scope(bad)
+
+
+def test_restore_never_reaches_the_last_token_and_stays_aligned() -> None:
+    assert restorable_limit(847, 128) == 768
+    assert restorable_limit(769, 128) == 768
+    assert restorable_limit(768, 128) == 640  # an exact hit restores n - 1, rounded down
+    assert restorable_limit(100, 1) == 99
+
+
+def test_grid_chain_keys_chain_parent_and_tokens() -> None:
+    root = Namespace.of(model="m").root
+    toks = list(range(1000))
+    keys = chain_keys(root, toks, 128, 900)
+    assert len(keys) == 7  # chunks ending at 128, ..., 896
+    assert keys[0] == chunk_key(root, toks[:128]) and keys[1] == chunk_key(keys[0], toks[128:256])
+    other = chain_keys(root, toks[:200] + [5] + toks[201:], 128, 900)
+    assert other[0] == keys[0] and other[1] != keys[1] and other[6] != keys[6]
+
+
+def test_namespace_and_salt_change_every_key() -> None:
+    ns = Namespace.of(model="m", layers=[0, 10])
+    assert ns.root != Namespace.of(model="m", layers=[10, 20]).root
+    assert ns.salted("a").root != ns.salted("b").root != ns.root
+    assert ns.salted(None).root == ns.root
+
+
+def test_chat_boundaries_align_down() -> None:
+    ends = [40, 300, 700]
+    assert chat_floor(699, ends) == 300 and chat_floor(700, ends) == 700 and chat_floor(10, ends) == 0
+    assert align_down(700, 128) == 640
+
+
+def test_auto_takes_the_longest_common_prefix_over_the_window_aligned_to_chat() -> None:
+    base = list(range(100))
+    history = [base[:30] + [999] * 70, base[:80] + [7] * 20, [5] * 100]
+    ends = [10, 25, 50, 75, 90]
+    # best match is history[1] (LCP 80), aligned down to the chat boundary 75
+    assert auto_boundary(base, history, window=30, chat_ends=ends) == 75
+    # a window of 1 sees only the last prompt, which shares nothing
+    assert auto_boundary(base, history, window=1, chat_ends=ends) == 0
+    # a window of 2 sees history[1:]: still 75
+    assert auto_boundary(base, history, window=2, chat_ends=ends) == 75
+    # without chat boundaries nothing is safe
+    assert auto_boundary(base, history, window=30, chat_ends=[]) == 0
+
+
+def test_anchor_validation() -> None:
+    v = judge_anchors([0, 50, 100, 150], has_key=True, n_prompt=100)
+    assert [(x.accepted, x.reason is None) for x in v] == [(False, False), (True, True), (False, False), (False, False)]
+    assert "zero" in (v[0].reason or "") and "strict prefix" in (v[2].reason or "")
+    assert all(not x.accepted and "prompt_cache_key" in (x.reason or "") for x in judge_anchors([50], False, 100))
+
+
+def test_record_plan_per_scope() -> None:
+    prompt = list(range(1000))
+    ends = [300, 600]
+    history = [prompt[:650] + [1] * 10]
+    full = plan_records(prompt, ends, [], parse_scope("full"), history, 0)
+    assert full.disk_upto == 1000 and ("full", 1000) in {(b.kind, b.pos) for b in full.boundaries}
+    auto = plan_records(prompt, ends, [], parse_scope("auto"), history, 0)
+    assert auto.scope_boundary == 600 and auto.disk_upto == 600
+    fixed = plan_records(prompt, ends, [], parse_scope("400"), history, 0)
+    assert fixed.disk_upto == 400
+    off = plan_records(prompt, ends, [700], parse_scope("off"), history, 0)
+    assert off.disk_upto == 0 and ("anchor", 700) in {(b.kind, b.pos) for b in off.boundaries}
+    anchored = plan_records(prompt, ends, [700], parse_scope("400"), history, 0)
+    assert anchored.disk_upto == 700  # an anchor goes to disk unless the scope is off
+    assert plan_records(prompt, ends, [], parse_scope("400"), history, min_tokens=500).disk_upto == 0
+
+
+def _chunk(key: bytes, parent: bytes, start: int, retention: int = 0) -> Chunk:
+    kv = KVSlice(start, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))  # 64 bytes
+    return Chunk(key, parent, torch.arange(4).numpy(), kv, retention)
+
+
+def test_ram_eviction_takes_leaves_first_then_retention_then_lru() -> None:
+    ram = RamTier(budget_bytes=64 * 100)
+    root = b"r"
+    # chain a1 <- a2 (volatile tail), chain c1 (chat-protected leaf), anchored leaf n1, volatile leaf v1
+    ram.put(_chunk(b"a1", root, 0))
+    ram.put(_chunk(b"a2", b"a1", 4))
+    ram.put(_chunk(b"c1", root, 0, retention=1))
+    ram.put(_chunk(b"n1", root, 0, retention=2))
+    ram.put(_chunk(b"v1", root, 0))
+    ram.get(b"v1")  # v1 used after a2
+    assert ram.eviction_order() == [b"a2", b"v1", b"c1", b"n1"]  # a1 is not a leaf while a2 lives
+    ram.budget = 64 * 3
+    # once a2 is gone its parent a1 is a leaf, and older than v1
+    assert ram._evict(protect=b"") == [b"a2", b"a1"]
+    assert ram.eviction_order() == [b"v1", b"c1", b"n1"]
+    ram.budget = 64 * 1
+    assert ram._evict(protect=b"") == [b"v1", b"c1"]
+    assert list(ram.chunks) == [b"n1"] and ram.nbytes == 64

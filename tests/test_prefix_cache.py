@@ -1,0 +1,260 @@
+"""The prefix cache on the bundled model: hits, anchors, restarts, corruption, salts, stages, exactness."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from anchorkv.cache.policy import align_down, common_prefix
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.config import EngineConfig
+from anchorkv.engine.engine import Engine, Finished
+from anchorkv.engine.sampling import SamplingParams
+
+C = 128
+SYSTEM = "You are a meticulous assistant for a logistics company. " + " ".join(
+    f"Rule {i}: when asked about shipment class {i}, answer with the exact code SC-{i} and nothing vague."
+    for i in range(28)
+)
+
+
+def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full", **cache: object) -> Engine:
+    return Engine(
+        EngineConfig(threads=2, dtype=dtype, stages=stages),
+        CacheConfig(ram_mb=512, cache_dir=tmp, scope=scope, **cache),  # type: ignore[arg-type]
+    )
+
+
+def chat(engine: Engine, question: str, system: str = SYSTEM) -> tuple[list[int], CacheRequest]:
+    r = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
+    return r.token_ids, CacheRequest(message_ends=[e for e in r.message_ends if e])
+
+
+def answer(engine: Engine, prompt: list[int], req: CacheRequest, max_tokens: int = 12) -> Finished:
+    done = list(engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), cache_req=req))[-1]
+    assert isinstance(done, Finished)
+    return done
+
+
+@pytest.fixture(scope="module")
+def cold(engine: Engine) -> Engine:
+    return engine  # the session engine has no cache
+
+
+def test_changed_tail_hits_at_the_last_grid_point_of_the_shared_prefix(tmp_path: Path, cold: Engine) -> None:
+    e = make(tmp_path)
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    p2, r2 = chat(e, "Summarise rule 17 for me, please.")
+    assert answer(e, p1, r1).cached_tokens == 0
+    done = answer(e, p2, r2)
+    shared = common_prefix(p1, p2)
+    assert done.cached_tokens == align_down(shared, C) > 0
+    assert done.cache["kind"] in ("chat", "generic") and done.cache["tier"] == "ram"
+    assert done.timings()["cache_n"] == done.cached_tokens
+    assert done.token_ids == answer(cold, p2, CacheRequest()).token_ids
+
+
+def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
+    e = make(tmp_path)
+    p, r = chat(e, "Which code goes with shipment class 3?")
+    first = answer(e, p, r)
+    again = answer(e, p, r)
+    assert again.cached_tokens == align_down(len(p) - 1, C) and again.cache["kind"] == "exact"
+    assert again.token_ids == first.token_ids
+
+
+def test_anchor_is_restored_where_the_grid_alone_stops(tmp_path: Path, engine: Engine) -> None:
+    """Stride 512: without the anchor a prompt that diverges at 860 restores only the grid point 512."""
+    base = engine.tokenizer.encode(SYSTEM * 2)[:1000]
+    other = engine.tokenizer.encode("Completely different words about mountains and rivers. " * 20)
+    p1, p2 = base, base[:860] + other[:140]
+    e = make(tmp_path, stride=512)
+    plain = CacheRequest(salt="plain")
+    e.prompt_logits(p1, plain)
+    assert e.prompt_logits(p2, plain)[1].restore_to == 512
+    anchored = CacheRequest(anchors=[850], has_key=True, salt="anchored")
+    _, plan = e.prompt_logits(p1, anchored)
+    assert plan.verdicts[0].accepted and {"kind": "anchor", "tokens": 850, "at": 768} in plan.recorded
+    _, plan2 = e.prompt_logits(p2, anchored)
+    assert plan2.restore_to == 768 and plan2.kind == "anchor"
+
+
+def test_ignored_anchors_say_why(tmp_path: Path, engine: Engine) -> None:
+    e = make(tmp_path)
+    p, _ = chat(e, "hello")
+    _, plan = e.prompt_logits(p, CacheRequest(anchors=[0, 10, len(p)], has_key=True))
+    assert [v.accepted for v in plan.verdicts] == [False, True, False]
+    _, plan = e.prompt_logits(p, CacheRequest(anchors=[10], has_key=False))
+    assert "prompt_cache_key" in (plan.verdicts[0].reason or "")
+
+
+def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
+    e = make(tmp_path, scope="auto")
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    p2, r2 = chat(e, "Which code goes with shipment class 9?")
+    answer(e, p1, r1)
+    done2 = answer(e, p2, r2)  # auto: shares the system prompt with the last prompt, so it goes to disk
+    assert done2.cached_tokens > 0
+    e.cache.flush()
+    assert e.cache.stats()["disk"]["entries"] > 0  # type: ignore[index]
+    del e
+    restarted = make(tmp_path, scope="auto")
+    p3, r3 = chat(restarted, "Which code goes with shipment class 12?")
+    done3 = answer(restarted, p3, r3)
+    assert done3.cached_tokens == align_down(common_prefix(p2, p3), C) > 0
+    assert done3.cache["tier"] == "disk"
+
+
+def _first_chunk_file(cache_dir: Path) -> Path:
+    for f in cache_dir.glob("*/*.kv"):
+        if load_file(f)["k"].shape[2] and _start(f) == 0:
+            return f
+    raise AssertionError("no chunk at position 0")
+
+
+def _start(f: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        return int((h.metadata() or {})["start"])
+
+
+def _flip_a_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _foreign_version(f: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = dict(h.metadata() or {})
+    save_file(load_file(f), f, metadata={**meta, "version": "999"})
+
+
+def _other_model(f: Path) -> None:
+    """A valid file of another namespace, dropped into this one's folder."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as h:
+        meta = dict(h.metadata() or {})
+    save_file(load_file(f), f, metadata={**meta, "namespace": "0" * 32})
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign_version, _other_model])
+def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: object) -> None:
+    e = make(tmp_path)
+    p, r = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p, r)
+    e.cache.flush()
+    victim = _first_chunk_file(tmp_path)
+    damage(victim)  # type: ignore[operator]
+    damaged = victim.read_bytes()
+    restarted = make(tmp_path)
+    logits, plan = restarted.prompt_logits(p, r)
+    assert plan.restore_to == 0
+    restarted.cache.flush()  # the request recorded the chunk again: a fresh, valid file
+    assert not victim.exists() or victim.read_bytes() != damaged
+    assert restarted.cache.corrupt_dropped >= 1
+    assert torch.equal(logits, cold.prompt_logits(p)[0])
+
+
+def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
+    e = make(tmp_path)
+    p, r = chat(e, "Which code goes with shipment class 3?")
+    a = CacheRequest(r.message_ends, salt="tenant-a")
+    b = CacheRequest(r.message_ends, salt="tenant-b")
+    assert e.prompt_logits(p, a)[1].restore_to == 0
+    keys_a = set(e.cache.ram[0].chunks)
+    assert e.prompt_logits(p, b)[1].restore_to == 0
+    assert not keys_a & (set(e.cache.ram[0].chunks) - keys_a) and len(e.cache.ram[0].chunks) == 2 * len(keys_a)
+    assert e.prompt_logits(p, a)[1].restore_to > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("stages", [1, 3])
+def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(tmp_path: Path, dtype: str, stages: int) -> None:
+    """KV from another request (RAM), and from disk after a restart, changes not one bit of the logits."""
+    cold = Engine(EngineConfig(threads=2, dtype=dtype, stages=stages))
+    e = make(tmp_path, dtype=dtype, stages=stages)
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    p2, r2 = chat(e, "Summarise rule 17 for me, please.")
+    reference = cold.prompt_logits(p2)[0]
+    e.prompt_logits(p1, r1)
+    warm, plan = e.prompt_logits(p2, r2)
+    assert plan.restore_to > 0 and plan.tier == "ram"
+    assert torch.equal(warm, reference)
+    e.cache.flush()
+    restarted = make(tmp_path, dtype=dtype, stages=stages)
+    from_disk, plan = restarted.prompt_logits(p2, r2)
+    assert plan.restore_to > 0 and plan.tier == "disk"
+    assert torch.equal(from_disk, reference)
+
+
+def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Engine) -> None:
+    e = make(tmp_path, stages=3)
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p1, r1)
+    e.cache.flush()
+    # stage 1 loses every chunk past position 384, in RAM and on disk
+    for key, chunk in list(e.cache.ram[1].chunks.items()):
+        if chunk.end > 384:
+            e.cache.ram[1].drop(key)
+    for key in [k for k, d in e.cache.disk[1].entries.items() if d.end > 384]:
+        entry = e.cache.disk[1]._unindex(key)
+        assert entry is not None
+        entry.path.unlink()
+    done = answer(e, p1, r1)
+    assert done.cached_tokens == 384
+    assert done.token_ids == answer(cold, p1, CacheRequest()).token_ids
+    e.cache.wipe_stage(2)
+    done = answer(e, p1, CacheRequest(r1.message_ends, salt=None))
+    assert done.token_ids == answer(cold, p1, CacheRequest()).token_ids
+
+
+def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path) -> None:
+    e = make(tmp_path, scope="auto")
+    q = "Write a detailed, long story about a lighthouse keeper and a storm."
+    p1, r1 = chat(e, q)
+    first = answer(e, p1, r1, max_tokens=200)
+    assert first.completion_tokens >= C
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": q},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Now give it a title."},
+    ]
+    rendered = e.render_chat(messages)
+    done = answer(e, rendered.token_ids, CacheRequest([x for x in rendered.message_ends if x]))
+    assert done.cached_tokens > align_down(len(p1), C)
+    assert done.cache["kind"] in ("full", "chat")
+
+
+def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    e = make(tmp_path)
+    p, r = chat(e, "hello")
+    answer(e, p, r)
+    e.cache.flush()
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "anchorkv", "cache", *a, "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # noqa: E731
+    ls = run("ls")
+    assert ls.returncode == 0 and "[0, 128)" in ls.stdout
+    assert "chunks" in run("stats").stdout
+    assert "removed" in run("clear").stdout and not list(tmp_path.glob("*/*.kv"))
+    shutil.rmtree(tmp_path, ignore_errors=True)
