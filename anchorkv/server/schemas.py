@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
 
@@ -57,14 +57,15 @@ class PrefixCacheOptions(BaseModel):
     scope: str | None = None  # off | full | auto | auto:N | N
     window: Annotated[int, Field(ge=1)] | None = None
 
-    @model_validator(mode="after")
-    def _valid_scope(self) -> PrefixCacheOptions:
-        if self.scope is not None:
+    @field_validator("scope")
+    @classmethod
+    def _valid_scope(cls, scope: str | None) -> str | None:
+        if scope is not None:
             try:
-                parse_scope(self.scope)
+                parse_scope(scope)
             except PolicyError as e:
                 raise ValueError(str(e)) from None
-        return self
+        return scope
 
     def resolve(self, default: Scope) -> Scope:
         if self.scope is None:

@@ -1,0 +1,112 @@
+"""The cache as a client sees it: request fields, the prefix_cache report, usage, /props and /metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from anchorkv.cache.prefix_cache import CacheConfig
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
+from tests.test_prefix_cache import SYSTEM
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    folder: Path = tmp_path_factory.mktemp("kv")
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, cache_dir=folder, scope="auto"))
+    with TestClient(create_app(engine, ServerConfig())) as c:
+        yield c
+
+
+def ask(question: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": 8,
+        **extra,
+    }
+
+
+def test_second_request_reports_what_it_reused(cached: TestClient) -> None:
+    first = cached.post("/v1/chat/completions", json=ask("Which code goes with class 3?")).json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert first["prefix_cache"]["restored_tokens"] == 0 and first["prefix_cache"]["recorded"]
+    second = cached.post("/v1/chat/completions", json=ask("Which code goes with class 4?")).json()
+    cached_tokens = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached_tokens > 0 and cached_tokens % 128 == 0
+    assert second["timings"]["cache_n"] == cached_tokens
+    assert second["timings"]["prompt_n"] == second["usage"]["prompt_tokens"] - cached_tokens
+    report = second["prefix_cache"]
+    assert report["restored_tokens"] == cached_tokens and report["tier"] == "ram"
+    assert report["kind"] in ("chat", "generic", "auto") and report["scope"] == "auto:30"
+
+
+def test_anchor_verdicts_come_back(cached: TestClient) -> None:
+    body = cached.post(
+        "/v1/chat/completions", json=ask("hi", prompt_cache_key="agent-1", prompt_cache_anchor_tokens=[300, 0, 100000])
+    ).json()
+    verdicts = body["prefix_cache"]["anchors"]
+    assert [v["accepted"] for v in verdicts] == [True, False, False]
+    assert "zero" in verdicts[1]["reason"] and "strict prefix" in verdicts[2]["reason"]
+    assert {"kind": "anchor", "tokens": 300, "at": 256} in body["prefix_cache"]["recorded"]
+    no_key = cached.post("/v1/chat/completions", json=ask("hi", prompt_cache_anchor_tokens=300)).json()
+    assert no_key["prefix_cache"]["anchors"] == [
+        {"tokens": 300, "accepted": False, "reason": "prompt_cache_key is required for anchors"}
+    ]
+
+
+def test_cache_control_anchors_a_message_end(cached: TestClient) -> None:
+    body = ask("hi")
+    body["messages"][0]["cache_control"] = {"type": "ephemeral"}
+    out = cached.post("/v1/chat/completions", json=body).json()
+    (verdict,) = out["prefix_cache"]["anchors"]
+    assert verdict["accepted"] and any(r["kind"] == "anchor" and r["tokens"] == verdict["tokens"] for r in out["prefix_cache"]["recorded"])
+
+
+def test_scope_override_and_salt_isolation(cached: TestClient) -> None:
+    q = ask("Which code goes with class 5?", cache_salt="tenant-x", prefix_cache={"scope": "off"})
+    out = cached.post("/v1/chat/completions", json=q).json()
+    assert out["prefix_cache"]["scope"] == "off" and out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = cached.post("/v1/chat/completions", json={**q, "prefix_cache": {"scope": "auto", "window": 4}}).json()
+    assert again["prefix_cache"]["scope"] == "auto:4" and again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"prompt_cache_anchor_tokens": -1}, "prompt_cache_anchor_tokens"),
+        ({"prompt_cache_anchor_tokens": 1.5}, "prompt_cache_anchor_tokens"),
+        ({"prompt_cache_anchor_tokens": "12"}, "prompt_cache_anchor_tokens"),
+        ({"prompt_cache_anchor_tokens": [1, 2, 3, 4, 5]}, "prompt_cache_anchor_tokens"),
+        ({"prefix_cache": {"scope": "sometimes"}}, "prefix_cache.scope"),
+        ({"prefix_cache": {"scope": "auto", "window": 0}}, "prefix_cache.window"),
+        ({"cache_salt": 5}, "cache_salt"),
+    ],
+)
+def test_bad_cache_fields_are_400s_naming_the_field(cached: TestClient, extra: dict[str, Any], param: str) -> None:
+    r = cached.post("/v1/chat/completions", json=ask("hi", **extra))
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_stream_carries_the_report(cached: TestClient) -> None:
+    with cached.stream("POST", "/v1/chat/completions", json=ask("Which code goes with class 3?", stream=True)) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    final = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]][0]
+    assert final["prefix_cache"]["restored_tokens"] > 0 and final["timings"]["cache_n"] > 0
+
+
+def test_props_and_metrics_show_the_cache(cached: TestClient) -> None:
+    cached.post("/v1/chat/completions", json=ask("Which code goes with class 3?"))
+    full = cached.get("/props").json()["full_cache"]
+    assert full["disk_policy"] == "auto:30" and full["stride"] == 128 and full["exact"] is True
+    assert full["ram"]["entries"] > 0 and full["ram"]["bytes"] > 0 and full["disk"]["budget_bytes"] > 0
+    metrics = cached.get("/metrics").text
+    assert "anchorkv_cache_hits_total{" in metrics and 'anchorkv_cache_bytes{tier="ram"}' in metrics
