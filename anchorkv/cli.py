@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     eng = bench_sub.add_parser("engine", help="prefill and decode tokens/s of the loaded model")
     _engine_args(eng)
     eng.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown (default 3)")
+    cb = bench_sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
+    _engine_args(cb)
+    _cache_args(cb)
+    cb.add_argument("--turns", type=int, default=12, help="agent session turns (default 12)")
+    cb.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    cb.add_argument("--system-tokens", type=int, default=1500, help="system prompt size in tokens (default 1500)")
     cache = sub.add_parser("cache", help="inspect or empty a disk cache folder")
     cache.add_argument("action", choices=["ls", "stats", "clear"])
     cache.add_argument("--cache-dir", type=Path, default=None, help="the folder (default: ~/.cache/anchorkv/kv)")
@@ -135,7 +141,19 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(parser, args)
     if args.command == "cache":
         return _cache(args)
+    if args.bench == "cache":
+        return _bench_cache(parser, args)
     return _bench_engine(parser, args)
+
+
+def _bench_cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from anchorkv.bench import cache_bench
+
+    ecfg, ccfg = _engine_config(parser, args), _cache_config(parser, args)
+    print(f"dtype {ecfg.dtype}  threads {ecfg.threads}  stages {ecfg.stages}  chunk {ecfg.chunk_size}  "
+          f"exact {ccfg.exact}  stride {ccfg.stride or ecfg.chunk_size}  scope {ccfg.scope}\n")  # fmt: skip
+    cache_bench.run(ecfg, ccfg, args.turns, args.max_tokens, args.system_tokens)
+    return 0
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -67,7 +67,9 @@ def test_cache_control_anchors_a_message_end(cached: TestClient) -> None:
     body["messages"][0]["cache_control"] = {"type": "ephemeral"}
     out = cached.post("/v1/chat/completions", json=body).json()
     (verdict,) = out["prefix_cache"]["anchors"]
-    assert verdict["accepted"] and any(r["kind"] == "anchor" and r["tokens"] == verdict["tokens"] for r in out["prefix_cache"]["recorded"])
+    assert verdict["accepted"] and any(
+        r["kind"] == "anchor" and r["tokens"] == verdict["tokens"] for r in out["prefix_cache"]["recorded"]
+    )
 
 
 def test_scope_override_and_salt_isolation(cached: TestClient) -> None:

@@ -124,8 +124,8 @@ def test_ram_eviction_takes_leaves_first_then_retention_then_lru() -> None:
     assert ram.eviction_order() == [b"a2", b"v1", b"c1", b"n1"]  # a1 is not a leaf while a2 lives
     ram.budget = 64 * 3
     # once a2 is gone its parent a1 is a leaf, and older than v1
-    assert ram._evict(protect=b"") == [b"a2", b"a1"]
+    assert ram._evict() == [b"a2", b"a1"]
     assert ram.eviction_order() == [b"v1", b"c1", b"n1"]
     ram.budget = 64 * 1
-    assert ram._evict(protect=b"") == [b"v1", b"c1"]
+    assert ram._evict() == [b"v1", b"c1"]
     assert list(ram.chunks) == [b"n1"] and ram.nbytes == 64

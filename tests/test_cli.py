@@ -45,6 +45,9 @@ def test_help_lists_every_serve_flag() -> None:
 @pytest.mark.parametrize("value", ["sometimes", "auto:0", "-3"])
 def test_bad_disk_prefix_cache_exits_2_listing_the_forms(value: str) -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "anchorkv", "serve", "--disk-prefix-cache", value], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "anchorkv", "serve", "--disk-prefix-cache", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2 and "--disk-prefix-cache" in r.stderr and "auto:N" in r.stderr

@@ -247,14 +247,63 @@ def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
     p, r = chat(e, "hello")
     answer(e, p, r)
     e.cache.flush()
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "anchorkv", "cache", *a, "--cache-dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )  # noqa: E731
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "anchorkv", "cache", *a, "--cache-dir", str(tmp_path)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
     ls = run("ls")
     assert ls.returncode == 0 and "[0, 128)" in ls.stdout
     assert "chunks" in run("stats").stdout
     assert "removed" in run("clear").stdout and not list(tmp_path.glob("*/*.kv"))
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_float32_tokens(tmp_path: Path) -> None:
+    cold = Engine(EngineConfig(threads=2, dtype="float32"))
+    e = make(tmp_path, dtype="float32", exact=False)
+    assert e.cache.unit == 1
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    p2, r2 = chat(e, "Summarise rule 17 for me, please.")
+    first = answer(e, p1, r1, max_tokens=20)
+    done = answer(e, p2, r2)
+    system_end = r2.message_ends[0]
+    assert done.cached_tokens >= system_end and done.cached_tokens % C != 0  # not rounded down to C
+    assert done.token_ids == answer(cold, p2, CacheRequest()).token_ids
+    # the next turn of p1 restores past the prompt, into the KV that decode wrote
+    turn2 = e.render_chat([
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Which code goes with shipment class 3?"},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Thanks. And class 4?"},
+    ])  # fmt: skip
+    t2 = answer(e, turn2.token_ids, CacheRequest([x for x in turn2.message_ends if x]))
+    assert t2.cached_tokens > len(p1)
+    assert t2.token_ids == answer(cold, turn2.token_ids, CacheRequest()).token_ids
+
+
+def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:
+    e = make(tmp_path, scope="auto")
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    _, plan = e.prompt_logits(p1, r1)
+    assert plan.records.disk_upto == 0  # auto has no history yet: nothing goes to disk
+    e.cache.flush()
+    restarted = make(tmp_path, scope="auto")
+    p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
+    _, plan = restarted.prompt_logits(p2, r2)
+    assert plan.records.scope_boundary == r2.message_ends[0]  # LCP with p1, aligned down to the system end
+
+
+def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Path) -> None:
+    e = make(tmp_path)
+    p, r = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p, r)
+    e.cache.flush()
+    folder = next(tmp_path.glob("*/namespace.json")).parent
+    (folder / "deadbeef.tmp123").write_bytes(b"half a write")
+    one_chunk = next(folder.glob("*.kv")).stat().st_size
+    small = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, cache_dir=tmp_path, scope="full", disk_budget_mb=1))
+    assert not (folder / "deadbeef.tmp123").exists()
+    p2, r2 = chat(small, "Something else entirely about rule 9.")
+    answer(small, p2, r2)
+    small.cache.flush()
+    assert small.cache.disk[0].nbytes <= 2**20 and small.cache.disk[0].evicted_bytes >= one_chunk

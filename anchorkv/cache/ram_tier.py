@@ -36,13 +36,13 @@ class RamTier:
             old.labels |= chunk.labels
             old.last_used = time.monotonic()
             return []
-        if chunk.nbytes > self.budget:
-            return []
+        if chunk.nbytes > self.budget or (chunk.start > 0 and chunk.parent not in self.chunks):
+            return []  # does not fit, or unreachable without its parent
         self.chunks[chunk.key] = chunk
         self.children[chunk.parent] += 1
         self.tails[chunk.parent].add(chunk.end)
         self.nbytes += chunk.nbytes
-        return self._evict(protect=chunk.key)
+        return self._evict()
 
     def promote(self, key: bytes, retention: int, label: str | None = None) -> None:
         c = self.chunks.get(key)
@@ -69,10 +69,11 @@ class RamTier:
         ]
         return eviction_order(leaves)
 
-    def _evict(self, protect: bytes) -> list[bytes]:
+    def _evict(self) -> list[bytes]:
+        """Evict leaves until under budget; the newest chunk goes too when nothing else can."""
         evicted: list[bytes] = []
         while self.nbytes > self.budget:
-            order = [k for k in self.eviction_order() if k != protect]
+            order = self.eviction_order()
             if not order:
                 break
             victim = order[0]
