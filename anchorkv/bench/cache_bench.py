@@ -206,10 +206,10 @@ def run(
         turns_, last_messages = agent_session(rep, system, turns)
         reports.append(Report(f"agent session ({turns} turns)", turns_))
         progress.update()
-        engine.cache.flush()
         # the session's last request again: once more warm in RAM, then first thing after a restart
-        # (a new engine: empty RAM, the same cache folder)
+        # (a new engine: empty RAM, the same cache folder, every save completed as on a clean shutdown)
         warm, _ = rep.send("RAM-warm", last_messages)
+        engine.cache.flush()
         restarted, _ = Replayer(Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "agent")), max_tokens).send(
             "after restart", last_messages
         )

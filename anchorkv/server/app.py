@@ -41,6 +41,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         worker.start()
         yield
         worker.stop()
+        engine.cache.flush()  # a clean shutdown loses no queued save
 
     app = FastAPI(title="anchorkv", version=__version__, lifespan=lifespan)
     app.state.worker = worker
