@@ -247,6 +247,7 @@ def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
     p, r = chat(e, "hello")
     answer(e, p, r)
     e.cache.flush()
+
     def run(*a: str) -> subprocess.CompletedProcess[str]:
         cmd = [sys.executable, "-m", "anchorkv", "cache", *a, "--cache-dir", str(tmp_path)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)

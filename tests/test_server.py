@@ -210,3 +210,8 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
         client.chat.completions.create(model="any", messages=[], temperature=0)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
+
+
+def test_without_a_cache_nothing_is_reported_as_recorded(client: TestClient) -> None:
+    body = client.post("/v1/chat/completions", json=CHAT).json()
+    assert body["prefix_cache"]["recorded"] == [] and body["prefix_cache"]["restored_tokens"] == 0

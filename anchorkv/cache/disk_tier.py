@@ -252,9 +252,7 @@ class DiskTier:
             with self.lock:
                 parents = {e.parent for e in self.entries.values()}
                 leaves = [
-                    EvictionCandidate(k, e.retention, e.last_used)
-                    for k, e in self.entries.items()
-                    if k not in parents
+                    EvictionCandidate(k, e.retention, e.last_used) for k, e in self.entries.items() if k not in parents
                 ]
             order = eviction_order(leaves)
             if not order:

@@ -141,6 +141,11 @@ class PrefixCache:
             for p in self.history.recent(ns):
                 self._saw(bytes.fromhex(ns), p)
 
+    @property
+    def enabled(self) -> bool:
+        """False when no tier can hold a chunk: then nothing is recorded or reported as recorded."""
+        return self.cfg.ram_mb > 0 or bool(self.disk)
+
     def _corrupt(self) -> None:
         self.corrupt_dropped += 1
         self._on_corrupt()
@@ -211,7 +216,7 @@ class PrefixCache:
             {"kind": b.kind, "tokens": b.pos, "at": min(align_down(b.pos, self.unit), computable)}
             for b in records.boundaries
         ]
-        recorded = [d for d in recorded if d["at"]]
+        recorded = [d for d in recorded if d["at"]] if self.enabled else []
         return CachePlan(restore, chains, None, None, records, verdicts, roots, scope, history_ns, limit, recorded)
 
     def _kind(self, plan: CachePlan, prompt: Sequence[int]) -> str | None:
@@ -253,6 +258,8 @@ class PrefixCache:
                         raise CacheMiss(f"stage {s} lost chunk {key.hex()}")
                     from_disk = True
                     self.ram[s].put(c)
+                if not np.array_equal(c.tokens, prompt[c.start : c.end]):  # a key collision, however unlikely
+                    raise CacheMiss(f"stage {s} chunk {key.hex()} holds other tokens")
                 if c.end <= skip_upto:
                     continue
                 kvs[s].restore(c.kv)
@@ -271,6 +278,8 @@ class PrefixCache:
     ) -> None:
         """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
         KV that may be reused (in exact mode: computed by aligned prefill)."""
+        if not self.enabled:
+            return
         bounds = (*(() if only_extra else plan.records.boundaries), *extra)
         labelled: dict[int, set[str]] = {}
         for b in bounds:
