@@ -33,16 +33,22 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
     out = []
     pipe.truncate(0)
     pipe.prefill(ids[:256], 0, plan)  # warm up allocators and kernels
+    chunk = pipe.chunk_size
     for n in PREFILL_LENGTHS:
         if n >= engine.ctx:
             continue
-        times = []
+        # the same forward in one chunk (no alignment), timed alternately with ours: the cost of exactness
+        times: dict[int, list[float]] = {chunk: [], n: []}
         for _ in range(repeats):
-            pipe.truncate(0)
-            t = time.perf_counter()
-            pipe.prefill(ids[:n], 0, plan)
-            times.append(time.perf_counter() - t)
-        out.append(Measurement("prefill", n, n / statistics.median(times)))
+            for c in times:
+                pipe.chunk_size = c
+                pipe.truncate(0)
+                t = time.perf_counter()
+                pipe.prefill(ids[:n], 0, plan)
+                times[c].append(time.perf_counter() - t)
+        pipe.chunk_size = chunk
+        out.append(Measurement("prefill", n, n / statistics.median(times[chunk])))
+        out.append(Measurement("prefill, one chunk", n, n / statistics.median(times[n])))
     for ctx in DECODE_CONTEXTS:
         if ctx + decode_tokens >= engine.ctx:
             continue

