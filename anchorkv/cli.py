@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -128,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--turns", type=int, default=12, help="agent session turns (default 12)")
     cb.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     cb.add_argument("--system-tokens", type=int, default=1500, help="system prompt size in tokens (default 1500)")
+    sim = sub.add_parser(
+        "simulate",
+        help="replay traces through the cache policy code (no model runs) and compare policies",
+        description="TRACE: a file or folder (OpenAI message transcripts as JSON or JSONL, tau-bench, "
+        "mini-swe-agent and SWE-agent trajectories, FastChat, OpenAssistant trees, Mooncake block traces) "
+        "or a generator: gen:agent, gen:tasks, gen:rolling, gen:interleaved. POLICY: off, full, auto, "
+        "auto:N, N (first N tokens), stride:S, anchors, default.",
+    )
+    sim.add_argument("traces", nargs="+", metavar="TRACE")
+    sim.add_argument("--policy", action="append", metavar="POLICY", help="repeatable (default: the standard set)")
+    sim.add_argument(
+        "--ram-mb", type=int, default=0, help="RAM tier per policy (default 0: disk tier only, as lucebox measured)"
+    )
+    sim.add_argument(
+        "--disk-budget-mb", type=int, default=CacheConfig().disk_budget_mb, help="disk tier budget (default 4096)"
+    )
+    sim.add_argument("--limit", type=int, default=None, help="replay only the first N requests of each trace")
+    sim.add_argument("--json", action="store_true", help="print JSON, one object per policy and trace")
+    sim.add_argument("--chart", type=Path, default=None, help="write a PNG of hit rate against restored tokens")
     cache = sub.add_parser("cache", help="inspect or empty a disk cache folder")
     cache.add_argument("action", choices=["ls", "stats", "clear"])
     cache.add_argument("--cache-dir", type=Path, default=None, help="the folder (default: ~/.cache/anchorkv/kv)")
@@ -141,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(parser, args)
     if args.command == "cache":
         return _cache(args)
+    if args.command == "simulate":
+        return _simulate(parser, args)
     if args.bench == "cache":
         return _bench_cache(parser, args)
     return _bench_engine(parser, args)
@@ -153,6 +175,40 @@ def _bench_cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     print(f"dtype {ecfg.dtype}  threads {ecfg.threads}  stages {ecfg.stages}  chunk {ecfg.chunk_size}  "
           f"exact {ccfg.exact}  stride {ccfg.stride or ecfg.chunk_size}  scope {ccfg.scope}\n")  # fmt: skip
     cache_bench.run(ecfg, ccfg, args.turns, args.max_tokens, args.system_tokens)
+    return 0
+
+
+def _simulate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from anchorkv.bench import simulate, traces
+    from anchorkv.model.chat_template import ChatTemplate
+    from anchorkv.model.loader import load_config, resolve_model
+    from anchorkv.model.tokenizer import TextTokenizer
+
+    try:
+        policies = [simulate.parse_policy(p) for p in (args.policy or simulate.STANDARD)]
+    except ValueError as e:
+        parser.error(f"--policy: {e}")
+    files = resolve_model(None)
+    model = load_config(files.folder)
+    template = ChatTemplate(TextTokenizer(files.folder, model.eos_token_ids))
+    per_trace: dict[str, list[simulate.Result]] = {}
+    out: list[dict[str, object]] = []
+    for spec in args.traces:
+        try:
+            requests = traces.read_trace(spec)[: args.limit]
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+        prepared = simulate.prepare(requests, template, progress=not args.json)
+        results = [simulate.simulate(prepared, p, model, args.ram_mb, args.disk_budget_mb) for p in policies]
+        per_trace[spec] = results
+        if args.json:
+            out += json.loads(simulate.as_json(spec, results))
+        else:
+            print(simulate.markdown(spec, results) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=1))
+    if args.chart is not None:
+        simulate.chart(per_trace, args.chart)
     return 0
 
 

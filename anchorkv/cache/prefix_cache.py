@@ -23,6 +23,7 @@ from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.disk_tier import DiskTier, DiskWriter
 from anchorkv.cache.history import History
 from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
+from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import (
     KINDS,
     RETENTION,
@@ -110,7 +111,9 @@ class PrefixCache:
         namespaces: list[Namespace],
         chunk_size: int,
         on_corrupt: Callable[[], None] = lambda: None,
+        disk: list[DiskTier | MemoryDiskTier] | None = None,
     ) -> None:
+        """`disk` replaces the disk tiers that cfg.cache_dir would give (the simulator's in-memory ones)."""
         self.cfg = cfg
         self.namespaces = namespaces
         self.stride = cfg.stride or chunk_size
@@ -123,11 +126,11 @@ class PrefixCache:
         per_stage = cfg.ram_mb * 2**20 // len(namespaces)
         self.ram = [RamTier(per_stage) for _ in namespaces]
         self.writer: DiskWriter | None = None
-        self.disk: list[DiskTier] = []
+        self.disk: list[DiskTier | MemoryDiskTier] = list(disk or [])
         self.corrupt_dropped = 0
         self._on_corrupt = on_corrupt
         self.history = History(None)
-        if cfg.cache_dir is not None:
+        if cfg.cache_dir is not None and disk is None:
             cfg.cache_dir.mkdir(parents=True, exist_ok=True)
             self.writer = DiskWriter()
             disk_per_stage = cfg.disk_budget_mb * 2**20 // len(namespaces)
@@ -219,7 +222,7 @@ class PrefixCache:
         recorded = [d for d in recorded if d["at"]] if self.enabled else []
         return CachePlan(restore, chains, None, None, records, verdicts, roots, scope, history_ns, limit, recorded)
 
-    def _kind(self, plan: CachePlan, prompt: Sequence[int]) -> str | None:
+    def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: set[str]) -> str | None:
         """exact: this very prompt was seen; full: a whole earlier prompt (or prompt + reply) is a prefix
         of it; otherwise the strongest label recorded at the restored boundary."""
         if not plan.restore_to:
@@ -231,9 +234,7 @@ class PrefixCache:
             self._seen(root, prompt[:m]) for m in self.full_lengths.get(root, ()) if plan.restore_to <= m < len(prompt)
         ):
             return "full"
-        c = self.ram[0].chunks.get(plan.chains[0][-1])
-        labels = (c.labels if c is not None else set()) - {"full"}
-        return next((k for k in KINDS if k in labels), "generic")
+        return next((k for k in KINDS if k in labels - {"full"}), "generic")
 
     def _seen(self, root: bytes, tokens: Sequence[int]) -> bool:
         return (root, chunk_key(root, tokens)) in self.full_prompts
@@ -249,6 +250,7 @@ class PrefixCache:
         """Write the plan's chunks into each stage's KV. Chunks ending at or before skip_upto are already
         there (the previous request left them). Sets plan.tier."""
         from_disk = False
+        labels: set[str] = set()  # those of stage 0's last restored chunk
         for s, chain in enumerate(plan.chains):
             for key in chain:
                 c = self.ram[s].get(key)
@@ -260,11 +262,13 @@ class PrefixCache:
                     self.ram[s].put(c)
                 if not np.array_equal(c.tokens, prompt[c.start : c.end]):  # a key collision, however unlikely
                     raise CacheMiss(f"stage {s} chunk {key.hex()} holds other tokens")
+                if s == 0:
+                    labels = c.labels
                 if c.end <= skip_upto:
                     continue
                 kvs[s].restore(c.kv)
         plan.tier = ("disk" if from_disk else "ram") if plan.restore_to else None
-        plan.kind = self._kind(plan, prompt)
+        plan.kind = self._kind(plan, prompt, labels)
 
     # -- record ----------------------------------------------------------------------------------------
     def record(
@@ -357,7 +361,7 @@ class PrefixCache:
             if not self.disk
             else {
                 "dir": str(self.cfg.cache_dir),
-                "budget_bytes": self.cfg.disk_budget_mb * 2**20,
+                "budget_bytes": sum(d.budget for d in self.disk),
                 "bytes": sum(d.nbytes for d in self.disk),
                 "entries": sum(len(d) for d in self.disk),
                 "written_bytes": sum(d.written_bytes for d in self.disk),

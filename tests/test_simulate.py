@@ -1,0 +1,139 @@
+"""Trace readers, the policy simulator, and its agreement with the live server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from anchorkv.bench import simulate, traces
+from anchorkv.cache.prefix_cache import CacheConfig
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
+
+SESSION = [
+    {"role": "system", "content": "sys"},
+    {"role": "user", "content": "u1"},
+    {"role": "assistant", "content": "a1"},
+    {"role": "tool", "content": "t1"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    },
+]
+
+
+def _write(path: Path, obj: object) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, content, sessions",
+    [
+        ("tau.json", [{"task_id": 0, "traj": SESSION}, {"task_id": 1, "traj": SESSION}], 2),
+        ("mini.traj.json", SESSION, 1),
+        ("deepseek.traj.json", {"messages": SESSION, "info": {}}, 1),
+        ("swe.traj", {"history": SESSION, "trajectory": []}, 1),
+        (
+            "fastchat.json",
+            [{"id": "x", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}],
+            1,
+        ),
+    ],
+)
+def test_transcript_readers_make_one_request_per_assistant_message(
+    tmp_path: Path, name: str, content: object, sessions: int
+) -> None:
+    reqs = traces.read_trace(str(_write(tmp_path / name, content)))
+    per_session = 1 if name == "fastchat.json" else 2
+    assert len(reqs) == sessions * per_session
+    for r in reqs:
+        assert r.messages and r.messages[-1]["role"] != "assistant" and r.reply_index == len(r.messages)
+
+
+def test_jsonl_sessions_oasst_trees_and_mooncake(tmp_path: Path) -> None:
+    jl = tmp_path / "s.jsonl"
+    jl.write_text("\n".join(json.dumps(x) for x in [SESSION, {"messages": SESSION}]))
+    assert len(traces.read_trace(str(jl))) == 4
+    tree = {"message_tree_id": "t", "prompt": {"role": "prompter", "text": "q", "replies": [
+        {"role": "assistant", "text": "a", "replies": []}, {"role": "assistant", "text": "b", "replies": [
+            {"role": "prompter", "text": "q2", "replies": [{"role": "assistant", "text": "c", "replies": []}]}]}]}}  # fmt: skip
+    ot = tmp_path / "o.jsonl"
+    ot.write_text(json.dumps(tree))
+    assert len(traces.read_trace(str(ot))) == 3  # leaf paths [q a], [q b q2 c]: 1 + 2 assistant turns
+    mc = tmp_path / "m.jsonl"
+    mc.write_text("\n".join(json.dumps(x) for x in [
+        {"timestamp": 0, "input_length": 1000, "hash_ids": [0, 1]},
+        {"timestamp": 1, "input_length": 1500, "hash_ids": [0, 1, 2]},
+        {"timestamp": 2, "input_length": 600, "hash_ids": [0, 3]},
+    ]))  # fmt: skip
+    a, b, c = (r.tokens for r in traces.read_trace(str(mc)))
+    assert a is not None and b is not None and c is not None
+    assert (len(a), len(b), len(c)) == (1000, 1500, 600)
+    assert b[:1000] == a  # equal id prefixes give equal token prefixes
+    assert c[:512] == a[:512] and c[512:600] != a[512:600]
+
+
+def test_generators() -> None:
+    for name in traces.GENERATORS:
+        assert len(traces.read_trace(name)) >= 30
+    with pytest.raises(ValueError, match="known"):
+        traces.read_trace("gen:nope")
+
+
+def test_simulate_cli_json_has_every_policy_and_field(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "anchorkv", "simulate", "gen:rolling", "--json", "--limit", "12", "--chart", str(tmp_path / "c.png")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["policy"] for x in rows] == simulate.STANDARD
+    for x in rows:
+        assert x["requests"] == 12 and 0 <= x["hit_rate"] <= 1
+        assert {"mean_restored_tokens", "restored_fraction", "bytes_written", "by_kind"} <= x.keys()
+    off = next(x for x in rows if x["policy"] == "off")
+    assert off["hit_rate"] == 0 and off["bytes_written"] == 0
+    full = next(x for x in rows if x["policy"] == "full")
+    auto2 = next(x for x in rows if x["policy"] == "auto:2")
+    assert full["bytes_written"] >= auto2["bytes_written"] > 0
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> None:
+    """Same requests, same cache code: the live server restores exactly what the simulator predicts."""
+    requests = traces.generate("gen:tasks")[:3] + traces.generate("gen:rolling")[:3]
+    prepared = simulate.prepare(requests, engine.template, progress=False)
+    policy = simulate.Policy("off", "off")
+    predicted: list[int] = []
+    # the simulator's per-request restores, recorded through the same PrefixCache the server uses
+    from anchorkv.cache.keys import Namespace
+    from anchorkv.cache.memory_tier import MemoryDiskTier
+    from anchorkv.cache.policy import align_down
+    from anchorkv.cache.prefix_cache import CacheRequest, PrefixCache
+
+    cache = PrefixCache(CacheConfig(ram_mb=512, scope="off"), [Namespace.of(sim=1)], 128, disk=[MemoryDiskTier(0)])
+    kv = [simulate.SimKV(engine.model_cfg)]
+    for p in prepared:
+        plan = cache.plan(p.tokens, CacheRequest(p.ends))
+        cache.restore(plan, p.tokens, kv)  # type: ignore[arg-type]
+        predicted.append(plan.restore_to)
+        cache.record(plan, p.tokens, kv, computed=align_down(len(p.tokens), 128))  # type: ignore[arg-type]
+    assert simulate.simulate(prepared, policy, engine.model_cfg, 512, 0).mean_restored_tokens == sum(predicted) / len(
+        predicted
+    )
+    live = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
+    with TestClient(create_app(live, ServerConfig())) as client:
+        served = [
+            client.post("/v1/chat/completions", json={"messages": r.messages, "max_tokens": 2, "temperature": 0}).json()
+            ["usage"]["prompt_tokens_details"]["cached_tokens"]
+            for r in requests
+        ]  # fmt: skip
+    assert served == predicted and sum(served) > 0
