@@ -9,6 +9,7 @@ point g before a boundary b that is not on the grid. In exact mode b is a multip
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -298,39 +299,47 @@ class PrefixCache:
         if plan.scope.mode == "full":  # full also keeps prompt + reply on disk, for the next turn
             disk_upto = max(disk_upto, *(b.pos for b in extra), 0)
         disk_upto = align_down(min(disk_upto, computed), self.unit)
-        retention_at = {p: max((RETENTION.get(k, 0) for k in ks), default=0) for p, ks in labelled.items()}
+        ends = sorted(labelled)
+        # a chunk is kept at least as long as the strongest boundary at or past its end: suffix maxima
+        keep_from = [max(RETENTION.get(k, 0) for k in labelled[p]) if labelled[p] else 0 for p in ends]
+        for k in range(len(ends) - 2, -1, -1):
+            keep_from[k] = max(keep_from[k], keep_from[k + 1])
+
+        def keep(end: int) -> int:
+            return keep_from[bisect.bisect_left(ends, end)]
+
         with self.lock:
             for s, root in enumerate(plan.roots):
-                ends = sorted(labelled)
+                # one walk of the grid chain up to the furthest boundary, then a tail for each boundary off it
+                grid = [root]  # grid[i]: key of the chunk ending at i * stride (the root for 0)
+                for a in range(0, align_down(ends[-1], self.stride), self.stride):
+                    b = a + self.stride
+                    grid.append(
+                        self._put(s, grid[-1], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s])
+                    )
                 for pos in ends:
-                    self._record_chain(s, root, tokens, pos, labelled[pos], disk_upto, kvs[s], retention_at)
+                    g = align_down(pos, self.stride)
+                    if g < pos:
+                        self._put(
+                            s, grid[g // self.stride], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s]
+                        )
 
-    def _record_chain(
-        self, s: int, root: bytes, tokens: Sequence[int], pos: int, labels: set[str], disk_upto: int, kv: StageKV,
-        retention_at: dict[int, int],
-    ) -> None:  # fmt: skip
-        g = align_down(pos, self.stride)
-        parent = root
-        spans = [(a, a + self.stride) for a in range(0, g, self.stride)]
-        if g < pos:
-            spans.append((g, pos))
-        for a, b in spans:
-            key = chunk_key(parent, tokens[a:b])
-            # a chunk is kept at least as long as the strongest boundary at or past its end
-            keep_here = max(r for p, r in retention_at.items() if p >= b)
-            here = labels if b == pos else set()
-            chunk = self.ram[s].get(key)
-            if chunk is None:
-                chunk = Chunk(
-                    key, parent, np.asarray(tokens[a:b], dtype=np.int32), kv.export(a, b), keep_here, set(here)
-                )
-                self.ram[s].put(chunk)
-            else:
-                self.ram[s].promote(key, keep_here)
-                chunk.labels |= here
-            if self.disk and b <= disk_upto:
-                self.disk[s].save(chunk)
-            parent = key
+    def _put(
+        self, s: int, parent: bytes, tokens: Sequence[int], a: int, b: int, labels: set[str], keep: int,
+        disk_upto: int, kv: StageKV,
+    ) -> bytes:  # fmt: skip
+        """Record chunk [a, b) of stage s under parent (RAM, and disk up to disk_upto); returns its key."""
+        key = chunk_key(parent, tokens[a:b])
+        chunk = self.ram[s].get(key)
+        if chunk is None:
+            chunk = Chunk(key, parent, np.asarray(tokens[a:b], dtype=np.int32), kv.export(a, b), keep, set(labels))
+            self.ram[s].put(chunk)
+        else:
+            self.ram[s].promote(key, keep)
+            chunk.labels |= labels
+        if self.disk and b <= disk_upto:
+            self.disk[s].save(chunk)
+        return key
 
     def remember(self, plan: CachePlan, prompt: list[int]) -> None:
         """Add the prompt to the auto window's history (persisted in the background)."""
