@@ -123,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     eng = bench_sub.add_parser("engine", help="prefill and decode tokens/s of the loaded model")
     _engine_args(eng)
     eng.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown (default 3)")
+    rp = bench_sub.add_parser("replay", help="replay a trace against any OpenAI-compatible server, streaming")
+    rp.add_argument("trace", metavar="TRACE", help="as for `anchorkv simulate`")
+    rp.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8080")
+    rp.add_argument("--label", default="server", help="this run's name in the outputs (default: server)")
+    rp.add_argument("--limit", type=int, default=None, help="only the first N requests")
+    rp.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    rp.add_argument("--concurrency", type=int, default=1, help="sessions replayed at once (default 1)")
+    rp.add_argument(
+        "--restart-cmd", default=None, help="shell command that restarts the server; a second pass follows it"
+    )
+    rp.add_argument("--api-key", default=None)
+    rp.add_argument(
+        "--out", type=Path, default=Path("out/replay"), help="folder for replay.json, replay.md, replay.png"
+    )
     cb = bench_sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
     _engine_args(cb)
     _cache_args(cb)
@@ -165,7 +179,27 @@ def main(argv: list[str] | None = None) -> int:
         return _simulate(parser, args)
     if args.bench == "cache":
         return _bench_cache(parser, args)
+    if args.bench == "replay":
+        return _bench_replay(parser, args)
     return _bench_engine(parser, args)
+
+
+def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from anchorkv.bench import replay, traces
+
+    try:
+        requests = traces.read_trace(args.trace)[: args.limit]
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
+    runs = {args.label: replay.replay(args.base_url, requests, args.max_tokens, args.concurrency, args.api_key)}
+    if args.restart_cmd:
+        replay.restart(args.restart_cmd, args.base_url)
+        runs[f"{args.label} after restart"] = replay.replay(
+            args.base_url, requests, args.max_tokens, args.concurrency, args.api_key
+        )
+    print(replay.markdown(replay.write(args.out, runs)))
+    print(f"\nwrote {args.out}/replay.json, replay.md, replay.png")
+    return 0
 
 
 def _bench_cache(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -137,3 +137,24 @@ def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> Non
             for r in requests
         ]  # fmt: skip
     assert served == predicted and sum(served) > 0
+
+
+def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: Path) -> None:
+    from anchorkv.bench import replay
+    from tests.conftest import serve_in_thread
+
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
+    server = serve_in_thread(create_app(engine, ServerConfig()))
+    live = next(server)
+    try:
+        requests = traces.generate("gen:interleaved")[:4]
+        samples = replay.replay(live.url, requests, max_tokens=2, concurrency=2)
+        assert [s.index for s in samples] == [0, 1, 2, 3] and not any(s.error for s in samples)
+        assert all(s.ttft_ms is not None and s.e2e_ms >= s.ttft_ms for s in samples)
+        assert all(s.prompt_tokens and s.timings for s in samples)
+        assert sum(s.cached_tokens or 0 for s in samples) > 0  # four sessions share one system prompt
+        summaries = replay.write(tmp_path, {"anchorkv": samples})
+        assert summaries[0]["requests"] == 4 and summaries[0]["errors"] == 0
+        assert (tmp_path / "replay.png").stat().st_size > 1000 and "p50" in (tmp_path / "replay.md").read_text()
+    finally:
+        next(server, None)

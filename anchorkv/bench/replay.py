@@ -1,0 +1,198 @@
+"""`anchorkv bench replay`: replay a workload against any OpenAI-compatible server, streaming.
+
+Per request it records TTFT (to the first streamed text), end-to-end time, prompt and cached tokens
+(from `usage`, when the server sends it) and llama.cpp-style `timings` when present. Sessions run in
+order, K of them at once with --concurrency; --restart-cmd runs a second pass after restarting the server.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from anchorkv.bench.traces import Request
+
+
+@dataclass
+class Sample:
+    index: int
+    session: str
+    ttft_ms: float | None
+    e2e_ms: float
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    timings: dict[str, Any] | None
+    error: str | None = None
+
+
+def _produced(event: dict[str, Any]) -> bool:
+    """Whether a stream event carries generated text or the end (servers open chat streams with an empty
+    role-only chunk, which is not a token)."""
+    for c in event.get("choices") or []:
+        if (c.get("delta") or {}).get("content") or c.get("text") or c.get("finish_reason"):
+            return True
+    return False
+
+
+def _send(client: httpx.Client, base: str, req: Request, index: int, max_tokens: int, api_key: str | None) -> Sample:
+    body: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if req.tokens is not None:
+        url, body["prompt"] = f"{base}/v1/completions", req.tokens
+    else:
+        url, body["messages"] = f"{base}/v1/chat/completions", req.messages
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    t0 = time.perf_counter()
+    ttft = None
+    usage: dict[str, Any] = {}
+    timings = None
+    try:
+        with client.stream("POST", url, json=body, headers=headers, timeout=600) as r:
+            if r.status_code != 200:
+                return Sample(
+                    index,
+                    req.session,
+                    None,
+                    (time.perf_counter() - t0) * 1000,
+                    None,
+                    None,
+                    None,
+                    f"HTTP {r.status_code}",
+                )
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if ttft is None and _produced(event):
+                    ttft = (time.perf_counter() - t0) * 1000
+                usage = event.get("usage") or usage
+                timings = event.get("timings") or timings
+    except httpx.HTTPError as e:
+        return Sample(index, req.session, ttft, (time.perf_counter() - t0) * 1000, None, None, None, type(e).__name__)
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
+    if cached is None and timings:
+        cached = timings.get("cache_n")
+    return Sample(
+        index, req.session, ttft, (time.perf_counter() - t0) * 1000, usage.get("prompt_tokens"), cached, timings
+    )
+
+
+def replay(
+    base_url: str, requests: Sequence[Request], max_tokens: int = 16, concurrency: int = 1, api_key: str | None = None
+) -> list[Sample]:
+    """Sessions in order of first appearance; each session's requests one after another."""
+    sessions: dict[str, list[tuple[int, Request]]] = defaultdict(list)
+    for i, r in enumerate(requests):
+        sessions[r.session].append((i, r))
+    queue = list(sessions.values())
+    lock = threading.Lock()
+    samples: list[Sample] = []
+
+    def worker() -> None:
+        with httpx.Client() as client:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    session = queue.pop(0)
+                for i, r in session:
+                    s = _send(client, base_url.rstrip("/"), r, i, max_tokens, api_key)
+                    with lock:
+                        samples.append(s)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, concurrency))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(samples, key=lambda s: s.index)
+
+
+def restart(cmd: str, base_url: str, timeout_s: float = 300) -> None:
+    subprocess.run(cmd, shell=True, check=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base_url.rstrip('/')}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the server at {base_url} did not come back within {timeout_s:.0f} s")
+
+
+def summary(label: str, samples: Sequence[Sample]) -> dict[str, Any]:
+    ttfts = sorted(s.ttft_ms for s in samples if s.ttft_ms is not None and s.error is None)
+
+    def pct(p: float) -> float | None:
+        return ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))] if ttfts else None
+
+    cached = [s.cached_tokens for s in samples if s.cached_tokens is not None]
+    return {
+        "label": label,
+        "requests": len(samples),
+        "errors": sum(1 for s in samples if s.error),
+        "ttft_first_ms": samples[0].ttft_ms if samples else None,
+        "ttft_p50_ms": statistics.median(ttfts) if ttfts else None,
+        "ttft_p95_ms": pct(0.95),
+        "cached_tokens_total": sum(cached) if cached else None,
+        "prompt_tokens_total": sum(s.prompt_tokens or 0 for s in samples) or None,
+    }
+
+
+def markdown(summaries: Sequence[dict[str, Any]]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.0f}" if isinstance(v, float) else str(v)
+
+    rows = [
+        "| run | requests | errors | first TTFT ms | p50 TTFT ms | p95 TTFT ms | cached / prompt tokens |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    rows += [
+        f"| {s['label']} | {s['requests']} | {s['errors']} | {f(s['ttft_first_ms'])} | {f(s['ttft_p50_ms'])} | {f(s['ttft_p95_ms'])} "
+        f"| {f(s['cached_tokens_total'])} / {f(s['prompt_tokens_total'])} |"
+        for s in summaries
+    ]
+    return "\n".join(rows)
+
+
+def write(out: Path, runs: dict[str, list[Sample]]) -> list[dict[str, Any]]:
+    """replay.json (every sample), replay.md (the summary) and replay.png (TTFT per request, a line per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [summary(label, s) for label, s in runs.items()]
+    (out / "replay.json").write_text(
+        json.dumps({"summary": summaries, "samples": {k: [asdict(s) for s in v] for k, v in runs.items()}}, indent=1)
+    )
+    (out / "replay.md").write_text(markdown(summaries) + "\n")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, samples in runs.items():
+        ax.plot([s.index for s in samples], [s.ttft_ms or 0 for s in samples], marker=".", label=label)
+    ax.set_xlabel("request")
+    ax.set_ylabel("TTFT (ms)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "replay.png", dpi=120)
+    plt.close(fig)
+    return summaries
