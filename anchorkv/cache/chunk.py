@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from torch import Tensor
 
 from anchorkv.engine.kv import KVSlice
 
@@ -32,7 +31,3 @@ class Chunk:
     @property
     def nbytes(self) -> int:
         return self.kv.nbytes
-
-    @property
-    def k(self) -> Tensor:
-        return self.kv.k

@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -390,7 +389,3 @@ class PrefixCache:
 
 class CacheMiss(RuntimeError):
     pass
-
-
-def timed_ms(t0: float) -> float:
-    return (time.perf_counter() - t0) * 1000

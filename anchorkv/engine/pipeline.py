@@ -37,10 +37,6 @@ class Pipeline:
         self.chunk_size = chunk_size
         self.device = device
 
-    @property
-    def ctx(self) -> int:
-        return self.stages[0].kv.ctx
-
     def forward(
         self, tokens: list[int], start: int, plan: RequestPlan, logits: Logits = "last", decode: bool = False
     ) -> Tensor:

@@ -42,9 +42,6 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def token_text(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
-
 
 def _token_text(tok: Any) -> str | None:
     if isinstance(tok, dict):  # {"content": "<s>", ...} in older tokenizer_config.json files

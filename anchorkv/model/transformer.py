@@ -132,14 +132,6 @@ class StageModel:
         self.cos = angles.cos().float().to(device)  # [max_ctx, hd/2]
         self.sin = angles.sin().float().to(device)
 
-    @property
-    def is_first(self) -> bool:
-        return self.embed is not None
-
-    @property
-    def is_last(self) -> bool:
-        return self.lm_head is not None
-
     def forward(
         self,
         x: Tensor,
