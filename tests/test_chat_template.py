@@ -70,3 +70,10 @@ def test_content_parts_are_joined(engine: Engine) -> None:
     parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
     r = engine.render_chat([{"role": "user", "content": parts}])
     assert "<|im_start|>user\nHello there<|im_end|>" in r.text
+
+
+def test_an_added_tools_system_message_keeps_ends_aligned_to_the_input(engine: Engine) -> None:
+    r = engine.render_chat([{"role": "user", "content": "Weather in Paris?"}], TOOLS)
+    assert r.text.startswith("<|im_start|>system\n# Tools")
+    assert len(r.message_ends) == 1 and r.message_ends[0] is not None
+    assert len(r.boundaries) == 2 and r.boundaries[-1] == r.message_ends[0]  # the tools block is a boundary too

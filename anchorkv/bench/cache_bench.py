@@ -78,7 +78,7 @@ class Replayer:
     def send(self, label: str, messages: list[dict[str, Any]], salt: str | None = None) -> tuple[Turn, str]:
         e = self.engine
         r = e.render_chat(messages, TOOLS)
-        req = CacheRequest(message_ends=[x for x in r.message_ends if x], salt=salt)
+        req = CacheRequest(message_ends=r.boundaries, salt=salt)
         t0 = time.perf_counter()
         ttft: float | None = None
         done: Finished | None = None

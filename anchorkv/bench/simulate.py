@@ -101,7 +101,7 @@ def prepare(requests: Sequence[Request], template: ChatTemplate, progress: bool 
             rendered.append(Prepared(r.tokens, [], None))
         else:
             p = template.render(r.messages)
-            rendered.append(Prepared(p.token_ids, [e for e in p.message_ends if e], None))
+            rendered.append(Prepared(p.token_ids, p.boundaries, None))
     # the reply of request i is in the next request of its session, up to that assistant message's end
     for i, r in enumerate(requests):
         if r.reply_index is None:

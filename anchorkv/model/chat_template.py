@@ -31,7 +31,8 @@ class ChatTemplateError(ValueError):
 class RenderedPrompt:
     text: str
     token_ids: list[int]
-    message_ends: list[int | None]  # per message: token offset right after it, or None when not on a boundary
+    message_ends: list[int | None]  # per input message: token offset right after it, or None when not on a boundary
+    boundaries: list[int]  # every safe chat boundary, including a system message we added to describe tools
 
 
 def _raise(message: str) -> None:
@@ -54,7 +55,9 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
         messages = [self._normalize(m) for m in messages]
+        added = 0
         if tools and not self.knows_tools:
+            added = 0 if messages and messages[0]["role"] == "system" else 1
             messages = _tools_in_system_message(messages, tools)
             tools = None
         text = self._render(messages, tools, add_generation_prompt=True)
@@ -65,7 +68,7 @@ class ChatTemplate:
         for i in range(len(messages)):
             prefix = self._render(messages[: i + 1], tools, add_generation_prompt=False)
             ends.append(starts.get(len(prefix)) if text.startswith(prefix) else None)
-        return RenderedPrompt(text, ids, ends)
+        return RenderedPrompt(text, ids, ends[added:], [e for e in ends if e])
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **kw: Any) -> str:
         try:

@@ -25,6 +25,7 @@ from anchorkv.server import errors
 from anchorkv.server.errors import APIError
 from anchorkv.server.metrics import Metrics
 from anchorkv.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from anchorkv.server.tool_calls import ToolCallStream, parse_tool_calls
 from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
 log = logging.getLogger("anchorkv.server")
@@ -108,7 +109,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             raise APIError(400, str(e), "messages") from None
         ends = rendered.message_ends
         marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
-        creq = _cache_request(req, [e for e in ends if e is not None], marked)
+        creq = _cache_request(req, rendered.boundaries, marked)
         return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
@@ -154,12 +155,13 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(kind, rid, job, include_usage, t0), media_type="text/event-stream")
+            stream = _sse(kind, rid, job, include_usage, t0, bool(getattr(req, "tools", None)))
+            return StreamingResponse(stream, media_type="text/event-stream")
         done = await _final(job, request)
         if done is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         _account(kind, done, t0)
-        return JSONResponse(_response(kind, rid, done))
+        return JSONResponse(_response(kind, rid, done, bool(getattr(req, "tools", None))))
 
     async def _final(job: Job, request: Request) -> Finished | None:
         try:
@@ -192,10 +194,13 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             done.prompt_ms, done.predicted_ms, done.finish_reason, (time.perf_counter() - t0) * 1000,
         )  # fmt: skip
 
-    def _response(kind: str, rid: str, done: Finished) -> dict[str, Any]:
+    def _response(kind: str, rid: str, done: Finished, tools: bool = False) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": done.text}
+            if tools and (parsed := parse_tool_calls(done.text)) is not None:
+                choice["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+                choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = done.text
         return {
@@ -209,7 +214,9 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             "prefix_cache": done.cache,
         }
 
-    async def _sse(kind: str, rid: str, job: Job, include_usage: bool, t0: float) -> AsyncIterator[str]:
+    async def _sse(
+        kind: str, rid: str, job: Job, include_usage: bool, t0: float, tools: bool = False
+    ) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
@@ -227,15 +234,27 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
             yield f"data: {json.dumps(first)}\n\n"
         ttft: float | None = None
+        calls_stream = ToolCallStream() if tools else None
         try:
             async for event in job.stream():
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 if isinstance(event, Delta):
-                    yield chunk(event.text)
+                    if text := calls_stream.push(event.text) if calls_stream else event.text:
+                        yield chunk(text)
                     continue
                 _account(kind, event, t0, ttft)
-                yield chunk(None, event.finish_reason, timings=event.timings(), prefix_cache=event.cache)
+                finish = event.finish_reason
+                if calls_stream is not None:
+                    rest, calls = calls_stream.finish()
+                    if rest:
+                        yield chunk(rest)
+                    if calls:
+                        finish = "tool_calls"
+                        body = json.loads(chunk(None)[6:])
+                        body["choices"][0]["delta"] = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                        yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                yield chunk(None, finish, timings=event.timings(), prefix_cache=event.cache)
                 if include_usage:
                     body = {
                         "id": rid,
