@@ -148,20 +148,25 @@ class Engine:
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
         """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]."""
-        creq = cache_req or CacheRequest()
         with self.lock:
-            cplan = self._restore(prompt, creq)
-            r = cplan.restore_to
-            logits = self.pipeline.prefill(prompt[r:], r, RequestPlan("logits", len(prompt), restore_to=r))
-            self.slot_tokens, self.slot_valid, self.slot_salt = (
-                prompt,
-                align_down(len(prompt), self.cfg.chunk_size),
-                creq.salt,
-            )
-            kvs = [s.kv for s in self.pipeline.stages]
-            self.cache.record(cplan, prompt, kvs, computed=self.slot_valid if self.cache_cfg.exact else len(prompt))
-            self.cache.remember(cplan, prompt)
+            logits, cplan, _ = self._prefill(prompt, cache_req or CacheRequest())
+            self._record_prompt(cplan, prompt)
         return logits, cplan
+
+    def _prefill(self, prompt: list[int], creq: CacheRequest) -> tuple[torch.Tensor, CachePlan, RequestPlan]:
+        """Restore what the cache has, prefill the rest; the last position's logits [vocab]."""
+        cplan = self._restore(prompt, creq)
+        r = cplan.restore_to
+        plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
+        logits = self.pipeline.prefill(prompt[r:], r, plan)
+        self.slot_tokens, self.slot_valid = prompt, align_down(len(prompt), self.cfg.chunk_size)
+        self.slot_salt = creq.salt
+        return logits, cplan, plan
+
+    def _record_prompt(self, cplan: CachePlan, prompt: list[int]) -> None:
+        kvs = [s.kv for s in self.pipeline.stages]
+        self.cache.record(cplan, prompt, kvs, computed=self.slot_valid if self.cache_cfg.exact else len(prompt))
+        self.cache.remember(cplan, prompt)
 
     def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
         plan = self.cache.plan(prompt, creq)
@@ -186,13 +191,9 @@ class Engine:
         idle: Callable[[], bool],
     ) -> Iterator[Delta | Finished]:
         t0 = time.perf_counter()
-        cplan = self._restore(prompt, creq)
+        logits, cplan, plan = self._prefill(prompt, creq)
         r = cplan.restore_to
-        plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
-        logits = self.pipeline.prefill(prompt[r:], r, plan)
         t1 = time.perf_counter()
-        C = self.cfg.chunk_size
-        self.slot_tokens, self.slot_valid, self.slot_salt = prompt, align_down(len(prompt), C), creq.salt
         sampler = Sampler(params)
         stream = TextStream(self.tokenizer, params.stop)
         eos = self.tokenizer.eos_token_ids
@@ -230,10 +231,7 @@ class Engine:
             cache=cplan.report(),
         )
         # The response is out; now keep what it computed. Prompt KV first, then the reply for the next turn.
-        kvs = [s.kv for s in self.pipeline.stages]
-        exact = self.cache_cfg.exact
-        self.cache.record(cplan, prompt, kvs, computed=self.slot_valid if exact else len(prompt))
-        self.cache.remember(cplan, prompt)
+        self._record_prompt(cplan, prompt)
         log.info(
             "[cache] restore=%d kind=%s tier=%s recorded=%s",
             r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
