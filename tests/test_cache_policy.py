@@ -78,8 +78,8 @@ def test_auto_takes_the_longest_common_prefix_over_the_window_aligned_to_chat() 
     assert auto_boundary(base, history, window=1, chat_ends=ends) == 0
     # a window of 2 sees history[1:]: still 75
     assert auto_boundary(base, history, window=2, chat_ends=ends) == 75
-    # without chat boundaries nothing is safe
-    assert auto_boundary(base, history, window=30, chat_ends=[]) == 0
+    # a prompt without chat boundaries (completions, block traces) keeps the common token prefix
+    assert auto_boundary(base, history, window=30, chat_ends=[]) == 80
 
 
 def test_anchor_validation() -> None:

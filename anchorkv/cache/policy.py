@@ -91,10 +91,11 @@ def auto_boundary(
     prompt: Sequence[int], history: Sequence[Sequence[int]], window: int, chat_ends: Sequence[int]
 ) -> int:
     """lucebox auto:N: the longest common token prefix with any of the last `window` prompts, aligned
-    down to a chat boundary. 0 when nothing is shared."""
+    down to a chat boundary. 0 when nothing is shared. A prompt without chat boundaries (a completions
+    prompt, a block trace) keeps the common prefix itself; the cache aligns it to its grid like any boundary."""
     recent = history[-window:] if window else []
     lcp = max((common_prefix(prompt, h) for h in recent), default=0)
-    return chat_floor(lcp, chat_ends) if chat_ends else 0
+    return chat_floor(lcp, chat_ends) if chat_ends else lcp
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,95 @@
+"""The servers `bench compare` runs side by side, each a subprocess on the same GGUF and thread count.
+
+A peer is a command line plus a working folder: every cache a server keeps on disk lives in that folder,
+so a fresh folder is a cold server and a restart on the same folder keeps what it saved.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    argv: tuple[str, ...]  # {model}, {port}, {threads} and {dir} are filled in at launch
+
+    def command(self, model: Path, port: int, threads: int, folder: Path) -> list[str]:
+        values = {"model": str(model), "port": str(port), "threads": str(threads), "dir": str(folder)}
+        return [a.format(**values) for a in self.argv]
+
+
+def anchorkv() -> Peer:
+    return Peer(
+        "anchorkv",
+        (sys.executable, "-m", "anchorkv", "serve", "--model", "{model}", "--port", "{port}",
+         "--threads", "{threads}", "--cache-dir", "{dir}/kv", "--log-level", "warning"),
+    )  # fmt: skip
+
+
+def llama_server(binary: Path) -> Peer:
+    """llama.cpp's server with its default settings (its slots and its RAM prompt cache)."""
+    return Peer(
+        "llama-server", (str(binary), "-m", "{model}", "--host", "127.0.0.1", "--port", "{port}", "-t", "{threads}")
+    )
+
+
+def llama_cpp_python(python: Path, cache_type: str) -> Peer:
+    """llama-cpp-python's server with its prompt cache in RAM or on disk (diskcache, under {dir})."""
+    return Peer(
+        f"llama-cpp-python ({cache_type})",
+        (str(python), "-m", "llama_cpp.server", "--model", "{model}", "--host", "127.0.0.1", "--port", "{port}",
+         "--n_threads", "{threads}", "--n_ctx", "8192", "--cache", "true", "--cache_type", cache_type),
+    )  # fmt: skip
+
+
+class ServerProcess:
+    """A running peer; `with` waits until it answers GET /v1/models and stops it on exit."""
+
+    def __init__(self, peer: Peer, model: Path, port: int, threads: int, folder: Path, timeout_s: float = 300) -> None:
+        self.peer = peer
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.folder = folder
+        self.timeout_s = timeout_s
+        self.cmd = peer.command(model, port, threads, folder)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "server.log", "ab")  # noqa: SIM115 (closed with the process)
+        # the disk cache of llama-cpp-python goes to ./.cache under its working folder
+        self.proc = subprocess.Popen(self.cmd, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        log.close()
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.peer.name} exited with {self.proc.returncode}; see {self.folder}/server.log")
+            try:
+                if httpx.get(f"{self.base_url}/v1/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise TimeoutError(
+            f"{self.peer.name} did not answer within {self.timeout_s:.0f} s; see {self.folder}/server.log"
+        )
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,26 @@
+"""`bench compare` drives real server processes: a cold pass, a warm request, and one after a restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from anchorkv.bench import compare, peers, traces
+from anchorkv.model.loader import bundled_model_path
+from tests.conftest import THREADS, free_port
+
+
+def test_compare_restarts_our_server_and_its_first_request_hits_the_disk(tmp_path: Path) -> None:
+    session = traces.generate("gen:agent")[2].messages + [{"role": "assistant", "content": "Done."}]
+    trace = tmp_path / "session.jsonl"
+    trace.write_text(json.dumps({"messages": session}) + "\n")
+    out = tmp_path / "out"
+    md = compare.run(
+        [peers.anchorkv()], bundled_model_path(), [str(trace)], out, THREADS, free_port(), 2, restart_after=str(trace)
+    )
+    runs = json.loads((out / "compare.json").read_text())["anchorkv"]
+    assert len(runs[str(trace)]) == 3 and runs[str(trace)][0]["cached_tokens"] == 0  # a fresh folder is cold
+    assert runs[str(trace)][2]["cached_tokens"] > 0
+    after = runs["after restart"][0]
+    assert after["error"] is None and after["cached_tokens"] > 0 and after["ttft_ms"] is not None
+    assert "after restart" in md and (out / compare._slug(str(trace)) / "replay.png").is_file()
