@@ -209,7 +209,7 @@ def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from anchorkv.bench import replay, traces
 
     try:
-        requests = traces.read_trace(args.trace)[: args.limit]
+        requests = traces.read_trace(args.trace, args.limit)
     except (OSError, ValueError) as e:
         parser.error(str(e))
     runs = {args.label: replay.replay(args.base_url, requests, args.max_tokens, args.concurrency, args.api_key)}
@@ -270,7 +270,7 @@ def _simulate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     out: list[dict[str, object]] = []
     for spec in args.traces:
         try:
-            requests = traces.read_trace(spec)[: args.limit]
+            requests = traces.read_trace(spec, args.limit)
         except (OSError, ValueError) as e:
             parser.error(str(e))
         prepared = simulate.prepare(requests, template, progress=not args.json)

@@ -62,6 +62,7 @@ def test_jsonl_sessions_oasst_trees_and_mooncake(tmp_path: Path) -> None:
     jl = tmp_path / "s.jsonl"
     jl.write_text("\n".join(json.dumps(x) for x in [SESSION, {"messages": SESSION}]))
     assert len(traces.read_trace(str(jl))) == 4
+    assert len(traces.read_trace(str(jl), limit=3)) == 3 and len(traces.read_trace(str(tmp_path), limit=1)) == 1
     tree = {"message_tree_id": "t", "prompt": {"role": "prompter", "text": "q", "replies": [
         {"role": "assistant", "text": "a", "replies": []}, {"role": "assistant", "text": "b", "replies": [
             {"role": "prompter", "text": "q2", "replies": [{"role": "assistant", "text": "c", "replies": []}]}]}]}}  # fmt: skip

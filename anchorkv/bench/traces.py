@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 MOONCAKE_BLOCK = 512
 GENERATORS = ("gen:agent", "gen:tasks", "gen:rolling", "gen:interleaved")
@@ -26,10 +29,10 @@ class Request:
     reply_index: int | None = None  # the index of the assistant message this request produced, if known
 
 
-def mooncake_block(block_id: int, vocab: int = 49152, size: int = MOONCAKE_BLOCK) -> list[int]:
+@lru_cache(maxsize=4096)  # a trace's shared blocks (system prompts, earlier turns) recur request after request
+def mooncake_block(block_id: int, vocab: int = 49152, size: int = MOONCAKE_BLOCK) -> tuple[int, ...]:
     """A deterministic block of token ids for a Mooncake hash id: equal ids give equal blocks."""
-    rng = random.Random(block_id)
-    return [rng.randrange(100, vocab) for _ in range(size)]
+    return tuple(np.random.default_rng(block_id).integers(100, vocab, size).tolist())
 
 
 def mooncake_tokens(hash_ids: list[int], input_length: int, vocab: int = 49152) -> list[int]:
@@ -81,11 +84,14 @@ def _oasst_paths(node: dict[str, Any], prefix: list[dict[str, Any]]) -> Iterator
         yield from _oasst_paths(r, path)
 
 
-def read_file(path: Path) -> list[Request]:
+def read_file(path: Path, limit: int | None = None) -> list[Request]:
+    """Every request in the file; with a limit, JSONL files stop reading once they have that many."""
     name = path.name
     if path.suffix == ".jsonl":
         out: list[Request] = []
         for i, line in enumerate(path.read_text().splitlines()):
+            if limit is not None and len(out) >= limit:
+                return out[:limit]
             if not line.strip():
                 continue
             obj = json.loads(line)
@@ -118,23 +124,24 @@ def read_file(path: Path) -> list[Request]:
     return session_requests(name, [_clean(m) for m in msgs])
 
 
-def read_trace(spec: str) -> list[Request]:
-    """A file, a folder (every .json, .jsonl and .traj file in it, sorted), or a generator name."""
+def read_trace(spec: str, limit: int | None = None) -> list[Request]:
+    """A file, a folder (every .json, .jsonl and .traj file in it, sorted), or a generator name; with a
+    limit, only the first requests (files past it are not read)."""
     if spec.startswith("gen:"):
-        return generate(spec)
+        return generate(spec)[:limit]
     path = Path(spec)
-    if path.is_dir():
-        files = sorted(
-            p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".traj") and p.name != "index.json"
-        )
-        out: list[Request] = []
-        for f in files:
-            try:
-                out += read_file(f)
-            except ValueError:
-                continue
-        return out
-    return read_file(path)
+    if not path.is_dir():
+        return read_file(path, limit)[:limit]
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl", ".traj") and p.name != "index.json")
+    out: list[Request] = []
+    for f in files:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            out += read_file(f, None if limit is None else limit - len(out))
+        except ValueError:
+            continue
+    return out[:limit]
 
 
 def _system(rng: random.Random, words: int = 900) -> str:

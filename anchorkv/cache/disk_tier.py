@@ -98,6 +98,7 @@ class DiskTier:
         self.lock = threading.Lock()  # the index is read by the engine thread, written by the writer
         self.entries: dict[bytes, DiskEntry] = {}
         self.tails: dict[bytes, set[int]] = {}
+        self.nbytes = 0  # of the indexed files
         self.written_bytes = 0
         self.evicted_bytes = 0
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -141,12 +142,16 @@ class DiskTier:
 
     def _index(self, key: bytes, e: DiskEntry) -> None:
         with self.lock:
+            old = self.entries.get(key)
+            self.nbytes += e.nbytes - (old.nbytes if old else 0)
             self.entries[key] = e
             self.tails.setdefault(e.parent, set()).add(e.end)
 
     def _unindex(self, key: bytes) -> DiskEntry | None:
         with self.lock:
             e = self.entries.pop(key, None)
+            if e is not None:
+                self.nbytes -= e.nbytes
             if e is not None and e.parent in self.tails:
                 self.tails[e.parent].discard(e.end)
                 if not self.tails[e.parent]:
@@ -164,11 +169,6 @@ class DiskTier:
     def tail_ends(self, parent: bytes) -> set[int]:
         with self.lock:
             return set(self.tails.get(parent, ()))
-
-    @property
-    def nbytes(self) -> int:
-        with self.lock:
-            return sum(e.nbytes for e in self.entries.values())
 
     def __len__(self) -> int:
         with self.lock:

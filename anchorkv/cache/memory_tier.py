@@ -21,6 +21,7 @@ class MemoryDiskTier:
         self.budget = budget_bytes
         self.entries: dict[bytes, _Entry] = {}
         self.tails: dict[bytes, set[int]] = {}
+        self.nbytes = 0
         self.written_bytes = 0
         self.evicted_bytes = 0
 
@@ -29,10 +30,6 @@ class MemoryDiskTier:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(e.chunk.nbytes for e in self.entries.values())
 
     def tail_ends(self, parent: bytes) -> set[int]:
         return set(self.tails.get(parent, ()))
@@ -50,6 +47,7 @@ class MemoryDiskTier:
         self.entries[chunk.key] = _Entry(chunk, time.monotonic())
         self.tails.setdefault(chunk.parent, set()).add(chunk.end)
         self.written_bytes += chunk.nbytes
+        self.nbytes += chunk.nbytes
         while self.nbytes > self.budget:
             parents = {e.chunk.parent for e in self.entries.values()}
             leaves = [
@@ -62,8 +60,10 @@ class MemoryDiskTier:
                 return
             victim = self.entries.pop(order[0]).chunk
             self.tails[victim.parent].discard(victim.end)
+            self.nbytes -= victim.nbytes
             self.evicted_bytes += victim.nbytes
 
     def clear(self) -> None:
         self.entries.clear()
         self.tails.clear()
+        self.nbytes = 0
