@@ -1,4 +1,5 @@
-"""Every architecture loads from a tiny GGUF and a tiny HF folder, and both give the same model."""
+"""Every architecture loads from a tiny GGUF and a tiny HF folder, both give the same model, and its
+forward agrees with a plain, unfused reference written from the Hugging Face definitions."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
@@ -40,6 +43,53 @@ def test_gguf_and_hf_folder_give_the_same_model(tmp_path: Path, arch: str) -> No
     events = list(gg.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)))
     done = events[-1]
     assert isinstance(done, Finished) and done.completion_tokens == 5
+
+
+def _reference_logits(folder: Path, engine: Engine, ids: list[int]) -> torch.Tensor:
+    """The HF forward, spelled out: no fused weights, no KV cache, no chunks, SDPA with repeated KV heads."""
+    cfg, w = engine.model_cfg, load_file(folder / "model.safetensors")
+    H, Hkv, hd, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps
+
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # [heads, T, hd], half-split
+        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2).double() / hd))
+        ang = torch.outer(torch.arange(x.shape[1]).double(), inv).float()
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        return x * cos + torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
+
+    def proj(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+    x = w["model.embed_tokens.weight"][torch.tensor(ids)]
+    T = len(ids)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, w[p + "input_layernorm.weight"])
+        q = proj(h, p + "self_attn.q_proj").view(T, H, hd).transpose(0, 1)
+        k = proj(h, p + "self_attn.k_proj").view(T, Hkv, hd).transpose(0, 1)
+        v = proj(h, p + "self_attn.v_proj").view(T, Hkv, hd).transpose(0, 1)
+        if cfg.qk_norm:
+            q, k = norm(q, w[p + "self_attn.q_norm.weight"]), norm(k, w[p + "self_attn.k_norm.weight"])
+        k, v = rope(k).repeat_interleave(H // Hkv, 0), v.repeat_interleave(H // Hkv, 0)
+        a = F.scaled_dot_product_attention(rope(q), k, v, is_causal=True).transpose(0, 1).reshape(T, H * hd)
+        x = x + proj(a, p + "self_attn.o_proj")
+        h = norm(x, w[p + "post_attention_layernorm.weight"])
+        x = x + proj(F.silu(proj(h, p + "mlp.gate_proj")) * proj(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+    head = w["model.embed_tokens.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
+    return F.linear(norm(x, w["model.norm.weight"]), head)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_matches_a_plain_reference(tmp_path: Path, arch: str) -> None:
+    folder = make_hf_folder(tmp_path, arch)
+    # chunk 16 so the prompt spans several aligned chunks and the last one is partial
+    engine = Engine(EngineConfig(model=folder, dtype="float32", threads=2, cache_home=tmp_path, chunk_size=16))
+    text = "the quick brown fox jumps over the lazy dog, and then it runs back home to sleep"
+    ids = engine.render_chat([{"role": "user", "content": text}]).token_ids
+    assert len(ids) > 32 and len(ids) % 16
+    torch.testing.assert_close(_logits(engine, ids), _reference_logits(folder, engine, ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

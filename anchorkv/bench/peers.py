@@ -57,9 +57,9 @@ class ServerProcess:
     def __init__(self, peer: Peer, model: Path, port: int, threads: int, folder: Path, timeout_s: float = 300) -> None:
         self.peer = peer
         self.base_url = f"http://127.0.0.1:{port}"
-        self.folder = folder
+        self.folder = folder.resolve()  # the server runs in it, so relative paths would nest
         self.timeout_s = timeout_s
-        self.cmd = peer.command(model, port, threads, folder)
+        self.cmd = peer.command(model.resolve(), port, threads, self.folder)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:

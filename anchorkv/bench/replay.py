@@ -45,6 +45,15 @@ def _produced(event: dict[str, Any]) -> bool:
 
 
 def _send(client: httpx.Client, base: str, req: Request, index: int, max_tokens: int, api_key: str | None) -> Sample:
+    """One request, streamed. A kept-alive connection the server closed before answering (llama-server's
+    HTTP library closes one after a few requests) is retried once on a new connection."""
+    sample = _attempt(client, base, req, index, max_tokens, api_key)
+    if sample.error in ("RemoteProtocolError", "ReadError") and sample.ttft_ms is None:
+        sample = _attempt(client, base, req, index, max_tokens, api_key)
+    return sample
+
+
+def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_tokens: int, api_key: str | None) -> Sample:
     body: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": 0,

@@ -164,9 +164,13 @@ def generate(name: str, seed: int = 0) -> list[Request]:
     if name == "gen:agent":
         msgs: list[dict[str, Any]] = [system, {"role": "user", "content": "Fix the failing build."}]
         out = []
-        for _ in range(30):
+        for i in range(30):
             out.append(Request("agent", list(msgs), reply_index=len(msgs)))
-            msgs += [{"role": "assistant", "content": text(30)}, {"role": "tool", "content": text(120)}]
+            call = {"id": f"call{i}", "type": "function", "function": {"name": "run", "arguments": '{"step": %d}' % i}}
+            msgs += [
+                {"role": "assistant", "content": text(30), "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": f"call{i}", "content": text(120)},
+            ]
         return out
     if name == "gen:rolling":
         turns: list[dict[str, Any]] = []

@@ -25,6 +25,7 @@ from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
 from anchorkv.model.loader import load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.tokenizer import TextTokenizer
+from anchorkv.model.transformer import FORWARD_VERSION
 
 MAX_DEFAULT_CTX = 8192
 
@@ -107,7 +108,7 @@ class Engine:
         }
         if exact:
             base |= {"chunk": self.cfg.chunk_size, "threads": self.cfg.threads, "device": self.cfg.device}
-            base |= {"torch": torch.__version__}
+            base |= {"torch": torch.__version__, "forward": FORWARD_VERSION}
         else:  # decoded KV is reused too, so the decode weights matter
             base |= {"decode_weights": self.cfg.int8_decode}
         return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
