@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,24 @@ def test_props_and_metrics_show_the_cache(cached: TestClient) -> None:
     assert full["ram"]["entries"] > 0 and full["ram"]["bytes"] > 0 and full["disk"]["budget_bytes"] > 0
     metrics = cached.get("/metrics").text
     assert "anchorkv_cache_hits_total{" in metrics and 'anchorkv_cache_bytes{tier="ram"}' in metrics
+
+
+def test_server_prefills_the_reply_while_idle_so_the_next_turn_hits_on_it(tmp_path: Path) -> None:
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
+    with TestClient(create_app(engine, ServerConfig())) as c:
+        q = "Write a detailed, long story about a lighthouse keeper and a storm."
+        first = c.post("/v1/chat/completions", json=ask(q, max_tokens=300)).json()
+        assert first["usage"]["completion_tokens"] >= 256
+        reply = first["choices"][0]["message"]["content"]
+        prompt_tokens = first["usage"]["prompt_tokens"]
+        with engine.lock:  # the response is out before the engine has recorded it and queued the reply
+            pass
+        deadline = time.monotonic() + 60
+        while engine.has_idle_work and time.monotonic() < deadline:  # a client's pause, e.g. a tool running
+            time.sleep(0.05)
+        assert not engine.has_idle_work
+        body = ask(q)
+        body["messages"] += [{"role": "assistant", "content": reply}, {"role": "user", "content": "A title?"}]
+        second = c.post("/v1/chat/completions", json=body).json()
+        # the reply's tokens were recomputed by aligned prefill, so the restore reaches past the prompt
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= prompt_tokens + 128

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +96,7 @@ class Engine:
         self.slot_tokens: list[int] = []
         self.slot_valid = 0
         self.slot_salt: str | None = None
+        self._reply: tuple[CachePlan, list[int], int] | None = None  # plan, prompt + reply, where its prefill began
 
     def _namespaces(self) -> list[Namespace]:
         """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
@@ -136,15 +137,31 @@ class Engine:
         params: SamplingParams,
         cancel: threading.Event | None = None,
         cache_req: CacheRequest | None = None,
-        idle: Callable[[], bool] = lambda: True,
+        background: bool = False,
     ) -> Iterator[Delta | Finished]:
         """Plan, restore, prefill, decode; then record into the cache after the response is out.
 
-        `idle` says whether no other request is waiting: the finished reply is re-prefilled (exact mode)
-        only while it is true."""
+        In exact mode the reply is re-prefilled in aligned chunks so the next turn hits on it: right after
+        the response, or with `background` left pending for `idle_work()`, which a server calls while no
+        request waits."""
         self.check_fits(len(prompt), params.max_tokens)
         with self.lock:
-            yield from self._generate(prompt, params, cancel, cache_req or CacheRequest(), idle)
+            self._settle_reply()
+            yield from self._generate(prompt, params, cancel, cache_req or CacheRequest())
+            if not background:
+                while self._reply_step():
+                    pass
+
+    @property
+    def has_idle_work(self) -> bool:
+        return self._reply is not None
+
+    @torch.inference_mode()
+    def idle_work(self) -> bool:
+        """One aligned chunk of the pending reply's prefill (recorded when the last one is done). Returns
+        whether work remains."""
+        with self.lock:
+            return self._reply_step()
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
@@ -189,7 +206,6 @@ class Engine:
         params: SamplingParams,
         cancel: threading.Event | None,
         creq: CacheRequest,
-        idle: Callable[[], bool],
     ) -> Iterator[Delta | Finished]:
         t0 = time.perf_counter()
         logits, cplan, plan = self._prefill(prompt, creq)
@@ -238,23 +254,41 @@ class Engine:
             r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
         )  # fmt: skip
         if out and finish != "cancelled":
-            self._keep_reply(cplan, prompt + out, idle)
+            self._keep_reply(cplan, prompt + out)
 
-    def _keep_reply(self, cplan: CachePlan, tokens: list[int], idle: Callable[[], bool]) -> None:
-        """Record prompt + reply so the next turn hits. The reply's KV came from decode; in exact mode it is
-        re-prefilled in aligned chunks first, chunk by chunk while no request waits."""
-        kvs = [s.kv for s in self.pipeline.stages]
-        full = (Boundary(len(tokens), "full"),)
+    def _keep_reply(self, cplan: CachePlan, tokens: list[int]) -> None:
+        """Record prompt + reply so the next turn hits. Without exact mode the decoded KV is recorded at once;
+        in exact mode the reply is re-prefilled in aligned chunks first (`_reply_step`)."""
         if not self.cache_cfg.exact:
+            kvs = [s.kv for s in self.pipeline.stages]
+            full = (Boundary(len(tokens), "full"),)
             self.cache.record(cplan, tokens, kvs, computed=len(tokens) - 1, extra=full, only_extra=True)
             return
-        plan = RequestPlan(cplan.history_ns, len(tokens))
-        start = self.slot_valid
-        self.pipeline.truncate(start)
-        for a, b in aligned_chunks(start, align_down(len(tokens), self.cfg.chunk_size), self.cfg.chunk_size):
-            if not idle():
-                break
-            self.pipeline.forward(tokens[a:b], a, plan, logits="none")
+        self.pipeline.truncate(self.slot_valid)
+        self._reply = (cplan, tokens, self.slot_valid)
+
+    def _reply_step(self) -> bool:
+        if self._reply is None:
+            return False
+        _, tokens, _ = self._reply
+        c = self.cfg.chunk_size
+        chunks = aligned_chunks(self.slot_valid, align_down(len(tokens), c), c)
+        if chunks:
+            a, b = chunks[0]
+            self.pipeline.forward(tokens[a:b], a, RequestPlan(self._reply[0].history_ns, len(tokens)), logits="none")
             self.slot_tokens, self.slot_valid = tokens, b
-        if self.slot_valid > start:
+        if len(chunks) > 1:
+            return True
+        self._settle_reply()
+        return False
+
+    def _settle_reply(self) -> None:
+        """Record what the reply's prefill has computed so far, and drop the rest of it."""
+        if self._reply is None:
+            return
+        cplan, tokens, began = self._reply
+        self._reply = None
+        if self.slot_valid > began:
+            kvs = [s.kv for s in self.pipeline.stages]
+            full = (Boundary(len(tokens), "full"),)
             self.cache.record(cplan, tokens, kvs, computed=self.slot_valid, extra=full, only_extra=True)

@@ -20,6 +20,7 @@ Logits = Literal["last", "all", "none"]  # which positions the last stage turns 
 # Bump when the forward's arithmetic changes: it is part of the exact cache's namespace, so KV saved by an
 # older forward is never mixed with a newer one.
 FORWARD_VERSION = 2
+SCORE_BLOCK = 2**19  # attention scores computed at once (1 MiB in bfloat16), see StageModel._attention
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,22 +175,29 @@ class StageModel:
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """q: [H, T, hd]; k, v: [Hkv, L, hd] views into the cache; bias: [G * T, T] for the last T keys, or
-        None for a single query.
-        Returns [T, H * hd].
+        None for a single query. Returns [T, H * hd].
 
         The G = H / Hkv query heads that share a KV head are stacked into the rows of one matmul, so GQA
-        needs no repeated KV. On CPU this beats the flash SDPA kernel about 1.8x at 2k tokens. Q K^T runs
-        per KV head: bmm would first copy the strided cache view (4x slower for a decode step at 5k).
+        needs no repeated KV (on CPU about 1.8x faster than the flash SDPA kernel at 2k tokens). Rows go in
+        blocks of at most SCORE_BLOCK scores, which stay in cache between Q K^T, softmax and P V: 1.8x
+        faster than one [Hkv, G * T, L] score tensor at 2-6k keys. Per KV head, plain mm on the cache view
+        (bmm would first copy the strided view). Blocks depend on T and L only, so a position is always
+        computed the same way.
         """
         H, T, hd = q.shape
         Hkv, L = k.shape[0], k.shape[1]
-        qg = torch.mul(q, hd**-0.5, out=q.new_empty(H, T, hd)).view(Hkv, (H // Hkv) * T, hd)
-        scores = q.new_empty(Hkv, qg.shape[1], L)
+        rows = (H // Hkv) * T
+        qg = torch.mul(q, hd**-0.5, out=q.new_empty(H, T, hd)).view(Hkv, rows, hd)
+        block = max(1, min(rows, SCORE_BLOCK // L))
+        scores = q.new_empty(block, L)
+        out = q.new_empty(Hkv, rows, hd)
         for h in range(Hkv):
-            torch.mm(qg[h], k[h].T, out=scores[h])
-        if bias is not None:
-            scores[:, :, L - T :].add_(bias)  # broadcast over Hkv, in place: an expanded bias would be copied
-        out = torch.bmm(torch.softmax(scores, dim=-1), v)  # [Hkv, G * T, hd]
+            for r in range(0, rows, block):
+                n = min(block, rows - r)
+                s = torch.mm(qg[h, r : r + n], k[h].T, out=scores[:n])
+                if bias is not None:
+                    s[:, L - T :].add_(bias[r : r + n])
+                torch.mm(torch.softmax(s, dim=-1), v[h], out=out[h, r : r + n])
         return out.view(H, T, hd).transpose(0, 1).reshape(T, H * hd)
 
     def _layer(

@@ -50,6 +50,11 @@ class Job:
             self.cancel.set()
 
 
+IDLE_GRACE_S = (
+    0.05  # quiet time after a request before background work starts: a client's next request often follows at once
+)
+
+
 class EngineWorker:
     def __init__(self, engine: Engine, max_queue: int, on_cancel: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
@@ -77,14 +82,24 @@ class EngineWorker:
             raise QueueFull from None
         return job
 
+    def _next(self) -> Job | None:
+        """The next job. Meanwhile, once the queue has been empty for IDLE_GRACE_S, the engine's background
+        work runs a step at a time, so a request that arrives waits for one step at most."""
+        while self.engine.has_idle_work:
+            try:
+                return self._queue.get(timeout=IDLE_GRACE_S)
+            except queue.Empty:
+                self.engine.idle_work()
+        return self._queue.get()
+
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._next()) is not None:
             if job.cancel.is_set():
                 self.on_cancel()
                 continue
             self.busy = True
             try:
-                events = self.engine.generate(job.prompt, job.params, job.cancel, job.cache_req, self._queue.empty)
+                events = self.engine.generate(job.prompt, job.params, job.cancel, job.cache_req, background=True)
                 for event in events:
                     job.emit(event)
                     if isinstance(event, Finished) and event.finish_reason == "cancelled":
