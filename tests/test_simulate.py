@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from anchorkv.bench import simulate, traces
+from anchorkv.cli import main
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
@@ -157,5 +158,15 @@ def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: P
         summaries = replay.write(tmp_path, {"anchorkv": samples})
         assert summaries[0]["requests"] == 4 and summaries[0]["errors"] == 0
         assert (tmp_path / "replay.png").stat().st_size > 1000 and "p50" in (tmp_path / "replay.md").read_text()
+        # the CLI's second pass after --restart-cmd ("true": the server stays up, so the pass is all warm)
+        out = tmp_path / "cli"
+        argv = ["bench", "replay", "gen:interleaved", "--base-url", live.url, "--limit", "2", "--max-tokens", "1"]
+        assert main([*argv, "--restart-cmd", "true", "--label", "ours", "--out", str(out)]) == 0
+        runs = json.loads((out / "replay.json").read_text())["samples"]
+        assert list(runs) == ["ours", "ours after restart"] and all(
+            s["cached_tokens"] for s in runs["ours after restart"]
+        )
+        with pytest.raises(subprocess.CalledProcessError):
+            replay.restart("false", live.url)
     finally:
         next(server, None)
