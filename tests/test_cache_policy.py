@@ -129,3 +129,29 @@ def test_ram_eviction_takes_leaves_first_then_retention_then_lru() -> None:
     ram.budget = 64 * 1
     assert ram._evict() == [b"v1", b"c1"]
     assert list(ram.chunks) == [b"n1"] and ram.nbytes == 64
+
+
+def test_leaves_follow_the_index_in_any_order() -> None:
+    from anchorkv.cache.leaves import Leaves
+
+    index: dict[bytes, bytes] = {}  # key -> parent
+    leaves = Leaves()
+
+    def add(key: bytes, parent: bytes) -> None:
+        index[key] = parent
+        leaves.add(key, parent)
+
+    def remove(key: bytes) -> None:
+        leaves.remove(key, index.pop(key), index)
+
+    add(b"c", b"b")  # a disk rebuild may index a child before its parent
+    add(b"b", b"a")
+    add(b"a", b"root")
+    add(b"d", b"b")  # b has two children now
+    assert leaves.keys == {b"c", b"d"}
+    remove(b"c")
+    assert leaves.keys == {b"d"}
+    remove(b"d")
+    assert leaves.keys == {b"b"}  # its last child went
+    remove(b"b")
+    assert leaves.keys == {b"a"} and b"root" not in leaves.keys  # the namespace root is never a chunk

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.leaves import Leaves
 from anchorkv.cache.keys import Namespace, chunk_key
 from anchorkv.cache.policy import EvictionCandidate, eviction_order
 from anchorkv.engine.kv import KVSlice
@@ -99,6 +100,7 @@ class DiskTier:
         self.entries: dict[bytes, DiskEntry] = {}
         self.tails: dict[bytes, set[int]] = {}
         self.nbytes = 0  # of the indexed files
+        self.leaves = Leaves()
         self.written_bytes = 0
         self.evicted_bytes = 0
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +147,8 @@ class DiskTier:
             old = self.entries.get(key)
             self.nbytes += e.nbytes - (old.nbytes if old else 0)
             self.entries[key] = e
+            if old is None:
+                self.leaves.add(key, e.parent)
             self.tails.setdefault(e.parent, set()).add(e.end)
 
     def _unindex(self, key: bytes) -> DiskEntry | None:
@@ -152,6 +156,7 @@ class DiskTier:
             e = self.entries.pop(key, None)
             if e is not None:
                 self.nbytes -= e.nbytes
+                self.leaves.remove(key, e.parent, self.entries)
             if e is not None and e.parent in self.tails:
                 self.tails[e.parent].discard(e.end)
                 if not self.tails[e.parent]:
@@ -250,9 +255,8 @@ class DiskTier:
         """Evict leaves until under budget; the newest chunk goes too when nothing else can."""
         while self.nbytes > self.budget:
             with self.lock:
-                parents = {e.parent for e in self.entries.values()}
                 leaves = [
-                    EvictionCandidate(k, e.retention, e.last_used) for k, e in self.entries.items() if k not in parents
+                    EvictionCandidate(k, self.entries[k].retention, self.entries[k].last_used) for k in self.leaves.keys
                 ]
             order = eviction_order(leaves)
             if not order:

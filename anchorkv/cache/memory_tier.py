@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.leaves import Leaves
 from anchorkv.cache.policy import EvictionCandidate, eviction_order
 
 
@@ -22,6 +23,7 @@ class MemoryDiskTier:
         self.entries: dict[bytes, _Entry] = {}
         self.tails: dict[bytes, set[int]] = {}
         self.nbytes = 0
+        self.leaves = Leaves()
         self.written_bytes = 0
         self.evicted_bytes = 0
 
@@ -45,20 +47,20 @@ class MemoryDiskTier:
         if chunk.key in self.entries or (chunk.start > 0 and chunk.parent not in self.entries):
             return
         self.entries[chunk.key] = _Entry(chunk, time.monotonic())
+        self.leaves.add(chunk.key, chunk.parent)
         self.tails.setdefault(chunk.parent, set()).add(chunk.end)
         self.written_bytes += chunk.nbytes
         self.nbytes += chunk.nbytes
         while self.nbytes > self.budget:
-            parents = {e.chunk.parent for e in self.entries.values()}
             leaves = [
-                EvictionCandidate(k, e.chunk.retention, e.last_used)
-                for k, e in self.entries.items()
-                if k not in parents
+                EvictionCandidate(k, self.entries[k].chunk.retention, self.entries[k].last_used)
+                for k in self.leaves.keys
             ]
             order = eviction_order(leaves)
             if not order:
                 return
             victim = self.entries.pop(order[0]).chunk
+            self.leaves.remove(victim.key, victim.parent, self.entries)
             self.tails[victim.parent].discard(victim.end)
             self.nbytes -= victim.nbytes
             self.evicted_bytes += victim.nbytes
@@ -66,4 +68,5 @@ class MemoryDiskTier:
     def clear(self) -> None:
         self.entries.clear()
         self.tails.clear()
+        self.leaves.clear()
         self.nbytes = 0

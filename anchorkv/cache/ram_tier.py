@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 
 from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.leaves import Leaves
 from anchorkv.cache.policy import EvictionCandidate, eviction_order
 
 
@@ -14,7 +15,7 @@ class RamTier:
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self.chunks: dict[bytes, Chunk] = {}
-        self.children: defaultdict[bytes, int] = defaultdict(int)  # cached children per key
+        self.leaves = Leaves()
         self.tails: defaultdict[bytes, set[int]] = defaultdict(set)  # parent key -> ends of chunks under it
         self.nbytes = 0
         self.evicted_bytes = 0
@@ -39,7 +40,7 @@ class RamTier:
         if chunk.nbytes > self.budget or (chunk.start > 0 and chunk.parent not in self.chunks):
             return []  # does not fit, or unreachable without its parent
         self.chunks[chunk.key] = chunk
-        self.children[chunk.parent] += 1
+        self.leaves.add(chunk.key, chunk.parent)
         self.tails[chunk.parent].add(chunk.end)
         self.nbytes += chunk.nbytes
         return self._evict()
@@ -55,18 +56,14 @@ class RamTier:
         c = self.chunks.pop(key, None)
         if c is None:
             return
-        self.children[c.parent] -= 1
-        if not self.children[c.parent]:
-            del self.children[c.parent]
+        self.leaves.remove(key, c.parent, self.chunks)
         self.tails[c.parent].discard(c.end)
         if not self.tails[c.parent]:
             del self.tails[c.parent]
         self.nbytes -= c.nbytes
 
     def eviction_order(self) -> list[bytes]:
-        leaves = [
-            EvictionCandidate(k, c.retention, c.last_used) for k, c in self.chunks.items() if not self.children.get(k)
-        ]
+        leaves = [EvictionCandidate(k, self.chunks[k].retention, self.chunks[k].last_used) for k in self.leaves.keys]
         return eviction_order(leaves)
 
     def _evict(self) -> list[bytes]:
