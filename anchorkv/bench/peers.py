@@ -6,7 +6,6 @@ so a fresh folder is a cold server and a restart on the same folder keeps what i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -66,7 +65,7 @@ class ServerProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "server.log", "ab")  # noqa: SIM115 (closed with the process)
         # the disk cache of llama-cpp-python goes to ./.cache under its working folder
-        self.proc = subprocess.Popen(self.cmd, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        self.proc = subprocess.Popen(self.cmd, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:

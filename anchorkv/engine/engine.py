@@ -260,22 +260,25 @@ class Engine:
         """Record prompt + reply so the next turn hits. Without exact mode the decoded KV is recorded at once;
         in exact mode the reply is re-prefilled in aligned chunks first (`_reply_step`)."""
         if not self.cache_cfg.exact:
-            kvs = [s.kv for s in self.pipeline.stages]
-            full = (Boundary(len(tokens), "full"),)
-            self.cache.record(cplan, tokens, kvs, computed=len(tokens) - 1, extra=full, only_extra=True)
+            self._record_reply(cplan, tokens, computed=len(tokens) - 1)
             return
         self.pipeline.truncate(self.slot_valid)
         self._reply = (cplan, tokens, self.slot_valid)
 
+    def _record_reply(self, cplan: CachePlan, tokens: list[int], computed: int) -> None:
+        kvs = [s.kv for s in self.pipeline.stages]
+        full = (Boundary(len(tokens), "full"),)
+        self.cache.record(cplan, tokens, kvs, computed=computed, extra=full, only_extra=True)
+
     def _reply_step(self) -> bool:
         if self._reply is None:
             return False
-        _, tokens, _ = self._reply
+        cplan, tokens, _ = self._reply
         c = self.cfg.chunk_size
         chunks = aligned_chunks(self.slot_valid, align_down(len(tokens), c), c)
         if chunks:
             a, b = chunks[0]
-            self.pipeline.forward(tokens[a:b], a, RequestPlan(self._reply[0].history_ns, len(tokens)), logits="none")
+            self.pipeline.forward(tokens[a:b], a, RequestPlan(cplan.history_ns, len(tokens)), logits="none")
             self.slot_tokens, self.slot_valid = tokens, b
         if len(chunks) > 1:
             return True
@@ -289,6 +292,4 @@ class Engine:
         cplan, tokens, began = self._reply
         self._reply = None
         if self.slot_valid > began:
-            kvs = [s.kv for s in self.pipeline.stages]
-            full = (Boundary(len(tokens), "full"),)
-            self.cache.record(cplan, tokens, kvs, computed=self.slot_valid, extra=full, only_extra=True)
+            self._record_reply(cplan, tokens, computed=self.slot_valid)

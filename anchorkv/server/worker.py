@@ -50,9 +50,8 @@ class Job:
             self.cancel.set()
 
 
-IDLE_GRACE_S = (
-    0.05  # quiet time after a request before background work starts: a client's next request often follows at once
-)
+# quiet time after a request before background work starts: a client's next request often follows at once
+IDLE_GRACE_S = 0.05
 
 
 class EngineWorker:
