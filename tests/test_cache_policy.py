@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
+from anchorkv.cache.keys import Namespace, chain_keys, chain_points, chunk_key
 from anchorkv.cache.policy import (
     PolicyError,
     Scope,
@@ -17,6 +17,7 @@ from anchorkv.cache.policy import (
     parse_scope,
     plan_records,
     restorable_limit,
+    shared_cut,
 )
 from anchorkv.cache.ram_tier import RamTier
 from anchorkv.engine.kv import KVSlice
@@ -43,16 +44,41 @@ def test_restore_never_reaches_the_last_token_and_stays_aligned() -> None:
     assert restorable_limit(769, 128) == 768
     assert restorable_limit(768, 128) == 640  # an exact hit restores n - 1, rounded down
     assert restorable_limit(100, 1) == 99
+    # a chat boundary is a prefill cut too: a chat prompt restores up to its last message's end
+    assert restorable_limit(847, 128, [300, 843]) == 843
+    assert restorable_limit(847, 128, [300, 846]) == 846
+    assert restorable_limit(847, 128, [300, 847]) == 768
+
+
+def test_kv_prefilled_for_one_prompt_serves_another_up_to_the_last_cut_cut_alike() -> None:
+    a = list(range(1000))
+    b = a[:900] + [7] * 100
+    assert shared_cut(a, [300, 950], b, [300, 990], 128) == 896  # common prefix 900: cut at 896
+    assert shared_cut(a, [300, 899], b, [300, 899], 128) == 899
+    # the same tokens cut at different chat boundaries agree only below the first difference
+    assert shared_cut(a, [300, 500], b, [300, 600], 128) == 384
+    assert shared_cut(a, [300], b, [], 128) == 256
 
 
 def test_grid_chain_keys_chain_parent_and_tokens() -> None:
     root = Namespace.of(model="m").root
     toks = list(range(1000))
-    keys = chain_keys(root, toks, 128, 900)
-    assert len(keys) == 7  # chunks ending at 128, ..., 896
+    points = chain_points(900, 128, [])
+    keys = chain_keys(root, toks, points)
+    assert points == [128 * i for i in range(1, 8)]  # chunks ending at 128, ..., 896
     assert keys[0] == chunk_key(root, toks[:128]) and keys[1] == chunk_key(keys[0], toks[128:256])
-    other = chain_keys(root, toks[:200] + [5] + toks[201:], 128, 900)
+    other = chain_keys(root, toks[:200] + [5] + toks[201:], points)
     assert other[0] == keys[0] and other[1] != keys[1] and other[6] != keys[6]
+
+
+def test_chat_boundaries_cut_the_chain_and_change_every_key_after_them() -> None:
+    root = Namespace.of(model="m").root
+    toks = list(range(1000))
+    assert chain_points(600, 256, [100, 512, 700]) == [100, 256, 512]
+    plain = chain_keys(root, toks, chain_points(600, 256, []))
+    chat = chain_keys(root, toks, chain_points(600, 256, [100]))
+    # same tokens, cut differently, hence computed differently: no key in common past the cut
+    assert not set(plain) & set(chat)
 
 
 def test_namespace_and_salt_change_every_key() -> None:

@@ -81,6 +81,8 @@ def test_prefill_chunks_are_aligned_to_absolute_positions() -> None:
     assert aligned_chunks(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
     assert aligned_chunks(256, 300, 128) == [(256, 300)]
     assert aligned_chunks(100, 300, 128) == [(100, 128), (128, 256), (256, 300)]
+    # chat boundaries cut too
+    assert aligned_chunks(100, 300, 128, [50, 140, 256, 300]) == [(100, 128), (128, 140), (140, 256), (256, 300)]
 
 
 def test_int8_decode_weights_leave_prefill_untouched(engine: Engine) -> None:

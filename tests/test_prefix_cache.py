@@ -45,17 +45,19 @@ def cold(engine: Engine) -> Engine:
     return engine  # the session engine has no cache
 
 
-def test_changed_tail_hits_at_the_last_grid_point_of_the_shared_prefix(tmp_path: Path, cold: Engine) -> None:
+def test_changed_tail_hits_at_the_last_cut_of_the_shared_prefix(tmp_path: Path, cold: Engine) -> None:
+    """The shared system message ends on a chat boundary, where prefill is cut: it is restored whole."""
     e = make(tmp_path)
     p1, r1 = chat(e, "Which code goes with shipment class 3?")
     p2, r2 = chat(e, "Summarise rule 17 for me, please.")
     assert answer(e, p1, r1).cached_tokens == 0
     done = answer(e, p2, r2)
     shared = common_prefix(p1, p2)
-    assert done.cached_tokens == align_down(shared, C) > 0
+    system_end = r2.message_ends[0]
+    assert done.cached_tokens == max(align_down(shared, C), system_end) and system_end % C != 0
     assert done.cache["kind"] in ("chat", "generic") and done.cache["tier"] == "ram"
     assert done.timings()["cache_n"] == done.cached_tokens
-    assert done.token_ids == answer(cold, p2, CacheRequest()).token_ids
+    assert done.token_ids == answer(cold, p2, r2).token_ids
 
 
 def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
@@ -63,7 +65,8 @@ def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
     p, r = chat(e, "Which code goes with shipment class 3?")
     first = answer(e, p, r)
     again = answer(e, p, r)
-    assert again.cached_tokens == align_down(len(p) - 1, C) and again.cache["kind"] == "exact"
+    # everything up to the user message's end: only the assistant header is prefilled again
+    assert again.cached_tokens == r.message_ends[-1] > len(p) - 8 and again.cache["kind"] == "exact"
     assert again.token_ids == first.token_ids
 
 
@@ -105,7 +108,8 @@ def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
     restarted = make(tmp_path, scope="auto")
     p3, r3 = chat(restarted, "Which code goes with shipment class 12?")
     done3 = answer(restarted, p3, r3)
-    assert done3.cached_tokens == align_down(common_prefix(p2, p3), C) > 0
+    # auto kept the prefix shared with the previous prompt, down to its chat boundary: the system message
+    assert done3.cached_tokens == r3.message_ends[0] > 0
     assert done3.cache["tier"] == "disk"
 
 
@@ -188,7 +192,7 @@ def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(tmp_path: Path, 
     e = make(tmp_path, dtype=dtype, stages=stages)
     p1, r1 = chat(e, "Which code goes with shipment class 3?")
     p2, r2 = chat(e, "Summarise rule 17 for me, please.")
-    reference = cold.prompt_logits(p2)[0]
+    reference = cold.prompt_logits(p2, CacheRequest(r2.message_ends))[0]  # cold: no cache, the same cuts
     e.prompt_logits(p1, r1)
     warm, plan = e.prompt_logits(p2, r2)
     assert plan.restore_to > 0 and plan.tier == "ram"
@@ -215,28 +219,40 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
         entry.path.unlink()
     done = answer(e, p1, r1)
     assert done.cached_tokens == 384
-    assert done.token_ids == answer(cold, p1, CacheRequest()).token_ids
+    assert done.token_ids == answer(cold, p1, r1).token_ids
     e.cache.wipe_stage(2)
     done = answer(e, p1, CacheRequest(r1.message_ends, salt=None))
-    assert done.token_ids == answer(cold, p1, CacheRequest()).token_ids
+    assert done.token_ids == answer(cold, p1, r1).token_ids
 
 
-def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rendered_reply", [True, False])
+def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, rendered_reply: bool) -> None:
+    """Told how the next turn renders the reply (as the server is), the cache prefills it that way, so the
+    next turn restores up to the reply's end and prefills only its new message. Without that, the reply's
+    tokens still hit up to their last multiple of C."""
     e = make(tmp_path, scope="auto")
     q = "Write a detailed, long story about a lighthouse keeper and a storm."
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
     p1, r1 = chat(e, q)
+
+    def next_turn(reply: str) -> tuple[list[int], list[int]]:
+        r = e.render_chat([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        return r.token_ids, r.boundaries
+
+    if rendered_reply:
+        r1 = CacheRequest(r1.message_ends, next_turn=next_turn)
     first = answer(e, p1, r1, max_tokens=200)
     assert first.completion_tokens >= C
-    messages = [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": q},
-        {"role": "assistant", "content": first.text},
-        {"role": "user", "content": "Now give it a title."},
-    ]
-    rendered = e.render_chat(messages)
-    done = answer(e, rendered.token_ids, CacheRequest([x for x in rendered.message_ends if x]))
-    assert done.cached_tokens > align_down(len(p1), C)
-    assert done.cache["kind"] in ("full", "chat")
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now give it a title."}]
+    rendered = e.render_chat(history)
+    req = CacheRequest(rendered.boundaries)
+    warm, plan = e.prompt_logits(rendered.token_ids, req)
+    reply_end = rendered.boundaries[-2]
+    if rendered_reply:
+        assert plan.restore_to == reply_end and plan.kind == "full"
+    else:
+        assert align_down(reply_end, C) <= plan.restore_to < reply_end
+    assert torch.equal(warm, cold.prompt_logits(rendered.token_ids, req)[0])
 
 
 def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
@@ -269,7 +285,7 @@ def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_floa
     done = answer(e, p2, r2)
     system_end = r2.message_ends[0]
     assert done.cached_tokens >= system_end and done.cached_tokens % C != 0  # not rounded down to C
-    assert done.token_ids == answer(cold, p2, CacheRequest()).token_ids
+    assert done.token_ids == answer(cold, p2, r2).token_ids
     # the next turn of p1 restores past the prompt, into the KV that decode wrote
     turn2 = e.render_chat([
         {"role": "system", "content": SYSTEM},
@@ -279,7 +295,7 @@ def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_floa
     ])  # fmt: skip
     t2 = answer(e, turn2.token_ids, CacheRequest([x for x in turn2.message_ends if x]))
     assert t2.cached_tokens > len(p1)
-    assert t2.token_ids == answer(cold, turn2.token_ids, CacheRequest()).token_ids
+    assert t2.token_ids == answer(cold, turn2.token_ids, CacheRequest(turn2.boundaries)).token_ids
 
 
 def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:

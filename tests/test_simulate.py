@@ -118,7 +118,6 @@ def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> Non
     # the simulator's per-request restores, recorded through the same PrefixCache the server uses
     from anchorkv.cache.keys import Namespace
     from anchorkv.cache.memory_tier import MemoryDiskTier
-    from anchorkv.cache.policy import align_down
     from anchorkv.cache.prefix_cache import CacheRequest, PrefixCache
 
     cache = PrefixCache(CacheConfig(ram_mb=512, scope="off"), [Namespace.of(sim=1)], 128, disk=[MemoryDiskTier(0)])
@@ -127,7 +126,7 @@ def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> Non
         plan = cache.plan(p.tokens, CacheRequest(p.ends))
         cache.restore(plan, p.tokens, kv)  # type: ignore[arg-type]
         predicted.append(plan.restore_to)
-        cache.record(plan, p.tokens, kv, computed=align_down(len(p.tokens), 128))  # type: ignore[arg-type]
+        cache.record(plan, p.tokens, kv, computed=len(p.tokens))  # type: ignore[arg-type]
     assert simulate.simulate(prepared, policy, engine.model_cfg, 512, 0).mean_restored_tokens == sum(predicted) / len(
         predicted
     )

@@ -22,6 +22,8 @@ from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Delta, Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
+from anchorkv.server.app import next_turn_renderer
+from anchorkv.server.tool_calls import assistant_message
 
 TOOLS = [
     {
@@ -75,10 +77,11 @@ class Replayer:
         self.engine = engine
         self.max_tokens = max_tokens
 
-    def send(self, label: str, messages: list[dict[str, Any]], salt: str | None = None) -> tuple[Turn, str]:
+    def send(self, label: str, messages: list[dict[str, Any]], salt: str | None = None) -> tuple[Turn, dict[str, Any]]:
+        """One request as the server runs it; returns the turn and the assistant message the server returns."""
         e = self.engine
         r = e.render_chat(messages, TOOLS)
-        req = CacheRequest(message_ends=r.boundaries, salt=salt)
+        req = CacheRequest(message_ends=r.boundaries, salt=salt, next_turn=next_turn_renderer(e, messages, TOOLS))
         t0 = time.perf_counter()
         ttft: float | None = None
         done: Finished | None = None
@@ -90,7 +93,7 @@ class Replayer:
             assert isinstance(ev, Delta | Finished)
         assert done is not None and ttft is not None
         turn = Turn(label, done.prompt_tokens, done.cached_tokens, ttft, done.cache.get("kind"), done.cache.get("tier"))
-        return turn, done.text
+        return turn, assistant_message(done.text, tools=True)
 
 
 def agent_session(
@@ -108,12 +111,9 @@ def agent_session(
         last = list(messages)
         turn, reply = rep.send(f"turn {i + 1}", messages, salt)
         out.append(turn)
-        messages += [
-            {"role": "assistant", "content": reply or "Let me look.", "tool_calls": [
-                {"id": f"c{i}", "type": "function", "function": {"name": "run_tests", "arguments": json.dumps({"arg": f"step {i}"})}}
-            ]},
-            {"role": "tool", "tool_call_id": f"c{i}", "content": tool_result(rng)},
-        ]  # fmt: skip
+        # the agent sends back the reply as it came, then the result of the tool it ran
+        call_id = reply["tool_calls"][0]["id"] if reply.get("tool_calls") else f"c{i}"
+        messages += [reply, {"role": "tool", "tool_call_id": call_id, "content": tool_result(rng)}]
     return out, last
 
 
@@ -136,7 +136,7 @@ def interleaved(rep: Replayer, system: str, turns: int) -> list[Turn]:
         for s, messages in sessions.items():
             turn, reply = rep.send(f"{s}{i + 1}", messages)
             out.append(turn)
-            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": tool_result(rng, 60)}]
+            messages += [reply, {"role": "user", "content": tool_result(rng, 60)}]
     return out
 
 

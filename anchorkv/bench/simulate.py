@@ -22,7 +22,7 @@ from tqdm import tqdm
 from anchorkv.bench.traces import Request
 from anchorkv.cache.keys import Namespace
 from anchorkv.cache.memory_tier import MemoryDiskTier
-from anchorkv.cache.policy import Boundary, align_down, parse_scope
+from anchorkv.cache.policy import Boundary, parse_scope
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, PrefixCache
 from anchorkv.engine.kv import KVSlice
 from anchorkv.model.chat_template import ChatTemplate
@@ -91,7 +91,9 @@ class SimKV:
 class Prepared:
     tokens: list[int]
     ends: list[int]
-    reply: list[int] | None  # prompt + the reply this request produced, as the session's next prompt has it
+    # the conversation up to the reply this request produced, as the session's next prompt has it: tokens
+    # and chat boundaries
+    reply: tuple[list[int], list[int]] | None
 
 
 def prepare(requests: Sequence[Request], template: ChatTemplate, progress: bool = True) -> list[Prepared]:
@@ -112,7 +114,7 @@ def prepare(requests: Sequence[Request], template: ChatTemplate, progress: bool 
         p = template.render(requests[nxt].messages)
         end = p.message_ends[r.reply_index]
         if end:
-            rendered[i].reply = p.token_ids[:end]
+            rendered[i].reply = (p.token_ids[:end], [e for e in p.boundaries if e <= end])
     return rendered
 
 
@@ -142,12 +144,12 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
         cache.restore(plan, p.tokens, kv)  # type: ignore[arg-type]
         restored.append(plan.restore_to)
         kinds.append(plan.kind)
-        cache.record(plan, p.tokens, kv, computed=align_down(len(p.tokens), policy.chunk))  # type: ignore[arg-type]
+        # what a prefill leaves reusable: up to the last cut (record rounds down to it)
+        cache.record(plan, p.tokens, kv, computed=len(p.tokens))  # type: ignore[arg-type]
         if p.reply is not None:
-            full = (Boundary(len(p.reply), "full"),)
-            cache.record(
-                plan, p.reply, kv, computed=align_down(len(p.reply), policy.chunk), extra=full, only_extra=True
-            )  # type: ignore[arg-type]
+            tokens, ends = p.reply
+            full = (Boundary(len(tokens), "full"),)
+            cache.record(plan, tokens, kv, computed=len(tokens), extra=full, only_extra=True, chat_ends=ends)  # type: ignore[arg-type]
         cache.remember(plan, p.tokens)
     n = len(prepared)
     prompt_tokens = sum(len(p.tokens) for p in prepared)

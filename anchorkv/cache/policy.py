@@ -2,9 +2,10 @@
 
 The server and the simulator call these same functions on plain token lists.
 
-Positions are token counts: boundary b means the KV of tokens [0, b). In exact mode every restorable
-boundary is a multiple of the prefill chunk C, and the grid stride S is a multiple of C, so rounding a
-boundary down to C lands on a chunk end of the grid chain.
+Positions are token counts: boundary b means the KV of tokens [0, b). Prefill is cut at the multiples of
+the prefill chunk C and at the prompt's chat boundaries ("cuts"). In exact mode every restorable boundary
+is a cut, and the grid stride S is a multiple of C, so rounding a boundary down to a cut lands on a chunk
+end of the chain.
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ def align_down(pos: int, unit: int) -> int:
     return pos - pos % unit
 
 
-def restorable_limit(n_prompt: int, unit: int) -> int:
+def cut_floor(pos: int, unit: int, chat_ends: Sequence[int] = ()) -> int:
+    """The last cut at or before pos: a multiple of the alignment unit or a chat boundary."""
+    return max(align_down(pos, unit), chat_floor(pos, chat_ends))
+
+
+def restorable_limit(n_prompt: int, unit: int, chat_ends: Sequence[int] = ()) -> int:
     """The furthest restore for an n-token prompt: n - 1 (the last token is always prefilled for its
-    logits), rounded down to the alignment unit."""
-    return align_down(max(n_prompt - 1, 0), unit)
+    logits), rounded down to a cut."""
+    return cut_floor(max(n_prompt - 1, 0), unit, chat_ends)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -85,6 +91,16 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def chat_floor(pos: int, chat_ends: Sequence[int]) -> int:
     """The last chat boundary at or before pos (0 when none)."""
     return max((e for e in chat_ends if e <= pos), default=0)
+
+
+def shared_cut(a: Sequence[int], a_ends: Sequence[int], b: Sequence[int], b_ends: Sequence[int], unit: int) -> int:
+    """How far KV prefilled for `a` serves `b` bit for bit: the last cut at or before their common prefix
+    below which both were cut alike (the same chat boundaries)."""
+    x = common_prefix(a, b)
+    differ = {e for e in a_ends if e <= x} ^ {e for e in b_ends if e <= x}
+    if differ:
+        x = min(differ) - 1
+    return cut_floor(x, unit, [e for e in a_ends if e <= x])
 
 
 def auto_boundary(

@@ -3,8 +3,9 @@
 Each stage has its own namespace, RAM tier and disk tier. A request's plan is decided once from all
 stages (the longest boundary that every stage has) and carried to each of them.
 
-Chains: grid chunks [0, S), [S, 2S), ... plus at most one tail chunk [g, b) hanging off the last grid
-point g before a boundary b that is not on the grid. In exact mode b is a multiple of the prefill chunk C.
+Chains: chunks cut at the multiples of the grid stride S and at the prompt's chat boundaries (the chain
+points), plus at most one tail chunk [g, b) hanging off the last chain point g before a boundary b that is
+not one. In exact mode b is a multiple of the prefill chunk C, so every chunk end is a prefill cut.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.disk_tier import DiskTier, DiskWriter
 from anchorkv.cache.history import History
-from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
+from anchorkv.cache.keys import Namespace, chain_keys, chain_points, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import (
     KINDS,
@@ -31,7 +32,7 @@ from anchorkv.cache.policy import (
     Boundary,
     RecordPlan,
     Scope,
-    align_down,
+    cut_floor,
     judge_anchors,
     parse_scope,
     plan_records,
@@ -47,7 +48,7 @@ MAX_FULL_PROMPTS = 4096
 
 @dataclass(frozen=True)
 class CacheConfig:
-    exact: bool = True  # restore only at multiples of C, reuse only KV computed by aligned prefill
+    exact: bool = True  # restore only at prefill cuts, reuse only KV computed by prefill
     stride: int | None = None  # grid stride S; None: the prefill chunk C
     ram_mb: int = 2048
     cache_dir: Path | None = None  # None: no disk tier
@@ -77,6 +78,8 @@ class CacheRequest:
     marked: Sequence[int] = ()  # ends of messages marked with cache_control: anchors that need no key
     salt: str | None = None
     scope: Scope | None = None  # the request's prefix_cache override
+    # the conversation with a reply appended, as the next turn's prompt will begin: (tokens, chat boundaries)
+    next_turn: Callable[[str], tuple[list[int], list[int]]] | None = None
 
 
 @dataclass
@@ -91,6 +94,7 @@ class CachePlan:
     scope: Scope
     history_ns: str
     limit: int  # the furthest this prompt could restore
+    chat_ends: list[int]  # the prompt's chat boundaries: chain points, and prefill cuts
     recorded: list[dict[str, object]] = field(default_factory=list)
 
     def report(self) -> dict[str, object]:
@@ -163,12 +167,15 @@ class PrefixCache:
             ends |= self.disk[s].tail_ends(parent)
         return ends
 
-    def _chain_to(self, s: int, root: bytes, prompt: Sequence[int], pos: int, disk_ok: bool) -> list[bytes] | None:
+    def _chain_to(
+        self, s: int, root: bytes, prompt: Sequence[int], pos: int, chat: Sequence[int], disk_ok: bool
+    ) -> list[bytes] | None:
         """Keys of stage s's chunks covering exactly [0, pos), if all are cached."""
-        g = align_down(pos, self.stride)
-        keys = chain_keys(root, prompt, self.stride, g)
+        points = chain_points(pos, self.stride, chat)
+        keys = chain_keys(root, prompt, points)
         if not all(self._has(s, k, disk_ok) for k in keys):
             return None
+        g = points[-1] if points else 0
         if g < pos:
             tail = chunk_key(keys[-1] if keys else root, prompt[g:pos])
             if not self._has(s, tail, disk_ok):
@@ -176,14 +183,19 @@ class PrefixCache:
             keys.append(tail)
         return keys
 
-    def _longest(self, s: int, root: bytes, prompt: Sequence[int], limit: int, disk_ok: bool) -> int:
-        keys = chain_keys(root, prompt, self.stride, limit)
+    def _longest(
+        self, s: int, root: bytes, prompt: Sequence[int], limit: int, chat: Sequence[int], disk_ok: bool
+    ) -> int:
+        points = chain_points(limit, self.stride, chat)
+        keys = chain_keys(root, prompt, points)
         j = 0
         while j < len(keys) and self._has(s, keys[j], disk_ok):
             j += 1
-        g, parent = j * self.stride, keys[j - 1] if j else root
+        g, parent = (points[j - 1], keys[j - 1]) if j else (0, root)
+        # a tail ends before this prompt's next chain point: one that spans it was cut differently
+        stop = points[j] if j < len(points) else limit + 1
         for end in sorted(self._tail_ends(s, parent, disk_ok), reverse=True):
-            if g < end <= limit and end % self.unit == 0 and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok):
+            if g < end < stop and end % self.unit == 0 and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok):
                 return end
         return g
 
@@ -194,33 +206,34 @@ class PrefixCache:
         history_ns = roots[0].hex()
         verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(req.marked, True, len(prompt))
         anchors = [v.tokens for v in verdicts if v.accepted]
-        limit = restorable_limit(len(prompt), self.unit)
+        chat = sorted({e for e in req.message_ends if e and e <= len(prompt)})
+        limit = restorable_limit(len(prompt), self.unit, chat)
         with self.lock:
-            ends = [self._longest(s, roots[s], prompt, limit, disk_ok) for s in range(len(roots))]
+            ends = [self._longest(s, roots[s], prompt, limit, chat, disk_ok) for s in range(len(roots))]
             # the longest boundary that every stage has: a stage that misses vetoes longer ones
-            candidates = sorted(
-                {e for e in ends if e <= min(ends)} | set(range(0, min(ends) + 1, self.stride)), reverse=True
-            )
+            shortest = min(ends)
+            candidates = sorted({0, *(e for e in ends if e <= shortest), *chain_points(shortest, self.stride, chat)})
             chains: list[list[bytes]] = [[] for _ in roots]
             restore = 0
-            for c in candidates:
-                found = [self._chain_to(s, roots[s], prompt, c, disk_ok) for s in range(len(roots))]
+            for c in reversed(candidates):
+                found = [self._chain_to(s, roots[s], prompt, c, chat, disk_ok) for s in range(len(roots))]
                 if all(f is not None for f in found):
                     restore, chains = c, [f or [] for f in found]
                     break
             records = plan_records(
-                prompt, [e for e in req.message_ends if e], anchors, scope,
-                self.history.recent(history_ns), self.cfg.min_tokens,
+                prompt, chat, anchors, scope, self.history.recent(history_ns), self.cfg.min_tokens,
                 # the whole prompt: an identical prompt can restore only up to n - 1
                 full_at=len(prompt) if self.cfg.exact else len(prompt) - 1,
             )  # fmt: skip
-        computable = align_down(len(prompt), self.unit)  # KV a prefill of this prompt leaves reusable
+        computable = cut_floor(len(prompt), self.unit, chat)  # KV a prefill of this prompt leaves reusable
         recorded: list[dict[str, object]] = [
-            {"kind": b.kind, "tokens": b.pos, "at": min(align_down(b.pos, self.unit), computable)}
+            {"kind": b.kind, "tokens": b.pos, "at": min(cut_floor(b.pos, self.unit, chat), computable)}
             for b in records.boundaries
         ]
         recorded = [d for d in recorded if d["at"]] if self.enabled else []
-        return CachePlan(restore, chains, None, None, records, verdicts, roots, scope, history_ns, limit, recorded)
+        return CachePlan(
+            restore, chains, None, None, records, verdicts, roots, scope, history_ns, limit, chat, recorded
+        )
 
     def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: set[str]) -> str | None:
         """exact: this very prompt was seen; full: a whole earlier prompt (or prompt + reply) is a prefix
@@ -279,15 +292,19 @@ class PrefixCache:
         computed: int,
         extra: Sequence[Boundary] = (),
         only_extra: bool = False,
+        chat_ends: Sequence[int] | None = None,
     ) -> None:
         """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
-        KV that may be reused (in exact mode: computed by aligned prefill)."""
+        KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
+        prompt's)."""
         if not self.enabled:
             return
+        chat = plan.chat_ends if chat_ends is None else sorted(chat_ends)
+        top = cut_floor(computed, self.unit, chat)
         bounds = (*(() if only_extra else plan.records.boundaries), *extra)
         labelled: dict[int, set[str]] = {}
         for b in bounds:
-            pos = min(align_down(b.pos, self.unit), align_down(computed, self.unit))
+            pos = min(cut_floor(b.pos, self.unit, chat), top)
             if pos > 0:
                 labelled.setdefault(pos, set()).add(b.kind)
         if any(b.kind == "full" for b in bounds):
@@ -297,7 +314,7 @@ class PrefixCache:
         disk_upto = plan.records.disk_upto
         if plan.scope.mode == "full":  # full also keeps prompt + reply on disk, for the next turn
             disk_upto = max(disk_upto, *(b.pos for b in extra), 0)
-        disk_upto = align_down(min(disk_upto, computed), self.unit)
+        disk_upto = min(disk_upto, top)
         ends = sorted(labelled)
         # a chunk is kept at least as long as the strongest boundary at or past its end: suffix maxima
         keep_from = [max(RETENTION.get(k, 0) for k in labelled[p]) if labelled[p] else 0 for p in ends]
@@ -307,21 +324,19 @@ class PrefixCache:
         def keep(end: int) -> int:
             return keep_from[bisect.bisect_left(ends, end)]
 
+        points = chain_points(ends[-1], self.stride, chat)
         with self.lock:
             for s, root in enumerate(plan.roots):
-                # one walk of the grid chain up to the furthest boundary, then a tail for each boundary off it
-                grid = [root]  # grid[i]: key of the chunk ending at i * stride (the root for 0)
-                for a in range(0, align_down(ends[-1], self.stride), self.stride):
-                    b = a + self.stride
-                    grid.append(
-                        self._put(s, grid[-1], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s])
-                    )
+                # one walk of the chain up to the furthest boundary, then a tail for each boundary off it
+                at = {0: root}  # chain point -> key of the chunk ending there
+                a = 0
+                for b in points:
+                    at[b] = self._put(s, at[a], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s])
+                    a = b
                 for pos in ends:
-                    g = align_down(pos, self.stride)
-                    if g < pos:
-                        self._put(
-                            s, grid[g // self.stride], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s]
-                        )
+                    if pos not in at:
+                        g = points[bisect.bisect_left(points, pos) - 1] if points and points[0] < pos else 0
+                        self._put(s, at[g], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s])
 
     def _put(
         self, s: int, parent: bytes, tokens: Sequence[int], a: int, b: int, labels: set[str], keep: int,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from anchorkv.cache.keys import Namespace
-from anchorkv.cache.policy import Boundary, align_down, common_prefix
+from anchorkv.cache.policy import Boundary, common_prefix, cut_floor, shared_cut
 from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
@@ -92,11 +92,13 @@ class Engine:
         self.lock = threading.Lock()  # one generation at a time owns the KV
         self.cache_cfg = cache_cfg or CacheConfig(ram_mb=0, scope="off")
         self.cache = PrefixCache(self.cache_cfg, self._namespaces(), cfg.chunk_size)
-        # what the stages' KV holds from the last request: [0, slot_valid) is reusable KV of slot_tokens
+        # what the stages' KV holds from the last request: [0, slot_valid) is reusable KV of slot_tokens,
+        # prefilled with cuts at slot_ends
         self.slot_tokens: list[int] = []
+        self.slot_ends: list[int] = []
         self.slot_valid = 0
         self.slot_salt: str | None = None
-        self._reply: tuple[CachePlan, list[int], int] | None = None  # plan, prompt + reply, where its prefill began
+        self._reply: _Reply | None = None
 
     def _namespaces(self) -> list[Namespace]:
         """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
@@ -114,8 +116,13 @@ class Engine:
             base |= {"decode_weights": self.cfg.int8_decode}
         return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
 
-    def render_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
-        return self.template.render(messages, tools)
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> RenderedPrompt:
+        return self.template.render(messages, tools, add_generation_prompt)
 
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max_tokens to use; raises PromptTooLong when the prompt leaves no room to generate."""
@@ -176,10 +183,13 @@ class Engine:
         cplan = self._restore(prompt, creq)
         r = cplan.restore_to
         plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
-        logits = self.pipeline.prefill(prompt[r:], r, plan)
-        self.slot_tokens, self.slot_valid = prompt, align_down(len(prompt), self.cfg.chunk_size)
+        logits = self.pipeline.prefill(prompt[r:], r, plan, breaks=cplan.chat_ends)
+        self._set_slot(prompt, cplan.chat_ends, cut_floor(len(prompt), self.cfg.chunk_size, cplan.chat_ends))
         self.slot_salt = creq.salt
         return logits, cplan, plan
+
+    def _set_slot(self, tokens: list[int], ends: list[int], valid: int) -> None:
+        self.slot_tokens, self.slot_ends, self.slot_valid = tokens, ends, valid
 
     def _record_prompt(self, cplan: CachePlan, prompt: list[int]) -> None:
         kvs = [s.kv for s in self.pipeline.stages]
@@ -189,8 +199,10 @@ class Engine:
     def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
         plan = self.cache.plan(prompt, creq)
         kvs = [s.kv for s in self.pipeline.stages]
-        same_tenant = self.slot_salt == creq.salt
-        keep = common_prefix(prompt[: plan.restore_to], self.slot_tokens[: self.slot_valid]) if same_tenant else 0
+        keep = 0
+        if self.slot_salt == creq.salt:
+            slot = self.slot_tokens[: self.slot_valid]
+            keep = shared_cut(prompt[: plan.restore_to], plan.chat_ends, slot, self.slot_ends, self.cfg.chunk_size)
         self.pipeline.truncate(keep)
         try:
             self.cache.restore(plan, prompt, kvs, skip_upto=keep)
@@ -253,33 +265,47 @@ class Engine:
             "[cache] restore=%d kind=%s tier=%s recorded=%s",
             r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
         )  # fmt: skip
-        if out and finish != "cancelled":
-            self._keep_reply(cplan, prompt + out)
+        if out and finish != "cancelled" and self.cache.enabled:
+            self._keep_reply(cplan, prompt, out, stream.text, creq)
 
-    def _keep_reply(self, cplan: CachePlan, tokens: list[int]) -> None:
-        """Record prompt + reply so the next turn hits. Without exact mode the decoded KV is recorded at once;
-        in exact mode the reply is re-prefilled in aligned chunks first (`_reply_step`)."""
+    def _keep_reply(self, cplan: CachePlan, prompt: list[int], out: list[int], text: str, creq: CacheRequest) -> None:
+        """Record the conversation with its reply so the next turn hits: as the next turn will render it when
+        the request says how, else as prompt + reply tokens. Without exact mode the decoded KV is recorded
+        at once; in exact mode the reply is prefilled again, cut like a cold run of the next turn
+        (`_reply_step`)."""
+        tokens, ends = prompt + out, cplan.chat_ends
+        if creq.next_turn is not None:
+            try:
+                tokens, ends = creq.next_turn(text)
+            except ValueError as e:  # the template refused the reply: there is no next turn to prepare
+                log.warning("not keeping the reply: %s", e)
+                return
         if not self.cache_cfg.exact:
-            self._record_reply(cplan, tokens, computed=len(tokens) - 1)
+            decoded = len(prompt) + len(out) - 1  # the last token was sampled, never run
+            self._record_reply(_Reply(cplan, tokens, ends, 0), min(common_prefix(tokens, prompt + out), decoded))
             return
-        self.pipeline.truncate(self.slot_valid)
-        self._reply = (cplan, tokens, self.slot_valid)
+        began = shared_cut(tokens, ends, self.slot_tokens[: self.slot_valid], self.slot_ends, self.cfg.chunk_size)
+        self.pipeline.truncate(began)
+        self._set_slot(tokens, ends, began)
+        self._reply = _Reply(cplan, tokens, ends, began)
 
-    def _record_reply(self, cplan: CachePlan, tokens: list[int], computed: int) -> None:
+    def _record_reply(self, reply: _Reply, computed: int) -> None:
         kvs = [s.kv for s in self.pipeline.stages]
-        full = (Boundary(len(tokens), "full"),)
-        self.cache.record(cplan, tokens, kvs, computed=computed, extra=full, only_extra=True)
+        full = (Boundary(len(reply.tokens), "full"),)
+        self.cache.record(
+            reply.plan, reply.tokens, kvs, computed=computed, extra=full, only_extra=True, chat_ends=reply.ends
+        )
 
     def _reply_step(self) -> bool:
-        if self._reply is None:
+        if (reply := self._reply) is None:
             return False
-        cplan, tokens, _ = self._reply
         c = self.cfg.chunk_size
-        chunks = aligned_chunks(self.slot_valid, align_down(len(tokens), c), c)
+        chunks = aligned_chunks(self.slot_valid, cut_floor(len(reply.tokens), c, reply.ends), c, reply.ends)
         if chunks:
             a, b = chunks[0]
-            self.pipeline.forward(tokens[a:b], a, RequestPlan(cplan.history_ns, len(tokens)), logits="none")
-            self.slot_tokens, self.slot_valid = tokens, b
+            plan = RequestPlan(reply.plan.history_ns, len(reply.tokens))
+            self.pipeline.forward(reply.tokens[a:b], a, plan, logits="none")
+            self.slot_valid = b
         if len(chunks) > 1:
             return True
         self._settle_reply()
@@ -287,9 +313,19 @@ class Engine:
 
     def _settle_reply(self) -> None:
         """Record what the reply's prefill has computed so far, and drop the rest of it."""
-        if self._reply is None:
+        if (reply := self._reply) is None:
             return
-        cplan, tokens, began = self._reply
         self._reply = None
-        if self.slot_valid > began:
-            self._record_reply(cplan, tokens, computed=self.slot_valid)
+        if self.slot_valid > reply.began:
+            self._record_reply(reply, computed=self.slot_valid)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """A finished reply waiting to be prefilled again: the next turn's tokens and chat boundaries, and
+    where that prefill began."""
+
+    plan: CachePlan
+    tokens: list[int]
+    ends: list[int]
+    began: int

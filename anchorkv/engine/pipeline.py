@@ -1,16 +1,21 @@
 """Stages chained in one process, and prefill in chunks aligned to absolute positions.
 
 Exactness rests on the chunking: prefill of [start, n) is cut at multiples of C counted from position 0,
+and at the prompt's chat boundaries e1, e2, ... ("breaks"):
 
-    |<- C ->|<- C ->|<- C ->|<-- n % C -->|
-    0       C       2C      3C            n
+    |<- C ->|<- C ->|<-- e1 -->|<- C ->|<-- e2 -->|<- n -->|
+    0       C       2C   e1    3C      4C   e2    5C       n
 
-so a position p < C * floor(n / C) is always computed inside the full chunk [C*floor(p/C), C*floor(p/C) + C),
-with the same tensor shapes, whichever request computes it. KV restored at a multiple of C and followed by
-aligned prefill is therefore bit-identical to a cold run.
+Which pieces a position falls in depends only on the positions and on the chat boundaries before it, so
+a position before the last cut is computed with the same tensor shapes by every request that shares the
+tokens and the boundaries up to there. KV restored at a cut and followed by prefill cut the same way is
+therefore bit-identical to a cold run. (The cache's chain keys fix the boundaries they were cut at.)
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -20,15 +25,11 @@ from anchorkv.engine.stage import Stage
 from anchorkv.model.transformer import Logits
 
 
-def aligned_chunks(start: int, end: int, chunk: int) -> list[tuple[int, int]]:
-    """[a, b) pieces of [start, end) whose inner boundaries are the multiples of chunk."""
-    out = []
-    a = start
-    while a < end:
-        b = min((a // chunk + 1) * chunk, end)
-        out.append((a, b))
-        a = b
-    return out
+def aligned_chunks(start: int, end: int, chunk: int, breaks: Sequence[int] = ()) -> list[tuple[int, int]]:
+    """[a, b) pieces of [start, end) whose inner boundaries are the multiples of chunk and the breaks."""
+    inner = sorted({*range((start // chunk + 1) * chunk, end, chunk), *(e for e in breaks if start < e < end)})
+    edges = [start, *inner, end] if start < end else []
+    return list(itertools.pairwise(edges))
 
 
 class Pipeline:
@@ -49,10 +50,12 @@ class Pipeline:
         """One decode step at position pos. Returns logits [vocab]."""
         return self.forward([token], pos, plan, decode=True)
 
-    def prefill(self, tokens: list[int], start: int, plan: RequestPlan, all_logits: bool = False) -> Tensor:
-        """Prefill tokens at positions [start, start + len(tokens)). Returns the last position's logits
-        [vocab], or with all_logits the logits of every position [len(tokens), vocab]."""
-        chunks = aligned_chunks(start, start + len(tokens), self.chunk_size)
+    def prefill(
+        self, tokens: list[int], start: int, plan: RequestPlan, breaks: Sequence[int] = (), all_logits: bool = False
+    ) -> Tensor:
+        """Prefill tokens at positions [start, start + len(tokens)), cut at multiples of C and at the breaks.
+        Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab]."""
+        chunks = aligned_chunks(start, start + len(tokens), self.chunk_size, breaks)
         outs = []
         for i, (a, b) in enumerate(chunks):
             mode: Logits = "all" if all_logits else "last" if i == len(chunks) - 1 else "none"

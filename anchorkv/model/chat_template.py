@@ -53,14 +53,19 @@ class ChatTemplate:
         self.knows_tools = "tools" in self.source
         self.knows_tool_calls = "tool_calls" in self.source
 
-    def render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> RenderedPrompt:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> RenderedPrompt:
         messages = [self._normalize(m) for m in messages]
         added = 0
         if tools and not self.knows_tools:
             added = 0 if messages and messages[0]["role"] == "system" else 1
             messages = _tools_in_system_message(messages, tools)
             tools = None
-        text = self._render(messages, tools, add_generation_prompt=True)
+        text = self._render(messages, tools, add_generation_prompt=add_generation_prompt)
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         # char offset -> token offset, for offsets where a token starts (or the text ends)
         starts = {0: 0} | {s: i for i, (s, e) in enumerate(offsets) if e > s} | {len(text): len(ids)}

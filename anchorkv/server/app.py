@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,7 +25,7 @@ from anchorkv.server import errors
 from anchorkv.server.errors import APIError
 from anchorkv.server.metrics import Metrics
 from anchorkv.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from anchorkv.server.tool_calls import ToolCallStream, parse_tool_calls
+from anchorkv.server.tool_calls import ToolCallStream, assistant_message
 from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
 log = logging.getLogger("anchorkv.server")
@@ -109,7 +109,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             raise APIError(400, str(e), "messages") from None
         ends = rendered.message_ends
         marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
-        creq = _cache_request(req, rendered.boundaries, marked)
+        creq = _cache_request(req, rendered.boundaries, marked, next_turn_renderer(engine, messages, req.tools))
         return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
@@ -122,9 +122,15 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                 raise APIError(400, f"prompt: token id {bad} is outside the vocabulary", "prompt")
         return await _serve("completion", req, prompt, request, "prompt", _cache_request(req, [], []))
 
-    def _cache_request(req: SamplingFields, ends: list[int], marked: list[int]) -> CacheRequest:
+    def _cache_request(
+        req: SamplingFields,
+        ends: list[int],
+        marked: list[int],
+        next_turn: Callable[[str], tuple[list[int], list[int]]] | None = None,
+    ) -> CacheRequest:
         scope = req.prefix_cache.resolve(engine.cache.default_scope) if req.prefix_cache else None
-        return CacheRequest(ends, req.anchor_list, req.prompt_cache_key is not None, marked, req.cache_salt, scope)
+        has_key = req.prompt_cache_key is not None
+        return CacheRequest(ends, req.anchor_list, has_key, marked, req.cache_salt, scope, next_turn)
 
     async def _serve(
         kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str, creq: CacheRequest
@@ -197,9 +203,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
     def _response(kind: str, rid: str, done: Finished, tools: bool = False) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
         if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": done.text}
-            if tools and (parsed := parse_tool_calls(done.text)) is not None:
-                choice["message"] = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+            choice["message"] = assistant_message(done.text, tools)
+            if "tool_calls" in choice["message"]:
                 choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = done.text
@@ -271,6 +276,19 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def next_turn_renderer(
+    engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> Callable[[str], tuple[list[int], list[int]]]:
+    """For CacheRequest.next_turn: the conversation as the client will send it back, ending with the reply
+    as this server returns it (tokens, chat boundaries)."""
+
+    def render(reply: str) -> tuple[list[int], list[int]]:
+        r = engine.render_chat([*messages, assistant_message(reply, bool(tools))], tools, add_generation_prompt=False)
+        return r.token_ids, r.boundaries
+
+    return render
 
 
 def _usage(done: Finished) -> dict[str, Any]:

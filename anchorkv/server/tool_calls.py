@@ -33,6 +33,13 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | Non
     return _BLOCK.sub("", text).strip() or None, calls
 
 
+def assistant_message(text: str, tools: bool) -> dict[str, Any]:
+    """The assistant message a response carries, which a client sends back on its next turn."""
+    if tools and (parsed := parse_tool_calls(text)) is not None:
+        return {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+    return {"role": "assistant", "content": text}
+
+
 class ToolCallStream:
     """Passes streamed text through, holding back everything from the first `<tool_call>` on (and any
     tail that could still become one), so a client never sees the raw call."""
