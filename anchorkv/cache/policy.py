@@ -80,9 +80,13 @@ def restorable_limit(n_prompt: int, unit: int, chat_ends: Sequence[int] = ()) ->
     return cut_floor(max(n_prompt - 1, 0), unit, chat_ends)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int], block: int = 256) -> int:
+    """Length of the longest common prefix. Equal blocks are compared as slices (at C speed), so the
+    per-token loop runs only inside the first block that differs."""
     n = min(len(a), len(b))
     i = 0
+    while i + block <= n and a[i : i + block] == b[i : i + block]:
+        i += block
     while i < n and a[i] == b[i]:
         i += 1
     return i

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,23 +271,15 @@ class Engine:
     def _keep_reply(self, cplan: CachePlan, prompt: list[int], out: list[int], text: str, creq: CacheRequest) -> None:
         """Record the conversation with its reply so the next turn hits: as the next turn will render it when
         the request says how, else as prompt + reply tokens. Without exact mode the decoded KV is recorded
-        at once; in exact mode the reply is prefilled again, cut like a cold run of the next turn
-        (`_reply_step`)."""
-        tokens, ends = prompt + out, cplan.chat_ends
-        if creq.next_turn is not None:
-            try:
-                tokens, ends = creq.next_turn(text)
-            except ValueError as e:  # the template refused the reply: there is no next turn to prepare
-                log.warning("not keeping the reply: %s", e)
-                return
-        if not self.cache_cfg.exact:
+        at once; in exact mode the reply is prefilled again, cut like a cold run of the next turn, as idle
+        work (`_reply_step`), which also renders it."""
+        next_turn = creq.next_turn
+        reply = _Reply(cplan, (lambda: next_turn(text)) if next_turn else (lambda: (prompt + out, cplan.chat_ends)))
+        if self.cache_cfg.exact:
+            self._reply = reply
+        elif reply.prepare():
             decoded = len(prompt) + len(out) - 1  # the last token was sampled, never run
-            self._record_reply(_Reply(cplan, tokens, ends, 0), min(common_prefix(tokens, prompt + out), decoded))
-            return
-        began = shared_cut(tokens, ends, self.slot_tokens[: self.slot_valid], self.slot_ends, self.cfg.chunk_size)
-        self.pipeline.truncate(began)
-        self._set_slot(tokens, ends, began)
-        self._reply = _Reply(cplan, tokens, ends, began)
+            self._record_reply(reply, min(common_prefix(reply.tokens, prompt + out), decoded))
 
     def _record_reply(self, reply: _Reply, computed: int) -> None:
         kvs = [s.kv for s in self.pipeline.stages]
@@ -297,8 +289,19 @@ class Engine:
         )
 
     def _reply_step(self) -> bool:
+        """One unit of the pending reply's work: rendering it, then each prefill piece. Returns whether work
+        remains."""
         if (reply := self._reply) is None:
             return False
+        if reply.began is None:
+            if not reply.prepare():
+                self._reply = None
+                return False
+            slot = self.slot_tokens[: self.slot_valid]
+            reply.began = shared_cut(reply.tokens, reply.ends, slot, self.slot_ends, self.cfg.chunk_size)
+            self.pipeline.truncate(reply.began)
+            self._set_slot(reply.tokens, reply.ends, reply.began)
+            return True
         c = self.cfg.chunk_size
         chunks = aligned_chunks(self.slot_valid, cut_floor(len(reply.tokens), c, reply.ends), c, reply.ends)
         if chunks:
@@ -316,16 +319,25 @@ class Engine:
         if (reply := self._reply) is None:
             return
         self._reply = None
-        if self.slot_valid > reply.began:
+        if reply.began is not None and self.slot_valid > reply.began:
             self._record_reply(reply, computed=self.slot_valid)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Reply:
-    """A finished reply waiting to be prefilled again: the next turn's tokens and chat boundaries, and
-    where that prefill began."""
+    """A finished reply to record for the next turn: how to render that turn's beginning, then its tokens
+    and chat boundaries, and where their prefill began (None until rendered)."""
 
     plan: CachePlan
-    tokens: list[int]
-    ends: list[int]
-    began: int
+    render: Callable[[], tuple[list[int], list[int]]]
+    tokens: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    began: int | None = None
+
+    def prepare(self) -> bool:
+        try:
+            self.tokens, self.ends = self.render()
+        except ValueError as e:  # the template refused the reply: there is no next turn to prepare
+            log.warning("not keeping the reply: %s", e)
+            return False
+        return True
