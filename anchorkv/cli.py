@@ -66,8 +66,9 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--disk-prefix-cache",
         default=c.scope,
-        metavar="off|full|auto|auto:N|N",
-        help=f"what is written to disk (default {c.scope}, i.e. auto:30)",
+        metavar="off|full|auto|auto:N|auto+|auto+:N|N",
+        help=f"what is written to disk (default {c.scope}, i.e. auto+:30: auto:30, plus the whole prompt and its "
+        "reply when the prompt continues a recent one)",
     )
     p.add_argument(
         "--cache-min-tokens", type=int, default=c.min_tokens, help="nothing shorter is saved to disk (default 0)"
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="TRACE: a file or folder (OpenAI message transcripts as JSON or JSONL, tau-bench, "
         "mini-swe-agent and SWE-agent trajectories, FastChat, OpenAssistant trees, Mooncake block traces) "
         "or a generator: gen:agent, gen:tasks, gen:rolling, gen:interleaved. POLICY: off, full, auto, "
-        "auto:N, N (first N tokens), stride:S, anchors, default.",
+        "auto:N, auto+, auto+:N, N (first N tokens), stride:S, anchors, default.",
     )
     sim.add_argument("traces", nargs="+", metavar="TRACE")
     sim.add_argument("--policy", action="append", metavar="POLICY", help="repeatable (default: the standard set)")

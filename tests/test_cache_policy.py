@@ -33,7 +33,7 @@ def test_scope_forms() -> None:
     assert str(parse_scope("auto")) == "auto:30" and str(parse_scope("1000")) == "1000"
 
 
-@pytest.mark.parametrize("bad", ["", "on", "auto:", "auto:0", "auto:-1", "0", "-5", "12.5", "full:3"])
+@pytest.mark.parametrize("bad", ["", "on", "auto:", "auto:0", "auto:-1", "auto+:0", "auto++", "0", "-5", "full:3"])
 def test_bad_scope_lists_the_accepted_forms(bad: str) -> None:
     with pytest.raises(PolicyError, match=r"off, full, auto, auto:N"):
         parse_scope(bad)
@@ -130,6 +130,26 @@ def test_record_plan_per_scope() -> None:
     anchored = plan_records(prompt, ends, [700], parse_scope("400"), history, 0)
     assert anchored.disk_upto == 700  # an anchor goes to disk unless the scope is off
     assert plan_records(prompt, ends, [], parse_scope("400"), history, min_tokens=500).disk_upto == 0
+
+
+def test_auto_plus_writes_a_continuing_session_whole() -> None:
+    """auto+ is auto, except that a prompt holding a recent prompt whole (a session's next turn) goes to
+    disk whole, with its reply, as full would write it."""
+    prompt = list(range(1000))
+    ends = [300, 600, 900]
+    unrelated = [prompt[:650] + [1] * 10]
+    plus = parse_scope("auto+")
+    assert plus == Scope("auto", 30, sessions=True) and str(plus) == "auto+:30"
+    assert parse_scope("auto+:4") == Scope("auto", 4, sessions=True) == parse_scope("auto+", window=4)
+    like_auto = plan_records(prompt, ends, [], plus, unrelated, 0)
+    assert (like_auto.disk_upto, like_auto.reply_to_disk) == (600, False)
+    session = plan_records(prompt, ends, [], plus, [*unrelated, prompt[:700]], 0)
+    assert (session.disk_upto, session.scope_boundary, session.reply_to_disk) == (1000, 1000, True)
+    # only within the window
+    outside = plan_records(prompt, ends, [], parse_scope("auto+:1"), [prompt[:700], *unrelated], 0)
+    assert outside.disk_upto == 600
+    auto = plan_records(prompt, ends, [], parse_scope("auto"), [*unrelated, prompt[:700]], 0)
+    assert (auto.disk_upto, auto.reply_to_disk) == (600, False)  # plain auto: the common prefix, to a chat end
 
 
 def _chunk(key: bytes, parent: bytes, start: int, retention: int = 0) -> Chunk:

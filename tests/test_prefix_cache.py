@@ -298,6 +298,35 @@ def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_floa
     assert t2.token_ids == answer(cold, turn2.token_ids, CacheRequest(turn2.boundaries)).token_ids
 
 
+def test_auto_plus_keeps_a_session_on_disk_up_to_its_last_reply(tmp_path: Path) -> None:
+    """auto+ writes a turn that continues the previous one whole, with its reply: after a restart the next
+    turn restores up to that reply's end. Plain auto would keep only what two prompts share."""
+
+    def turn(e: Engine, history: list[dict[str, str]]) -> Finished:
+        r = e.render_chat(history)
+
+        def next_turn(reply: str) -> tuple[list[int], list[int]]:
+            rr = e.render_chat([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+            return rr.token_ids, rr.boundaries
+
+        done = answer(e, r.token_ids, CacheRequest(r.boundaries, next_turn=next_turn), max_tokens=8)
+        history.append({"role": "assistant", "content": done.text})
+        return done
+
+    e = make(tmp_path, scope="auto+")
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which code goes with class 3?"}]
+    turn(e, history)
+    history.append({"role": "user", "content": "And class 4?"})
+    turn(e, history)
+    e.cache.flush()
+    del e
+    restarted = make(tmp_path, scope="auto+")
+    history.append({"role": "user", "content": "And class 5?"})
+    reply_end = restarted.render_chat(history).boundaries[-2]
+    done = turn(restarted, history)
+    assert done.cached_tokens == reply_end and done.cache["tier"] == "disk"
+
+
 def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:
     e = make(tmp_path, scope="auto")
     p1, r1 = chat(e, "Which code goes with shipment class 3?")

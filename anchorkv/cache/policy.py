@@ -31,35 +31,38 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class Scope:
-    """What is written to disk: off, full, auto (window = recent prompts), or the first `tokens` tokens."""
+    """What is written to disk: off, full, auto (window = recent prompts), or the first `tokens` tokens.
+    With `sessions` (auto+), auto also writes whole a prompt that continues one of its window's prompts."""
 
     mode: str  # "off" | "full" | "auto" | "fixed"
     window: int = DEFAULT_AUTO_WINDOW
     tokens: int = 0
+    sessions: bool = False
 
     def __str__(self) -> str:
         if self.mode == "auto":
-            return f"auto:{self.window}"
+            return f"auto{'+' if self.sessions else ''}:{self.window}"
         if self.mode == "fixed":
             return str(self.tokens)
         return self.mode
 
 
-SCOPE_FORMS = "off, full, auto, auto:N (N >= 1 recent prompts) or N (a token count >= 1)"
+SCOPE_FORMS = "off, full, auto, auto:N (N >= 1 recent prompts), auto+, auto+:N or N (a token count >= 1)"
 
 
 def parse_scope(text: str, window: int | None = None) -> Scope:
-    """Parse `off|full|auto|auto:N|N`; `window` overrides auto's window (lucebox's prefix_cache.window)."""
+    """Parse `off|full|auto|auto:N|auto+|auto+:N|N`; `window` overrides auto's window (lucebox's
+    prefix_cache.window)."""
     s = text.strip().lower()
     if window is not None and window < 1:
         raise PolicyError(f"window must be >= 1, got {window}")
     if s in ("off", "full"):
         return Scope(s)
-    if m := re.fullmatch(r"auto(?::(\d+))?", s):
-        n = int(m.group(1)) if m.group(1) else DEFAULT_AUTO_WINDOW
+    if m := re.fullmatch(r"auto(\+?)(?::(\d+))?", s):
+        n = int(m.group(2)) if m.group(2) else DEFAULT_AUTO_WINDOW
         if n < 1:
             raise PolicyError(f"bad scope {text!r}: the auto window must be >= 1; accepted: {SCOPE_FORMS}")
-        return Scope("auto", window if window is not None else n)
+        return Scope("auto", window if window is not None else n, sessions=bool(m.group(1)))
     if s.isdigit() and int(s) >= 1:
         return Scope("fixed", tokens=int(s))
     raise PolicyError(f"bad scope {text!r}; accepted: {SCOPE_FORMS}")
@@ -118,6 +121,11 @@ def auto_boundary(
     return chat_floor(lcp, chat_ends) if chat_ends else lcp
 
 
+def continues(prompt: Sequence[int], recent: Sequence[Sequence[int]]) -> bool:
+    """Whether one of the recent prompts is a prefix of this one."""
+    return any(len(h) <= len(prompt) and common_prefix(prompt, h) == len(h) for h in recent)
+
+
 @dataclass(frozen=True)
 class AnchorVerdict:
     tokens: int
@@ -160,6 +168,7 @@ class RecordPlan:
     boundaries: tuple[Boundary, ...]
     disk_upto: int  # chunks ending at or before this go to disk too (0: none)
     scope_boundary: int  # the auto / fixed boundary before alignment (0 when the scope has none)
+    reply_to_disk: bool = False  # the reply, recorded for the next turn, goes to disk too (full, auto+)
 
 
 def plan_records(
@@ -176,9 +185,12 @@ def plan_records(
     n = len(prompt)
     bounds = [Boundary(e, "chat") for e in chat_ends if 0 < e < n]
     bounds += [Boundary(a, "anchor") for a in anchors]
-    scope_b = 0
+    scope_b, session = 0, False
     if scope.mode == "auto":
         scope_b = auto_boundary(prompt, history, scope.window, chat_ends)
+        # auto+: a prompt that holds a recent prompt whole is the next turn of a session, written whole
+        session = scope.sessions and continues(prompt, history[-scope.window :])
+        scope_b = n if session else scope_b
     elif scope.mode == "fixed":
         scope_b = min(scope.tokens, n - 1)
     if scope_b:
@@ -190,7 +202,7 @@ def plan_records(
         disk = max(disk, *anchors)
     if disk < min_tokens:
         disk = 0
-    return RecordPlan(tuple(bounds), disk, scope_b)
+    return RecordPlan(tuple(bounds), disk, scope_b, reply_to_disk=scope.mode == "full" or session)
 
 
 @dataclass(frozen=True)

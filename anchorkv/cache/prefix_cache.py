@@ -11,6 +11,7 @@ not one. In exact mode b is a multiple of the prefill chunk C, so every chunk en
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -23,7 +24,7 @@ import numpy as np
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.disk_tier import DiskTier, DiskWriter
 from anchorkv.cache.history import History
-from anchorkv.cache.keys import Namespace, chain_keys, chain_points, chunk_key
+from anchorkv.cache.keys import KEY_BYTES, Namespace, chain_keys, chain_points, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import (
     KINDS,
@@ -53,7 +54,7 @@ class CacheConfig:
     ram_mb: int = 2048
     cache_dir: Path | None = None  # None: no disk tier
     disk_budget_mb: int = 4096
-    scope: str = "auto"  # what goes to disk: off | full | auto | auto:N | N
+    scope: str = "auto+"  # what goes to disk: off | full | auto | auto:N | auto+ | auto+:N | N
     min_tokens: int = 0  # nothing shorter is saved to disk
 
     def __post_init__(self) -> None:
@@ -241,16 +242,25 @@ class PrefixCache:
         if not plan.restore_to:
             return None
         root = plan.roots[0]
-        if self._seen(root, prompt):
+        lengths = sorted(m for m in self.full_lengths.get(root, ()) if plan.restore_to <= m < len(prompt))
+        seen = self._seen_prefixes(root, prompt, [*lengths, len(prompt)])
+        if seen[-1]:
             return "exact"
-        if any(
-            self._seen(root, prompt[:m]) for m in self.full_lengths.get(root, ()) if plan.restore_to <= m < len(prompt)
-        ):
+        if any(seen[:-1]):
             return "full"
         return next((k for k in KINDS if k in labels - {"full"}), "generic")
 
-    def _seen(self, root: bytes, tokens: Sequence[int]) -> bool:
-        return (root, chunk_key(root, tokens)) in self.full_prompts
+    def _seen_prefixes(self, root: bytes, tokens: Sequence[int], lengths: Sequence[int]) -> list[bool]:
+        """For each of the ascending lengths m, whether tokens[:m] was recorded whole. One streaming hash
+        over the tokens gives every prefix's key (chunk_key(root, tokens[:m]))."""
+        data = np.asarray(tokens, dtype="<i4").tobytes()
+        h = hashlib.blake2b(root, digest_size=KEY_BYTES)
+        out, done = [], 0
+        for m in lengths:
+            h.update(data[4 * done : 4 * m])
+            done = m
+            out.append((root, h.copy().digest()) in self.full_prompts)
+        return out
 
     def _saw(self, root: bytes, tokens: Sequence[int]) -> None:
         self.full_prompts[(root, chunk_key(root, tokens))] = None
@@ -312,7 +322,7 @@ class PrefixCache:
         if not labelled:
             return
         disk_upto = plan.records.disk_upto
-        if plan.scope.mode == "full":  # full also keeps prompt + reply on disk, for the next turn
+        if plan.records.reply_to_disk:  # full and auto+ also keep the reply on disk, for the next turn
             disk_upto = max(disk_upto, *(b.pos for b in extra), 0)
         disk_upto = min(disk_upto, top)
         ends = sorted(labelled)
