@@ -58,6 +58,7 @@ def test_kv_prefilled_for_one_prompt_serves_another_up_to_the_last_cut_cut_alike
     # the same tokens cut at different chat boundaries agree only below the first difference
     assert shared_cut(a, [300, 500], b, [300, 600], 128) == 384
     assert shared_cut(a, [300], b, [], 128) == 256
+    assert shared_cut(a, [256, 300], b, [300], 128) == 896  # a chat end on a multiple of C cuts nothing new
 
 
 def test_grid_chain_keys_chain_parent_and_tokens() -> None:

@@ -154,6 +154,28 @@ def _other_model(f: Path) -> None:
     save_file(load_file(f), f, metadata={**meta, "namespace": "0" * 32})
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_a_restarted_engine_brings_back_the_last_chain_while_idle(tmp_path: Path, stages: int) -> None:
+    """The first idle moment after a restart loads the last run's latest chain into the KV, so the first
+    request that continues it copies nothing more, and its logits still equal a cold run's."""
+    e = make(tmp_path, stages=stages)
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p1, r1)
+    e.cache.flush()
+    del e
+    restarted = make(tmp_path, stages=stages)
+    assert restarted.has_idle_work
+    while restarted.idle_work():
+        pass
+    system_end = r1.message_ends[0]
+    assert restarted.slot_valid >= r1.message_ends[-1] and restarted.slot_tokens[:system_end] == p1[:system_end]
+    p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
+    warm, plan = restarted.prompt_logits(p2, r2)
+    assert plan.restore_to == system_end and plan.tier == "ram"  # not "disk": the warm start loaded it
+    cold = Engine(EngineConfig(threads=2, stages=stages))
+    assert torch.equal(warm, cold.prompt_logits(p2, CacheRequest(r2.message_ends))[0])
+
+
 @pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign_version, _other_model])
 def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: object) -> None:
     e = make(tmp_path)

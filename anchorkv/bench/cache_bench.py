@@ -210,9 +210,10 @@ def run(
         # (a new engine: empty RAM, the same cache folder, every save completed as on a clean shutdown)
         warm, _ = rep.send("RAM-warm", last_messages)
         engine.cache.flush()
-        restarted, _ = Replayer(Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "agent")), max_tokens).send(
-            "after restart", last_messages
-        )
+        after_restart = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "agent"))
+        while after_restart.idle_work():  # the server's first idle moment: the last run's latest chain comes back
+            pass
+        restarted, _ = Replayer(after_restart, max_tokens).send("after restart", last_messages)
         cold, _ = Replayer(Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "none")), max_tokens).send(
             "cold", last_messages
         )

@@ -175,6 +175,20 @@ class DiskTier:
         with self.lock:
             return set(self.tails.get(parent, ()))
 
+    def latest_chain(self) -> tuple[bytes, list[bytes]]:
+        """The chain that ends in the chunk used last: its root, and its keys from position 0 ([] when the
+        chain is broken)."""
+        with self.lock:
+            if not self.entries:
+                return b"", []
+            key = max(self.entries, key=lambda k: (self.entries[k].last_used, self.entries[k].end))
+            chain = []
+            while key in self.entries:
+                chain.append(key)
+                key = self.entries[key].parent
+            whole = self.entries[chain[-1]].start == 0
+        return key, chain[::-1] if whole else []
+
     def __len__(self) -> int:
         with self.lock:
             return len(self.entries)

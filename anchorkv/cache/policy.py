@@ -102,9 +102,9 @@ def chat_floor(pos: int, chat_ends: Sequence[int]) -> int:
 
 def shared_cut(a: Sequence[int], a_ends: Sequence[int], b: Sequence[int], b_ends: Sequence[int], unit: int) -> int:
     """How far KV prefilled for `a` serves `b` bit for bit: the last cut at or before their common prefix
-    below which both were cut alike (the same chat boundaries)."""
+    below which both were cut alike (the same chat boundaries off the multiples of unit)."""
     x = common_prefix(a, b)
-    differ = {e for e in a_ends if e <= x} ^ {e for e in b_ends if e <= x}
+    differ = {e for e in a_ends if e <= x and e % unit} ^ {e for e in b_ends if e <= x and e % unit}
     if differ:
         x = min(differ) - 1
     return cut_floor(x, unit, [e for e in a_ends if e <= x])

@@ -293,6 +293,38 @@ class PrefixCache:
         plan.tier = ("disk" if from_disk else "ram") if plan.restore_to else None
         plan.kind = self._kind(plan, prompt, labels)
 
+    def warm_start(self, kvs: list[StageKV], limit: int) -> list[Chunk]:
+        """After a restart: load the chain the last run used last (if an unsalted request's) from disk into
+        RAM and into kvs, in every stage, as far as every stage has it and up to `limit` positions. Returns
+        stage 0's chunks."""
+        if not self.disk:
+            return []
+        root, keys = self.disk[0].latest_chain()
+        parents = [ns.root for ns in self.namespaces]
+        if root != parents[0]:
+            return []
+        out: list[Chunk] = []
+        with self.lock:
+            for key in keys:
+                first = self._fetch(0, key)
+                if first is None or first.end > limit:
+                    break
+                row = [first] + [self._fetch(s, chunk_key(parents[s], first.tokens)) for s in range(1, len(kvs))]
+                if any(c is None for c in row):
+                    break
+                for s, c in enumerate(row):
+                    assert c is not None
+                    kvs[s].restore(c.kv)
+                    parents[s] = c.key
+                out.append(first)
+        return out
+
+    def _fetch(self, s: int, key: bytes) -> Chunk | None:
+        c = self.ram[s].get(key)
+        if c is None and self.disk and (c := self.disk[s].load(key)) is not None:
+            self.ram[s].put(c)
+        return c
+
     # -- record ----------------------------------------------------------------------------------------
     def record(
         self,

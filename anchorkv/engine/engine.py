@@ -99,6 +99,7 @@ class Engine:
         self.slot_valid = 0
         self.slot_salt: str | None = None
         self._reply: _Reply | None = None
+        self._warm = bool(self.cache.disk) and self.cache.enabled  # the last run's latest chain, to bring back
 
     def _namespaces(self) -> list[Namespace]:
         """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
@@ -153,6 +154,7 @@ class Engine:
         request waits."""
         self.check_fits(len(prompt), params.max_tokens)
         with self.lock:
+            self._warm = False  # a request came first: it restores what it needs itself
             self._settle_reply()
             yield from self._generate(prompt, params, cancel, cache_req or CacheRequest())
             if not background:
@@ -161,14 +163,32 @@ class Engine:
 
     @property
     def has_idle_work(self) -> bool:
-        return self._reply is not None
+        return self._reply is not None or self._warm
 
     @torch.inference_mode()
     def idle_work(self) -> bool:
-        """One aligned chunk of the pending reply's prefill (recorded when the last one is done). Returns
-        whether work remains."""
+        """One step of background work: after a restart, bringing back the last run's latest chain; after a
+        response, one piece of the reply's prefill (recorded when the last one is done). Returns whether
+        work remains."""
         with self.lock:
+            if self._warm:
+                self._warm_start()
+                return self.has_idle_work
             return self._reply_step()
+
+    def _warm_start(self) -> None:
+        """Load the chain the last run used last from disk into the stages' KV, as the slot: a first request
+        that continues it then restores as from a warm server."""
+        self._warm = False
+        chunks = self.cache.warm_start([s.kv for s in self.pipeline.stages], self.ctx - 1)
+        if not chunks:
+            return
+        tokens = [t for c in chunks for t in c.tokens.tolist()]
+        # chain chunks end at the cuts: multiples of C and chat boundaries, which are the ends off the grid
+        ends = [c.end for c in chunks if c.end % self.cfg.chunk_size]
+        self._set_slot(tokens, ends, len(tokens))
+        self.slot_salt = None
+        log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(tokens))
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
