@@ -145,7 +145,7 @@ def test_auto_plus_writes_a_continuing_session_whole() -> None:
     like_auto = plan_records(prompt, ends, [], plus, unrelated, 0)
     assert (like_auto.disk_upto, like_auto.reply_to_disk) == (600, False)
     session = plan_records(prompt, ends, [], plus, [*unrelated, prompt[:700]], 0)
-    assert (session.disk_upto, session.scope_boundary, session.reply_to_disk) == (1000, 1000, True)
+    assert (session.disk_upto, session.scope_boundary, session.reply_to_disk) == (1000, 600, True)
     # only within the window
     outside = plan_records(prompt, ends, [], parse_scope("auto+:1"), [prompt[:700], *unrelated], 0)
     assert outside.disk_upto == 600

@@ -20,9 +20,9 @@ MAX_ANCHORS = 4
 # Restore kinds, strongest first. "exact": the same prompt again; "full": an earlier whole prompt (or
 # prompt plus reply) that this one extends; "generic": grid points only.
 KINDS = ("exact", "full", "anchor", "chat", "auto", "fixed", "generic")
-# Eviction classes: a chunk on the way to an anchor outlives one on the way to a chat boundary, which
-# outlives a volatile tail.
-RETENTION = {"anchor": 2, "chat": 1}
+# Eviction classes: a chunk on the way to an anchor outlives one on the way to a chat boundary or a prefix
+# shared with recent prompts (auto), which outlives a volatile tail.
+RETENTION = {"anchor": 2, "chat": 1, "auto": 1}
 
 
 class PolicyError(ValueError):
@@ -190,13 +190,12 @@ def plan_records(
         scope_b = auto_boundary(prompt, history, scope.window, chat_ends)
         # auto+: a prompt that holds a recent prompt whole is the next turn of a session, written whole
         session = scope.sessions and continues(prompt, history[-scope.window :])
-        scope_b = n if session else scope_b
     elif scope.mode == "fixed":
         scope_b = min(scope.tokens, n - 1)
     if scope_b:
         bounds.append(Boundary(scope_b, scope.mode))
     bounds.append(Boundary(n if full_at is None else full_at, "full"))
-    disk = {"off": 0, "full": n, "auto": scope_b, "fixed": scope_b}[scope.mode]
+    disk = {"off": 0, "full": n, "auto": n if session else scope_b, "fixed": scope_b}[scope.mode]
     # anchors are kept on disk unless the scope is off
     if scope.mode != "off" and anchors:
         disk = max(disk, *anchors)
