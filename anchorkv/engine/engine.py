@@ -149,9 +149,9 @@ class Engine:
     ) -> Iterator[Delta | Finished]:
         """Plan, restore, prefill, decode; then record into the cache after the response is out.
 
-        In exact mode the reply is re-prefilled in aligned chunks so the next turn hits on it: right after
-        the response, or with `background` left pending for `idle_work()`, which a server calls while no
-        request waits."""
+        In exact mode the reply is prefilled again, cut as a cold run of the next turn would be, so that
+        turn hits on it: right after the response, or with `background` left pending for `idle_work()`,
+        which a server calls while no request waits."""
         self.check_fits(len(prompt), params.max_tokens)
         with self.lock:
             self._warm = False  # a request came first: it restores what it needs itself
