@@ -276,13 +276,10 @@ class PrefixCache:
         labels: set[str] = set()  # those of stage 0's last restored chunk
         for s, chain in enumerate(plan.chains):
             for key in chain:
-                c = self.ram[s].get(key)
-                if c is None:
-                    c = self.disk[s].load(key) if self.disk else None
-                    if c is None:  # vanished or corrupt since planning: stop here
-                        raise CacheMiss(f"stage {s} lost chunk {key.hex()}")
-                    from_disk = True
-                    self.ram[s].put(c)
+                from_disk |= key not in self.ram[s]
+                c = self._fetch(s, key)
+                if c is None:  # vanished or corrupt since planning: stop here
+                    raise CacheMiss(f"stage {s} lost chunk {key.hex()}")
                 if not np.array_equal(c.tokens, prompt[c.start : c.end]):  # a key collision, however unlikely
                     raise CacheMiss(f"stage {s} chunk {key.hex()} holds other tokens")
                 if s == 0:
@@ -320,6 +317,7 @@ class PrefixCache:
         return out
 
     def _fetch(self, s: int, key: bytes) -> Chunk | None:
+        """The chunk from RAM, or loaded from disk into RAM."""
         c = self.ram[s].get(key)
         if c is None and self.disk and (c := self.disk[s].load(key)) is not None:
             self.ram[s].put(c)
