@@ -6,13 +6,15 @@ import pytest
 import torch
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.keys import Namespace, chain_keys, chain_points, chunk_key
+from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
 from anchorkv.cache.policy import (
     PolicyError,
     Scope,
     align_down,
     auto_boundary,
     chat_floor,
+    cut_floor,
+    cuts,
     judge_anchors,
     parse_scope,
     plan_records,
@@ -47,24 +49,34 @@ def test_restore_never_reaches_the_last_token_and_stays_aligned() -> None:
     # a chat boundary is a prefill cut too: a chat prompt restores up to its last message's end
     assert restorable_limit(847, 128, [300, 843]) == 843
     assert restorable_limit(847, 128, [300, 846]) == 846
-    assert restorable_limit(847, 128, [300, 847]) == 768
+    # the grid restarts at every chat boundary: 300 + 4 * 128
+    assert restorable_limit(847, 128, [300, 847]) == 812
+
+
+def test_cuts_are_the_chat_boundaries_and_every_c_tokens_after_each() -> None:
+    assert cuts(300, 128) == [128, 256]
+    assert cuts(600, 128, [100, 200, 512]) == [100, 200, 328, 456, 512]
+    assert cuts(600, 128, [100, 900]) == [100, 228, 356, 484]
+    assert all(cut_floor(p, 128, [100, 200, 512]) == max(c for c in [0, 100, 200, 328, 456, 512] if c <= p)
+               for p in range(600))  # fmt: skip
 
 
 def test_kv_prefilled_for_one_prompt_serves_another_up_to_the_last_cut_cut_alike() -> None:
     a = list(range(1000))
     b = a[:900] + [7] * 100
-    assert shared_cut(a, [300, 950], b, [300, 990], 128) == 896  # common prefix 900: cut at 896
+    assert shared_cut(a, [300, 950], b, [300, 990], 128) == 812  # common prefix 900: cut at 300 + 4 * 128
     assert shared_cut(a, [300, 899], b, [300, 899], 128) == 899
     # the same tokens cut at different chat boundaries agree only below the first difference
-    assert shared_cut(a, [300, 500], b, [300, 600], 128) == 384
+    assert shared_cut(a, [300, 500], b, [300, 600], 128) == 428
     assert shared_cut(a, [300], b, [], 128) == 256
-    assert shared_cut(a, [256, 300], b, [300], 128) == 896  # a chat end on a multiple of C cuts nothing new
+    assert shared_cut(a, [256, 300], b, [300], 128) == 812  # a chat end on a cut cuts nothing new
+    assert shared_cut(a, [100, 256], b, [100], 128) == 228  # but one off the grid restarted at 100 does
 
 
 def test_grid_chain_keys_chain_parent_and_tokens() -> None:
     root = Namespace.of(model="m").root
     toks = list(range(1000))
-    points = chain_points(900, 128, [])
+    points = cuts(900, 128, [])
     keys = chain_keys(root, toks, points)
     assert points == [128 * i for i in range(1, 8)]  # chunks ending at 128, ..., 896
     assert keys[0] == chunk_key(root, toks[:128]) and keys[1] == chunk_key(keys[0], toks[128:256])
@@ -75,9 +87,9 @@ def test_grid_chain_keys_chain_parent_and_tokens() -> None:
 def test_chat_boundaries_cut_the_chain_and_change_every_key_after_them() -> None:
     root = Namespace.of(model="m").root
     toks = list(range(1000))
-    assert chain_points(600, 256, [100, 512, 700]) == [100, 256, 512]
-    plain = chain_keys(root, toks, chain_points(600, 256, []))
-    chat = chain_keys(root, toks, chain_points(600, 256, [100]))
+    assert cuts(600, 256, [100, 512, 700]) == [100, 356, 512]
+    plain = chain_keys(root, toks, cuts(600, 256, []))
+    chat = chain_keys(root, toks, cuts(600, 256, [100]))
     # same tokens, cut differently, hence computed differently: no key in common past the cut
     assert not set(plain) & set(chat)
 

@@ -76,4 +76,20 @@ def test_an_added_tools_system_message_keeps_ends_aligned_to_the_input(engine: E
     r = engine.render_chat([{"role": "user", "content": "Weather in Paris?"}], TOOLS)
     assert r.text.startswith("<|im_start|>system\n# Tools")
     assert len(r.message_ends) == 1 and r.message_ends[0] is not None
-    assert len(r.boundaries) == 2 and r.boundaries[-1] == r.message_ends[0]  # the tools block is a boundary too
+    # the tools block is a boundary too; the user message's sits past the generation prompt
+    assert len(r.boundaries) == 2 and r.boundaries[-1] == len(r.token_ids)
+
+
+def test_where_the_assistant_answers_the_boundary_is_past_its_header(engine: Engine) -> None:
+    r = engine.render_chat(CONVERSATION)
+    header = engine.tokenizer.encode("<|im_start|>assistant\n")
+    system, user1, reply, user2 = r.message_ends
+    assert r.boundaries == [system, user1 + len(header), reply, len(r.token_ids)]
+    assert r.token_ids[user1 : user1 + len(header)] == header
+    assert r.token_ids[user2:] == header
+    # the reply's turn starts exactly where the previous prompt ended: the next turn shares all of it
+    previous = engine.render_chat(CONVERSATION[:2])
+    assert r.token_ids[: len(previous.token_ids)] == previous.token_ids
+    assert len(previous.token_ids) in r.boundaries
+    # without a generation prompt the last message keeps its end
+    assert engine.render_chat(CONVERSATION, add_generation_prompt=False).boundaries[-1] == user2

@@ -77,12 +77,13 @@ def test_text_stream_holds_back_a_possible_stop_string(engine: Engine) -> None:
     assert stream.stopped and out + stream.flush() == "hello "
 
 
-def test_prefill_chunks_are_aligned_to_absolute_positions() -> None:
+def test_prefill_is_cut_every_c_tokens_restarting_at_each_chat_boundary() -> None:
     assert aligned_chunks(0, 300, 128) == [(0, 128), (128, 256), (256, 300)]
     assert aligned_chunks(256, 300, 128) == [(256, 300)]
     assert aligned_chunks(100, 300, 128) == [(100, 128), (128, 256), (256, 300)]
-    # chat boundaries cut too
-    assert aligned_chunks(100, 300, 128, [50, 140, 256, 300]) == [(100, 128), (128, 140), (140, 256), (256, 300)]
+    # a message shorter than C is one piece wherever it falls
+    assert aligned_chunks(100, 300, 128, [50, 140, 256, 300]) == [(100, 140), (140, 256), (256, 300)]
+    assert aligned_chunks(140, 500, 128, [50, 140]) == [(140, 268), (268, 396), (396, 500)]
 
 
 def test_int8_decode_weights_leave_prefill_untouched(engine: Engine) -> None:

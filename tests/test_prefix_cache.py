@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from anchorkv.cache.policy import align_down, common_prefix
+from anchorkv.cache.policy import common_prefix, cut_floor
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
@@ -31,7 +31,11 @@ def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full
 
 def chat(engine: Engine, question: str, system: str = SYSTEM) -> tuple[list[int], CacheRequest]:
     r = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
-    return r.token_ids, CacheRequest(message_ends=[e for e in r.message_ends if e])
+    return r.token_ids, CacheRequest(r.boundaries)
+
+
+def engine_tokens(engine: Engine, text: str) -> list[int]:
+    return engine.tokenizer.encode(text)
 
 
 def answer(engine: Engine, prompt: list[int], req: CacheRequest, max_tokens: int = 12) -> Finished:
@@ -53,8 +57,8 @@ def test_changed_tail_hits_at_the_last_cut_of_the_shared_prefix(tmp_path: Path, 
     assert answer(e, p1, r1).cached_tokens == 0
     done = answer(e, p2, r2)
     shared = common_prefix(p1, p2)
-    system_end = r2.message_ends[0]
-    assert done.cached_tokens == max(align_down(shared, C), system_end) and system_end % C != 0
+    system_end = r2.chat_ends[0]
+    assert done.cached_tokens == cut_floor(shared, C, r2.chat_ends) == system_end and system_end % C != 0
     assert done.cache["kind"] in ("chat", "generic") and done.cache["tier"] == "ram"
     assert done.timings()["cache_n"] == done.cached_tokens
     assert done.token_ids == answer(cold, p2, r2).token_ids
@@ -65,9 +69,13 @@ def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
     p, r = chat(e, "Which code goes with shipment class 3?")
     first = answer(e, p, r)
     again = answer(e, p, r)
-    # everything up to the user message's end: only the assistant header is prefilled again
-    assert again.cached_tokens == r.message_ends[-1] > len(p) - 8 and again.cache["kind"] == "exact"
+    # every token, the assistant header included: the first token comes from the logits kept with the KV
+    assert again.cached_tokens == len(p) and again.cache["kind"] == "exact"
     assert again.token_ids == first.token_ids
+    # a longer prompt through the same chunk does not take the logits: it prefills its own tail
+    longer = p + engine_tokens(e, "Thanks")
+    _, plan = e.prompt_logits(longer, CacheRequest([*r.chat_ends, len(longer)]))
+    assert plan.restore_to == len(p) and plan.logits is None
 
 
 def test_anchor_is_restored_where_the_grid_alone_stops(tmp_path: Path, engine: Engine) -> None:
@@ -109,7 +117,7 @@ def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
     p3, r3 = chat(restarted, "Which code goes with shipment class 12?")
     done3 = answer(restarted, p3, r3)
     # auto kept the prefix shared with the previous prompt, down to its chat boundary: the system message
-    assert done3.cached_tokens == r3.message_ends[0] > 0
+    assert done3.cached_tokens == r3.chat_ends[0] > 0
     assert done3.cache["tier"] == "disk"
 
 
@@ -167,13 +175,13 @@ def test_a_restarted_engine_brings_back_the_last_chain_while_idle(tmp_path: Path
     assert restarted.has_idle_work
     while restarted.idle_work():
         pass
-    system_end = r1.message_ends[0]
-    assert restarted.slot_valid >= r1.message_ends[-1] and restarted.slot_tokens[:system_end] == p1[:system_end]
+    system_end = r1.chat_ends[0]
+    assert restarted.slot_valid >= len(p1) and restarted.slot_tokens[:system_end] == p1[:system_end]
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     warm, plan = restarted.prompt_logits(p2, r2)
     assert plan.restore_to == system_end and plan.tier == "ram"  # not "disk": the warm start loaded it
     cold = Engine(EngineConfig(threads=2, stages=stages))
-    assert torch.equal(warm, cold.prompt_logits(p2, CacheRequest(r2.message_ends))[0])
+    assert torch.equal(warm, cold.prompt_logits(p2, r2)[0])
 
 
 @pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign_version, _other_model])
@@ -197,8 +205,8 @@ def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: 
 def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
     e = make(tmp_path)
     p, r = chat(e, "Which code goes with shipment class 3?")
-    a = CacheRequest(r.message_ends, salt="tenant-a")
-    b = CacheRequest(r.message_ends, salt="tenant-b")
+    a = CacheRequest(r.chat_ends, salt="tenant-a")
+    b = CacheRequest(r.chat_ends, salt="tenant-b")
     assert e.prompt_logits(p, a)[1].restore_to == 0
     keys_a = set(e.cache.ram[0].chunks)
     assert e.prompt_logits(p, b)[1].restore_to == 0
@@ -214,15 +222,17 @@ def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(tmp_path: Path, 
     e = make(tmp_path, dtype=dtype, stages=stages)
     p1, r1 = chat(e, "Which code goes with shipment class 3?")
     p2, r2 = chat(e, "Summarise rule 17 for me, please.")
-    reference = cold.prompt_logits(p2, CacheRequest(r2.message_ends))[0]  # cold: no cache, the same cuts
+    reference = cold.prompt_logits(p2, r2)[0]  # cold: no cache, the same cuts
     e.prompt_logits(p1, r1)
     warm, plan = e.prompt_logits(p2, r2)
-    assert plan.restore_to > 0 and plan.tier == "ram"
+    assert 0 < plan.restore_to < len(p2) and plan.tier == "ram"
     assert torch.equal(warm, reference)
+    again, plan = e.prompt_logits(p2, r2)  # the same prompt: nothing prefilled, the logits kept
+    assert plan.restore_to == len(p2) and torch.equal(again, reference)
     e.cache.flush()
     restarted = make(tmp_path, dtype=dtype, stages=stages)
     from_disk, plan = restarted.prompt_logits(p2, r2)
-    assert plan.restore_to > 0 and plan.tier == "disk"
+    assert plan.restore_to == len(p2) and plan.tier == "disk"
     assert torch.equal(from_disk, reference)
 
 
@@ -243,7 +253,7 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
     assert done.cached_tokens == 384
     assert done.token_ids == answer(cold, p1, r1).token_ids
     e.cache.wipe_stage(2)
-    done = answer(e, p1, CacheRequest(r1.message_ends, salt=None))
+    done = answer(e, p1, CacheRequest(r1.chat_ends, salt=None))
     assert done.token_ids == answer(cold, p1, r1).token_ids
 
 
@@ -251,7 +261,7 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
 def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, rendered_reply: bool) -> None:
     """Told how the next turn renders the reply (as the server is), the cache prefills it that way, so the
     next turn restores up to the reply's end and prefills only its new message. Without that, the reply's
-    tokens still hit up to their last multiple of C."""
+    tokens still hit up to their last cut."""
     e = make(tmp_path, scope="auto")
     q = "Write a detailed, long story about a lighthouse keeper and a storm."
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
@@ -262,7 +272,7 @@ def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, 
         return r.token_ids, r.boundaries
 
     if rendered_reply:
-        r1 = CacheRequest(r1.message_ends, next_turn=next_turn)
+        r1 = CacheRequest(r1.chat_ends, next_turn=next_turn)
     first = answer(e, p1, r1, max_tokens=200)
     assert first.completion_tokens >= C
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now give it a title."}]
@@ -273,7 +283,8 @@ def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, 
     if rendered_reply:
         assert plan.restore_to == reply_end and plan.kind == "full"
     else:
-        assert align_down(reply_end, C) <= plan.restore_to < reply_end
+        # the grid restarted at the previous prompt's end: the reply's tokens hit every C tokens after it
+        assert cut_floor(reply_end - 1, C, rendered.boundaries) <= plan.restore_to < reply_end
     assert torch.equal(warm, cold.prompt_logits(rendered.token_ids, req)[0])
 
 
@@ -305,7 +316,7 @@ def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_floa
     p2, r2 = chat(e, "Summarise rule 17 for me, please.")
     first = answer(e, p1, r1, max_tokens=20)
     done = answer(e, p2, r2)
-    system_end = r2.message_ends[0]
+    system_end = r2.chat_ends[0]
     assert done.cached_tokens >= system_end and done.cached_tokens % C != 0  # not rounded down to C
     assert done.token_ids == answer(cold, p2, r2).token_ids
     # the next turn of p1 restores past the prompt, into the KV that decode wrote
@@ -315,7 +326,7 @@ def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_floa
         {"role": "assistant", "content": first.text},
         {"role": "user", "content": "Thanks. And class 4?"},
     ])  # fmt: skip
-    t2 = answer(e, turn2.token_ids, CacheRequest([x for x in turn2.message_ends if x]))
+    t2 = answer(e, turn2.token_ids, CacheRequest(turn2.boundaries))
     assert t2.cached_tokens > len(p1)
     assert t2.token_ids == answer(cold, turn2.token_ids, CacheRequest(turn2.boundaries)).token_ids
 
@@ -358,7 +369,7 @@ def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:
     restarted = make(tmp_path, scope="auto")
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     _, plan = restarted.prompt_logits(p2, r2)
-    assert plan.records.scope_boundary == r2.message_ends[0]  # LCP with p1, aligned down to the system end
+    assert plan.records.scope_boundary == r2.chat_ends[0]  # LCP with p1, aligned down to the system end
 
 
 def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ class Replayer:
         """One request as the server runs it; returns the turn and the assistant message the server returns."""
         e = self.engine
         r = e.render_chat(messages, TOOLS)
-        req = CacheRequest(message_ends=r.boundaries, salt=salt, next_turn=next_turn_renderer(e, messages, TOOLS))
+        req = CacheRequest(r.boundaries, salt=salt, next_turn=next_turn_renderer(e, messages, TOOLS))
         t0 = time.perf_counter()
         ttft: float | None = None
         done: Finished | None = None
@@ -233,5 +233,10 @@ def run(
         progress.close()
         for r in reports:
             out(r.markdown())
+        last = turns_[-1]
+        out(
+            f"the agent's last turn against a cold run of the same {cold.prompt_tokens}-token prompt: "
+            f"{cold.ttft_ms:.0f} ms cold, {last.ttft_ms:.0f} ms warm, ratio {cold.ttft_ms / last.ttft_ms:.1f}x\n"
+        )
         out(f"lookup + hashing of an 8192-token prompt: {lookup_ms(engine):.2f} ms (median of 20)")
     return reports

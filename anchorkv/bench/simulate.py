@@ -77,6 +77,7 @@ class SimKV:
     def __init__(self, cfg: ModelConfig) -> None:
         self.zero = torch.zeros(1, dtype=torch.bfloat16)
         self.shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+        self.logits = torch.zeros(1).expand(cfg.vocab_size)  # a prompt's last logits, float32
 
     def export(self, start: int, end: int) -> KVSlice:
         layers, heads, hd = self.shape
@@ -145,7 +146,7 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
         restored.append(plan.restore_to)
         kinds.append(plan.kind)
         # what a prefill leaves reusable: up to the last cut (record rounds down to it)
-        cache.record(plan, p.tokens, kv, computed=len(p.tokens))  # type: ignore[arg-type]
+        cache.record(plan, p.tokens, kv, computed=len(p.tokens), logits=kv[0].logits)  # type: ignore[arg-type]
         if p.reply is not None:
             tokens, ends = p.reply
             full = (Boundary(len(tokens), "full"),)

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from torch import Tensor
 
 from anchorkv.engine.kv import KVSlice
 
@@ -19,6 +20,9 @@ class Chunk:
     retention: int = 0  # eviction class (policy.RETENTION); higher is kept longer
     labels: set[str] = field(default_factory=set)  # boundary kinds recorded at this chunk's end
     last_used: float = field(default_factory=time.monotonic)
+    # On the last stage, when a prompt ended at this chunk's end: that prompt's last-position logits
+    # [vocab], so that the same prompt again restores every token and prefills none.
+    logits: Tensor | None = None
 
     @property
     def start(self) -> int:
@@ -30,4 +34,4 @@ class Chunk:
 
     @property
     def nbytes(self) -> int:
-        return self.kv.nbytes
+        return self.kv.nbytes + (self.logits.nbytes if self.logits is not None else 0)

@@ -33,7 +33,7 @@ from anchorkv.engine.kv import KVSlice
 log = logging.getLogger("anchorkv.cache")
 
 MAGIC = "anchorkv-kv"
-VERSION = "1"
+VERSION = "2"  # 2: a chunk may carry its prompt's last logits
 SUFFIX = ".kv"
 
 
@@ -46,13 +46,14 @@ class DiskEntry:
     nbytes: int
     retention: int
     last_used: float
+    logits: bool = False  # the chunk carries its prompt's last logits
 
 
-def checksum(k: torch.Tensor, v: torch.Tensor, tokens: np.ndarray) -> str:
-    """xxh3-128 over k, v and tokens: it guards against damage, not forgery (chain keys are blake2b), and
-    runs an order of magnitude faster than blake2b, which was most of a restore from disk."""
+def checksum(k: torch.Tensor, v: torch.Tensor, tokens: np.ndarray, logits: torch.Tensor | None = None) -> str:
+    """xxh3-128 over k, v, tokens and logits: it guards against damage, not forgery (chain keys are
+    blake2b), and runs an order of magnitude faster than blake2b, which was most of a restore from disk."""
     h = xxhash.xxh3_128()
-    for t in (k, v):
+    for t in (k, v) if logits is None else (k, v, logits):
         h.update(t.contiguous().view(torch.uint8).numpy())  # hashed through the buffer, not copied
     h.update(np.ascontiguousarray(tokens, dtype="<i4"))
     return h.hexdigest()
@@ -121,7 +122,7 @@ class DiskTier:
                 st = p.stat()
                 self._index(
                     bytes.fromhex(meta["key"]),
-                    DiskEntry(p, bytes.fromhex(meta["parent"]), int(meta["start"]), int(meta["end"]), st.st_size, int(meta["retention"]), st.st_mtime),
+                    DiskEntry(p, bytes.fromhex(meta["parent"]), int(meta["start"]), int(meta["end"]), st.st_size, int(meta["retention"]), st.st_mtime, meta.get("logits") == "1"),
                 )  # fmt: skip
 
     def _header(self, path: Path) -> dict[str, str] | None:
@@ -171,6 +172,11 @@ class DiskTier:
         with self.lock:
             return key in self.entries
 
+    def has_logits(self, key: bytes) -> bool:
+        with self.lock:
+            e = self.entries.get(key)
+        return e is not None and e.logits
+
     def tail_ends(self, parent: bytes) -> set[int]:
         with self.lock:
             return set(self.tails.get(parent, ()))
@@ -204,11 +210,12 @@ class DiskTier:
             with safe_open(str(e.path), "pt") as f:
                 meta = f.metadata() or {}
                 k, v, tokens = f.get_tensor("k"), f.get_tensor("v"), f.get_tensor("tokens").numpy().astype(np.int32)
+                logits = f.get_tensor("logits") if meta.get("logits") == "1" else None
             if meta.get("magic") != MAGIC or meta.get("namespace") != self.namespace.id or meta.get("key") != key.hex():
                 raise ValueError("header mismatch")
             if chunk_key(bytes.fromhex(meta["parent"]), tokens.tolist()) != key:
                 raise ValueError("tokens do not hash to the key")
-            if checksum(k, v, tokens) != meta["checksum"]:
+            if checksum(k, v, tokens, logits) != meta["checksum"]:
                 raise ValueError("checksum mismatch")
             if k.shape[2] != int(meta["end"]) - int(meta["start"]) or len(tokens) != k.shape[2]:
                 raise ValueError("positions do not match the tensors")
@@ -220,7 +227,8 @@ class DiskTier:
         e.last_used = time.time()
         os.utime(e.path)
         labels = set(filter(None, meta.get("labels", "").split(",")))
-        return Chunk(key, bytes.fromhex(meta["parent"]), tokens, KVSlice(int(meta["start"]), k, v), e.retention, labels)
+        kv = KVSlice(int(meta["start"]), k, v)
+        return Chunk(key, bytes.fromhex(meta["parent"]), tokens, kv, e.retention, labels, logits=logits)
 
     # -- write ---------------------------------------------------------------------------------------
     def save(self, chunk: Chunk) -> None:
@@ -242,7 +250,8 @@ class DiskTier:
             "end": str(c.end),
             "retention": str(c.retention),
             "labels": ",".join(sorted(c.labels)),
-            "checksum": checksum(c.kv.k, c.kv.v, c.tokens),
+            "checksum": checksum(c.kv.k, c.kv.v, c.tokens, c.logits),
+            "logits": "1" if c.logits is not None else "0",
         }
         path = self.dir / f"{c.key.hex()}{SUFFIX}"
         tmp = self.dir / f"{c.key.hex()}.tmp{os.getpid()}"
@@ -251,6 +260,8 @@ class DiskTier:
             "v": c.kv.v.contiguous(),
             "tokens": torch.from_numpy(c.tokens.astype(np.int32)),
         }
+        if c.logits is not None:
+            tensors["logits"] = c.logits.contiguous()
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -262,7 +273,9 @@ class DiskTier:
             os.close(dir_fd)
         size = path.stat().st_size
         self.written_bytes += size
-        self._index(c.key, DiskEntry(path, c.parent, c.start, c.end, size, c.retention, time.time()))
+        self._index(
+            c.key, DiskEntry(path, c.parent, c.start, c.end, size, c.retention, time.time(), c.logits is not None)
+        )
         self._evict()
 
     def _evict(self) -> None:

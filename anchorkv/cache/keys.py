@@ -45,11 +45,6 @@ def chunk_key(parent: bytes, tokens: Sequence[int]) -> bytes:
     return hashlib.blake2b(parent + np.asarray(tokens, dtype="<i4").tobytes(), digest_size=KEY_BYTES).digest()
 
 
-def chain_points(upto: int, stride: int, chat_ends: Sequence[int]) -> list[int]:
-    """Ends of the chain's chunks up to upto: the multiples of the stride S and the chat boundaries."""
-    return sorted({*range(stride, upto + 1, stride), *(e for e in chat_ends if 0 < e <= upto)})
-
-
 def chain_keys(root: bytes, tokens: Sequence[int], points: Sequence[int]) -> list[bytes]:
     """Keys of the chain chunks [0, p0), [p0, p1), ... A key fixes every chunk end before it, so two
     prompts share a key only if their chains were cut alike up to there."""

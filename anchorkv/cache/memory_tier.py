@@ -33,6 +33,10 @@ class MemoryDiskTier:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def has_logits(self, key: bytes) -> bool:
+        e = self.entries.get(key)
+        return e is not None and e.chunk.logits is not None
+
     def tail_ends(self, parent: bytes) -> set[int]:
         return set(self.tails.get(parent, ()))
 

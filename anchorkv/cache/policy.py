@@ -2,10 +2,11 @@
 
 The server and the simulator call these same functions on plain token lists.
 
-Positions are token counts: boundary b means the KV of tokens [0, b). Prefill is cut at the multiples of
-the prefill chunk C and at the prompt's chat boundaries ("cuts"). In exact mode every restorable boundary
-is a cut, and the grid stride S is a multiple of C, so rounding a boundary down to a cut lands on a chunk
-end of the chain.
+Positions are token counts: boundary b means the KV of tokens [0, b). Prefill is cut at the prompt's chat
+boundaries and every C tokens between them, counted from the last chat boundary (from 0 before the
+first): those are the "cuts". Which cuts lie at or before a position depends only on the chat boundaries
+at or before it. In exact mode every restorable boundary is a cut, and the grid stride S is a multiple of
+C, so rounding a boundary down to a cut lands on a chunk end of the chain.
 """
 
 from __future__ import annotations
@@ -73,8 +74,19 @@ def align_down(pos: int, unit: int) -> int:
 
 
 def cut_floor(pos: int, unit: int, chat_ends: Sequence[int] = ()) -> int:
-    """The last cut at or before pos: a multiple of the alignment unit or a chat boundary."""
-    return max(align_down(pos, unit), chat_floor(pos, chat_ends))
+    """The last cut at or before pos: the last chat boundary, plus whole units."""
+    c = chat_floor(pos, chat_ends)
+    return c + align_down(pos - c, unit)
+
+
+def cuts(upto: int, unit: int, chat_ends: Sequence[int] = ()) -> list[int]:
+    """Every cut in (0, upto], in order: each chat boundary, and every `unit` tokens after the last one."""
+    out: list[int] = []
+    a = 0
+    for e in sorted({e for e in chat_ends if 0 < e <= upto}):
+        out += [*range(a + unit, e, unit), e]
+        a = e
+    return out + list(range(a + unit, upto + 1, unit))
 
 
 def restorable_limit(n_prompt: int, unit: int, chat_ends: Sequence[int] = ()) -> int:
@@ -101,13 +113,15 @@ def chat_floor(pos: int, chat_ends: Sequence[int]) -> int:
 
 
 def shared_cut(a: Sequence[int], a_ends: Sequence[int], b: Sequence[int], b_ends: Sequence[int], unit: int) -> int:
-    """How far KV prefilled for `a` serves `b` bit for bit: the last cut at or before their common prefix
-    below which both were cut alike (the same chat boundaries off the multiples of unit)."""
+    """How far KV prefilled for `a` serves `b` bit for bit: the last cut within their common prefix up to
+    which both were cut alike."""
     x = common_prefix(a, b)
-    differ = {e for e in a_ends if e <= x and e % unit} ^ {e for e in b_ends if e <= x and e % unit}
-    if differ:
-        x = min(differ) - 1
-    return cut_floor(x, unit, [e for e in a_ends if e <= x])
+    shared = 0
+    for p, q in zip(cuts(x, unit, a_ends), cuts(x, unit, b_ends), strict=False):
+        if p != q:
+            break
+        shared = p
+    return shared
 
 
 def auto_boundary(

@@ -3,9 +3,10 @@
 Each stage has its own namespace, RAM tier and disk tier. A request's plan is decided once from all
 stages (the longest boundary that every stage has) and carried to each of them.
 
-Chains: chunks cut at the multiples of the grid stride S and at the prompt's chat boundaries (the chain
-points), plus at most one tail chunk [g, b) hanging off the last chain point g before a boundary b that is
-not one. In exact mode b is a multiple of the prefill chunk C, so every chunk end is a prefill cut.
+Chains: chunks cut at the prompt's chat boundaries and every S tokens (the grid stride) after each (the
+chain points), plus at most one tail chunk [g, b) hanging off the last chain point g before a boundary b
+that is not one. In exact mode b is a prefill cut (policy.cuts with the prefill chunk C), and S is a
+multiple of C, so every chunk end is a prefill cut.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from torch import Tensor
 
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.disk_tier import DiskTier, DiskWriter
 from anchorkv.cache.history import History
-from anchorkv.cache.keys import KEY_BYTES, Namespace, chain_keys, chain_points, chunk_key
+from anchorkv.cache.keys import KEY_BYTES, Namespace, chain_keys, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import (
     KINDS,
@@ -34,6 +36,7 @@ from anchorkv.cache.policy import (
     RecordPlan,
     Scope,
     cut_floor,
+    cuts,
     judge_anchors,
     parse_scope,
     plan_records,
@@ -73,7 +76,7 @@ class CacheConfig:
 class CacheRequest:
     """The cache-related parts of one request."""
 
-    message_ends: Sequence[int] = ()
+    chat_ends: Sequence[int] = ()  # the rendered prompt's chat boundaries (RenderedPrompt.boundaries)
     anchors: Sequence[int] = ()  # prompt_cache_anchor_tokens: honoured only with prompt_cache_key
     has_key: bool = False
     marked: Sequence[int] = ()  # ends of messages marked with cache_control: anchors that need no key
@@ -97,6 +100,7 @@ class CachePlan:
     limit: int  # the furthest this prompt could restore
     chat_ends: list[int]  # the prompt's chat boundaries: chain points, and prefill cuts
     recorded: list[dict[str, object]] = field(default_factory=list)
+    logits: Tensor | None = None  # set by restore when restore_to is the whole prompt: its last logits
 
     def report(self) -> dict[str, object]:
         return {
@@ -172,7 +176,7 @@ class PrefixCache:
         self, s: int, root: bytes, prompt: Sequence[int], pos: int, chat: Sequence[int], disk_ok: bool
     ) -> list[bytes] | None:
         """Keys of stage s's chunks covering exactly [0, pos), if all are cached."""
-        points = chain_points(pos, self.stride, chat)
+        points = cuts(pos, self.stride, chat)
         keys = chain_keys(root, prompt, points)
         if not all(self._has(s, k, disk_ok) for k in keys):
             return None
@@ -187,7 +191,7 @@ class PrefixCache:
     def _longest(
         self, s: int, root: bytes, prompt: Sequence[int], limit: int, chat: Sequence[int], disk_ok: bool
     ) -> int:
-        points = chain_points(limit, self.stride, chat)
+        points = cuts(limit, self.stride, chat)
         keys = chain_keys(root, prompt, points)
         j = 0
         while j < len(keys) and self._has(s, keys[j], disk_ok):
@@ -196,9 +200,30 @@ class PrefixCache:
         # a tail ends before this prompt's next chain point: one that spans it was cut differently
         stop = points[j] if j < len(points) else limit + 1
         for end in sorted(self._tail_ends(s, parent, disk_ok), reverse=True):
-            if g < end < stop and end % self.unit == 0 and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok):
+            if (
+                g < end < stop
+                and cut_floor(end, self.unit, chat) == end
+                and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok)
+            ):
                 return end
         return g
+
+    def _whole(
+        self, roots: list[bytes], prompt: Sequence[int], chat: Sequence[int], disk_ok: bool
+    ) -> list[list[bytes]] | None:
+        """Every stage's chain over the whole prompt, when the last chunk keeps the prompt's logits (the same
+        prompt was prefilled before, cut the same way): then nothing needs prefill."""
+        n = len(prompt)
+        if not n or cut_floor(n, self.unit, chat) != n:
+            return None
+        found = [self._chain_to(s, roots[s], prompt, n, chat, disk_ok) for s in range(len(roots))]
+        last = found[-1]
+        if last is None or any(f is None for f in found):
+            return None
+        s, key = len(roots) - 1, last[-1]
+        c = self.ram[s].chunks.get(key)
+        has = c.logits is not None if c is not None else disk_ok and bool(self.disk) and self.disk[s].has_logits(key)
+        return [f or [] for f in found] if has else None
 
     def plan(self, prompt: Sequence[int], req: CacheRequest) -> CachePlan:
         scope = req.scope or self.default_scope
@@ -207,15 +232,17 @@ class PrefixCache:
         history_ns = roots[0].hex()
         verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(req.marked, True, len(prompt))
         anchors = [v.tokens for v in verdicts if v.accepted]
-        chat = sorted({e for e in req.message_ends if e and e <= len(prompt)})
+        chat = sorted({e for e in req.chat_ends if e and e <= len(prompt)})
         limit = restorable_limit(len(prompt), self.unit, chat)
         with self.lock:
             ends = [self._longest(s, roots[s], prompt, limit, chat, disk_ok) for s in range(len(roots))]
             # the longest boundary that every stage has: a stage that misses vetoes longer ones
             shortest = min(ends)
-            candidates = sorted({0, *(e for e in ends if e <= shortest), *chain_points(shortest, self.stride, chat)})
+            candidates = sorted({0, *(e for e in ends if e <= shortest), *cuts(shortest, self.stride, chat)})
             chains: list[list[bytes]] = [[] for _ in roots]
             restore = 0
+            if self.cfg.exact and (whole := self._whole(roots, prompt, chat, disk_ok)) is not None:
+                candidates, restore, chains = [], len(prompt), whole
             for c in reversed(candidates):
                 found = [self._chain_to(s, roots[s], prompt, c, chat, disk_ok) for s in range(len(roots))]
                 if all(f is not None for f in found):
@@ -284,6 +311,10 @@ class PrefixCache:
                     raise CacheMiss(f"stage {s} chunk {key.hex()} holds other tokens")
                 if s == 0:
                     labels = c.labels
+                if c.end == len(prompt) and s == len(plan.chains) - 1:
+                    if c.logits is None:
+                        raise CacheMiss(f"stage {s} chunk {key.hex()} lost its logits")
+                    plan.logits = c.logits
                 if c.end <= skip_upto:
                     continue
                 kvs[s].restore(c.kv)
@@ -333,10 +364,11 @@ class PrefixCache:
         extra: Sequence[Boundary] = (),
         only_extra: bool = False,
         chat_ends: Sequence[int] | None = None,
+        logits: Tensor | None = None,
     ) -> None:
         """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
         KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
-        prompt's)."""
+        prompt's). `logits` are those of the last of `tokens`, kept with the last stage's chunk ending there."""
         if not self.enabled:
             return
         chat = plan.chat_ends if chat_ends is None else sorted(chat_ends)
@@ -364,29 +396,36 @@ class PrefixCache:
         def keep(end: int) -> int:
             return keep_from[bisect.bisect_left(ends, end)]
 
-        points = chain_points(ends[-1], self.stride, chat)
+        points = cuts(ends[-1], self.stride, chat)
+        last = len(plan.roots) - 1
         with self.lock:
             for s, root in enumerate(plan.roots):
+                ends_logits = logits if s == last and len(tokens) in labelled else None
                 # one walk of the chain up to the furthest boundary, then a tail for each boundary off it
                 at = {0: root}  # chain point -> key of the chunk ending there
                 a = 0
                 for b in points:
-                    at[b] = self._put(s, at[a], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s])
+                    at[b] = self._put(s, at[a], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s],
+                                      ends_logits if b == len(tokens) else None)  # fmt: skip
                     a = b
                 for pos in ends:
                     if pos not in at:
                         g = points[bisect.bisect_left(points, pos) - 1] if points and points[0] < pos else 0
-                        self._put(s, at[g], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s])
+                        self._put(s, at[g], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s],
+                                  ends_logits if pos == len(tokens) else None)  # fmt: skip
 
     def _put(
         self, s: int, parent: bytes, tokens: Sequence[int], a: int, b: int, labels: set[str], keep: int,
-        disk_upto: int, kv: StageKV,
+        disk_upto: int, kv: StageKV, logits: Tensor | None = None,
     ) -> bytes:  # fmt: skip
         """Record chunk [a, b) of stage s under parent (RAM, and disk up to disk_upto); returns its key."""
         key = chunk_key(parent, tokens[a:b])
         chunk = self.ram[s].get(key)
+        if chunk is not None and chunk.logits is None and logits is not None:
+            self.ram[s].attach_logits(key, logits)  # passed through before, now a prompt ends here
         if chunk is None:
-            chunk = Chunk(key, parent, np.asarray(tokens[a:b], dtype=np.int32), kv.export(a, b), keep, set(labels))
+            tokens_ab = np.asarray(tokens[a:b], dtype=np.int32)
+            chunk = Chunk(key, parent, tokens_ab, kv.export(a, b), keep, set(labels), logits=logits)
             self.ram[s].put(chunk)
         else:
             self.ram[s].promote(key, keep)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from torch import Tensor
+
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.leaves import Leaves
 from anchorkv.cache.policy import EvictionCandidate, eviction_order
@@ -51,6 +53,13 @@ class RamTier:
             c.retention = max(c.retention, retention)
             if label:
                 c.labels.add(label)
+
+    def attach_logits(self, key: bytes, logits: Tensor) -> None:
+        c = self.chunks.get(key)
+        if c is not None and c.logits is None:
+            c.logits = logits
+            self.nbytes += logits.nbytes
+            self._evict()
 
     def drop(self, key: bytes) -> None:
         c = self.chunks.pop(key, None)

@@ -184,8 +184,12 @@ class Engine:
         if not chunks:
             return
         tokens = [t for c in chunks for t in c.tokens.tolist()]
-        # chain chunks end at the cuts: multiples of C and chat boundaries, which are the ends off the grid
-        ends = [c.end for c in chunks if c.end % self.cfg.chunk_size]
+        # chain chunks end at the cuts: chat boundaries and every C tokens after each, so a chunk end off the
+        # grid that restarted at the last chat boundary is the next one (one on it cuts nothing new)
+        ends: list[int] = []
+        for c in chunks:
+            if (c.end - (ends[-1] if ends else 0)) % self.cfg.chunk_size:
+                ends.append(c.end)
         self._set_slot(tokens, ends, len(tokens))
         self.slot_salt = None
         log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(tokens))
@@ -195,7 +199,7 @@ class Engine:
         """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]."""
         with self.lock:
             logits, cplan, _ = self._prefill(prompt, cache_req or CacheRequest())
-            self._record_prompt(cplan, prompt)
+            self._record_prompt(cplan, prompt, logits)
         return logits, cplan
 
     def _prefill(self, prompt: list[int], creq: CacheRequest) -> tuple[torch.Tensor, CachePlan, RequestPlan]:
@@ -203,7 +207,10 @@ class Engine:
         cplan = self._restore(prompt, creq)
         r = cplan.restore_to
         plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
-        logits = self.pipeline.prefill(prompt[r:], r, plan, breaks=cplan.chat_ends)
+        if r == len(prompt) and cplan.logits is not None:
+            logits = cplan.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
+        else:
+            logits = self.pipeline.prefill(prompt[r:], r, plan, breaks=cplan.chat_ends)
         self._set_slot(prompt, cplan.chat_ends, cut_floor(len(prompt), self.cfg.chunk_size, cplan.chat_ends))
         self.slot_salt = creq.salt
         return logits, cplan, plan
@@ -211,9 +218,10 @@ class Engine:
     def _set_slot(self, tokens: list[int], ends: list[int], valid: int) -> None:
         self.slot_tokens, self.slot_ends, self.slot_valid = tokens, ends, valid
 
-    def _record_prompt(self, cplan: CachePlan, prompt: list[int]) -> None:
+    def _record_prompt(self, cplan: CachePlan, prompt: list[int], logits: torch.Tensor) -> None:
         kvs = [s.kv for s in self.pipeline.stages]
-        self.cache.record(cplan, prompt, kvs, computed=self.slot_valid if self.cache_cfg.exact else len(prompt))
+        computed = self.slot_valid if self.cache_cfg.exact else len(prompt)
+        self.cache.record(cplan, prompt, kvs, computed, logits=logits if self.cache_cfg.exact else None)
         self.cache.remember(cplan, prompt)
 
     def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
@@ -241,7 +249,7 @@ class Engine:
     ) -> Iterator[Delta | Finished]:
         t0 = time.perf_counter()
         logits, cplan, plan = self._prefill(prompt, creq)
-        r = cplan.restore_to
+        first_logits, r = logits, cplan.restore_to
         t1 = time.perf_counter()
         sampler = Sampler(params)
         stream = TextStream(self.tokenizer, params.stop)
@@ -280,7 +288,7 @@ class Engine:
             cache=cplan.report(),
         )
         # The response is out; now keep what it computed. Prompt KV first, then the reply for the next turn.
-        self._record_prompt(cplan, prompt)
+        self._record_prompt(cplan, prompt, first_logits)
         log.info(
             "[cache] restore=%d kind=%s tier=%s recorded=%s",
             r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",

@@ -1,15 +1,16 @@
-"""Stages chained in one process, and prefill in chunks aligned to absolute positions.
+"""Stages chained in one process, and prefill in chunks aligned to the prompt's structure.
 
-Exactness rests on the chunking: prefill of [start, n) is cut at multiples of C counted from position 0,
-and at the prompt's chat boundaries e1, e2, ... ("breaks"):
+Exactness rests on the chunking: prefill of [start, n) is cut at the prompt's chat boundaries e1, e2, ...
+("breaks") and every C tokens between them, counted from the last break (from 0 before the first):
 
-    |<- C ->|<- C ->|<-- e1 -->|<- C ->|<-- e2 -->|<- n -->|
-    0       C       2C   e1    3C      4C   e2    5C       n
+    |<- C ->|<- C ->|<- e1 ->|<- C ->|<- C ->|<- e2 ->|<- C ->|<- n ->|
+    0       C       2C       e1      e1+C    e1+2C    e2      e2+C     n
 
 Which pieces a position falls in depends only on the positions and on the chat boundaries before it, so
 a position before the last cut is computed with the same tensor shapes by every request that shares the
 tokens and the boundaries up to there. KV restored at a cut and followed by prefill cut the same way is
 therefore bit-identical to a cold run. (The cache's chain keys fix the boundaries they were cut at.)
+Restarting the grid at each break means a message shorter than C is one piece, however it falls.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from anchorkv.cache.policy import cuts
 from anchorkv.engine.plan import RequestPlan, StageInput
 from anchorkv.engine.stage import Stage
 from anchorkv.model.transformer import Logits
 
 
 def aligned_chunks(start: int, end: int, chunk: int, breaks: Sequence[int] = ()) -> list[tuple[int, int]]:
-    """[a, b) pieces of [start, end) whose inner boundaries are the multiples of chunk and the breaks."""
-    inner = sorted({*range((start // chunk + 1) * chunk, end, chunk), *(e for e in breaks if start < e < end)})
-    edges = [start, *inner, end] if start < end else []
+    """[a, b) pieces of [start, end) whose inner boundaries are the cuts (see above) after start."""
+    edges = [start, *(p for p in cuts(end - 1, chunk, breaks) if p > start), end] if start < end else []
     return list(itertools.pairwise(edges))
 
 
@@ -53,7 +54,7 @@ class Pipeline:
     def prefill(
         self, tokens: list[int], start: int, plan: RequestPlan, breaks: Sequence[int] = (), all_logits: bool = False
     ) -> Tensor:
-        """Prefill tokens at positions [start, start + len(tokens)), cut at multiples of C and at the breaks.
+        """Prefill tokens at positions [start, start + len(tokens)), cut at the breaks and every C tokens after each.
         Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab]."""
         chunks = aligned_chunks(start, start + len(tokens), self.chunk_size, breaks)
         outs = []

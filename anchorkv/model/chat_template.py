@@ -1,8 +1,9 @@
 """Render chat messages through the model's Jinja template, keeping each message's end as a token offset.
 
-Those offsets are the cache's safe chat boundaries: for ChatML, right after `<|im_end|>` and its newline.
-A message's end is known when rendering the messages up to it gives a string prefix of the whole render
-that also falls on a token boundary; otherwise that message has no boundary.
+Those offsets are the cache's safe chat boundaries: for ChatML, right after `<|im_end|>` and its newline,
+or, when the assistant's turn comes next, right after its `<|im_start|>assistant\n`. A boundary is known
+when rendering the messages up to it gives a string prefix of the whole render that also falls on a token
+boundary; otherwise that message has no boundary.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class RenderedPrompt:
     text: str
     token_ids: list[int]
     message_ends: list[int | None]  # per input message: token offset right after it, or None when not on a boundary
-    boundaries: list[int]  # every safe chat boundary, including a system message we added to describe tools
+    # every safe chat boundary: a message's end, or past the assistant header when the assistant's turn
+    # follows it; a system message we added to describe tools counts too
+    boundaries: list[int]
 
 
 def _raise(message: str) -> None:
@@ -69,11 +72,23 @@ class ChatTemplate:
         ids, offsets = self.tokenizer.encode_with_offsets(text)
         # char offset -> token offset, for offsets where a token starts (or the text ends)
         starts = {0: 0} | {s: i for i, (s, e) in enumerate(offsets) if e > s} | {len(text): len(ids)}
-        ends: list[int | None] = []
-        for i in range(len(messages)):
-            prefix = self._render(messages[: i + 1], tools, add_generation_prompt=False)
-            ends.append(starts.get(len(prefix)) if text.startswith(prefix) else None)
-        return RenderedPrompt(text, ids, ends[added:], [e for e in ends if e])
+
+        def offset(upto: int, header: bool) -> int | None:
+            prefix = self._render(messages[:upto], tools, add_generation_prompt=header)
+            return starts.get(len(prefix)) if text.startswith(prefix) else None
+
+        ends = [offset(i + 1, False) for i in range(len(messages))]
+        # Where the assistant's turn follows a message, the boundary moves past that turn's header: every
+        # prompt that continues there shares the header, and the turn's own prefill is then one piece
+        # fewer (a prompt ending in the generation prompt is cut only at its end).
+        turns = [
+            offset(i + 1, True)
+            if (messages[i + 1]["role"] == "assistant" if i + 1 < len(messages) else add_generation_prompt)
+            else None
+            for i in range(len(messages))
+        ]
+        boundaries = [t or e for t, e in zip(turns, ends, strict=True)]
+        return RenderedPrompt(text, ids, ends[added:], [b for b in boundaries if b])
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **kw: Any) -> str:
         try:

@@ -17,9 +17,9 @@ from torch import Tensor
 from anchorkv.model.config import ModelConfig
 
 Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
-# Bump when the forward's arithmetic changes: it is part of the exact cache's namespace, so KV saved by an
-# older forward is never mixed with a newer one.
-FORWARD_VERSION = 2
+# Bump when the forward's arithmetic or the prefill's cuts change: it is part of the exact cache's
+# namespace, so KV saved by an older forward is never mixed with a newer one.
+FORWARD_VERSION = 3  # 3: the prefill grid restarts at every chat boundary
 SCORE_BLOCK = 2**19  # attention scores computed at once (1 MiB in bfloat16), see StageModel._attention
 
 
