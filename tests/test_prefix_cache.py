@@ -78,6 +78,23 @@ def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
     assert plan.restore_to == len(p) and plan.logits is None
 
 
+def test_a_prompt_met_inside_a_longer_one_is_a_whole_hit_after_a_restart(tmp_path: Path, cold: Engine) -> None:
+    """Prefill keeps the logits before every chat boundary it passes, so the turn a longer prompt went
+    through is restored whole, from disk, the first time it is sent on its own."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which code goes with class 3?"}]
+    e = make(tmp_path)
+    later = e.render_chat([*history, {"role": "assistant", "content": "SC-3."}, {"role": "user", "content": "And 4?"}])
+    answer(e, later.token_ids, CacheRequest(later.boundaries))
+    e.cache.flush()
+    restarted = make(tmp_path)
+    first = restarted.render_chat(history)
+    n = len(first.token_ids)
+    assert first.token_ids == later.token_ids[:n] and n in later.boundaries
+    logits, plan = restarted.prompt_logits(first.token_ids, CacheRequest(first.boundaries))
+    assert plan.restore_to == n and plan.tier == "disk"
+    assert torch.equal(logits, cold.prompt_logits(first.token_ids, CacheRequest(first.boundaries))[0])
+
+
 def test_anchor_is_restored_where_the_grid_alone_stops(tmp_path: Path, engine: Engine) -> None:
     """Stride 512: without the anchor a prompt that diverges at 860 restores only the grid point 512."""
     base = engine.tokenizer.encode(SYSTEM * 2)[:1000]

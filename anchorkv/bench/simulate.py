@@ -146,7 +146,9 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
         restored.append(plan.restore_to)
         kinds.append(plan.kind)
         # what a prefill leaves reusable: up to the last cut (record rounds down to it)
-        cache.record(plan, p.tokens, kv, computed=len(p.tokens), logits=kv[0].logits)  # type: ignore[arg-type]
+        # as the server: logits before every chat boundary it prefilled, and at the prompt's end
+        kept = {e: kv[0].logits for e in [*p.ends, len(p.tokens)] if e > plan.restore_to}
+        cache.record(plan, p.tokens, kv, computed=len(p.tokens), logits=kept)  # type: ignore[arg-type]
         if p.reply is not None:
             tokens, ends = p.reply
             full = (Boundary(len(tokens), "full"),)

@@ -33,11 +33,8 @@ def files(cache_dir: Path) -> list[FileInfo]:
             try:
                 with safe_open(str(p), "pt") as f:
                     meta = f.metadata() or {}
-                out.append(
-                    FileInfo(
-                        ns.name, p.stem, int(meta["start"]), int(meta["end"]), p.stat().st_size, meta.get("labels", "")
-                    )
-                )
+                labels = meta.get("labels", "") + (" +logits" if meta.get("logits") == "1" else "")
+                out.append(FileInfo(ns.name, p.stem, int(meta["start"]), int(meta["end"]), p.stat().st_size, labels))
             except Exception:
                 out.append(FileInfo(ns.name, p.stem, -1, -1, p.stat().st_size, "unreadable"))
     return out

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -364,11 +364,12 @@ class PrefixCache:
         extra: Sequence[Boundary] = (),
         only_extra: bool = False,
         chat_ends: Sequence[int] | None = None,
-        logits: Tensor | None = None,
+        logits: Mapping[int, Tensor] | None = None,
     ) -> None:
         """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
-        KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
-        prompt's). `logits` are those of the last of `tokens`, kept with the last stage's chunk ending there."""
+                KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
+                prompt's). `logits` maps positions to the logits before them [vocab] (a prompt ending there starts from
+        them): each is kept with the last stage's chunk ending there."""
         if not self.enabled:
             return
         chat = plan.chat_ends if chat_ends is None else sorted(chat_ends)
@@ -400,19 +401,19 @@ class PrefixCache:
         last = len(plan.roots) - 1
         with self.lock:
             for s, root in enumerate(plan.roots):
-                ends_logits = logits if s == last and len(tokens) in labelled else None
+                kept = (logits or {}) if s == last else {}
                 # one walk of the chain up to the furthest boundary, then a tail for each boundary off it
                 at = {0: root}  # chain point -> key of the chunk ending there
                 a = 0
                 for b in points:
                     at[b] = self._put(s, at[a], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s],
-                                      ends_logits if b == len(tokens) else None)  # fmt: skip
+                                      kept.get(b))  # fmt: skip
                     a = b
                 for pos in ends:
                     if pos not in at:
                         g = points[bisect.bisect_left(points, pos) - 1] if points and points[0] < pos else 0
                         self._put(s, at[g], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s],
-                                  ends_logits if pos == len(tokens) else None)  # fmt: skip
+                                  kept.get(pos))  # fmt: skip
 
     def _put(
         self, s: int, parent: bytes, tokens: Sequence[int], a: int, b: int, labels: set[str], keep: int,

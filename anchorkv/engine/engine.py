@@ -198,30 +198,35 @@ class Engine:
     def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
         """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]."""
         with self.lock:
-            logits, cplan, _ = self._prefill(prompt, cache_req or CacheRequest())
-            self._record_prompt(cplan, prompt, logits)
+            logits, cplan, _, at = self._prefill(prompt, cache_req or CacheRequest())
+            self._record_prompt(cplan, prompt, at)
         return logits, cplan
 
-    def _prefill(self, prompt: list[int], creq: CacheRequest) -> tuple[torch.Tensor, CachePlan, RequestPlan]:
-        """Restore what the cache has, prefill the rest; the last position's logits [vocab]."""
+    def _prefill(
+        self, prompt: list[int], creq: CacheRequest
+    ) -> tuple[torch.Tensor, CachePlan, RequestPlan, dict[int, torch.Tensor]]:
+        """Restore what the cache has, prefill the rest. Returns the last position's logits [vocab], the
+        plans, and the logits before each chat boundary prefilled (the prompt's end included), for the cache."""
         cplan = self._restore(prompt, creq)
         r = cplan.restore_to
         plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
+        at: dict[int, torch.Tensor] = {}
         if r == len(prompt) and cplan.logits is not None:
             logits = cplan.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
         else:
-            logits = self.pipeline.prefill(prompt[r:], r, plan, breaks=cplan.chat_ends)
+            logits = self.pipeline.prefill(prompt[r:], r, plan, breaks=cplan.chat_ends, break_logits=at)
+            at[len(prompt)] = logits
         self._set_slot(prompt, cplan.chat_ends, cut_floor(len(prompt), self.cfg.chunk_size, cplan.chat_ends))
         self.slot_salt = creq.salt
-        return logits, cplan, plan
+        return logits, cplan, plan, at
 
     def _set_slot(self, tokens: list[int], ends: list[int], valid: int) -> None:
         self.slot_tokens, self.slot_ends, self.slot_valid = tokens, ends, valid
 
-    def _record_prompt(self, cplan: CachePlan, prompt: list[int], logits: torch.Tensor) -> None:
+    def _record_prompt(self, cplan: CachePlan, prompt: list[int], logits: dict[int, torch.Tensor]) -> None:
         kvs = [s.kv for s in self.pipeline.stages]
         computed = self.slot_valid if self.cache_cfg.exact else len(prompt)
-        self.cache.record(cplan, prompt, kvs, computed, logits=logits if self.cache_cfg.exact else None)
+        self.cache.record(cplan, prompt, kvs, computed, logits=logits if self.cache_cfg.exact else {})
         self.cache.remember(cplan, prompt)
 
     def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
@@ -248,8 +253,8 @@ class Engine:
         creq: CacheRequest,
     ) -> Iterator[Delta | Finished]:
         t0 = time.perf_counter()
-        logits, cplan, plan = self._prefill(prompt, creq)
-        first_logits, r = logits, cplan.restore_to
+        logits, cplan, plan, at = self._prefill(prompt, creq)
+        r = cplan.restore_to
         t1 = time.perf_counter()
         sampler = Sampler(params)
         stream = TextStream(self.tokenizer, params.stop)
@@ -288,7 +293,7 @@ class Engine:
             cache=cplan.report(),
         )
         # The response is out; now keep what it computed. Prompt KV first, then the reply for the next turn.
-        self._record_prompt(cplan, prompt, first_logits)
+        self._record_prompt(cplan, prompt, at)
         log.info(
             "[cache] restore=%d kind=%s tier=%s recorded=%s",
             r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",

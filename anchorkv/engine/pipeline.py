@@ -52,15 +52,29 @@ class Pipeline:
         return self.forward([token], pos, plan, decode=True)
 
     def prefill(
-        self, tokens: list[int], start: int, plan: RequestPlan, breaks: Sequence[int] = (), all_logits: bool = False
+        self,
+        tokens: list[int],
+        start: int,
+        plan: RequestPlan,
+        breaks: Sequence[int] = (),
+        all_logits: bool = False,
+        break_logits: dict[int, Tensor] | None = None,
     ) -> Tensor:
         """Prefill tokens at positions [start, start + len(tokens)), cut at the breaks and every C tokens after each.
-        Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab]."""
+        Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab].
+        Given break_logits, also fills it with the logits [vocab] before each break reached (keyed by the
+        break): what a prompt ending there would start from."""
         chunks = aligned_chunks(start, start + len(tokens), self.chunk_size, breaks)
+        stops = set(breaks) if break_logits is not None else set()
         outs = []
         for i, (a, b) in enumerate(chunks):
-            mode: Logits = "all" if all_logits else "last" if i == len(chunks) - 1 else "none"
-            outs.append(self.forward(tokens[a - start : b - start], a, plan, mode))
+            last = i == len(chunks) - 1
+            mode: Logits = "all" if all_logits else "last" if last or b in stops else "none"
+            out = self.forward(tokens[a - start : b - start], a, plan, mode)
+            if break_logits is not None and b in stops:
+                break_logits[b] = out[-1] if all_logits else out
+            if last or all_logits:
+                outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]
 
     def truncate(self, n: int) -> None:
