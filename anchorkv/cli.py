@@ -28,7 +28,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--chunk-size",
         type=int,
         default=d.chunk_size,
-        help=f"prefill chunk C: prefill is cut at multiples of C and at chat boundaries (default {d.chunk_size})",
+        help=f"prefill chunk C: prefill is cut at chat boundaries and every C tokens after each (default {d.chunk_size})",
     )
     p.add_argument(
         "--decode-weights",
@@ -48,10 +48,13 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
         "--cache-exact",
         default="on",
         choices=["on", "off"],
-        help="on: hits never change the output (restore only at prefill cuts, multiples of C and chat boundaries; reuse only prefill KV); off: also reuse decoded KV and boundaries anywhere (default on)",
+        help="on: hits never change the output (restore only at prefill cuts: chat boundaries and every C tokens after each; reuse only prefill KV); off: also reuse decoded KV and boundaries anywhere (default on)",
     )
     p.add_argument(
-        "--cache-stride", type=int, default=None, help="grid stride S of the chunk chain (default: the chunk size C)"
+        "--cache-stride",
+        type=int,
+        default=None,
+        help="grid stride S of the chunk chain, restarting at each chat boundary (default: the chunk size C)",
     )
     p.add_argument(
         "--cache-ram-mb", type=int, default=c.ram_mb, help=f"RAM tier budget in MiB, 0 to disable (default {c.ram_mb})"

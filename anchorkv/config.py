@@ -19,7 +19,7 @@ class EngineConfig:
     device: str = "cpu"
     ctx: int | None = None  # None: the model's trained context, capped at 8192
     stages: int = 1
-    chunk_size: int = 128  # prefill chunk C; positions are computed in chunks aligned to multiples of C
+    chunk_size: int = 128  # prefill chunk C; prefill is cut at chat boundaries and every C tokens after each
     decode_weights: str = "auto"  # int8 | dense | auto (int8 for bfloat16 on CPU, where it is 1.4x faster)
     cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
 

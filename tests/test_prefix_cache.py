@@ -31,7 +31,7 @@ def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full
 
 def chat(engine: Engine, question: str, system: str = SYSTEM) -> tuple[list[int], CacheRequest]:
     r = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": question}])
-    return r.token_ids, CacheRequest(r.boundaries)
+    return r.token_ids, CacheRequest(r.boundaries, turn_starts=r.turn_starts)
 
 
 def engine_tokens(engine: Engine, text: str) -> list[int]:
@@ -84,7 +84,7 @@ def test_a_prompt_met_inside_a_longer_one_is_a_whole_hit_after_a_restart(tmp_pat
     history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which code goes with class 3?"}]
     e = make(tmp_path)
     later = e.render_chat([*history, {"role": "assistant", "content": "SC-3."}, {"role": "user", "content": "And 4?"}])
-    answer(e, later.token_ids, CacheRequest(later.boundaries))
+    answer(e, later.token_ids, CacheRequest(later.boundaries, turn_starts=later.turn_starts))
     e.cache.flush()
     restarted = make(tmp_path)
     first = restarted.render_chat(history)

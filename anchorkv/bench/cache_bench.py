@@ -81,7 +81,9 @@ class Replayer:
         """One request as the server runs it; returns the turn and the assistant message the server returns."""
         e = self.engine
         r = e.render_chat(messages, TOOLS)
-        req = CacheRequest(r.boundaries, salt=salt, next_turn=next_turn_renderer(e, messages, TOOLS))
+        req = CacheRequest(
+            r.boundaries, salt=salt, turn_starts=r.turn_starts, next_turn=next_turn_renderer(e, messages, TOOLS)
+        )
         t0 = time.perf_counter()
         ttft: float | None = None
         done: Finished | None = None

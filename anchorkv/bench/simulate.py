@@ -77,7 +77,7 @@ class SimKV:
     def __init__(self, cfg: ModelConfig) -> None:
         self.zero = torch.zeros(1, dtype=torch.bfloat16)
         self.shape = (cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
-        self.logits = torch.zeros(1).expand(cfg.vocab_size)  # a prompt's last logits, float32
+        self.logits = self.zero.expand(cfg.vocab_size)  # a prompt's last logits, kept in the KV's dtype
 
     def export(self, start: int, end: int) -> KVSlice:
         layers, heads, hd = self.shape
@@ -92,6 +92,7 @@ class SimKV:
 class Prepared:
     tokens: list[int]
     ends: list[int]
+    turns: list[int]  # the chat boundaries where a prompt can end (RenderedPrompt.turn_starts)
     # the conversation up to the reply this request produced, as the session's next prompt has it: tokens
     # and chat boundaries
     reply: tuple[list[int], list[int]] | None
@@ -101,10 +102,10 @@ def prepare(requests: Sequence[Request], template: ChatTemplate, progress: bool 
     rendered: list[Prepared] = []
     for r in tqdm(requests, desc="tokenizing", unit="request", leave=False, disable=not progress):
         if r.tokens is not None:
-            rendered.append(Prepared(r.tokens, [], None))
+            rendered.append(Prepared(r.tokens, [], [], None))
         else:
             p = template.render(r.messages)
-            rendered.append(Prepared(p.token_ids, p.boundaries, None))
+            rendered.append(Prepared(p.token_ids, p.boundaries, p.turn_starts, None))
     # the reply of request i is in the next request of its session, up to that assistant message's end
     for i, r in enumerate(requests):
         if r.reply_index is None:
@@ -146,8 +147,8 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
         restored.append(plan.restore_to)
         kinds.append(plan.kind)
         # what a prefill leaves reusable: up to the last cut (record rounds down to it)
-        # as the server: logits before every chat boundary it prefilled, and at the prompt's end
-        kept = {e: kv[0].logits for e in [*p.ends, len(p.tokens)] if e > plan.restore_to}
+        # as the server: logits before every turn start it prefilled, and at the prompt's end
+        kept = {e: kv[0].logits for e in [*p.turns, len(p.tokens)] if e > plan.restore_to}
         cache.record(plan, p.tokens, kv, computed=len(p.tokens), logits=kept)  # type: ignore[arg-type]
         if p.reply is not None:
             tokens, ends = p.reply

@@ -84,6 +84,8 @@ class CacheRequest:
     scope: Scope | None = None  # the request's prefix_cache override
     # the conversation with a reply appended, as the next turn's prompt will begin: (tokens, chat boundaries)
     next_turn: Callable[[str], tuple[list[int], list[int]]] | None = None
+    # the chat boundaries past an assistant header, where a prompt can end: prefill keeps the logits there
+    turn_starts: Sequence[int] = ()
 
 
 @dataclass
@@ -314,7 +316,7 @@ class PrefixCache:
                 if c.end == len(prompt) and s == len(plan.chains) - 1:
                     if c.logits is None:
                         raise CacheMiss(f"stage {s} chunk {key.hex()} lost its logits")
-                    plan.logits = c.logits
+                    plan.logits = c.logits.float()
                 if c.end <= skip_upto:
                     continue
                 kvs[s].restore(c.kv)

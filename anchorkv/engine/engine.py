@@ -206,7 +206,7 @@ class Engine:
         self, prompt: list[int], creq: CacheRequest
     ) -> tuple[torch.Tensor, CachePlan, RequestPlan, dict[int, torch.Tensor]]:
         """Restore what the cache has, prefill the rest. Returns the last position's logits [vocab], the
-        plans, and the logits before each chat boundary prefilled (the prompt's end included), for the cache."""
+        plans, and the logits before each turn start prefilled (the prompt's end included), for the cache."""
         cplan = self._restore(prompt, creq)
         r = cplan.restore_to
         plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
@@ -214,7 +214,9 @@ class Engine:
         if r == len(prompt) and cplan.logits is not None:
             logits = cplan.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
         else:
-            logits = self.pipeline.prefill(prompt[r:], r, plan, breaks=cplan.chat_ends, break_logits=at)
+            logits = self.pipeline.prefill(
+                prompt[r:], r, plan, breaks=cplan.chat_ends, logits_at=creq.turn_starts, kept=at
+            )
             at[len(prompt)] = logits
         self._set_slot(prompt, cplan.chat_ends, cut_floor(len(prompt), self.cfg.chunk_size, cplan.chat_ends))
         self.slot_salt = creq.salt
@@ -226,7 +228,9 @@ class Engine:
     def _record_prompt(self, cplan: CachePlan, prompt: list[int], logits: dict[int, torch.Tensor]) -> None:
         kvs = [s.kv for s in self.pipeline.stages]
         computed = self.slot_valid if self.cache_cfg.exact else len(prompt)
-        self.cache.record(cplan, prompt, kvs, computed, logits=logits if self.cache_cfg.exact else {})
+        # the head computes in the KV's dtype, so the logits keep in it losslessly (half the bytes in bf16)
+        kept = {p: x.to(kvs[-1].k.dtype) for p, x in logits.items()} if self.cache_cfg.exact else {}
+        self.cache.record(cplan, prompt, kvs, computed, logits=kept)
         self.cache.remember(cplan, prompt)
 
     def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:

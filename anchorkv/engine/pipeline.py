@@ -16,7 +16,7 @@ Restarting the grid at each break means a message shorter than C is one piece, h
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -58,21 +58,22 @@ class Pipeline:
         plan: RequestPlan,
         breaks: Sequence[int] = (),
         all_logits: bool = False,
-        break_logits: dict[int, Tensor] | None = None,
+        logits_at: Collection[int] = (),
+        kept: dict[int, Tensor] | None = None,
     ) -> Tensor:
         """Prefill tokens at positions [start, start + len(tokens)), cut at the breaks and every C tokens after each.
         Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab].
-        Given break_logits, also fills it with the logits [vocab] before each break reached (keyed by the
-        break): what a prompt ending there would start from."""
+        Given `kept`, also fills it with the logits [vocab] before each of the breaks in logits_at that it
+        reaches (keyed by the break): what a prompt ending there would start from."""
         chunks = aligned_chunks(start, start + len(tokens), self.chunk_size, breaks)
-        stops = set(breaks) if break_logits is not None else set()
+        stops = set(logits_at) if kept is not None else set()
         outs = []
         for i, (a, b) in enumerate(chunks):
             last = i == len(chunks) - 1
             mode: Logits = "all" if all_logits else "last" if last or b in stops else "none"
             out = self.forward(tokens[a - start : b - start], a, plan, mode)
-            if break_logits is not None and b in stops:
-                break_logits[b] = out[-1] if all_logits else out
+            if kept is not None and b in stops:
+                kept[b] = out[-1] if all_logits else out
             if last or all_logits:
                 outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]

@@ -36,6 +36,7 @@ class RenderedPrompt:
     # every safe chat boundary: a message's end, or past the assistant header when the assistant's turn
     # follows it; a system message we added to describe tools counts too
     boundaries: list[int]
+    turn_starts: list[int]  # the boundaries past an assistant header: where a prompt can end
 
 
 def _raise(message: str) -> None:
@@ -88,7 +89,7 @@ class ChatTemplate:
             for i in range(len(messages))
         ]
         boundaries = [t or e for t, e in zip(turns, ends, strict=True)]
-        return RenderedPrompt(text, ids, ends[added:], [b for b in boundaries if b])
+        return RenderedPrompt(text, ids, ends[added:], [b for b in boundaries if b], [t for t in turns if t])
 
     def _render(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **kw: Any) -> str:
         try:

@@ -20,7 +20,7 @@ from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Delta, Engine, Finished, PromptTooLong
 from anchorkv.engine.sampling import SamplingParams
-from anchorkv.model.chat_template import ChatTemplateError
+from anchorkv.model.chat_template import ChatTemplateError, RenderedPrompt
 from anchorkv.server import errors
 from anchorkv.server.errors import APIError
 from anchorkv.server.metrics import Metrics
@@ -109,7 +109,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             raise APIError(400, str(e), "messages") from None
         ends = rendered.message_ends
         marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
-        creq = _cache_request(req, rendered.boundaries, marked, next_turn_renderer(engine, messages, req.tools))
+        creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools))
         return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
@@ -120,17 +120,25 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             prompt = list(req.prompt)
             if (bad := next((t for t in prompt if t >= engine.model_cfg.vocab_size), None)) is not None:
                 raise APIError(400, f"prompt: token id {bad} is outside the vocabulary", "prompt")
-        return await _serve("completion", req, prompt, request, "prompt", _cache_request(req, [], []))
+        return await _serve("completion", req, prompt, request, "prompt", _cache_request(req, None, []))
 
     def _cache_request(
         req: SamplingFields,
-        ends: list[int],
+        rendered: RenderedPrompt | None,
         marked: list[int],
         next_turn: Callable[[str], tuple[list[int], list[int]]] | None = None,
     ) -> CacheRequest:
         scope = req.prefix_cache.resolve(engine.cache.default_scope) if req.prefix_cache else None
-        has_key = req.prompt_cache_key is not None
-        return CacheRequest(ends, req.anchor_list, has_key, marked, req.cache_salt, scope, next_turn)
+        return CacheRequest(
+            chat_ends=rendered.boundaries if rendered else (),
+            anchors=req.anchor_list,
+            has_key=req.prompt_cache_key is not None,
+            marked=marked,
+            salt=req.cache_salt,
+            scope=scope,
+            next_turn=next_turn,
+            turn_starts=rendered.turn_starts if rendered else (),
+        )
 
     async def _serve(
         kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str, creq: CacheRequest
