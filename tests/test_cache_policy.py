@@ -138,6 +138,7 @@ def test_record_plan_per_scope() -> None:
     assert auto.scope_boundary == 600 and auto.disk_upto == 600
     fixed = plan_records(prompt, ends, [], parse_scope("400"), history, 0)
     assert fixed.disk_upto == 400
+    assert plan_records(prompt, ends, [], parse_scope("4000"), history, 0).disk_upto == 1000
     off = plan_records(prompt, ends, [700], parse_scope("off"), history, 0)
     assert off.disk_upto == 0 and ("anchor", 700) in {(b.kind, b.pos) for b in off.boundaries}
     anchored = plan_records(prompt, ends, [700], parse_scope("400"), history, 0)

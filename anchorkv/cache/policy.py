@@ -205,7 +205,7 @@ def plan_records(
         # auto+: a prompt that holds a recent prompt whole is the next turn of a session, written whole
         session = scope.sessions and continues(prompt, history[-scope.window :])
     elif scope.mode == "fixed":
-        scope_b = min(scope.tokens, n - 1)
+        scope_b = min(scope.tokens, n)  # a shorter prompt is written whole: it may be sent again
     if scope_b:
         bounds.append(Boundary(scope_b, scope.mode))
     bounds.append(Boundary(n if full_at is None else full_at, "full"))
