@@ -213,19 +213,22 @@ class PrefixCache:
     def _whole(
         self, roots: list[bytes], prompt: Sequence[int], chat: Sequence[int], disk_ok: bool
     ) -> list[list[bytes]] | None:
-        """Every stage's chain over the whole prompt, when the last chunk keeps the prompt's logits (the same
-        prompt was prefilled before, cut the same way): then nothing needs prefill."""
-        n = len(prompt)
+        """Every stage's chain over the whole prompt, when its last chunk keeps logits (a prompt ending there,
+        cut the same way, was prefilled before): then nothing needs prefill."""
+        n, s = len(prompt), len(roots) - 1
         if not n or cut_floor(n, self.unit, chat) != n:
             return None
-        found = [self._chain_to(s, roots[s], prompt, n, chat, disk_ok) for s in range(len(roots))]
-        last = found[-1]
-        if last is None or any(f is None for f in found):
+        # the last stage first: only its chunk keeps logits, and most prompts stop there
+        last = self._chain_to(s, roots[s], prompt, n, chat, disk_ok)
+        if last is None:
             return None
-        s, key = len(roots) - 1, last[-1]
-        c = self.ram[s].chunks.get(key)
+        key = last[-1]
+        c = self.ram[s].chunks.get(key)  # RAM first, as restore fetches it
         has = c.logits is not None if c is not None else disk_ok and bool(self.disk) and self.disk[s].has_logits(key)
-        return [f or [] for f in found] if has else None
+        if not has:
+            return None
+        found = [self._chain_to(t, roots[t], prompt, n, chat, disk_ok) for t in range(s)]
+        return None if any(f is None for f in found) else [*(f or [] for f in found), last]
 
     def plan(self, prompt: Sequence[int], req: CacheRequest) -> CachePlan:
         scope = req.scope or self.default_scope
@@ -369,9 +372,9 @@ class PrefixCache:
         logits: Mapping[int, Tensor] | None = None,
     ) -> None:
         """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
-                KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
-                prompt's). `logits` maps positions to the logits before them [vocab] (a prompt ending there starts from
-        them): each is kept with the last stage's chunk ending there."""
+        KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
+        prompt's). `logits` maps positions to the logits [vocab] that a prompt ending there starts from;
+        each is kept with the last stage's chunk ending there."""
         if not self.enabled:
             return
         chat = plan.chat_ends if chat_ends is None else sorted(chat_ends)
@@ -424,7 +427,7 @@ class PrefixCache:
         """Record chunk [a, b) of stage s under parent (RAM, and disk up to disk_upto); returns its key."""
         key = chunk_key(parent, tokens[a:b])
         chunk = self.ram[s].get(key)
-        if chunk is not None and chunk.logits is None and logits is not None:
+        if chunk is not None and logits is not None:
             self.ram[s].attach_logits(key, logits)  # passed through before, now a prompt ends here
         if chunk is None:
             tokens_ab = np.asarray(tokens[a:b], dtype=np.int32)
