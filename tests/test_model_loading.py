@@ -16,6 +16,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import SamplingParams
+from anchorkv.model import transformer
 from anchorkv.model.loader import resolve_model
 from tests.factories import make_gguf, make_hf_folder
 
@@ -90,6 +91,21 @@ def test_forward_matches_a_plain_reference(tmp_path: Path, arch: str) -> None:
     ids = engine.render_chat([{"role": "user", "content": text}]).token_ids
     assert len(ids) > 32 and len(ids) % 16
     torch.testing.assert_close(_logits(engine, ids), _reference_logits(folder, engine, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sdpa_keys", [0, transformer.DECODE_SDPA_KEYS])
+def test_decode_steps_match_the_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sdpa_keys: int) -> None:
+    """Each decode step's logits are those the reference gives that position, through both decode attentions."""
+    monkeypatch.setattr(transformer, "DECODE_SDPA_KEYS", sdpa_keys)
+    folder = make_hf_folder(tmp_path, "qwen3")
+    engine = Engine(EngineConfig(model=folder, dtype="float32", threads=2, cache_home=tmp_path, chunk_size=16))
+    ids = engine.render_chat([{"role": "user", "content": "count the sheep jumping over the fence tonight"}]).token_ids
+    m, plan = len(ids) - 6, RequestPlan("t", len(ids))
+    with torch.inference_mode():
+        engine.pipeline.truncate(0)
+        engine.pipeline.prefill(ids[:m], 0, plan)
+        steps = torch.stack([engine.pipeline.decode(ids[p], p, plan) for p in range(m, len(ids))])
+    torch.testing.assert_close(steps, _reference_logits(folder, engine, ids)[m:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
