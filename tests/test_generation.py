@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from anchorkv.engine.engine import Delta, Engine, Finished
@@ -98,3 +99,12 @@ def test_int8_decode_weights_leave_prefill_untouched(engine: Engine) -> None:
         b = dense.pipeline.prefill(prompt, 0, RequestPlan("b", len(prompt)), all_logits=True)
     assert torch.equal(a, b)
     assert "Paris" in generate(dense, prompt)[0]
+
+
+def test_token_bytes_spell_the_text_even_inside_a_character(engine: Engine) -> None:
+    """What `logprobs` reports as each token's bytes: exact, also for a token holding part of a character."""
+    tok, text = engine.tokenizer, "naïve café — 日本語 🙂"
+    pieces = [tok.token_bytes(t) for t in tok.encode(text)]
+    assert b"".join(pieces) == text.encode()
+    with pytest.raises(UnicodeDecodeError):
+        [p.decode() for p in pieces]

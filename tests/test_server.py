@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from anchorkv.config import ServerConfig
@@ -63,6 +65,42 @@ def test_completions_streamed_and_not(client: TestClient) -> None:
     assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
 
 
+def test_chat_logprobs_are_the_models_own_distribution(client: TestClient, engine: Engine) -> None:
+    req = {**CHAT, "logprobs": True, "top_logprobs": 3}
+    whole = client.post("/v1/chat/completions", json=req).json()
+    choice = whole["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == whole["usage"]["completion_tokens"]
+    assert bytes(b for e in content for b in e["bytes"]).decode() == choice["message"]["content"]
+    for e in content:  # greedy: each token is its own best alternative
+        top = [t["logprob"] for t in e["top_logprobs"]]
+        assert len(top) == 3 and top == sorted(top, reverse=True) and math.fsum(math.exp(t) for t in top) <= 1
+        assert e["top_logprobs"][0]["token"] == e["token"] and top[0] == e["logprob"]
+    prompt = engine.render_chat(CHAT["messages"]).token_ids
+    with torch.inference_mode():
+        first = torch.log_softmax(engine.prompt_logits(prompt)[0].float(), -1)
+    assert content[0]["logprob"] == pytest.approx(float(first.max()), abs=1e-6)
+    with client.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as r:
+        events = sse_events(list(r.iter_lines()))
+    streamed = [e for ev in events if (lp := ev["choices"][0]["logprobs"]) for e in lp["content"]]
+    assert streamed == content
+    plain = client.post("/v1/chat/completions", json=CHAT).json()
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["message"] == choice["message"]
+
+
+def test_completion_logprobs_streamed_and_not(client: TestClient) -> None:
+    req = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = client.post("/v1/completions", json=req).json()["choices"][0]
+    lp = whole["logprobs"]
+    assert "".join(lp["tokens"]) == whole["text"] and len(lp["token_logprobs"]) == 6
+    assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(6)]
+    assert all(len(top) <= 2 and max(top.values()) == t for top, t in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
+        events = sse_events(list(r.iter_lines()))
+    parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+    assert {k: [x for p in parts for x in p[k]] for k in lp} == lp
+
+
 def test_models_health_props(client: TestClient, engine: Engine) -> None:
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
@@ -94,6 +132,8 @@ BAD = [
     ({**CHAT, "top_p": 0}, "top_p"),
     ({**CHAT, "n": 2}, "n"),
     ({**CHAT, "stop": [1, 2]}, "stop"),
+    ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": LONG}]}, "messages"),
 ]
 
@@ -109,7 +149,13 @@ def test_bad_chat_input_is_a_400_naming_the_field(client: TestClient, body: dict
 
 @pytest.mark.parametrize(
     "body, param",
-    [({"prompt": ""}, "prompt"), ({"prompt": [10**9]}, "prompt"), ({"prompt": "x", "max_tokens": -1}, "max_tokens")],
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [10**9]}, "prompt"),
+        ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "echo": True}, "echo"),
+    ],
 )
 def test_bad_completion_input_is_a_400(client: TestClient, body: dict[str, Any], param: str) -> None:
     r = client.post("/v1/completions", json=body)
@@ -192,8 +238,12 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
         messages=[{"role": "user", "content": "What is the capital of France?"}],
         temperature=0,
         max_tokens=24,
+        logprobs=True,
+        top_logprobs=2,
     )
     assert "Paris" in (r.choices[0].message.content or "")
+    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.content is not None
+    assert "".join(t.token for t in r.choices[0].logprobs.content) == r.choices[0].message.content
     assert r.usage is not None and r.usage.prompt_tokens_details is not None
     assert r.usage.prompt_tokens_details.cached_tokens == 0
     stream = client.chat.completions.create(

@@ -19,7 +19,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.pipeline import Pipeline, aligned_chunks
 from anchorkv.engine.plan import RequestPlan
-from anchorkv.engine.sampling import Sampler, SamplingParams
+from anchorkv.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
 from anchorkv.engine.stage import Stage
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
@@ -39,6 +39,7 @@ class PromptTooLong(ValueError):
 @dataclass(frozen=True)
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens sampled since the last Delta, when asked for
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Finished:
     predicted_ms: float
     token_ids: list[int] = field(default_factory=list)
     cache: dict[str, Any] = field(default_factory=dict)  # the prefix_cache report
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
 
     def timings(self) -> dict[str, Any]:
         """llama.cpp's `timings` object."""
@@ -264,6 +266,8 @@ class Engine:
         stream = TextStream(self.tokenizer, params.stop)
         eos = self.tokenizer.eos_token_ids
         pos, out, finish = len(prompt), [], "length"
+        lps: list[TokenLogprob] = []
+        sent = 0  # logprobs already carried by a Delta
         while True:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
@@ -273,8 +277,11 @@ class Engine:
                 finish = "stop"
                 break
             out.append(token)
+            if params.logprobs is not None:
+                lps.append(token_logprob(logits, token, params.logprobs))
             if delta := stream.push(token):
-                yield Delta(delta)
+                yield Delta(delta, tuple(lps[sent:]))
+                sent = len(lps)
             if stream.stopped:
                 finish = "stop"
                 break
@@ -283,7 +290,7 @@ class Engine:
             logits = self.pipeline.decode(token, pos, plan)
             pos += 1
         if rest := stream.flush():
-            yield Delta(rest)
+            yield Delta(rest, tuple(lps[sent:]))
         t2 = time.perf_counter()
         yield Finished(
             text=stream.text,
@@ -295,6 +302,7 @@ class Engine:
             predicted_ms=(t2 - t1) * 1000,
             token_ids=out,
             cache=cplan.report(),
+            logprobs=lps if params.logprobs is not None else None,
         )
         # The response is out; now keep what it computed. Prompt KV first, then the reply for the next turn.
         self._record_prompt(cplan, prompt, at)

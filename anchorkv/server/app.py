@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -19,10 +19,11 @@ from anchorkv import __version__
 from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Delta, Engine, Finished, PromptTooLong
-from anchorkv.engine.sampling import SamplingParams
+from anchorkv.engine.sampling import SamplingParams, TokenLogprob
 from anchorkv.model.chat_template import ChatTemplateError, RenderedPrompt
 from anchorkv.server import errors
 from anchorkv.server.errors import APIError
+from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
 from anchorkv.server.metrics import Metrics
 from anchorkv.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from anchorkv.server.tool_calls import ToolCallStream, assistant_message
@@ -157,6 +158,7 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             seed=req.seed,
             stop=req.stop_list,
             ignore_eos=req.ignore_eos,
+            logprobs=req.logprob_alternatives,
         )
         try:
             job = worker.submit(prompt, params, creq)
@@ -169,7 +171,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = _sse(kind, rid, job, include_usage, t0, bool(getattr(req, "tools", None)))
+            tools = bool(getattr(req, "tools", None))
+            stream = _sse(kind, rid, job, include_usage, t0, tools, params.logprobs is not None)
             return StreamingResponse(stream, media_type="text/event-stream")
         done = await _final(job, request)
         if done is None:  # the client went away; nobody reads this
@@ -208,8 +211,16 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             done.prompt_ms, done.predicted_ms, done.finish_reason, (time.perf_counter() - t0) * 1000,
         )  # fmt: skip
 
+    def _logprobs(kind: str, entries: Sequence[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+        if entries is None:
+            return None
+        if kind == "chat":
+            return chat_logprobs(entries, engine.tokenizer)
+        return completion_logprobs(entries, engine.tokenizer, offset)
+
     def _response(kind: str, rid: str, done: Finished, tools: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason}
+        choice["logprobs"] = _logprobs(kind, done.logprobs)
         if kind == "chat":
             choice["message"] = assistant_message(done.text, tools)
             if "tool_calls" in choice["message"]:
@@ -228,17 +239,23 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         }
 
     async def _sse(
-        kind: str, rid: str, job: Job, include_usage: bool, t0: float, tools: bool = False
+        kind: str, rid: str, job: Job, include_usage: bool, t0: float, tools: bool = False, logprobs: bool = False
     ) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
+        unsent: list[TokenLogprob] | None = [] if logprobs else None  # sampled, not yet in a chunk
+        offset = 0  # characters of completion text sent so far
+
         def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> str:
+            nonlocal unsent, offset
+            lps = _logprobs(kind, unsent, offset) if unsent else None
+            unsent, offset = ([] if logprobs else None), offset + len(delta or "")
             if kind == "chat":
                 d: dict[str, Any] = {} if delta is None else {"content": delta}
-                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
+                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": lps}
             body = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice], **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -253,6 +270,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
                 if ttft is None:
                     ttft = time.perf_counter() - t0
                 if isinstance(event, Delta):
+                    if unsent is not None:
+                        unsent.extend(event.logprobs)
                     if text := calls_stream.push(event.text) if calls_stream else event.text:
                         yield chunk(text)
                     continue

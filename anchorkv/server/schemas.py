@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
+from anchorkv.engine.sampling import MAX_TOP_LOGPROBS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -74,6 +75,7 @@ class PrefixCacheOptions(BaseModel):
 
 
 AnchorCount = Annotated[int, Field(ge=0, strict=True)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)]
 
 
 class SamplingFields(BaseModel):
@@ -112,12 +114,43 @@ class SamplingFields(BaseModel):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """How many alternatives to report with each token's log-probability; None: no log-probabilities."""
+        return None
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
+    logprobs: TopLogprobs | None = None
+    echo: bool = False
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo is not supported (prompt tokens get no log-probabilities here)")
+        return echo
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
