@@ -13,7 +13,7 @@ from anchorkv.engine.engine import Engine
 from anchorkv.engine.plan import RequestPlan
 
 PREFILL_LENGTHS = (512, 2048, 4096)
-DECODE_CONTEXTS = (512, 2048)
+DECODE_CONTEXTS = (512, 2048, 6144)
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,29 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
         pipe.chunk_size = chunk
         out.append(Measurement("prefill", n, n / statistics.median(times[chunk])))
         out.append(Measurement("prefill, one chunk", n, n / statistics.median(times[n])))
+    models = [stage.model for stage in pipe.stages]
+    sdpa_keys = models[0].decode_sdpa_keys
     for ctx in DECODE_CONTEXTS:
         if ctx + decode_tokens >= engine.ctx:
             continue
         pipe.truncate(0)
         pipe.prefill(ids[:ctx], 0, plan)
-        times = []
+        # decode attention through SDPA (the default up to sdpa_keys keys) or the per-head matmuls, alternately
+        steps: dict[int, list[float]] = {sdpa_keys: [], 0: []} if ctx <= sdpa_keys else {sdpa_keys: []}
         for _ in range(repeats):
-            t = time.perf_counter()
-            for i in range(decode_tokens):
-                pipe.decode(ids[ctx + i], ctx + i, plan)
-            times.append(time.perf_counter() - t)
-            pipe.truncate(ctx)
-        out.append(Measurement("decode", ctx, decode_tokens / statistics.median(times)))
+            for keys in steps:
+                for m in models:
+                    m.decode_sdpa_keys = keys
+                t = time.perf_counter()
+                for i in range(decode_tokens):
+                    pipe.decode(ids[ctx + i], ctx + i, plan)
+                steps[keys].append(time.perf_counter() - t)
+                pipe.truncate(ctx)
+        for m in models:
+            m.decode_sdpa_keys = sdpa_keys
+        out.append(Measurement("decode", ctx, decode_tokens / statistics.median(steps[sdpa_keys])))
+        if 0 in steps:
+            out.append(Measurement("decode, matmul attention", ctx, decode_tokens / statistics.median(steps[0])))
     return out
 
 

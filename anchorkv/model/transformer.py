@@ -133,6 +133,7 @@ class StageModel:
         self.embed = embed
         self.final_norm = final_norm
         self.lm_head = lm_head
+        self.decode_sdpa_keys = DECODE_SDPA_KEYS
         positions = torch.arange(cfg.max_ctx, dtype=torch.float64)
         angles = torch.outer(positions, rope_inv_freq(cfg))
         device = (embed if embed is not None else layers[0].wqkv.weight).device
@@ -185,11 +186,11 @@ class StageModel:
         blocks of at most SCORE_BLOCK scores, which stay in cache between Q K^T, softmax and P V: 1.8x
         faster than one [Hkv, G * T, L] score tensor at 2-6k keys. Per KV head, plain mm on the cache view
         (bmm would first copy the strided view). Blocks depend on T and L only, so a position is always
-        computed the same way. A decode step over at most DECODE_SDPA_KEYS keys goes through SDPA instead.
+        computed the same way. A decode step over at most decode_sdpa_keys keys goes through SDPA instead.
         """
         H, T, hd = q.shape
         Hkv, L = k.shape[0], k.shape[1]
-        if decode and L <= DECODE_SDPA_KEYS:  # T == 1; the G query heads of a KV head are its G query rows
+        if decode and L <= self.decode_sdpa_keys:  # T == 1; the G query heads of a KV head are its G query rows
             return F.scaled_dot_product_attention(q.view(1, Hkv, H // Hkv, hd), k[None], v[None]).view(1, H * hd)
         rows = (H // Hkv) * T
         qg = torch.mul(q, hd**-0.5, out=q.new_empty(H, T, hd)).view(Hkv, rows, hd)
