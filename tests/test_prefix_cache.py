@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from anchorkv.cache.history import MAX_TOKENS, MAX_WINDOW, History
 from anchorkv.cache.policy import common_prefix, cut_floor
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
@@ -321,7 +322,9 @@ def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
     ls = run("ls")
     assert ls.returncode == 0 and "[0, 128)" in ls.stdout
     assert "chunks" in run("stats").stdout
+    assert (tmp_path / "history.bin").exists()
     assert "removed" in run("clear").stdout and not list(tmp_path.glob("*/*.kv"))
+    assert not (tmp_path / "history.bin").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -387,6 +390,23 @@ def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     _, plan = restarted.prompt_logits(p2, r2)
     assert plan.records.scope_boundary == r2.chat_ends[0]  # LCP with p1, aligned down to the system end
+
+
+def test_history_file_round_trips_and_a_damaged_one_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "history.bin"
+    h = History(path)
+    for i in range(MAX_WINDOW + 3):
+        h.add("aa", [i, 2**31 + i, *range(i)])
+    h.add("bb", list(range(MAX_TOKENS + 5)))
+    h.save(h.snapshot())
+    back = History(path)
+    assert back.namespaces() == ["aa", "bb"]
+    assert back.recent("aa") == h.recent("aa") and len(back.recent("aa")) == MAX_WINDOW
+    assert back.recent("aa")[0][:2] == [3, 2**31 + 3] and back.recent("bb") == [list(range(MAX_TOKENS))]
+    path.write_bytes(path.read_bytes()[:-1])  # truncated
+    assert History(path).namespaces() == []
+    path.write_text('{"aa": [[1, 2]]}')  # the earlier JSON form, or anything else
+    assert History(path).namespaces() == []
 
 
 def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from anchorkv.cache.disk_tier import SUFFIX
+from anchorkv.cache.history import FILE_NAME as HISTORY_FILE
 
 
 @dataclass(frozen=True)
@@ -67,5 +68,6 @@ def clear(cache_dir: Path) -> int:
     for ns in namespaces(cache_dir):
         n += len(list(ns.glob(f"*{SUFFIX}")))
         shutil.rmtree(ns)
-    (cache_dir / "history.json").unlink(missing_ok=True)
+    for name in (HISTORY_FILE, "history.json"):  # history.json: the earlier, JSON form
+        (cache_dir / name).unlink(missing_ok=True)
     return n

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.disk_tier import DiskTier, DiskWriter
+from anchorkv.cache.history import FILE_NAME as HISTORY_FILE
 from anchorkv.cache.history import History
 from anchorkv.cache.keys import KEY_BYTES, Namespace, chain_keys, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
@@ -146,7 +147,7 @@ class PrefixCache:
             self.writer = DiskWriter()
             disk_per_stage = cfg.disk_budget_mb * 2**20 // len(namespaces)
             self.disk = [DiskTier(cfg.cache_dir, ns, disk_per_stage, self.writer, self._corrupt) for ns in namespaces]
-            self.history = History(cfg.cache_dir / "history.json")
+            self.history = History(cfg.cache_dir / HISTORY_FILE)
         self.lock = threading.Lock()
         # whole prompts recorded (and prompt + reply), to tell exact and full restores apart
         self.full_prompts: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
