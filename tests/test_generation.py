@@ -8,7 +8,7 @@ import torch
 from anchorkv.engine.engine import Delta, Engine, Finished
 from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.engine.plan import RequestPlan
-from anchorkv.engine.sampling import SamplingParams
+from anchorkv.engine.sampling import Sampler, SamplingParams
 from anchorkv.engine.text_stream import TextStream
 
 PROMPTS = [
@@ -108,3 +108,26 @@ def test_token_bytes_spell_the_text_even_inside_a_character(engine: Engine) -> N
     assert b"".join(pieces) == text.encode()
     with pytest.raises(UnicodeDecodeError):
         [p.decode() for p in pieces]
+
+
+def test_penalties_steer_greedy_choices_as_openai_and_vllm_define_them() -> None:
+    logits = torch.tensor([3.0, 2.5, 2.0, -1.0])
+    greedy = {"max_tokens": 8, "temperature": 0.0}
+    plain = Sampler(SamplingParams(**greedy))
+    assert [plain(logits) for _ in range(2)] == [0, 0]
+    presence = Sampler(SamplingParams(**greedy, presence_penalty=0.75))  # once per token: 2.25 > 1.75 > 1.25
+    assert [presence(logits) for _ in range(4)] == [0, 1, 0, 0]
+    frequency = Sampler(SamplingParams(**greedy, frequency_penalty=0.75))  # per time: 0 drops to 1.5, 2 takes over
+    assert [frequency(logits) for _ in range(4)] == [0, 1, 0, 2]
+    repetition = Sampler(SamplingParams(**greedy, repetition_penalty=1.5), prompt=[0])  # 3 / 1.5 < 2.5
+    assert repetition(logits) == 1
+    negative = Sampler(SamplingParams(**greedy, repetition_penalty=1.5), prompt=[3])
+    assert negative(torch.tensor([-0.9, -1.0, -2.0, -0.8])) == 0  # -0.8 * 1.5 falls below -0.9
+
+
+def test_frequency_penalty_breaks_a_repetition_loop(engine: Engine) -> None:
+    prompt = engine.render_chat([{"role": "user", "content": "Capital of France?"}]).token_ids
+    _, looping, _ = generate(engine, prompt, max_tokens=16, ignore_eos=True)
+    _, penalized, _ = generate(engine, prompt, max_tokens=16, ignore_eos=True, frequency_penalty=2.0)
+    assert len(set(looping)) < len(looping)  # the plain greedy reply repeats itself
+    assert len(set(penalized)) > len(set(looping))

@@ -133,6 +133,9 @@ BAD = [
     ({**CHAT, "n": 2}, "n"),
     ({**CHAT, "stop": [1, 2]}, "stop"),
     ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ({**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
+    ({**CHAT, "frequency_penalty": -3}, "frequency_penalty"),
+    ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
     ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": LONG}]}, "messages"),
 ]

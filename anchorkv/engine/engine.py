@@ -262,7 +262,7 @@ class Engine:
         logits, cplan, plan, at = self._prefill(prompt, creq)
         r = cplan.restore_to
         t1 = time.perf_counter()
-        sampler = Sampler(params)
+        sampler = Sampler(params, prompt)
         stream = TextStream(self.tokenizer, params.stop)
         eos = self.tokenizer.eos_token_ids
         pos, out, finish = len(prompt), [], "length"

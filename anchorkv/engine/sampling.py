@@ -20,6 +20,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # report each token's log-probability and this many alternatives; None: off
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per time a token was generated so far
+    # vLLM / HF: the logit of a token in the prompt or generated so far is divided by it (multiplied if < 0)
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -30,6 +34,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if not -2 <= self.presence_penalty <= 2 or not -2 <= self.frequency_penalty <= 2:
+            raise ValueError("presence_penalty and frequency_penalty must be between -2 and 2")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
 
@@ -42,8 +50,8 @@ class TokenLogprob:
 
 
 def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
-    """The log-probability of token under the model's own distribution: before temperature, top-k and top-p,
-    so it does not depend on how the token was sampled."""
+    """The log-probability of token under the model's own distribution: before penalties, temperature, top-k
+    and top-p, so it does not depend on how the token was sampled."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     best = torch.topk(lp, top) if top else None
     alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
@@ -51,16 +59,41 @@ def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt: list[int] | None = None) -> None:
         self.params = params
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
+        self.penalized = params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+        self._counts: Tensor | None = None  # [vocab] times each token was generated
+        self._seen: Tensor | None = None  # [vocab] in the prompt or generated
+        self._prompt = prompt or []
 
     def __call__(self, logits: Tensor) -> int:
-        """logits: [vocab] float32."""
+        """logits: [vocab] float32. Returns the next token, counted as generated."""
+        if self.penalized:
+            logits = self._penalize(logits)
+        token = self._choose(logits)
+        if self._counts is not None and self._seen is not None:
+            self._counts[token] += 1
+            self._seen[token] = True
+        return token
+
+    def _penalize(self, logits: Tensor) -> Tensor:
+        p = self.params
+        if self._counts is None or self._seen is None:
+            self._counts = torch.zeros(logits.shape[-1])
+            self._seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            self._seen[torch.tensor(self._prompt, dtype=torch.long)] = True
+        logits = logits.float().cpu().clone()
+        if p.repetition_penalty != 1:
+            seen = logits[self._seen]
+            logits[self._seen] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        return logits - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+
+    def _choose(self, logits: Tensor) -> int:
         p = self.params
         if p.temperature == 0:
             return int(logits.argmax())

@@ -159,6 +159,9 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
             stop=req.stop_list,
             ignore_eos=req.ignore_eos,
             logprobs=req.logprob_alternatives,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty,
         )
         try:
             job = worker.submit(prompt, params, creq)

@@ -88,6 +88,9 @@ class SamplingFields(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0  # vLLM extension, over prompt and reply tokens
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     ignore_eos: bool = False  # llama.cpp extension: generate max_tokens even past end-of-sequence
