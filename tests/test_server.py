@@ -101,6 +101,37 @@ def test_completion_logprobs_streamed_and_not(client: TestClient) -> None:
     assert {k: [x for p in parts for x in p[k]] for k in lp} == lp
 
 
+def test_tokenize_gives_the_token_counts_anchors_take(client: TestClient, engine: Engine) -> None:
+    system = {"role": "system", "content": "You answer questions about European geography. " * 8}
+    messages = [system, CHAT["messages"][0]]
+    tok = client.post("/tokenize", json={"messages": messages}).json()
+    chat = {**CHAT, "messages": messages, "max_tokens": 2, "prompt_cache_key": "geo"}
+    first = client.post("/v1/chat/completions", json=chat).json()
+    assert len(tok["tokens"]) == first["usage"]["prompt_tokens"]
+    through_system = tok["message_ends"][0]
+    assert 0 < through_system < tok["message_ends"][1] < len(tok["tokens"])
+    again = client.post("/v1/chat/completions", json={**chat, "prompt_cache_anchor_tokens": through_system}).json()
+    assert again["prefix_cache"]["anchors"] == [{"tokens": through_system, "accepted": True}]
+    text = client.post("/apply-template", json={"messages": messages}).json()["prompt"]
+    assert client.post("/tokenize", json={"content": text}).json()["tokens"] == tok["tokens"]
+    assert client.post("/detokenize", json={"tokens": engine.tokenizer.encode("café 🙂")}).json() == {
+        "content": "café 🙂"
+    }
+    pieces = client.post("/tokenize", json={"content": "🙂", "with_pieces": True}).json()["tokens"]
+    assert (
+        b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode() for p in pieces)
+        == "🙂".encode()
+    )
+    for path, body, param in [
+        ("/tokenize", {}, None),
+        ("/tokenize", {"content": "x", "messages": messages}, None),
+        ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+    ]:
+        r = client.post(path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_models_health_props(client: TestClient, engine: Engine) -> None:
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"

@@ -25,7 +25,15 @@ from anchorkv.server import errors
 from anchorkv.server.errors import APIError
 from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
 from anchorkv.server.metrics import Metrics
-from anchorkv.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from anchorkv.server.schemas import (
+    ApplyTemplateRequest,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 from anchorkv.server.tool_calls import ToolCallStream, assistant_message
 from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
@@ -101,13 +109,42 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
         metrics.observe_cache(engine.cache.stats())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def _render(messages: list[ChatMessage], tools: list[dict[str, Any]] | None, **kw: Any) -> RenderedPrompt:
+        dumped = [m.model_dump(exclude_none=True) for m in messages]
+        try:
+            return await asyncio.to_thread(engine.render_chat, dumped, tools, **kw)
+        except ChatTemplateError as e:
+            raise APIError(400, str(e), "messages") from None
+
+    @app.post("/tokenize", dependencies=[Depends(auth)])
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        """Token ids of a prompt as the completion endpoints would see it. For messages also each message's
+        end as a token count: what `prompt_cache_anchor_tokens` takes to anchor through that message."""
+        out: dict[str, Any] = {}
+        if req.messages is not None:
+            rendered = await _render(req.messages, req.tools, add_generation_prompt=req.add_generation_prompt)
+            ids, out["message_ends"] = rendered.token_ids, rendered.message_ends
+        else:
+            ids = await asyncio.to_thread(engine.tokenizer.encode, req.content or "")
+        out["tokens"] = (
+            [{"id": t, "piece": _piece(engine.tokenizer.token_bytes(t))} for t in ids] if req.with_pieces else ids
+        )
+        return out
+
+    @app.post("/detokenize", dependencies=[Depends(auth)])
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if (bad := next((t for t in req.tokens if t >= engine.model_cfg.vocab_size), None)) is not None:
+            raise APIError(400, f"tokens: token id {bad} is outside the vocabulary", "tokens")
+        return {"content": engine.tokenizer.decode(req.tokens)}
+
+    @app.post("/apply-template", dependencies=[Depends(auth)])
+    async def apply_template(req: ApplyTemplateRequest) -> dict[str, Any]:
+        return {"prompt": (await _render(req.messages, req.tools)).text}
+
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        try:
-            rendered = await asyncio.to_thread(engine.render_chat, messages, req.tools)
-        except ChatTemplateError as e:
-            raise APIError(400, str(e), "messages") from None
+        rendered = await _render(req.messages, req.tools)
         ends = rendered.message_ends
         marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
         creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools))
@@ -319,6 +356,14 @@ def next_turn_renderer(
         return r.token_ids, r.boundaries
 
     return render
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """A token's text, or its bytes where it holds part of a UTF-8 character (as llama.cpp's /tokenize)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 def _usage(done: Finished) -> dict[str, Any]:

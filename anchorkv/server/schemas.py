@@ -157,3 +157,31 @@ class CompletionRequest(SamplingFields):
     @property
     def logprob_alternatives(self) -> int | None:
         return self.logprobs
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize: a string as /v1/completions would read it, or messages as /v1/chat/completions would."""
+
+    model_config = ConfigDict(extra="ignore")
+    content: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool = True  # messages only: end with the assistant's header, as a chat request does
+    with_pieces: bool = False  # llama.cpp: [{"id", "piece"}] instead of bare ids
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.content is None) == (self.messages is None):
+            raise ValueError("send either content (a string) or messages (a chat), not both or neither")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class ApplyTemplateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[dict[str, Any]] | None = None
