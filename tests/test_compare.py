@@ -24,3 +24,5 @@ def test_compare_restarts_our_server_and_its_first_request_hits_the_disk(tmp_pat
     after = runs["after restart"][0]
     assert after["error"] is None and after["cached_tokens"] > 0 and after["ttft_ms"] is not None
     assert "after restart" in md and (out / compare._slug(str(trace)) / "replay.png").is_file()
+    assert all(s["tail_ms"] is not None for samples in runs.values() for s in samples)  # every stream had text
+    assert "| end of stream after the last text (ms) |" in md

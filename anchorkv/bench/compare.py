@@ -89,12 +89,22 @@ def markdown(results: Sequence[PeerRun], workloads: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def tails(results: Sequence[PeerRun]) -> str:
+    """Per server, how long streams stayed open after their last text (a save before closing shows here)."""
+    lines = ["| end of stream after the last text (ms) | median | max |", "|---|---:|---:|"]
+    for r in results:
+        values = [s.tail_ms for samples in r.runs.values() for s in samples if s.tail_ms is not None and not s.error]
+        cells = [f"{statistics.median(values):.1f}", f"{max(values):.1f}"] if values else ["-", "-"]
+        lines.append("| " + " | ".join([r.peer, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def write(out: Path, results: Sequence[PeerRun], workloads: Sequence[str]) -> str:
     """compare.md, compare.json, and per workload a replay.png with one TTFT line per server."""
     out.mkdir(parents=True, exist_ok=True)
     for w in workloads:
         replay.write(out / _slug(w), {r.peer: r.runs[w] for r in results})
-    md = markdown(results, workloads)
+    md = markdown(results, workloads) + "\n\n" + tails(results)
     (out / "compare.md").write_text(md + "\n")
     data = {r.peer: {w: [asdict(s) for s in samples] for w, samples in r.runs.items()} for r in results}
     (out / "compare.json").write_text(json.dumps(data, indent=1))

@@ -33,6 +33,11 @@ class Sample:
     cached_tokens: int | None
     timings: dict[str, Any] | None
     error: str | None = None
+    tail_ms: float | None = None  # from the last event with generated text to the end of the stream
+
+
+def _has_text(event: dict[str, Any]) -> bool:
+    return any((c.get("delta") or {}).get("content") or c.get("text") for c in event.get("choices") or [])
 
 
 def _produced(event: dict[str, Any]) -> bool:
@@ -66,7 +71,7 @@ def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_toke
         url, body["messages"] = f"{base}/v1/chat/completions", req.messages
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     t0 = time.perf_counter()
-    ttft = None
+    ttft = last_text = None
     usage: dict[str, Any] = {}
     timings = None
     try:
@@ -88,17 +93,19 @@ def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_toke
                 event = json.loads(line[6:])
                 if ttft is None and _produced(event):
                     ttft = (time.perf_counter() - t0) * 1000
+                if _has_text(event):
+                    last_text = time.perf_counter()
                 usage = event.get("usage") or usage
                 timings = event.get("timings") or timings
     except httpx.HTTPError as e:
         return Sample(index, req.session, ttft, (time.perf_counter() - t0) * 1000, None, None, None, type(e).__name__)
+    end = time.perf_counter()
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens")
     if cached is None and timings:
         cached = timings.get("cache_n")
-    return Sample(
-        index, req.session, ttft, (time.perf_counter() - t0) * 1000, usage.get("prompt_tokens"), cached, timings
-    )
+    tail = (end - last_text) * 1000 if last_text is not None else None
+    return Sample(index, req.session, ttft, (end - t0) * 1000, usage.get("prompt_tokens"), cached, timings, None, tail)
 
 
 def replay(
@@ -152,6 +159,7 @@ def summary(label: str, samples: Sequence[Sample]) -> dict[str, Any]:
         return ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))] if ttfts else None
 
     cached = [s.cached_tokens for s in samples if s.cached_tokens is not None]
+    tails = [s.tail_ms for s in samples if s.tail_ms is not None and s.error is None]
     return {
         "label": label,
         "requests": len(samples),
@@ -161,6 +169,8 @@ def summary(label: str, samples: Sequence[Sample]) -> dict[str, Any]:
         "ttft_p95_ms": pct(0.95),
         "cached_tokens_total": sum(cached) if cached else None,
         "prompt_tokens_total": sum(s.prompt_tokens or 0 for s in samples) or None,
+        "tail_p50_ms": statistics.median(tails) if tails else None,
+        "tail_max_ms": max(tails) if tails else None,
     }
 
 
@@ -169,12 +179,13 @@ def markdown(summaries: Sequence[dict[str, Any]]) -> str:
         return "-" if v is None else f"{v:.0f}" if isinstance(v, float) else str(v)
 
     rows = [
-        "| run | requests | errors | first TTFT ms | p50 TTFT ms | p95 TTFT ms | cached / prompt tokens |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| run | requests | errors | first TTFT ms | p50 TTFT ms | p95 TTFT ms | cached / prompt tokens "
+        "| stream end after last text ms, p50 / max |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     rows += [
         f"| {s['label']} | {s['requests']} | {s['errors']} | {f(s['ttft_first_ms'])} | {f(s['ttft_p50_ms'])} | {f(s['ttft_p95_ms'])} "
-        f"| {f(s['cached_tokens_total'])} / {f(s['prompt_tokens_total'])} |"
+        f"| {f(s['cached_tokens_total'])} / {f(s['prompt_tokens_total'])} | {f(s['tail_p50_ms'])} / {f(s['tail_max_ms'])} |"
         for s in summaries
     ]
     return "\n".join(rows)
