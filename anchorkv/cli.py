@@ -313,6 +313,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from anchorkv.engine.engine import Engine
     from anchorkv.server.app import create_app
+    from anchorkv.server.worker import serve_on_main_thread
 
     ecfg = _engine_config(parser, args)
     ccfg = _cache_config(parser, args)
@@ -331,8 +332,11 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "loaded %s (%s, %d layers, %d stages, ctx %d)", engine.model_name, engine.model_cfg.arch,
         engine.model_cfg.n_layers, ecfg.stages, engine.ctx,
     )  # fmt: skip
-    uvicorn.run(create_app(engine, scfg), host=scfg.host, port=scfg.port, log_level=args.log_level)
-    return 0
+    app = create_app(engine, scfg, start_worker=False)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=scfg.host, port=scfg.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    )
+    return 0 if serve_on_main_thread(server, app.state.worker) else 1
 
 
 def _bench_engine(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import httpx
 import pytest
+
+from tests.conftest import free_port
 
 
 @pytest.mark.parametrize(
@@ -51,3 +58,55 @@ def test_bad_disk_prefix_cache_exits_2_listing_the_forms(value: str) -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "--disk-prefix-cache" in r.stderr and "auto:N" in r.stderr
+
+
+def _serve(port: int, folder: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "anchorkv",
+        "serve",
+        "--threads",
+        "2",
+        "--port",
+        str(port),
+        "--cache-dir",
+        str(folder),
+    ]
+
+
+def test_serve_finishes_the_request_in_hand_on_sigterm(tmp_path: Path) -> None:
+    """The engine runs on serve's main thread and HTTP beside it; a shutdown still drains the stream in flight."""
+    port = free_port()
+    proc = subprocess.Popen(_serve(port, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while not _health(url):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))  # generating
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and any('"finish_reason": "length"' in line for line in rest)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
+def test_serve_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        r = subprocess.run(_serve(held.getsockname()[1], tmp_path), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "address already in use" in r.stderr
+
+
+def _health(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

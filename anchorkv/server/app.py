@@ -40,7 +40,9 @@ from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 log = logging.getLogger("anchorkv.server")
 
 
-def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
+def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> FastAPI:
+    """The app; its engine worker runs on a thread of its own unless start_worker is False, in which case the
+    caller runs `app.state.worker.run()` (see serve_on_main_thread)."""
     metrics = Metrics()
     worker = EngineWorker(engine, cfg.max_queue, on_cancel=metrics.cancelled.inc)
     model_id = cfg.model_alias or engine.model_name
@@ -48,7 +50,8 @@ def create_app(engine: Engine, cfg: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        worker.start()
+        if start_worker:
+            worker.start()
         yield
         worker.stop()
         engine.cache.flush()  # a clean shutdown loses no queued save
