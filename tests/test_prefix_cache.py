@@ -306,6 +306,40 @@ def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, 
     assert torch.equal(warm, cold.prompt_logits(rendered.token_ids, req)[0])
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_an_interrupted_background_piece_is_given_up_and_done_again_exactly(
+    tmp_path: Path, cold: Engine, stages: int
+) -> None:
+    """The reply's prefill runs while idle and gives a piece up between layers when a request arrives; the
+    KV it half wrote is not counted (with 3 stages the first has finished the piece: it is cut back), and
+    the piece done again later still gives cold-run logits."""
+    e = make(tmp_path, scope="off", stages=stages)
+    q = "Write a detailed, long story about a lighthouse keeper and a storm."
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+    p1, r1 = chat(e, q)
+
+    def next_turn(reply: str) -> tuple[list[int], list[int]]:
+        r = e.render_chat([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        return r.token_ids, r.boundaries
+
+    params = SamplingParams(max_tokens=60, temperature=0)
+    first = list(e.generate(p1, params, cache_req=CacheRequest(r1.chat_ends, next_turn=next_turn), background=True))[-1]
+    assert isinstance(first, Finished) and e.has_idle_work
+    assert e.idle_work()  # renders the next turn: no forward yet
+    valid, filled = e.slot_valid, [s.kv.filled for s in e.pipeline.stages]
+    asked: list[int] = []
+    assert e.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 12)  # gives up at layer 12
+    assert len(asked) == 13 and e.slot_valid == valid and [s.kv.filled for s in e.pipeline.stages] == filled
+    while e.idle_work():
+        pass
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now give it a title."}]
+    rendered = e.render_chat(history)
+    req = CacheRequest(rendered.boundaries)
+    warm, plan = e.prompt_logits(rendered.token_ids, req)
+    assert plan.restore_to == rendered.boundaries[-2] and plan.kind == "full"
+    assert torch.equal(warm, cold.prompt_logits(rendered.token_ids, req)[0])
+
+
 def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
     import subprocess
     import sys

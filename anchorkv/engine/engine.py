@@ -25,7 +25,7 @@ from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
 from anchorkv.model.loader import load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.tokenizer import TextTokenizer
-from anchorkv.model.transformer import FORWARD_VERSION
+from anchorkv.model.transformer import FORWARD_VERSION, Interrupted
 
 MAX_DEFAULT_CTX = 8192
 
@@ -168,15 +168,16 @@ class Engine:
         return self._reply is not None or self._warm
 
     @torch.inference_mode()
-    def idle_work(self) -> bool:
+    def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """One step of background work: after a restart, bringing back the last run's latest chain; after a
-        response, one piece of the reply's prefill (recorded when the last one is done). Returns whether
-        work remains."""
+        response, one piece of the reply's prefill (recorded when the last one is done). `interrupt` is
+        asked between layers: when it says a request waits, the piece is given up (and done again later),
+        so a request waits for one layer, not one piece. Returns whether work remains."""
         with self.lock:
             if self._warm:
                 self._warm_start()
                 return self.has_idle_work
-            return self._reply_step()
+            return self._reply_step(interrupt)
 
     def _warm_start(self) -> None:
         """Load the chain the last run used last from disk into the stages' KV, as the slot: a first request
@@ -333,7 +334,7 @@ class Engine:
             reply.plan, reply.tokens, kvs, computed=computed, extra=full, only_extra=True, chat_ends=reply.ends
         )
 
-    def _reply_step(self) -> bool:
+    def _reply_step(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """One unit of the pending reply's work: rendering it, then each prefill piece. Returns whether work
         remains."""
         if (reply := self._reply) is None:
@@ -352,7 +353,11 @@ class Engine:
         if chunks:
             a, b = chunks[0]
             plan = RequestPlan(reply.plan.history_ns, len(reply.tokens))
-            self.pipeline.forward(reply.tokens[a:b], a, plan, logits="none")
+            try:
+                self.pipeline.forward(reply.tokens[a:b], a, plan, logits="none", interrupt=interrupt)
+            except Interrupted:
+                self.pipeline.truncate(a)
+                return True
             self.slot_valid = b
         if len(chunks) > 1:
             return True

@@ -16,7 +16,7 @@ Restarting the grid at each break means a message shorter than C is one piece, h
 from __future__ import annotations
 
 import itertools
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
@@ -40,11 +40,19 @@ class Pipeline:
         self.device = device
 
     def forward(
-        self, tokens: list[int], start: int, plan: RequestPlan, logits: Logits = "last", decode: bool = False
+        self,
+        tokens: list[int],
+        start: int,
+        plan: RequestPlan,
+        logits: Logits = "last",
+        decode: bool = False,
+        interrupt: Callable[[], bool] | None = None,
     ) -> Tensor:
+        """With `interrupt` the forward may raise Interrupted; stages that finished have then filled their
+        KV up to start + len(tokens), so the caller truncates back to start."""
         x: Tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
         for stage in self.stages:
-            x = stage.forward(StageInput(x, start, plan, decode, logits))
+            x = stage.forward(StageInput(x, start, plan, decode, logits), interrupt)
         return x
 
     def decode(self, token: int, pos: int, plan: RequestPlan) -> Tensor:

@@ -7,6 +7,7 @@ A single sequence is processed at a time, so there is no batch dimension.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,10 @@ FORWARD_VERSION = 3  # 3: the prefill grid restarts at every chat boundary
 # 256-2k keys on the 2-core CPU) and through the per-KV-head matmuls past it, which read long caches faster.
 DECODE_SDPA_KEYS = 4096
 SCORE_BLOCK = 2**19  # attention scores computed at once (1 MiB in bfloat16), see StageModel._attention
+
+
+class Interrupted(Exception):
+    """A forward given up between two layers because its caller asked: the KV of its positions is not valid."""
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,8 +153,10 @@ class StageModel:
         v_cache: Tensor,
         logits: Logits = "last",
         decode: bool = False,
+        interrupt: Callable[[], bool] | None = None,
     ) -> Tensor:
-        """Run positions [start, start + T).
+        """Run positions [start, start + T). With `interrupt`, it is asked before each layer and, when it
+        answers True, the forward raises Interrupted.
 
         x is token ids [T] on the first stage, else hidden states [T, D]. Returns hidden states [T, D],
         or on the last stage with logits="last" the last position's logits [vocab] ([T, vocab] with "all").
@@ -169,6 +176,8 @@ class StageModel:
             bias = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
             bias = bias.repeat(groups, 1)  # [G * T, T], rows ordered (group, query)
         for i, layer in enumerate(self.layers):
+            if interrupt is not None and interrupt():
+                raise Interrupted
             x = self._layer(layer, x, start, end, cos, sin, bias, k_cache[i], v_cache[i], decode)
         if self.lm_head is None or logits == "none":
             return x

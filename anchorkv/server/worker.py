@@ -98,12 +98,12 @@ class EngineWorker:
 
     def _next(self) -> Job | None:
         """The next job. Meanwhile, once the queue has been empty for IDLE_GRACE_S, the engine's background
-        work runs a step at a time, so a request that arrives waits for one step at most."""
+        work runs a step at a time, and gives a step up between two layers when a request arrives."""
         while self.engine.has_idle_work:
             try:
                 return self._queue.get(timeout=IDLE_GRACE_S)
             except queue.Empty:
-                self.engine.idle_work()
+                self.engine.idle_work(interrupt=lambda: not self._queue.empty())
         return self._queue.get()
 
     def run(self) -> None:
