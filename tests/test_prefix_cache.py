@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,23 @@ def answer(engine: Engine, prompt: list[int], req: CacheRequest, max_tokens: int
     done = list(engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), cache_req=req))[-1]
     assert isinstance(done, Finished)
     return done
+
+
+def story(engine: Engine) -> tuple[list[dict[str, str]], list[int], CacheRequest]:
+    """A chat asking for a long reply, and its request told how the next turn renders that reply."""
+    q = "Write a detailed, long story about a lighthouse keeper and a storm."
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
+    prompt, req = chat(engine, q)
+
+    def next_turn(reply: str) -> tuple[list[int], list[int]]:
+        r = engine.render_chat([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        return r.token_ids, r.boundaries
+
+    return history, prompt, replace(req, next_turn=next_turn)
+
+
+def next_messages(history: list[dict[str, str]], reply: str) -> list[dict[str, str]]:
+    return [*history, {"role": "assistant", "content": reply}, {"role": "user", "content": "Now give it a title."}]
 
 
 @pytest.fixture(scope="module")
@@ -281,20 +299,12 @@ def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, 
     next turn restores up to the reply's end and prefills only its new message. Without that, the reply's
     tokens still hit up to their last cut."""
     e = make(tmp_path, scope="auto")
-    q = "Write a detailed, long story about a lighthouse keeper and a storm."
-    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-    p1, r1 = chat(e, q)
-
-    def next_turn(reply: str) -> tuple[list[int], list[int]]:
-        r = e.render_chat([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
-        return r.token_ids, r.boundaries
-
-    if rendered_reply:
-        r1 = CacheRequest(r1.chat_ends, next_turn=next_turn)
+    history, p1, r1 = story(e)
+    if not rendered_reply:
+        r1 = replace(r1, next_turn=None)
     first = answer(e, p1, r1, max_tokens=200)
     assert first.completion_tokens >= C
-    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now give it a title."}]
-    rendered = e.render_chat(history)
+    rendered = e.render_chat(next_messages(history, first.text))
     req = CacheRequest(rendered.boundaries)
     warm, plan = e.prompt_logits(rendered.token_ids, req)
     reply_end = rendered.boundaries[-2]
@@ -314,16 +324,8 @@ def test_an_interrupted_background_piece_is_given_up_and_done_again_exactly(
     KV it half wrote is not counted (with 3 stages the first has finished the piece: it is cut back), and
     the piece done again later still gives cold-run logits."""
     e = make(tmp_path, scope="off", stages=stages)
-    q = "Write a detailed, long story about a lighthouse keeper and a storm."
-    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]
-    p1, r1 = chat(e, q)
-
-    def next_turn(reply: str) -> tuple[list[int], list[int]]:
-        r = e.render_chat([*history, {"role": "assistant", "content": reply}], add_generation_prompt=False)
-        return r.token_ids, r.boundaries
-
-    params = SamplingParams(max_tokens=60, temperature=0)
-    first = list(e.generate(p1, params, cache_req=CacheRequest(r1.chat_ends, next_turn=next_turn), background=True))[-1]
+    history, p1, r1 = story(e)
+    first = list(e.generate(p1, SamplingParams(max_tokens=60, temperature=0), cache_req=r1, background=True))[-1]
     assert isinstance(first, Finished) and e.has_idle_work
     assert e.idle_work()  # renders the next turn: no forward yet
     valid, filled = e.slot_valid, [s.kv.filled for s in e.pipeline.stages]
@@ -332,8 +334,7 @@ def test_an_interrupted_background_piece_is_given_up_and_done_again_exactly(
     assert len(asked) == 13 and e.slot_valid == valid and [s.kv.filled for s in e.pipeline.stages] == filled
     while e.idle_work():
         pass
-    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Now give it a title."}]
-    rendered = e.render_chat(history)
+    rendered = e.render_chat(next_messages(history, first.text))
     req = CacheRequest(rendered.boundaries)
     warm, plan = e.prompt_logits(rendered.token_ids, req)
     assert plan.restore_to == rendered.boundaries[-2] and plan.kind == "full"
