@@ -220,6 +220,23 @@ def test_a_restarted_engine_brings_back_the_last_chain_while_idle(tmp_path: Path
     assert torch.equal(warm, cold.prompt_logits(p2, r2)[0])
 
 
+def test_a_warm_start_stops_between_chunks_when_a_request_arrives(tmp_path: Path, cold: Engine) -> None:
+    """Interrupted, the warm start keeps what it loaded as the slot; the request restores the rest itself."""
+    e = make(tmp_path)
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p1, r1)
+    e.cache.flush()
+    restarted = make(tmp_path)
+    asked: list[int] = []
+    assert not restarted.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 2)
+    assert len(asked) == 3 and 0 < restarted.slot_valid < len(p1)  # two chunks loaded, the rest left
+    assert restarted.slot_tokens[: restarted.slot_valid] == p1[: restarted.slot_valid]
+    p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
+    warm, plan = restarted.prompt_logits(p2, r2)
+    assert plan.restore_to == r1.chat_ends[0] and plan.tier == "disk"  # the rest of the way came from disk
+    assert torch.equal(warm, cold.prompt_logits(p2, r2)[0])
+
+
 @pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign_version, _other_model])
 def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: object) -> None:
     e = make(tmp_path)

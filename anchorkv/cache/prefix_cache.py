@@ -327,10 +327,10 @@ class PrefixCache:
         plan.tier = ("disk" if from_disk else "ram") if plan.restore_to else None
         plan.kind = self._kind(plan, prompt, labels)
 
-    def warm_start(self, kvs: list[StageKV], limit: int) -> list[Chunk]:
+    def warm_start(self, kvs: list[StageKV], limit: int, interrupt: Callable[[], bool] | None = None) -> list[Chunk]:
         """After a restart: load the chain the last run used last (if an unsalted request's) from disk into
-        RAM and into kvs, in every stage, as far as every stage has it and up to `limit` positions. Returns
-        stage 0's chunks."""
+        RAM and into kvs, in every stage, as far as every stage has it and up to `limit` positions, stopping
+        early when `interrupt` (asked before each chunk) says a request waits. Returns stage 0's chunks."""
         if not self.disk:
             return []
         root, keys = self.disk[0].latest_chain()
@@ -340,6 +340,8 @@ class PrefixCache:
         out: list[Chunk] = []
         with self.lock:
             for key in keys:
+                if interrupt is not None and interrupt():
+                    break
                 first = self._fetch(0, key)
                 if first is None or first.end > limit:
                     break

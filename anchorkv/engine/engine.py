@@ -172,18 +172,19 @@ class Engine:
         """One step of background work: after a restart, bringing back the last run's latest chain; after a
         response, one piece of the reply's prefill (recorded when the last one is done). `interrupt` is
         asked between layers: when it says a request waits, the piece is given up (and done again later),
-        so a request waits for one layer, not one piece. Returns whether work remains."""
+        so a request waits for one layer, not one piece; the warm start stops between chunks. Returns
+        whether work remains."""
         with self.lock:
             if self._warm:
-                self._warm_start()
+                self._warm_start(interrupt)
                 return self.has_idle_work
             return self._reply_step(interrupt)
 
-    def _warm_start(self) -> None:
+    def _warm_start(self, interrupt: Callable[[], bool] | None = None) -> None:
         """Load the chain the last run used last from disk into the stages' KV, as the slot: a first request
-        that continues it then restores as from a warm server."""
+        that continues it then restores as from a warm server. Interrupted, the slot is what was loaded."""
         self._warm = False
-        chunks = self.cache.warm_start([s.kv for s in self.pipeline.stages], self.ctx - 1)
+        chunks = self.cache.warm_start([s.kv for s in self.pipeline.stages], self.ctx - 1, interrupt)
         if not chunks:
             return
         tokens = [t for c in chunks for t in c.tokens.tolist()]
