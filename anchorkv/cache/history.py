@@ -26,36 +26,35 @@ FILE_NAME = "history.bin"
 class History:
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._prompts: dict[str, deque[list[int]]] = {}
-        self._packed: dict[str, deque[bytes]] = {}
+        # per namespace, the recent prompts, each with its packed form (what the file holds)
+        self._prompts: dict[str, deque[tuple[list[int], bytes]]] = {}
         if path is not None and path.exists():
             try:
                 for ns, packed in _parse(path.read_bytes()).items():
                     for p in packed:
                         self._append(ns, np.frombuffer(p, "<u4").tolist(), p)
             except (ValueError, struct.error, UnicodeDecodeError):
-                self._prompts, self._packed = {}, {}
+                self._prompts = {}
 
     def namespaces(self) -> list[str]:
         return list(self._prompts)
 
     def recent(self, namespace: str) -> list[list[int]]:
-        return list(self._prompts.get(namespace, ()))
+        return [p for p, _ in self._prompts.get(namespace, ())]
 
     def add(self, namespace: str, prompt: list[int]) -> None:
         kept = prompt[:MAX_TOKENS]
         self._append(namespace, kept, np.asarray(kept, "<u4").tobytes())
 
     def _append(self, namespace: str, prompt: list[int], packed: bytes) -> None:
-        self._prompts.setdefault(namespace, deque(maxlen=MAX_WINDOW)).append(prompt)
-        self._packed.setdefault(namespace, deque(maxlen=MAX_WINDOW)).append(packed)
+        self._prompts.setdefault(namespace, deque(maxlen=MAX_WINDOW)).append((prompt, packed))
 
     def snapshot(self) -> bytes:
         parts = [MAGIC]
-        for ns, packed in self._packed.items():
+        for ns, entries in self._prompts.items():
             name = ns.encode("ascii")
-            parts.append(struct.pack("<H", len(name)) + name + struct.pack("<I", len(packed)))
-            for p in packed:
+            parts.append(struct.pack("<H", len(name)) + name + struct.pack("<I", len(entries)))
+            for _, p in entries:
                 parts += [struct.pack("<I", len(p) // 4), p]
         return b"".join(parts)
 

@@ -112,12 +112,15 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         metrics.observe_cache(engine.cache.stats())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def _render(messages: list[ChatMessage], tools: list[dict[str, Any]] | None, **kw: Any) -> RenderedPrompt:
-        dumped = [m.model_dump(exclude_none=True) for m in messages]
+    async def _render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **kw: Any) -> RenderedPrompt:
         try:
-            return await asyncio.to_thread(engine.render_chat, dumped, tools, **kw)
+            return await asyncio.to_thread(engine.render_chat, messages, tools, **kw)
         except ChatTemplateError as e:
             raise APIError(400, str(e), "messages") from None
+
+    def _check_vocab(ids: list[int], param: str) -> None:
+        if (bad := next((t for t in ids if t >= engine.model_cfg.vocab_size), None)) is not None:
+            raise APIError(400, f"{param}: token id {bad} is outside the vocabulary", param)
 
     @app.post("/tokenize", dependencies=[Depends(auth)])
     async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
@@ -125,7 +128,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         end as a token count: what `prompt_cache_anchor_tokens` takes to anchor through that message."""
         out: dict[str, Any] = {}
         if req.messages is not None:
-            rendered = await _render(req.messages, req.tools, add_generation_prompt=req.add_generation_prompt)
+            messages = _dicts(req.messages)
+            rendered = await _render(messages, req.tools, add_generation_prompt=req.add_generation_prompt)
             ids, out["message_ends"] = rendered.token_ids, rendered.message_ends
         else:
             ids = await asyncio.to_thread(engine.tokenizer.encode, req.content or "")
@@ -136,18 +140,17 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
     @app.post("/detokenize", dependencies=[Depends(auth)])
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
-        if (bad := next((t for t in req.tokens if t >= engine.model_cfg.vocab_size), None)) is not None:
-            raise APIError(400, f"tokens: token id {bad} is outside the vocabulary", "tokens")
+        _check_vocab(req.tokens, "tokens")
         return {"content": engine.tokenizer.decode(req.tokens)}
 
     @app.post("/apply-template", dependencies=[Depends(auth)])
     async def apply_template(req: ApplyTemplateRequest) -> dict[str, Any]:
-        return {"prompt": (await _render(req.messages, req.tools)).text}
+        return {"prompt": (await _render(_dicts(req.messages), req.tools)).text}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
-        rendered = await _render(req.messages, req.tools)
+        messages = _dicts(req.messages)
+        rendered = await _render(messages, req.tools)
         ends = rendered.message_ends
         marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
         creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools))
@@ -159,8 +162,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt)
         else:
             prompt = list(req.prompt)
-            if (bad := next((t for t in prompt if t >= engine.model_cfg.vocab_size), None)) is not None:
-                raise APIError(400, f"prompt: token id {bad} is outside the vocabulary", "prompt")
+            _check_vocab(prompt, "prompt")
         return await _serve("completion", req, prompt, request, "prompt", _cache_request(req, None, []))
 
     def _cache_request(
@@ -359,6 +361,10 @@ def next_turn_renderer(
         return r.token_ids, r.boundaries
 
     return render
+
+
+def _dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [m.model_dump(exclude_none=True) for m in messages]
 
 
 def _piece(raw: bytes) -> str | list[int]:
