@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from anchorkv.engine.engine import Engine
+from anchorkv.model.chat_template import ChatTemplate
 
 CONVERSATION = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -93,3 +96,58 @@ def test_where_the_assistant_answers_the_boundary_is_past_its_header(engine: Eng
     assert len(previous.token_ids) in r.boundaries
     # without a generation prompt the last message keeps its end
     assert engine.render_chat(CONVERSATION, add_generation_prompt=False).boundaries[-1] == user2
+
+
+def _agent_turns(n: int) -> list[list[dict[str, Any]]]:
+    """The prompts of an agent session that grows by a tool call and its result per turn."""
+    messages: list[dict[str, Any]] = [*CONVERSATION[:2]]
+    prompts = [list(messages)]
+    for i in range(n):
+        call = {"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+        messages += [
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"{i} degrees"},
+        ]
+        prompts.append(list(messages))
+    return prompts
+
+
+def test_a_growing_conversation_gets_the_boundaries_of_a_fresh_render(engine: Engine) -> None:
+    # the template remembers prefix renders across requests; what it returns must not depend on that
+    memo = ChatTemplate(engine.tokenizer)
+    prompts = _agent_turns(6)
+    edited = [{**m, "content": "Oslo is 20 degrees"} if m.get("role") == "tool" else m for m in prompts[3]]
+    for messages in [*prompts, edited, prompts[4]]:
+        for tools in (TOOLS, None):
+            assert memo.render(messages, tools) == ChatTemplate(engine.tokenizer).render(messages, tools)
+        assert memo.render(messages, add_generation_prompt=False) == ChatTemplate(engine.tokenizer).render(
+            messages, add_generation_prompt=False
+        )
+
+
+def test_a_template_whose_prefixes_change_keeps_no_stale_boundary(engine: Engine) -> None:
+    # the last message is rendered differently from the others, so a prefix's render is no prefix of a
+    # longer conversation's: its boundary must be missing however often the prefix was met before
+    source = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+        "{% if loop.last %}{{ '<|im_end|>\\n' }}{% else %}{{ '<|im_end|>\\n\\n' }}{% endif %}{% endfor %}"
+    )
+    memo = ChatTemplate(engine.tokenizer, source)
+    for n in range(1, len(CONVERSATION) + 1):
+        r = memo.render(CONVERSATION[:n], add_generation_prompt=False)
+        assert r == ChatTemplate(engine.tokenizer, source).render(CONVERSATION[:n], add_generation_prompt=False)
+        assert r.message_ends[:-1] == [None] * (n - 1) and r.message_ends[-1] == len(r.token_ids)
+
+
+def test_a_conversation_grown_by_a_turn_renders_only_its_new_prefixes(engine: Engine, monkeypatch) -> None:
+    template = ChatTemplate(engine.tokenizer)
+    prompts = _agent_turns(8)
+    template.render(prompts[-2], TOOLS)
+    renders = []
+    original = template._render
+    monkeypatch.setattr(template, "_render", lambda *a, **kw: renders.append(1) or original(*a, **kw))
+    r = template.render(prompts[-1], TOOLS)
+    # the whole conversation, then the two new messages: each one's end and the assistant header before
+    # the tool call (now followed by the assistant), and the generation prompt after the tool result
+    assert len(renders) == 1 + 3
+    assert len(r.boundaries) == len(prompts[-1])  # every message still has its boundary
