@@ -8,6 +8,7 @@ import torch
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
 from anchorkv.cache.policy import (
+    TAIL_MERGE,
     PolicyError,
     Scope,
     align_down,
@@ -50,15 +51,29 @@ def test_restore_never_reaches_the_last_token_and_stays_aligned() -> None:
     assert restorable_limit(847, 128, [300, 843]) == 843
     assert restorable_limit(847, 128, [300, 846]) == 846
     # the grid restarts at every chat boundary: 300 + 4 * 128
-    assert restorable_limit(847, 128, [300, 847]) == 812
+    assert restorable_limit(900, 128, [300, 900]) == 812
+    # ... but a grid point within TAIL_MERGE tokens of the message's end is none: 847 - 812 < 64
+    assert restorable_limit(847, 128, [300, 847]) == 684
 
 
 def test_cuts_are_the_chat_boundaries_and_every_c_tokens_after_each() -> None:
     assert cuts(300, 128) == [128, 256]
-    assert cuts(600, 128, [100, 200, 512]) == [100, 200, 328, 456, 512]
+    assert cuts(600, 128, [100, 200, 520]) == [100, 200, 328, 456, 520]
     assert cuts(600, 128, [100, 900]) == [100, 228, 356, 484]
-    assert all(cut_floor(p, 128, [100, 200, 512]) == max(c for c in [0, 100, 200, 328, 456, 512] if c <= p)
+    assert all(cut_floor(p, 128, [100, 200, 520]) == max(c for c in [0, 100, 200, 328, 456, 520] if c <= p)
                for p in range(600))  # fmt: skip
+
+
+def test_a_short_message_tail_joins_the_piece_before_it() -> None:
+    # 456 lies 56 < TAIL_MERGE tokens before the message's end at 512: [328, 512) is one piece
+    assert TAIL_MERGE == 64
+    assert cuts(600, 128, [100, 200, 512]) == [100, 200, 328, 512]
+    assert cuts(500, 128, [100, 200, 512]) == [100, 200, 328]  # the end after `upto` still counts
+    assert all(cut_floor(p, 128, [100, 200, 512]) == max(c for c in [0, 100, 200, 328, 512] if c <= p)
+               for p in range(600))  # fmt: skip
+    # after the last chat boundary nothing is known of the end: the grid runs on (a completion's prompt)
+    assert cuts(600, 128, [100]) == [100, 228, 356, 484]
+    assert cuts(510, 128) == [128, 256, 384]
 
 
 def test_kv_prefilled_for_one_prompt_serves_another_up_to_the_last_cut_cut_alike() -> None:
@@ -68,9 +83,10 @@ def test_kv_prefilled_for_one_prompt_serves_another_up_to_the_last_cut_cut_alike
     assert shared_cut(a, [300, 899], b, [300, 899], 128) == 899
     # the same tokens cut at different chat boundaries agree only below the first difference
     assert shared_cut(a, [300, 500], b, [300, 600], 128) == 428
-    assert shared_cut(a, [300], b, [], 128) == 256
-    assert shared_cut(a, [256, 300], b, [300], 128) == 812  # a chat end on a cut cuts nothing new
-    assert shared_cut(a, [100, 256], b, [100], 128) == 228  # but one off the grid restarted at 100 does
+    assert shared_cut(a, [300], b, [], 128) == 128  # 256 is a cut of b's only: 300 - 256 < TAIL_MERGE
+    assert shared_cut(a, [128, 300], b, [300], 128) == 812  # a chat end on a cut cuts nothing new
+    assert shared_cut(a, [100, 256], b, [100], 128) == 100  # one off the grid restarts it (and drops 228)
+    assert shared_cut(a, [256, 300], b, [300], 128) == 128  # one on a grid point keeps what b dropped
 
 
 def test_grid_chain_keys_chain_parent_and_tokens() -> None:

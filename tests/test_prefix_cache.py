@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anchorkv.cache.history import MAX_TOKENS, MAX_WINDOW, History
-from anchorkv.cache.policy import common_prefix, cut_floor
+from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor
+from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
@@ -22,6 +23,7 @@ SYSTEM = "You are a meticulous assistant for a logistics company. " + " ".join(
     f"Rule {i}: when asked about shipment class {i}, answer with the exact code SC-{i} and nothing vague."
     for i in range(28)
 )
+SYSTEM_SHORT_TAIL = SYSTEM[: SYSTEM.index(" Rule 26:")]  # ends 47 tokens past the grid point at 640
 
 
 def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full", **cache: object) -> Engine:
@@ -81,6 +83,22 @@ def test_changed_tail_hits_at_the_last_cut_of_the_shared_prefix(tmp_path: Path, 
     assert done.cache["kind"] in ("chat", "generic") and done.cache["tier"] == "ram"
     assert done.timings()["cache_n"] == done.cached_tokens
     assert done.token_ids == answer(cold, p2, r2).token_ids
+
+
+def test_a_prompt_sharing_part_of_a_merged_piece_restores_before_it(tmp_path: Path, cold: Engine) -> None:
+    """The short-tail system message is prefilled as [512, 687) in one piece. A system message that shares
+    its tokens past 640 but ends far later was cut at 640 in a cold run: the first one's KV at 640 would be
+    other bits, so the restore stops at 512."""
+    e = make(tmp_path)
+    p1, r1 = chat(e, "Which code goes with shipment class 3?", SYSTEM_SHORT_TAIL)
+    p2, r2 = chat(e, "Which code goes with shipment class 3?", SYSTEM_SHORT_TAIL[:-1] + ", and " + SYSTEM[-600:])
+    shared, system_end = common_prefix(p1, p2), r2.chat_ends[0]
+    assert 640 < shared < r1.chat_ends[0] < system_end - TAIL_MERGE  # 640 is a cut of p2, not of p1
+    answer(e, p1, r1)
+    reference = cold.prompt_logits(p2, r2)[0]
+    warm, plan = e.prompt_logits(p2, r2)
+    assert plan.restore_to == 512
+    assert torch.equal(warm, reference)
 
 
 def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
@@ -269,12 +287,18 @@ def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("stages", [1, 3])
-def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(tmp_path: Path, dtype: str, stages: int) -> None:
+@pytest.mark.parametrize("system", [SYSTEM, SYSTEM_SHORT_TAIL], ids=["system", "short-tail"])
+def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(
+    tmp_path: Path, dtype: str, stages: int, system: str
+) -> None:
     """KV from another request (RAM), and from disk after a restart, changes not one bit of the logits."""
     cold = Engine(EngineConfig(threads=2, dtype=dtype, stages=stages))
     e = make(tmp_path, dtype=dtype, stages=stages)
-    p1, r1 = chat(e, "Which code goes with shipment class 3?")
-    p2, r2 = chat(e, "Summarise rule 17 for me, please.")
+    p1, r1 = chat(e, "Which code goes with shipment class 3?", system)
+    p2, r2 = chat(e, "Summarise rule 17 for me, please.", system)
+    # the short-tail system message ends less than TAIL_MERGE tokens past a grid point: its last piece is longer
+    longest = max(b - a for a, b in aligned_chunks(0, len(p2), C, r2.chat_ends))
+    assert longest > C if system == SYSTEM_SHORT_TAIL else longest == C
     reference = cold.prompt_logits(p2, r2)[0]  # cold: no cache, the same cuts
     e.prompt_logits(p1, r1)
     warm, plan = e.prompt_logits(p2, r2)

@@ -30,6 +30,7 @@ from anchorkv.cache.history import History
 from anchorkv.cache.keys import KEY_BYTES, Namespace, chain_keys, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import (
+    TAIL_MERGE,
     KINDS,
     RETENTION,
     AnchorVerdict,
@@ -130,6 +131,7 @@ class PrefixCache:
         self.namespaces = namespaces
         self.stride = cfg.stride or chunk_size
         self.unit = chunk_size if cfg.exact else 1  # restores and boundaries align to this
+        self.tail = TAIL_MERGE if cfg.exact else 0  # ... except a grid point this close to a chat boundary
         if cfg.exact and self.stride % chunk_size:
             raise ValueError(
                 f"--cache-stride {self.stride} must be a multiple of --chunk-size {chunk_size} in exact mode"
@@ -179,7 +181,7 @@ class PrefixCache:
         self, s: int, root: bytes, prompt: Sequence[int], pos: int, chat: Sequence[int], disk_ok: bool
     ) -> list[bytes] | None:
         """Keys of stage s's chunks covering exactly [0, pos), if all are cached."""
-        points = cuts(pos, self.stride, chat)
+        points = cuts(pos, self.stride, chat, self.tail)
         keys = chain_keys(root, prompt, points)
         if not all(self._has(s, k, disk_ok) for k in keys):
             return None
@@ -194,7 +196,7 @@ class PrefixCache:
     def _longest(
         self, s: int, root: bytes, prompt: Sequence[int], limit: int, chat: Sequence[int], disk_ok: bool
     ) -> int:
-        points = cuts(limit, self.stride, chat)
+        points = cuts(limit, self.stride, chat, self.tail)
         keys = chain_keys(root, prompt, points)
         j = 0
         while j < len(keys) and self._has(s, keys[j], disk_ok):
@@ -205,7 +207,7 @@ class PrefixCache:
         for end in sorted(self._tail_ends(s, parent, disk_ok), reverse=True):
             if (
                 g < end < stop
-                and cut_floor(end, self.unit, chat) == end
+                and cut_floor(end, self.unit, chat, self.tail) == end
                 and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok)
             ):
                 return end
@@ -217,7 +219,7 @@ class PrefixCache:
         """Every stage's chain over the whole prompt, when its last chunk keeps logits (a prompt ending there,
         cut the same way, was prefilled before): then nothing needs prefill."""
         n, s = len(prompt), len(roots) - 1
-        if not n or cut_floor(n, self.unit, chat) != n:
+        if not n or cut_floor(n, self.unit, chat, self.tail) != n:
             return None
         # the last stage first: only its chunk keeps logits, and most prompts stop there
         last = self._chain_to(s, roots[s], prompt, n, chat, disk_ok)
@@ -239,12 +241,12 @@ class PrefixCache:
         verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(req.marked, True, len(prompt))
         anchors = [v.tokens for v in verdicts if v.accepted]
         chat = sorted({e for e in req.chat_ends if e and e <= len(prompt)})
-        limit = restorable_limit(len(prompt), self.unit, chat)
+        limit = restorable_limit(len(prompt), self.unit, chat, self.tail)
         with self.lock:
             ends = [self._longest(s, roots[s], prompt, limit, chat, disk_ok) for s in range(len(roots))]
             # the longest boundary that every stage has: a stage that misses vetoes longer ones
             shortest = min(ends)
-            candidates = sorted({0, *(e for e in ends if e <= shortest), *cuts(shortest, self.stride, chat)})
+            candidates = sorted({0, *(e for e in ends if e <= shortest), *cuts(shortest, self.stride, chat, self.tail)})
             chains: list[list[bytes]] = [[] for _ in roots]
             restore = 0
             if self.cfg.exact and (whole := self._whole(roots, prompt, chat, disk_ok)) is not None:
@@ -259,9 +261,9 @@ class PrefixCache:
                 # the whole prompt: an identical prompt can restore only up to n - 1
                 full_at=len(prompt) if self.cfg.exact else len(prompt) - 1,
             )  # fmt: skip
-        computable = cut_floor(len(prompt), self.unit, chat)  # KV a prefill of this prompt leaves reusable
+        computable = cut_floor(len(prompt), self.unit, chat, self.tail)  # KV a prefill of this prompt leaves reusable
         recorded: list[dict[str, object]] = [
-            {"kind": b.kind, "tokens": b.pos, "at": min(cut_floor(b.pos, self.unit, chat), computable)}
+            {"kind": b.kind, "tokens": b.pos, "at": min(cut_floor(b.pos, self.unit, chat, self.tail), computable)}
             for b in records.boundaries
         ]
         recorded = [d for d in recorded if d["at"]] if self.enabled else []
@@ -381,11 +383,11 @@ class PrefixCache:
         if not self.enabled:
             return
         chat = plan.chat_ends if chat_ends is None else sorted(chat_ends)
-        top = cut_floor(computed, self.unit, chat)
+        top = cut_floor(computed, self.unit, chat, self.tail)
         bounds = (*(() if only_extra else plan.records.boundaries), *extra)
         labelled: dict[int, set[str]] = {}
         for b in bounds:
-            pos = min(cut_floor(b.pos, self.unit, chat), top)
+            pos = min(cut_floor(b.pos, self.unit, chat, self.tail), top)
             if pos > 0:
                 labelled.setdefault(pos, set()).add(b.kind)
         if any(b.kind == "full" for b in bounds):
@@ -405,7 +407,7 @@ class PrefixCache:
         def keep(end: int) -> int:
             return keep_from[bisect.bisect_left(ends, end)]
 
-        points = cuts(ends[-1], self.stride, chat)
+        points = cuts(ends[-1], self.stride, chat, self.tail)
         last = len(plan.roots) - 1
         with self.lock:
             for s, root in enumerate(plan.roots):

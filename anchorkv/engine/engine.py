@@ -188,12 +188,9 @@ class Engine:
         if not chunks:
             return
         tokens = [t for c in chunks for t in c.tokens.tolist()]
-        # chain chunks end at the cuts: chat boundaries and every C tokens after each, so a chunk end off the
-        # grid that restarted at the last chat boundary is the next one (one on it cuts nothing new)
-        ends: list[int] = []
-        for c in chunks:
-            if (c.end - (ends[-1] if ends else 0)) % self.cfg.chunk_size:
-                ends.append(c.end)
+        # chain chunks end at cuts the prompt was prefilled at; taken as its chat boundaries they give back
+        # its cuts (with C >= TAIL_MERGE; a smaller C drops some, so less is shared, never more)
+        ends = [c.end for c in chunks]
         self._set_slot(tokens, ends, len(tokens))
         self.slot_salt = None
         log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(tokens))
