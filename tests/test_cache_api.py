@@ -75,6 +75,26 @@ def test_cache_control_anchors_a_message_end(cached: TestClient) -> None:
     )
 
 
+def test_cache_control_on_a_message_the_assistant_answers_anchors_past_its_header(cached: TestClient) -> None:
+    # the prompt is cut past the assistant's header, not at the message's end: the anchor is restorable
+    # exactly there, not rounded down; on the last message it anchors the whole prompt
+    body = ask("Which code goes with class 11?")
+    body["messages"] += [
+        {"role": "assistant", "content": "SC-11"},
+        {"role": "user", "content": "And class 12?", "cache_control": {"type": "ephemeral"}},
+    ]
+    body["messages"][1]["cache_control"] = {"type": "ephemeral"}
+    out = cached.post("/v1/chat/completions", json=body).json()
+    first, last = out["prefix_cache"]["anchors"]
+    assert first["accepted"] and last["accepted"] and last["tokens"] == out["usage"]["prompt_tokens"]
+    anchored = [r for r in out["prefix_cache"]["recorded"] if r["kind"] == "anchor"]
+    assert [(r["tokens"], r["at"]) for r in anchored] == [(first["tokens"], first["tokens"]), (last["tokens"],) * 2]
+    # the next turn restores the whole marked conversation
+    body["messages"] += [{"role": "assistant", "content": "SC-12"}, {"role": "user", "content": "Thanks."}]
+    again = cached.post("/v1/chat/completions", json=body).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] >= last["tokens"]
+
+
 def test_scope_override_and_salt_isolation(cached: TestClient) -> None:
     q = ask("Which code goes with class 5?", cache_salt="tenant-x", prefix_cache={"scope": "off"})
     out = cached.post("/v1/chat/completions", json=q).json()

@@ -142,6 +142,8 @@ def test_anchor_validation() -> None:
     assert [(x.accepted, x.reason is None) for x in v] == [(False, False), (True, True), (False, False), (False, False)]
     assert "zero" in (v[0].reason or "") and "strict prefix" in (v[2].reason or "")
     assert all(not x.accepted and "prompt_cache_key" in (x.reason or "") for x in judge_anchors([50], False, 100))
+    # a cache_control mark on the last message anchors the whole prompt, never more
+    assert [x.accepted for x in judge_anchors([100, 101], True, 100, whole=True)] == [True, False]
 
 
 def test_record_plan_per_scope() -> None:

@@ -164,16 +164,17 @@ class AnchorVerdict:
         return d
 
 
-def judge_anchors(anchors: Sequence[int], has_key: bool, n_prompt: int) -> list[AnchorVerdict]:
+def judge_anchors(anchors: Sequence[int], has_key: bool, n_prompt: int, whole: bool = False) -> list[AnchorVerdict]:
     """Skippy's conservative rules: ignored without prompt_cache_key, when zero, or when not a strict
-    prefix of the prompt. (Negative values are refused earlier, as bad input.)"""
+    prefix of the prompt (with `whole`, the whole prompt counts too: a cache_control mark on the last
+    message). Negative values are refused earlier, as bad input."""
     out = []
     for a in anchors:
         if not has_key:
             out.append(AnchorVerdict(a, False, "prompt_cache_key is required for anchors"))
         elif a == 0:
             out.append(AnchorVerdict(a, False, "zero-length anchor"))
-        elif a >= n_prompt:
+        elif a > n_prompt or (a == n_prompt and not whole):
             out.append(AnchorVerdict(a, False, f"not a strict prefix of the {n_prompt}-token prompt"))
         else:
             out.append(AnchorVerdict(a, True))

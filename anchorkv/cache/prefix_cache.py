@@ -81,7 +81,7 @@ class CacheRequest:
     chat_ends: Sequence[int] = ()  # the rendered prompt's chat boundaries (RenderedPrompt.boundaries)
     anchors: Sequence[int] = ()  # prompt_cache_anchor_tokens: honoured only with prompt_cache_key
     has_key: bool = False
-    marked: Sequence[int] = ()  # ends of messages marked with cache_control: anchors that need no key
+    marked: Sequence[int] = ()  # chat boundaries of messages marked with cache_control: anchors needing no key
     salt: str | None = None
     scope: Scope | None = None  # the request's prefix_cache override
     # the conversation with a reply appended, as the next turn's prompt will begin: (tokens, chat boundaries)
@@ -238,7 +238,9 @@ class PrefixCache:
         disk_ok = scope.mode != "off"
         roots = [ns.salted(req.salt).root for ns in self.namespaces]
         history_ns = roots[0].hex()
-        verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(req.marked, True, len(prompt))
+        verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(
+            req.marked, True, len(prompt), whole=True
+        )
         anchors = [v.tokens for v in verdicts if v.accepted]
         chat = sorted({e for e in req.chat_ends if e and e <= len(prompt)})
         limit = restorable_limit(len(prompt), self.unit, chat, self.tail)

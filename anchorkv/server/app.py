@@ -151,8 +151,14 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         messages = _dicts(req.messages)
         rendered = await _render(messages, req.tools)
+        # a marked message anchors at its chat boundary: its end, or past the assistant's header when that
+        # turn follows it (the prompt is cut there, not at the end; for the last message, the whole prompt)
         ends = rendered.message_ends
-        marked = [e for m, e in zip(req.messages, ends, strict=True) if m.cache_control is not None and e is not None]
+        marked = [
+            min(b for b in rendered.boundaries if b >= e)
+            for m, e in zip(req.messages, ends, strict=True)
+            if m.cache_control is not None and e is not None
+        ]
         creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools))
         return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
 
