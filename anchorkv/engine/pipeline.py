@@ -1,16 +1,18 @@
 """Stages chained in one process, and prefill in chunks aligned to the prompt's structure.
 
 Exactness rests on the chunking: prefill of [start, n) is cut at the prompt's chat boundaries e1, e2, ...
-("breaks") and every C tokens between them, counted from the last break (from 0 before the first):
+("breaks") and every C tokens between them, counted from the last break (from 0 before the first), except
+a grid point less than TAIL_MERGE tokens before the next break (policy.cuts):
 
-    |<- C ->|<- C ->|<- e1 ->|<- C ->|<- C ->|<- e2 ->|<- C ->|<- n ->|
-    0       C       2C       e1      e1+C    e1+2C    e2      e2+C     n
+    |<- C ->|<- C ->|<- e1 ->|<- C ->|<-  C + r  ->|<- e2 ->|<- C ->|<- n ->|
+    0       C       2C       e1      e1+C          e2       e2+C     n        (r < TAIL_MERGE)
 
-Which pieces a position falls in depends only on the positions and on the chat boundaries before it, so
-a position before the last cut is computed with the same tensor shapes by every request that shares the
-tokens and the boundaries up to there. KV restored at a cut and followed by prefill cut the same way is
+Which piece a position falls in depends only on the positions, the breaks before it and the end of its own
+message, so a position before the last cut is computed with the same tensor shapes by every request that
+shares the tokens and those breaks. KV restored at a cut and followed by prefill cut the same way is
 therefore bit-identical to a cold run. (The cache's chain keys fix the boundaries they were cut at.)
-Restarting the grid at each break means a message shorter than C is one piece, however it falls.
+Restarting the grid at each break means a message shorter than C is one piece, however it falls, and the
+merge means no piece of a message is shorter than TAIL_MERGE unless the message is.
 """
 
 from __future__ import annotations

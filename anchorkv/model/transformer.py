@@ -20,9 +20,8 @@ from anchorkv.model.config import ModelConfig
 Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
 # Bump when the prefill's arithmetic or cuts change: it is part of the exact cache's namespace, so KV saved
 # by an older forward is never mixed with a newer one (exact mode never reuses decoded KV).
-FORWARD_VERSION = (
-    4  # 3: the prefill grid restarts at every chat boundary; 4: a message's short tail joins its last piece
-)
+# 3: the prefill grid restarts at every chat boundary; 4: a message's short tail joins its last piece
+FORWARD_VERSION = 4
 # A decode step attends through torch's fused SDPA kernel up to this many keys (1.2x faster whole steps at
 # 256-2k keys on the 2-core CPU) and through the per-KV-head matmuls past it, which read long caches faster.
 DECODE_SDPA_KEYS = 4096
