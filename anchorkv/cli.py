@@ -34,8 +34,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "--decode-weights",
         default=d.decode_weights,
         choices=DECODE_WEIGHTS,
-        help="weights that decode steps read: int8 copies (faster: decode is memory-bound) or the dense ones;"
-        " auto = int8 for bfloat16 on CPU (default auto)",
+        help="weights that decode steps read: quantized copies (faster: decode streams every weight) or the dense"
+        " ones; auto = for bfloat16 on CPU, int4 where that is lossless (a Q4_1 model's layers), else int8"
+        " (default auto)",
     )
     p.add_argument(
         "--cache-home", type=Path, default=None, help="where imported weights are kept (default ~/.cache/anchorkv)"

@@ -20,7 +20,7 @@ class EngineConfig:
     ctx: int | None = None  # None: the model's trained context, capped at 8192
     stages: int = 1
     chunk_size: int = 128  # prefill chunk C; prefill is cut at chat boundaries and every C tokens after each
-    decode_weights: str = "auto"  # int8 | dense | auto (int8 for bfloat16 on CPU, where it is 1.4x faster)
+    decode_weights: str = "auto"  # int8 | dense | auto (see decode_quant)
     cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
 
     def __post_init__(self) -> None:
@@ -44,10 +44,12 @@ class EngineConfig:
             raise ValueError(f"--chunk-size must be between 16 and 4096, got {self.chunk_size}")
 
     @property
-    def int8_decode(self) -> bool:
+    def decode_quant(self) -> tuple[str, ...]:
+        """The quantized copies decode steps may read, most preferred first. auto, for bfloat16 on CPU: int4
+        where that is lossless (weights of a Q4_1 model), else int8; in float32 both kernels are slower."""
         if self.decode_weights == "auto":
-            return self.dtype == "bfloat16" and self.device == "cpu"
-        return self.decode_weights == "int8"
+            return ("int4", "int8") if self.dtype == "bfloat16" and self.device == "cpu" else ()
+        return ("int8",) if self.decode_weights == "int8" else ()
 
 
 @dataclass(frozen=True)

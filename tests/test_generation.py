@@ -87,11 +87,12 @@ def test_prefill_is_cut_every_c_tokens_restarting_at_each_chat_boundary() -> Non
     assert aligned_chunks(140, 500, 128, [50, 140]) == [(140, 268), (268, 396), (396, 500)]
 
 
-def test_int8_decode_weights_leave_prefill_untouched(engine: Engine) -> None:
-    """Prefill, whose KV the cache reuses, reads the dense weights whatever --decode-weights says."""
+def test_quantized_decode_weights_leave_prefill_untouched(engine: Engine) -> None:
+    """Prefill, whose KV the cache reuses, reads the dense weights whatever --decode-weights says. Decode
+    reads the Q4_1 layers as int4 and the Q8_0 embedding, which is also the head, as int8."""
     from anchorkv.config import EngineConfig
 
-    assert engine.cfg.int8_decode
+    assert engine.decode_weights == {"int4": 120, "int8": 1}
     dense = Engine(EngineConfig(threads=engine.cfg.threads, decode_weights="dense"))
     prompt = engine.render_chat(PROMPTS[0]).token_ids
     with torch.inference_mode():

