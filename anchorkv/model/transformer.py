@@ -41,35 +41,52 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Asymmetric int4 in groups of INT4_GROUP inputs, only where that is lossless: when every group already
-    holds at most 16 evenly spaced values spanning its min to max, as Q4_1 weights do. Else None.
+    """The weight as a sum of P int4 parts, in groups of INT4_GROUP inputs, only where that is lossless.
+    Else None.
 
-    Returns nibbles [out, in / 2] uint8 (input 2j in the low half of byte j) and scale_zero [in / G, out, 2]
-    float32, the layout of torch's int4 kernel, which reads w = (q - 8) * scale + zero."""
+    - P = 1 where every group holds at most 16 evenly spaced values from its minimum, as Q4_1 blocks do;
+    - P = 2 where every group is d * q with q in [-127, 127] and d = max |w| / 127, as Q8_0 blocks are:
+      q + 128 = 16 hi + lo, so w = 16d (hi - 8) + d (lo - 8) + 8d.
+
+    Returns nibbles [P, out, in / 2] uint8 (input 2j in the low half of byte j) and scale_zero
+    [P, in / G, out, 2] float32, the layout of torch's int4 kernel, which reads w = (q - 8) * scale + zero."""
     out, n_in = weight.shape
     if out % 16 or n_in % INT4_GROUP:
         return None
     g = weight.float().view(out, n_in // INT4_GROUP, INT4_GROUP)
     low = g.amin(-1, keepdim=True)
-    scale = (g.amax(-1, keepdim=True) - low) / 15
-    q = torch.round((g - low) / scale.clamp(min=1e-30)).clamp(0, 15)
-    if not torch.all((q * scale + low - g).abs() <= 1e-3 * scale):
-        return None
-    q = q.to(torch.uint8).view(out, n_in)
-    nibbles = q[:, 0::2] | (q[:, 1::2] << 4)
-    scale_zero = torch.cat([scale, low + 8 * scale], -1).transpose(0, 1).contiguous()
-    return nibbles, scale_zero
+    step = (g.amax(-1, keepdim=True) - low) / 15
+    q = torch.round((g - low) / step.clamp(min=1e-30)).clamp(0, 15)
+    if torch.all((q * step + low - g).abs() <= 1e-3 * step):
+        parts = [(q, step, low + 8 * step)]
+    else:
+        d = g.abs().amax(-1, keepdim=True) / 127
+        q = torch.round(g / d.clamp(min=1e-30)).clamp(-127, 127)
+        if not torch.all((q * d - g).abs() <= 1e-3 * d):
+            return None
+        u = q + 128
+        parts = [(torch.div(u, 16, rounding_mode="floor"), 16 * d, torch.zeros_like(d)), (u % 16, d, 8 * d)]
+    nibbles, scale_zero = [], []
+    for q, scale, zero in parts:
+        b = q.to(torch.uint8).view(out, n_in)
+        nibbles.append(b[:, 0::2] | (b[:, 1::2] << 4))
+        scale_zero.append(torch.cat([scale, zero], -1).transpose(0, 1))
+    return torch.stack(nibbles), torch.stack(scale_zero).contiguous()
 
 
-def pack_int4(nibbles: Tensor) -> Tensor:
-    """quantize_int4's nibbles in the layout torch's int4 kernel reads on this CPU (it differs by ISA)."""
-    q = torch.stack([nibbles & 15, nibbles >> 4], -1).view(nibbles.shape[0], -1)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+def pack_int4(nibbles: Tensor) -> list[Tensor]:
+    """quantize_int4's parts in the layout torch's int4 kernel reads on this CPU (it differs by ISA)."""
+    return [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            torch.stack([part & 15, part >> 4], -1).view(part.shape[0], -1).to(torch.int32), 1
+        )
+        for part in nibbles
+    ]
 
 
 class Linear:
-    """y = x W^T (+ b). Given a quantized copy of W, decode steps read that instead: int4 (packed, with
-    scale_zero) or int8 (q, scale).
+    """y = x W^T (+ b). Given a quantized copy of W, decode steps read that instead: int4 parts that sum
+    to W (packed, with scale_zero) or int8 (q, scale).
 
     Decode reads every weight once per token, so it is bound by how fast the kernel streams them: int8
     reads half the bytes of bf16, int4 a quarter. Prefill keeps the dense weights, so KV computed by
@@ -86,7 +103,7 @@ class Linear:
         q: Tensor | None = None,
         scale: Tensor | None = None,
         transposed: bool = False,
-        int4: Tensor | None = None,
+        int4: list[Tensor] | None = None,
         scale_zero: Tensor | None = None,
     ) -> None:
         self.weight = weight  # [out, in], or [in, out] when transposed
@@ -94,16 +111,22 @@ class Linear:
         self.q = q  # [out, in] int8
         self.scale = scale  # [out]
         self.transposed = transposed
-        self.int4 = int4  # pack_int4's layout
-        self.scale_zero = scale_zero  # [in / INT4_GROUP, out, 2], in the activations' dtype
+        self.int4 = int4  # P parts in pack_int4's layout
+        self.scale_zero = scale_zero  # [P, in / INT4_GROUP, out, 2], in the activations' dtype
 
     @property
     def decode_kind(self) -> str:
-        return "int4" if self.int4 is not None else "int8" if self.q is not None else "dense"
+        if self.int4 is not None:
+            return "int4" if len(self.int4) == 1 else f"int4x{len(self.int4)}"
+        return "int8" if self.q is not None else "dense"
 
     def __call__(self, x: Tensor, decode: bool = False) -> Tensor:
         if decode and self.int4 is not None and self.scale_zero is not None:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.int4, INT4_GROUP, self.scale_zero)
+            parts = [
+                torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, sz)
+                for w, sz in zip(self.int4, self.scale_zero, strict=True)
+            ]
+            y = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             return y if self.bias is None else y + self.bias
         if decode and self.q is not None and self.scale is not None:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
