@@ -26,3 +26,5 @@ def test_compare_restarts_our_server_and_its_first_request_hits_the_disk(tmp_pat
     assert "after restart" in md and (out / compare._slug(str(trace)) / "replay.png").is_file()
     assert all(s["tail_ms"] is not None for samples in runs.values() for s in samples)  # every stream had text
     assert "| end of stream after the last text (ms) |" in md
+    rates = [float(line.split("|")[2]) for line in md.splitlines() if line.startswith(f"| {trace} |")]
+    assert len(rates) == 1 and rates[0] > 0  # decode speed from the server's own timings

@@ -99,12 +99,34 @@ def tails(results: Sequence[PeerRun]) -> str:
     return "\n".join(lines)
 
 
+def _decode_rate(samples: Sequence[replay.Sample]) -> float | None:
+    values = [
+        s.timings["predicted_per_second"]
+        for s in samples
+        if s.error is None and s.timings and s.timings.get("predicted_n", 0) > 1 and "predicted_per_second" in s.timings
+    ]
+    return statistics.median(values) if values else None
+
+
+def decode(results: Sequence[PeerRun], workloads: Sequence[str]) -> str:
+    """Decode speed by the servers' own `timings` (llama.cpp's format; a server without them shows -)."""
+    lines = ["| decode tokens/s (median) | " + " | ".join(r.peer for r in results) + " |"]
+    lines.append("|---|" + "---:|" * len(results))
+    for label in [*workloads, *(f"last request of the session, {tag}" for tag in PASSES)]:
+        key = label.removeprefix("last request of the session, ")
+        if not all(key in r.runs for r in results):
+            continue
+        cells = ["-" if (v := _decode_rate(r.runs[key])) is None else f"{v:.1f}" for r in results]
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def write(out: Path, results: Sequence[PeerRun], workloads: Sequence[str]) -> str:
     """compare.md, compare.json, and per workload a replay.png with one TTFT line per server."""
     out.mkdir(parents=True, exist_ok=True)
     for w in workloads:
         replay.write(out / _slug(w), {r.peer: r.runs[w] for r in results})
-    md = markdown(results, workloads) + "\n\n" + tails(results)
+    md = "\n\n".join([markdown(results, workloads), decode(results, workloads), tails(results)])
     (out / "compare.md").write_text(md + "\n")
     data = {r.peer: {w: [asdict(s) for s in samples] for w, samples in r.runs.items()} for r in results}
     (out / "compare.json").write_text(json.dumps(data, indent=1))
