@@ -137,6 +137,35 @@ def test_props_and_metrics_show_the_cache(cached: TestClient) -> None:
     assert "anchorkv_cache_hits_total{" in metrics and 'anchorkv_cache_bytes{tier="ram"}' in metrics
 
 
+def _prefilled(client: TestClient) -> float:
+    line = next(x for x in client.get("/metrics").text.splitlines() if x.startswith("anchorkv_prefilled_tokens_total"))
+    return float(line.split()[-1])
+
+
+def test_n_choices_cost_one_prefill_and_each_is_its_own_seeded_sample(cached: TestClient) -> None:
+    """n choices come back indexed, choice i sampled as a single request with seed + i would be; every
+    choice after the first restores the whole prompt, so the request prefills it once."""
+    body = ask("Name a color and a fruit.", temperature=1.0, seed=7, max_tokens=6, n=3)
+    before = _prefilled(cached)
+    many = cached.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    usage = many["usage"]
+    assert _prefilled(cached) - before == usage["prompt_tokens"] - usage["prompt_tokens_details"]["cached_tokens"]
+    texts = [c["message"]["content"] for c in many["choices"]]
+    assert len(set(texts)) > 1  # three samples, not one repeated
+    alone = cached.post("/v1/chat/completions", json={**body, "n": 1, "seed": 8}).json()
+    assert alone["choices"][0]["message"]["content"] == texts[1]
+    assert usage["completion_tokens"] <= 3 * 6 and usage["completion_tokens"] > alone["usage"]["completion_tokens"]
+    with cached.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    streamed = [
+        "".join(e["choices"][0]["delta"].get("content") or "" for e in lines if e["choices"][0]["index"] == i)
+        for i in range(3)
+    ]
+    assert streamed == texts
+    assert [e["choices"][0]["index"] for e in lines if e["choices"][0]["finish_reason"]] == [0, 1, 2]
+
+
 def test_server_prefills_the_reply_while_idle_so_the_next_turn_hits_on_it(tmp_path: Path) -> None:
     engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
     with TestClient(create_app(engine, ServerConfig())) as c:

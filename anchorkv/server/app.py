@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -211,25 +212,39 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty,
         )
-        try:
-            job = worker.submit(prompt, params, creq)
-        except QueueFull:
-            metrics.requests.labels(kind, "503").inc()
-            raise APIError(
-                503, "the server is busy: the request queue is full", type_="server_busy", headers={"Retry-After": "1"}
-            ) from None
-        metrics.queue_depth.set(worker.waiting)
+
+        def submit(i: int) -> Job:
+            """Choice i, generated after choice i - 1: with the prefix cache on, its prompt then restores whole,
+            so n choices cost one prefill. A seed gives choice i the seed + i."""
+            seed = None if params.seed is None else params.seed + i
+            try:
+                job = worker.submit(prompt, replace(params, seed=seed), creq)
+            except QueueFull:
+                metrics.requests.labels(kind, "503").inc()
+                raise APIError(
+                    503,
+                    "the server is busy: the request queue is full",
+                    type_="server_busy",
+                    headers={"Retry-After": "1"},
+                ) from None
+            metrics.queue_depth.set(worker.waiting)
+            return job
+
+        first = submit(0)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        tools = bool(getattr(req, "tools", None))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            tools = bool(getattr(req, "tools", None))
-            stream = _sse(kind, rid, job, include_usage, t0, tools, params.logprobs is not None)
+            stream = _sse(kind, rid, first, submit, req.n, include_usage, t0, tools, params.logprobs is not None)
             return StreamingResponse(stream, media_type="text/event-stream")
-        done = await _final(job, request)
-        if done is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        _account(kind, done, t0)
-        return JSONResponse(_response(kind, rid, done, bool(getattr(req, "tools", None))))
+        dones: list[Finished] = []
+        for i in range(req.n):
+            done = await _final(first if i == 0 else submit(i), request)
+            if done is None:  # the client went away; nobody reads this
+                return Response(status_code=499)
+            _account(kind, done, t0, first=i == 0)
+            dones.append(done)
+        return JSONResponse(_response(kind, rid, dones, tools))
 
     async def _final(job: Job, request: Request) -> Finished | None:
         try:
@@ -247,15 +262,17 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         finally:
             job.cancel.set()
 
-    def _account(kind: str, done: Finished, t0: float, ttft: float | None = None) -> None:
-        metrics.requests.labels(kind, "200").inc()
+    def _account(kind: str, done: Finished, t0: float, ttft: float | None = None, first: bool = True) -> None:
+        """Counts one generation's tokens; the request and its TTFT once, with its first choice."""
+        if first:
+            metrics.requests.labels(kind, "200").inc()
+            metrics.ttft.observe(ttft if ttft is not None else done.prompt_ms / 1000)
         metrics.prompt_tokens.inc(done.prompt_tokens)
         metrics.prefilled_tokens.inc(done.prompt_tokens - done.cached_tokens)
         metrics.cached_tokens.inc(done.cached_tokens)
         metrics.generated_tokens.inc(done.completion_tokens)
         if done.cached_tokens:
             metrics.cache_hits.labels(done.cache.get("kind"), done.cache.get("tier")).inc()
-        metrics.ttft.observe(ttft if ttft is not None else done.prompt_ms / 1000)
         log.info(
             "[request] %s prompt=%d cached=%d generated=%d prompt_ms=%.1f predicted_ms=%.1f finish=%s total_ms=%.1f",
             kind, done.prompt_tokens, done.cached_tokens, done.completion_tokens,
@@ -269,34 +286,47 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             return chat_logprobs(entries, engine.tokenizer)
         return completion_logprobs(entries, engine.tokenizer, offset)
 
-    def _response(kind: str, rid: str, done: Finished, tools: bool = False) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": done.finish_reason}
-        choice["logprobs"] = _logprobs(kind, done.logprobs)
-        if kind == "chat":
-            choice["message"] = assistant_message(done.text, tools)
-            if "tool_calls" in choice["message"]:
-                choice["finish_reason"] = "tool_calls"
-        else:
-            choice["text"] = done.text
+    def _response(kind: str, rid: str, dones: list[Finished], tools: bool = False) -> dict[str, Any]:
+        """One choice per generation; timings and prefix_cache are the first's, which did the prefill."""
+        choices = []
+        for i, done in enumerate(dones):
+            choice: dict[str, Any] = {"index": i, "finish_reason": done.finish_reason}
+            choice["logprobs"] = _logprobs(kind, done.logprobs)
+            if kind == "chat":
+                choice["message"] = assistant_message(done.text, tools)
+                if "tool_calls" in choice["message"]:
+                    choice["finish_reason"] = "tool_calls"
+            else:
+                choice["text"] = done.text
+            choices.append(choice)
         return {
             "id": rid,
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()),
             "model": model_id,
-            "choices": [choice],
-            "usage": _usage(done),
-            "timings": done.timings(),
-            "prefix_cache": done.cache,
+            "choices": choices,
+            "usage": _usage(dones),
+            "timings": dones[0].timings(),
+            "prefix_cache": dones[0].cache,
         }
 
     async def _sse(
-        kind: str, rid: str, job: Job, include_usage: bool, t0: float, tools: bool = False, logprobs: bool = False
+        kind: str,
+        rid: str,
+        first: Job,
+        submit: Callable[[int], Job],
+        n: int,
+        include_usage: bool,
+        t0: float,
+        tools: bool = False,
+        logprobs: bool = False,
     ) -> AsyncIterator[str]:
+        """The choices one after another, each chunk naming its choice's index."""
         created = int(time.time())
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-
-        unsent: list[TokenLogprob] | None = [] if logprobs else None  # sampled, not yet in a chunk
-        offset = 0  # characters of completion text sent so far
+        index = 0
+        unsent: list[TokenLogprob] | None = None  # sampled, not yet in a chunk
+        offset = 0  # characters of this choice's completion text sent so far
 
         def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> str:
             nonlocal unsent, offset
@@ -304,53 +334,62 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             unsent, offset = ([] if logprobs else None), offset + len(delta or "")
             if kind == "chat":
                 d: dict[str, Any] = {} if delta is None else {"content": delta}
-                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": lps}
+                choice: dict[str, Any] = {"index": index, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
-                choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": lps}
+                choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lps}
             body = {"id": rid, "object": obj, "created": created, "model": model_id, "choices": [choice], **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-        if kind == "chat":
-            first = json.loads(chunk("")[6:])
-            first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            yield f"data: {json.dumps(first)}\n\n"
+        dones: list[Finished] = []
         ttft: float | None = None
-        calls_stream = ToolCallStream() if tools else None
         try:
-            async for event in job.stream():
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                if isinstance(event, Delta):
-                    if unsent is not None:
-                        unsent.extend(event.logprobs)
-                    if text := calls_stream.push(event.text) if calls_stream else event.text:
-                        yield chunk(text)
-                    continue
-                _account(kind, event, t0, ttft)
-                finish = event.finish_reason
-                if calls_stream is not None:
-                    rest, calls = calls_stream.finish()
-                    if rest:
-                        yield chunk(rest)
-                    if calls:
-                        finish = "tool_calls"
-                        body = json.loads(chunk(None)[6:])
-                        body["choices"][0]["delta"] = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
-                        yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-                yield chunk(None, finish, timings=event.timings(), prefix_cache=event.cache)
-                if include_usage:
-                    body = {
-                        "id": rid,
-                        "object": obj,
-                        "created": created,
-                        "model": model_id,
-                        "choices": [],
-                        "usage": _usage(event),
-                        "timings": event.timings(),
-                    }
-                    yield f"data: {json.dumps(body)}\n\n"
+            for index in range(n):
+                job = first if index == 0 else submit(index)
+                unsent, offset = ([] if logprobs else None), 0
+                if kind == "chat":
+                    opening = json.loads(chunk("")[6:])
+                    opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                    yield f"data: {json.dumps(opening)}\n\n"
+                calls_stream = ToolCallStream() if tools else None
+                async for event in job.stream():
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    if isinstance(event, Delta):
+                        if unsent is not None:
+                            unsent.extend(event.logprobs)
+                        if text := calls_stream.push(event.text) if calls_stream else event.text:
+                            yield chunk(text)
+                        continue
+                    _account(kind, event, t0, ttft, first=index == 0)
+                    dones.append(event)
+                    finish = event.finish_reason
+                    if calls_stream is not None:
+                        rest, calls = calls_stream.finish()
+                        if rest:
+                            yield chunk(rest)
+                        if calls:
+                            finish = "tool_calls"
+                            body = json.loads(chunk(None)[6:])
+                            body["choices"][0]["delta"] = {
+                                "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]
+                            }
+                            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                    yield chunk(None, finish, timings=event.timings(), prefix_cache=event.cache)
+            if include_usage:
+                body = {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model_id,
+                    "choices": [],
+                    "usage": _usage(dones),
+                    "timings": dones[0].timings(),
+                }
+                yield f"data: {json.dumps(body)}\n\n"
         except JobFailed as e:
             yield f"data: {json.dumps(errors.error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+        except APIError as e:  # the queue filled up before a later choice
+            yield f"data: {json.dumps(errors.error_body(e.message, e.type))}\n\n"
         yield "data: [DONE]\n\n"
 
     return app
@@ -381,10 +420,12 @@ def _piece(raw: bytes) -> str | list[int]:
         return list(raw)
 
 
-def _usage(done: Finished) -> dict[str, Any]:
+def _usage(dones: list[Finished]) -> dict[str, Any]:
+    """The prompt once (with the first choice's cached tokens), the completions of every choice."""
+    completion = sum(d.completion_tokens for d in dones)
     return {
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "total_tokens": done.prompt_tokens + done.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+        "prompt_tokens": dones[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": dones[0].prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens},
     }

@@ -10,6 +10,7 @@ from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
 from anchorkv.engine.sampling import MAX_TOP_LOGPROBS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+MAX_CHOICES = 8  # n: each choice after the first restores the whole prompt, so it costs its decode only
 
 
 class ContentPart(BaseModel):
@@ -94,7 +95,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     ignore_eos: bool = False  # llama.cpp extension: generate max_tokens even past end-of-sequence
-    n: Literal[1] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES, strict=True)] = 1  # choices, generated one after another
     stream: bool = False
     stream_options: StreamOptions | None = None
     prompt_cache_key: str | None = None
