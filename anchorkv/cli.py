@@ -35,7 +35,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         default=d.decode_weights,
         choices=DECODE_WEIGHTS,
         help="weights that decode steps read: quantized copies (faster: decode streams every weight) or the dense"
-        " ones; auto = for bfloat16 on CPU, int4 where that is lossless (a Q4_1 model's layers), else int8"
+        " ones; auto = for bfloat16 on CPU, int4 where that is lossless (Q4_0, Q4_1, Q8_0 weights), else int8"
         " (default auto)",
     )
     p.add_argument(

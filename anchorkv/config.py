@@ -46,7 +46,7 @@ class EngineConfig:
     @property
     def decode_quant(self) -> tuple[str, ...]:
         """The quantized copies decode steps may read, most preferred first. auto, for bfloat16 on CPU: int4
-        where that is lossless (weights of a Q4_1 model), else int8; in float32 both kernels are slower."""
+        where that is lossless (Q4_0, Q4_1 and Q8_0 weights), else int8; in float32 both kernels are slower."""
         if self.decode_weights == "auto":
             return ("int4", "int8") if self.dtype == "bfloat16" and self.device == "cpu" else ()
         return ("int8",) if self.decode_weights == "int8" else ()

@@ -135,6 +135,7 @@ def test_quantized_gguf_dequantizes_close_to_the_original(tmp_path: Path, quant:
     "quant, kind",
     [
         (gguf.GGMLQuantizationType.Q4_1, "int4"),
+        (gguf.GGMLQuantizationType.Q4_0, "int4"),
         (gguf.GGMLQuantizationType.Q8_0, "int4x2"),
         (gguf.GGMLQuantizationType.F32, "int8"),
     ],
@@ -142,8 +143,8 @@ def test_quantized_gguf_dequantizes_close_to_the_original(tmp_path: Path, quant:
 def test_decode_reads_int4_exactly_where_the_weights_allow(
     tmp_path: Path, quant: gguf.GGMLQuantizationType, kind: str
 ) -> None:
-    """Decode reads a Q4_1 model's linears as int4 and a Q8_0 model's as two int4 parts, both holding its very
-    weights; other weights fall back to int8."""
+    """Decode reads a Q4_1 or Q4_0 model's linears as int4 and a Q8_0 model's as two int4 parts, each holding
+    its very weights; other weights fall back to int8."""
     path, _ = make_gguf(tmp_path, "llama", quant)
     engine = Engine(EngineConfig(model=path, threads=2, cache_home=tmp_path))
     n_layers, vocab = engine.model_cfg.n_layers, engine.model_cfg.vocab_size

