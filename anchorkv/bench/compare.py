@@ -112,8 +112,7 @@ def decode(results: Sequence[PeerRun], workloads: Sequence[str]) -> str:
     """Decode speed by the servers' own `timings` (llama.cpp's format; a server without them shows -)."""
     lines = ["| decode tokens/s (median) | " + " | ".join(r.peer for r in results) + " |"]
     lines.append("|---|" + "---:|" * len(results))
-    for label in [*workloads, *(f"last request of the session, {tag}" for tag in PASSES)]:
-        key = label.removeprefix("last request of the session, ")
+    for key, label in [*((w, w) for w in workloads), *((t, f"last request of the session, {t}") for t in PASSES)]:
         if not all(key in r.runs for r in results):
             continue
         cells = ["-" if (v := _decode_rate(r.runs[key])) is None else f"{v:.1f}" for r in results]

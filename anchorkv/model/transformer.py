@@ -56,29 +56,46 @@ def quantize_int4(weight: Tensor) -> tuple[Tensor, Tensor] | None:
     if out % 16 or n_in % INT4_GROUP:
         return None
     g = weight.float().view(out, n_in // INT4_GROUP, INT4_GROUP)
-    low = g.amin(-1, keepdim=True)
-    step = (g.amax(-1, keepdim=True) - low) / 15
-    q = torch.round((g - low) / step.clamp(min=1e-30)).clamp(0, 15)
-    big = g.gather(-1, g.abs().argmax(-1, keepdim=True))  # each group's largest magnitude, signed
-    d4 = -big / 8
-    k = torch.round(g / d4.where(d4 != 0, 1.0)).clamp(-8, 7)
-    if torch.all((q * step + low - g).abs() <= 1e-3 * step):
-        parts = [(q, step, low + 8 * step)]
-    elif torch.all((k * d4 - g).abs() <= 1e-3 * d4.abs()):
-        parts = [(k + 8, d4, torch.zeros_like(d4))]
-    else:
-        d = g.abs().amax(-1, keepdim=True) / 127
-        q = torch.round(g / d.clamp(min=1e-30)).clamp(-127, 127)
-        if not torch.all((q * d - g).abs() <= 1e-3 * d):
-            return None
-        u = q + 128
-        parts = [(torch.div(u, 16, rounding_mode="floor"), 16 * d, torch.zeros_like(d)), (u % 16, d, 8 * d)]
+    parts = _q4_1_parts(g) or _q4_0_parts(g) or _q8_0_parts(g)
+    if parts is None:
+        return None
     nibbles, scale_zero = [], []
     for q, scale, zero in parts:
         b = q.to(torch.uint8).view(out, n_in)
         nibbles.append(b[:, 0::2] | (b[:, 1::2] << 4))
         scale_zero.append(torch.cat([scale, zero], -1).transpose(0, 1))
     return torch.stack(nibbles), torch.stack(scale_zero).contiguous()
+
+
+# Each takes groups g [out, in / G, G] and gives its int4 parts (q in 0..15, scale, zero) when they hold g exactly.
+Int4Parts = list[tuple[Tensor, Tensor, Tensor]]
+
+
+def _exact(q: Tensor, scale: Tensor, offset: Tensor, g: Tensor) -> bool:
+    return bool(torch.all((q * scale + offset - g).abs() <= 1e-3 * scale.abs()))
+
+
+def _q4_1_parts(g: Tensor) -> Int4Parts | None:
+    low = g.amin(-1, keepdim=True)
+    step = (g.amax(-1, keepdim=True) - low) / 15
+    q = torch.round((g - low) / step.clamp(min=1e-30)).clamp(0, 15)
+    return [(q, step, low + 8 * step)] if _exact(q, step, low, g) else None
+
+
+def _q4_0_parts(g: Tensor) -> Int4Parts | None:
+    d = -g.gather(-1, g.abs().argmax(-1, keepdim=True)) / 8  # the largest magnitude is k = -8
+    k = torch.round(g / d.where(d != 0, 1.0)).clamp(-8, 7)
+    zero = torch.zeros_like(d)
+    return [(k + 8, d, zero)] if _exact(k, d, zero, g) else None
+
+
+def _q8_0_parts(g: Tensor) -> Int4Parts | None:
+    d = g.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(g / d.clamp(min=1e-30)).clamp(-127, 127)
+    if not _exact(q, d, torch.zeros_like(d), g):
+        return None
+    u = q + 128
+    return [(torch.div(u, 16, rounding_mode="floor"), 16 * d, torch.zeros_like(d)), (u % 16, d, 8 * d)]
 
 
 def pack_int4(nibbles: Tensor) -> list[Tensor]:
