@@ -82,7 +82,7 @@ class Replayer:
         e = self.engine
         r = e.render_chat(messages, TOOLS)
         req = CacheRequest(
-            r.boundaries, salt=salt, turn_starts=r.turn_starts, next_turn=next_turn_renderer(e, messages, TOOLS)
+            r.boundaries, salt=salt, turn_starts=r.turn_starts, next_turn=next_turn_renderer(e, messages, TOOLS, True)
         )
         t0 = time.perf_counter()
         ttft: float | None = None

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from llguidance import LLTokenizer
 
 from anchorkv.cache.keys import Namespace
 from anchorkv.cache.policy import Boundary, common_prefix, cut_floor, shared_cut
 from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
+from anchorkv.engine.constraint import Constraint, grammar_tokenizer
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.pipeline import Pipeline, aligned_chunks
 from anchorkv.engine.plan import RequestPlan
@@ -102,6 +104,7 @@ class Engine:
         self.slot_salt: str | None = None
         self._reply: _Reply | None = None
         self._warm = bool(self.cache.disk) and self.cache.enabled  # the last run's latest chain, to bring back
+        self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
 
     @property
     def decode_weights(self) -> dict[str, int]:
@@ -272,7 +275,7 @@ class Engine:
         logits, cplan, plan, at = self._prefill(prompt, creq)
         r = cplan.restore_to
         t1 = time.perf_counter()
-        sampler = Sampler(params, prompt)
+        sampler = Sampler(params, prompt, self._constraint(params.grammar))
         stream = TextStream(self.tokenizer, params.stop)
         eos = self.tokenizer.eos_token_ids
         pos, out, finish = len(prompt), [], "length"
@@ -292,7 +295,7 @@ class Engine:
             if delta := stream.push(token):
                 yield Delta(delta, tuple(lps[sent:]))
                 sent = len(lps)
-            if stream.stopped:
+            if stream.stopped or (sampler.constraint is not None and sampler.constraint.done):
                 finish = "stop"
                 break
             if len(out) >= params.max_tokens or pos >= self.ctx:
@@ -322,6 +325,13 @@ class Engine:
         )  # fmt: skip
         if out and finish != "cancelled" and self.cache.enabled:
             self._keep_reply(cplan, prompt, out, stream.text, creq)
+
+    def _constraint(self, grammar: str | None) -> Constraint | None:
+        if grammar is None:
+            return None
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.model_cfg.vocab_size)
+        return Constraint(self._grammar_tokenizer, grammar)
 
     def _keep_reply(self, cplan: CachePlan, prompt: list[int], out: list[int], text: str, creq: CacheRequest) -> None:
         """Record the conversation with its reply so the next turn hits: as the next turn will render it when

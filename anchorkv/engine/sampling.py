@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from anchorkv.engine.constraint import Constraint
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -24,6 +26,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per time a token was generated so far
     # vLLM / HF: the logit of a token in the prompt or generated so far is divided by it (multiplied if < 0)
     repetition_penalty: float = 1.0
+    grammar: str | None = None  # llguidance grammar the output must follow (see engine/constraint.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -59,8 +62,11 @@ def token_logprob(logits: Tensor, token: int, top: int) -> TokenLogprob:
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, prompt: list[int] | None = None) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt: list[int] | None = None, constraint: Constraint | None = None
+    ) -> None:
         self.params = params
+        self.constraint = constraint
         self.generator = torch.Generator()
         if params.seed is not None:
             self.generator.manual_seed(params.seed)
@@ -75,7 +81,11 @@ class Sampler:
         """logits: [vocab] float32. Returns the next token, counted as generated."""
         if self.penalized:
             logits = self._penalize(logits)
+        if self.constraint is not None:
+            logits = self.constraint.allow(logits)
         token = self._choose(logits)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self._counts is not None and self._seen is not None:
             self._counts[token] += 1
             self._seen[token] = True

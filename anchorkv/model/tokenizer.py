@@ -29,6 +29,10 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
+    def to_json(self) -> str:
+        """The tokenizers library's own serialization (what tokenizer.json holds)."""
+        return self._tok.to_str()
+
     def encode(self, text: str) -> list[int]:
         return self.encode_with_offsets(text)[0]
 

@@ -24,6 +24,7 @@ from anchorkv.engine.sampling import SamplingParams, TokenLogprob
 from anchorkv.model.chat_template import ChatTemplateError, RenderedPrompt
 from anchorkv.server import errors
 from anchorkv.server.errors import APIError
+from anchorkv.server.grammar import RequestGrammarError, request_grammar
 from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
 from anchorkv.server.metrics import Metrics
 from anchorkv.server.schemas import (
@@ -160,7 +161,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             for m, e in zip(req.messages, ends, strict=True)
             if m.cache_control is not None and e is not None
         ]
-        creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools))
+        creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools, req.calls_tools))
         return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
@@ -199,6 +200,10 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         except PromptTooLong as e:
             param = "max_tokens" if req.token_limit is not None and len(prompt) < engine.ctx else prompt_param
             raise APIError(400, str(e), param) from None
+        try:
+            grammar = request_grammar(req)
+        except RequestGrammarError as e:
+            raise APIError(400, str(e), e.param) from None
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -211,6 +216,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty,
+            grammar=grammar,
         )
 
         def submit(i: int) -> Job:
@@ -232,7 +238,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
         first = submit(0)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        tools = bool(getattr(req, "tools", None))
+        tools = isinstance(req, ChatCompletionRequest) and req.calls_tools
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = _sse(kind, rid, first, submit, req.n, include_usage, t0, tools, params.logprobs is not None)
@@ -396,13 +402,13 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
 
 def next_turn_renderer(
-    engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, calls: bool
 ) -> Callable[[str], tuple[list[int], list[int]]]:
     """For CacheRequest.next_turn: the conversation as the client will send it back, ending with the reply
     as this server returns it (tokens, chat boundaries)."""
 
     def render(reply: str) -> tuple[list[int], list[int]]:
-        r = engine.render_chat([*messages, assistant_message(reply, bool(tools))], tools, add_generation_prompt=False)
+        r = engine.render_chat([*messages, assistant_message(reply, calls)], tools, add_generation_prompt=False)
         return r.token_ids, r.boundaries
 
     return render

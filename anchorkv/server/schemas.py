@@ -75,6 +75,35 @@ class PrefixCacheOptions(BaseModel):
         return parse_scope(self.scope, self.window)
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama.cpp: json_object with a schema
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        return self
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 AnchorCount = Annotated[int, Field(ge=0, strict=True)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)]
 
@@ -98,6 +127,9 @@ class SamplingFields(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES, strict=True)] = 1  # choices, generated one after another
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None  # llama.cpp extension: the output follows this JSON schema
+    grammar: str | None = None  # llama.cpp extension: the output follows this GBNF (or Lark) grammar
     prompt_cache_key: str | None = None
     prompt_cache_anchor_tokens: AnchorCount | Annotated[list[AnchorCount], Field(max_length=MAX_ANCHORS)] | None = None
     prefix_cache: PrefixCacheOptions | None = None
@@ -127,8 +159,27 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_offered(cls, choice: str | NamedToolChoice | None, info: ValidationInfo) -> Any:
+        if choice is None or choice in ("none", "auto"):
+            return choice
+        names = [(t.get("function") or {}).get("name") for t in info.data.get("tools") or []]
+        if not names:
+            raise ValueError("a required or named tool choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"{choice.function.name!r} is not among the tools ({', '.join(map(str, names))})")
+        return choice
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether tool calls in the reply come back as tool_calls."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     @field_validator("top_logprobs")
     @classmethod
