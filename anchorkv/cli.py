@@ -141,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--api-key", default=None)
     rp.add_argument(
+        "--live",
+        action="store_true",
+        help="send each session's replies back as its assistant messages, as an agent loop does",
+    )
+    rp.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="quiet between a session's requests, e.g. a tool running (default 0)",
+    )
+    rp.add_argument(
         "--out", type=Path, default=Path("out/replay"), help="folder for replay.json, replay.md, replay.png"
     )
     cmp = bench_sub.add_parser(
@@ -157,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="threads for every server (default: all cores)"
+    )
+    cmp.add_argument(
+        "--live",
+        action="store_true",
+        help="send each session's replies back as its assistant messages, as an agent loop does",
+    )
+    cmp.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="quiet between a session's requests, e.g. a tool running (default 0)",
     )
     cmp.add_argument("--port", type=int, default=8090, help="port the servers take in turn (default 8090)")
     cmp.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
@@ -217,11 +239,12 @@ def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         requests = traces.read_trace(args.trace, args.limit)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    runs = {args.label: replay.replay(args.base_url, requests, args.max_tokens, args.concurrency, args.api_key)}
+    loop = {"live": args.live, "think_s": args.think_ms / 1000}
+    runs = {args.label: replay.replay(args.base_url, requests, args.max_tokens, args.concurrency, args.api_key, **loop)}
     if args.restart_cmd:
         replay.restart(args.restart_cmd, args.base_url)
         runs[f"{args.label} after restart"] = replay.replay(
-            args.base_url, requests, args.max_tokens, args.concurrency, args.api_key
+            args.base_url, requests, args.max_tokens, args.concurrency, args.api_key, **loop
         )
     print(replay.markdown(replay.write(args.out, runs)))
     print(f"\nwrote {args.out}/replay.json, replay.md, replay.png")
@@ -243,7 +266,8 @@ def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if len(chosen) == 1:
         print("no peer given (--llama-server, --llama-cpp-python): measuring anchorkv alone", file=sys.stderr)
     workloads = args.workload or list(compare.WORKLOADS)
-    print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens))
+    loop = {"live": args.live, "think_s": args.think_ms / 1000}
+    print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens, **loop))
     print(f"\nwrote {args.out}/compare.md, compare.json and a replay.png per workload")
     return 0
 

@@ -169,3 +169,28 @@ def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: P
             replay.restart("false", live.url)
     finally:
         next(server, None)
+
+
+def test_a_live_replay_sends_the_servers_replies_back_and_the_next_turn_restores_them() -> None:
+    from anchorkv.bench import replay
+    from tests.conftest import serve_in_thread
+
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
+    server = serve_in_thread(create_app(engine, ServerConfig()))
+    live = next(server)
+    try:
+        requests = traces.generate("gen:agent")[:3]
+        scripted = replay.replay(live.url, requests[:2], max_tokens=4)
+        # the recorded assistant message is not what the server said: the turn restores at most the last prompt
+        assert scripted[1].cached_tokens is not None and scripted[0].prompt_tokens is not None
+        assert scripted[1].cached_tokens <= scripted[0].prompt_tokens
+        # a client loop with a second between turns: the reply, prefilled again while the server was idle, hits
+        samples = replay.replay(live.url, requests, max_tokens=4, live=True, think_s=1.0)
+        assert not any(s.error for s in samples) and all(s.text for s in samples)
+        sent = replay.with_replies(requests[2], replay.replies(requests, samples))
+        assert [m["content"] for m in sent.messages if m["role"] == "assistant"] == [s.text for s in samples[:2]]
+        for before, after in zip(samples, samples[1:]):
+            assert before.prompt_tokens is not None and after.cached_tokens is not None
+            assert after.cached_tokens > before.prompt_tokens
+    finally:
+        next(server, None)

@@ -42,6 +42,8 @@ def run_peer(
     port: int,
     max_tokens: int,
     restart_after: str | None,
+    live: bool = False,
+    think_s: float = 0.0,
 ) -> PeerRun:
     runs: dict[str, list[replay.Sample]] = {}
     for name, requests in workloads.items():
@@ -49,12 +51,14 @@ def run_peer(
         shutil.rmtree(wdir, ignore_errors=True)
         with ServerProcess(peer, model, port, threads, wdir) as server:
             print(f"  {peer.name}: {name} ({len(requests)} requests)", flush=True)
-            runs[name] = replay.replay(server.base_url, requests, max_tokens)
+            runs[name] = replay.replay(server.base_url, requests, max_tokens, live=live, think_s=think_s)
+            # the session's last request as this server's client sent it
+            last = [replay.with_replies(requests[-1], replay.replies(requests, runs[name]) if live else {})]
             if name == restart_after:
-                runs["warm"] = replay.replay(server.base_url, requests[-1:], max_tokens)
+                runs["warm"] = replay.replay(server.base_url, last, max_tokens)
         if name == restart_after:
             with ServerProcess(peer, model, port, threads, wdir) as server:
-                runs["after restart"] = replay.replay(server.base_url, requests[-1:], max_tokens)
+                runs["after restart"] = replay.replay(server.base_url, last, max_tokens)
     return PeerRun(peer.name, runs)
 
 
@@ -141,10 +145,13 @@ def run(
     port: int,
     max_tokens: int,
     restart_after: str | None = RESTART_AFTER,
+    live: bool = False,
+    think_s: float = 0.0,
 ) -> str:
     loaded = {w: read_trace(w) for w in workloads}
     results: list[PeerRun] = []
     for peer in peers:
         print(f"{peer.name}: {' '.join(peer.command(model, port, threads, out / 'servers' / '<run>'))}", flush=True)
-        results.append(run_peer(peer, model, loaded, out / "servers", threads, port, max_tokens, restart_after))
+        folder = out / "servers"
+        results.append(run_peer(peer, model, loaded, folder, threads, port, max_tokens, restart_after, live, think_s))
     return write(out, results, workloads)

@@ -3,6 +3,8 @@
 Per request it records TTFT (to the first streamed text), end-to-end time, prompt and cached tokens
 (from `usage`, when the server sends it) and llama.cpp-style `timings` when present. Sessions run in
 order, K of them at once with --concurrency; --restart-cmd runs a second pass after restarting the server.
+With `live`, a session is a client's loop: each request carries the server's own earlier replies in place of
+the recorded assistant messages, after `think_s` of quiet (the client's turn: running a tool, typing).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +36,11 @@ class Sample:
     timings: dict[str, Any] | None
     error: str | None = None
     tail_ms: float | None = None  # from the last event with generated text to the end of the stream
+    text: str = ""  # the reply
 
 
-def _has_text(event: dict[str, Any]) -> bool:
-    return any((c.get("delta") or {}).get("content") or c.get("text") for c in event.get("choices") or [])
+def _text(event: dict[str, Any]) -> str:
+    return "".join((c.get("delta") or {}).get("content") or c.get("text") or "" for c in event.get("choices") or [])
 
 
 def _produced(event: dict[str, Any]) -> bool:
@@ -72,6 +75,7 @@ def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_toke
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     t0 = time.perf_counter()
     ttft = last_text = None
+    text: list[str] = []
     usage: dict[str, Any] = {}
     timings = None
     try:
@@ -93,8 +97,9 @@ def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_toke
                 event = json.loads(line[6:])
                 if ttft is None and _produced(event):
                     ttft = (time.perf_counter() - t0) * 1000
-                if _has_text(event):
+                if piece := _text(event):
                     last_text = time.perf_counter()
+                    text.append(piece)
                 usage = event.get("usage") or usage
                 timings = event.get("timings") or timings
     except httpx.HTTPError as e:
@@ -105,11 +110,33 @@ def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_toke
     if cached is None and timings:
         cached = timings.get("cache_n")
     tail = (end - last_text) * 1000 if last_text is not None else None
-    return Sample(index, req.session, ttft, (end - t0) * 1000, usage.get("prompt_tokens"), cached, timings, None, tail)
+    prompt = usage.get("prompt_tokens")
+    return Sample(index, req.session, ttft, (end - t0) * 1000, prompt, cached, timings, None, tail, "".join(text))
+
+
+def with_replies(req: Request, replies: dict[int, str]) -> Request:
+    """The request as a live client sends it: each assistant message the server wrote (by its index) is the
+    server's reply, as text."""
+    messages = [{"role": "assistant", "content": replies[j]} if j in replies else m for j, m in enumerate(req.messages)]
+    return replace(req, messages=messages)
+
+
+def replies(requests: Sequence[Request], samples: Sequence[Sample]) -> dict[int, str]:
+    """The replies a live replay got, by the index of the assistant message each stands for."""
+    by_index = {s.index: s for s in samples}
+    return {
+        r.reply_index: by_index[i].text for i, r in enumerate(requests) if r.reply_index is not None and i in by_index
+    }
 
 
 def replay(
-    base_url: str, requests: Sequence[Request], max_tokens: int = 16, concurrency: int = 1, api_key: str | None = None
+    base_url: str,
+    requests: Sequence[Request],
+    max_tokens: int = 16,
+    concurrency: int = 1,
+    api_key: str | None = None,
+    live: bool = False,
+    think_s: float = 0.0,
 ) -> list[Sample]:
     """Sessions in order of first appearance; each session's requests one after another."""
     sessions: dict[str, list[tuple[int, Request]]] = defaultdict(list)
@@ -126,8 +153,13 @@ def replay(
                     if not queue:
                         return
                     session = queue.pop(0)
-                for i, r in session:
-                    s = _send(client, base_url.rstrip("/"), r, i, max_tokens, api_key)
+                got: dict[int, str] = {}
+                for k, (i, r) in enumerate(session):
+                    if k and think_s:
+                        time.sleep(think_s)
+                    s = _send(client, base_url.rstrip("/"), with_replies(r, got) if live else r, i, max_tokens, api_key)
+                    if r.reply_index is not None and s.error is None:
+                        got[r.reply_index] = s.text
                     with lock:
                         samples.append(s)
 
