@@ -151,3 +151,53 @@ def test_a_conversation_grown_by_a_turn_renders_only_its_new_prefixes(engine: En
     # the tool call (now followed by the assistant), and the generation prompt after the tool result
     assert len(renders) == 1 + 3
     assert len(r.boundaries) == len(prompts[-1])  # every message still has its boundary
+
+
+class _CountingTokenizer:
+    """Delegates to a tokenizers.Tokenizer, recording each piece encode_batch is asked for."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.encoded = inner, []
+
+    def encode_batch(self, texts: list[str], **kw: Any) -> Any:
+        self.encoded += texts
+        return self.inner.encode_batch(texts, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_chat_encoded_in_pieces_is_the_whole_encoding_and_a_new_turn_encodes_only_itself(
+    engine: Engine, tmp_path
+) -> None:
+    from tokenizers import Tokenizer
+
+    from anchorkv.bench import traces
+    from anchorkv.model.tokenizer import TextTokenizer
+
+    tok = engine.tokenizer
+    whole = Tokenizer.from_str(tok.to_json())
+    rendered = [engine.render_chat(r.messages, TOOLS).text for r in traces.generate("gen:agent")[:4]]
+    tricky = [
+        "",
+        "<|im_start|><|im_end|>",
+        "x<|im_end|>y  <|im_start|>  1234567 <|endoftext|>\n\n",
+        "  café 東京 🙂<|im_start|>user\n  spaced  \t tabs<|im_end|>",
+        "<|im_start|",  # an unfinished special token is text
+    ]
+    for text in [*rendered, *tricky, *rendered]:  # the second pass reads remembered pieces
+        enc = whole.encode(text, add_special_tokens=False)
+        assert tok.encode_with_offsets(text) == (enc.ids, enc.offsets), text[:80]
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(tok.to_json())
+    fresh = TextTokenizer(folder)
+    counting = _CountingTokenizer(fresh._tok)
+    fresh._tok = counting  # type: ignore[assignment]
+    first, second = rendered[2], rendered[3]  # the agent session before and after one more turn
+    fresh.encode(first)
+    counting.encoded.clear()
+    fresh.encode(second)
+    new_text = "".join(counting.encoded)
+    assert 0 < len(new_text) < len(second) - len(first) + 20  # the new turn (and its header), nothing before

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer, decoders
+
+SEGMENT_MEMO = 4096  # texts between special tokens whose encoding is kept (a chat's messages, its tools)
+Encoding = tuple[list[int], list[tuple[int, int]]]
 
 
 class TextTokenizer:
@@ -24,6 +29,10 @@ class TextTokenizer:
             eos.add(i)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
         self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
+        self._split = _added_token_split(self._tok)
+        self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        self._memo: OrderedDict[str, Encoding] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     @property
     def vocab_size(self) -> int:
@@ -36,13 +45,46 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.encode_with_offsets(text)[0]
 
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(self, text: str) -> Encoding:
         """Token ids and each token's [start, end) character span in text. Special tokens are parsed."""
-        enc = self._tok.encode(text, add_special_tokens=False)
-        ids, offsets = list(enc.ids), list(enc.offsets)
+        if self._split is None:
+            enc = self._tok.encode(text, add_special_tokens=False)
+            ids, offsets = list(enc.ids), list(enc.offsets)
+        else:
+            ids, offsets = self._encode_segments(self._split, text)
         if self.add_bos and not text.startswith(self.bos_token or ""):
             bos = self._tok.token_to_id(self.bos_token or "")
             ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
+    def _encode_segments(self, split: re.Pattern[str], text: str) -> Encoding:
+        """The library cuts text at added tokens and encodes each piece between them on its own, so the
+        pieces can be encoded apart and remembered: a chat that grows by a turn encodes only the new turn
+        (a 6.4k-token agent prompt took 11 ms whole, 1 ms in pieces)."""
+        parts = split.split(text)  # odd indices: added tokens
+        pieces = {p for p in parts[::2] if p}
+        with self._memo_lock:
+            known = {p: self._memo[p] for p in pieces if p in self._memo}
+        new = [p for p in pieces if p not in known]
+        for p, e in zip(new, self._tok.encode_batch(new, add_special_tokens=False), strict=True):
+            known[p] = (list(e.ids), list(e.offsets))
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        at = 0
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self._added[part])
+                offsets.append((at, at + len(part)))
+            elif part:
+                ids += known[part][0]
+                offsets += [(at + a, at + b) for a, b in known[part][1]]
+            at += len(part)
+        with self._memo_lock:
+            for p in pieces:
+                self._memo[p] = known[p]
+                self._memo.move_to_end(p)
+            while len(self._memo) > SEGMENT_MEMO:
+                self._memo.popitem(last=False)
         return ids, offsets
 
     def decode(self, ids: list[int]) -> str:
@@ -56,6 +98,17 @@ class TextTokenizer:
         if m := _BYTE_FALLBACK.fullmatch(piece):  # sentencepiece's <0xNN>
             return bytes([int(m[1], 16)])
         return piece.replace("\u2581", " ").encode()
+
+
+def _added_token_split(tok: Tokenizer) -> re.Pattern[str] | None:
+    """A pattern that cuts text where the library does, at added tokens (longest first, as its leftmost-
+    longest match), or None where pieces would not encode apart exactly: a normalizer, or an added token that
+    strips the whitespace beside it or matches only whole words."""
+    added = list(tok.get_added_tokens_decoder().values())
+    if not added or tok.normalizer is not None or any(t.lstrip or t.rstrip or t.single_word for t in added):
+        return None
+    contents = sorted({t.content for t in added}, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, contents)) + ")")
 
 
 def _token_text(tok: Any) -> str | None:
