@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -38,3 +40,13 @@ def test_the_kernel_is_torchs_softmax_within_a_bfloat16_step_and_hides_later_key
 def test_without_the_kernel_or_in_float32_torch_computes_it() -> None:
     assert AttentionSoftmax().kind == "torch"
     assert AttentionSoftmax(KERNEL, torch.float32).kind == "torch"
+
+
+def test_a_machine_without_gcc_gets_torchs_softmax(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no gcc to be found
+    assert load_kernel(tmp_path / "kernels") is None
+    assert not any((tmp_path / "kernels").glob("*"))  # no half-built file left behind
+    if KERNEL is not None:  # this CPU could run it: the server says why it does not
+        assert "could not build the kernel" in caplog.text
