@@ -11,9 +11,12 @@ import torch
 
 from anchorkv.engine.engine import Engine
 from anchorkv.engine.plan import RequestPlan
+from anchorkv.model.softmax import AttentionSoftmax
 
 PREFILL_LENGTHS = (512, 2048, 4096)
 DECODE_CONTEXTS = (512, 2048, 6144)
+TURN_TOKENS = 128  # a warm turn's new tokens (a tool result), prefilled after a restored context
+TURN_CONTEXTS = (2048, 4096)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
         out.append(Measurement("prefill", n, n / statistics.median(times[chunk])))
         out.append(Measurement("prefill, one chunk", n, n / statistics.median(times[n])))
     models = [stage.model for stage in pipe.stages]
+    out += _turns(engine, ids, plan, repeats)
     sdpa_keys = models[0].decode_sdpa_keys
     for ctx in DECODE_CONTEXTS:
         if ctx + decode_tokens >= engine.ctx:
@@ -75,12 +79,42 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
     return out
 
 
+def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> list[Measurement]:
+    """TURN_TOKENS prefilled after each context, with the engine's attention softmax and, when that is the
+    kernel, with torch's, alternately."""
+    pipe = engine.pipeline
+    softmaxes = {engine.softmax.kind: engine.softmax} | {"torch": AttentionSoftmax()}
+    out = []
+    for ctx in TURN_CONTEXTS:
+        if ctx + TURN_TOKENS >= engine.ctx:
+            continue
+        pipe.truncate(0)
+        pipe.prefill(ids[:ctx], 0, plan)
+        times: dict[str, list[float]] = {kind: [] for kind in softmaxes}
+        for _ in range(repeats):
+            for kind, softmax in softmaxes.items():
+                for stage in pipe.stages:
+                    stage.model.softmax = softmax
+                t = time.perf_counter()
+                pipe.prefill(ids[ctx : ctx + TURN_TOKENS], ctx, plan)
+                times[kind].append(time.perf_counter() - t)
+                pipe.truncate(ctx)
+        for stage in pipe.stages:
+            stage.model.softmax = engine.softmax
+        for kind, ts in times.items():
+            what = f"turn: {TURN_TOKENS} tokens after the context" + (
+                "" if kind == engine.softmax.kind else ", torch softmax"
+            )
+            out.append(Measurement(what, ctx, TURN_TOKENS / statistics.median(ts)))
+    return out
+
+
 def report(engine: Engine, results: list[Measurement]) -> str:
     c = engine.cfg
     lines = [
         f"model {engine.model_name}  dtype {c.dtype}  threads {c.threads}  stages {c.stages}  chunk {c.chunk_size}",
         "",
-        "| phase | tokens (prefill) / context (decode) | tokens/s |",
+        "| phase | tokens (prefill) / context (turn, decode) | tokens/s |",
         "|---|---:|---:|",
     ]
     lines += [f"| {m.what} | {m.tokens} | {m.tokens_per_s:.1f} |" for m in results]
