@@ -50,3 +50,9 @@ def test_a_machine_without_gcc_gets_torchs_softmax(
     assert not any((tmp_path / "kernels").glob("*"))  # no half-built file left behind
     if KERNEL is not None:  # this CPU could run it: the server says why it does not
         assert "could not build the kernel" in caplog.text
+
+
+def test_a_cache_home_that_cannot_be_written_gets_torchs_softmax(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert load_kernel(blocked / "kernels") is None

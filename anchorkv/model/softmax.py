@@ -10,6 +10,7 @@ some probabilities, so which one ran is part of the exact cache's namespace.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -51,14 +52,15 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + cpu.encode()).hexdigest()[:16]
     lib = folder / f"softmax-{key}.so"
     if not lib.exists():
-        folder.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             subprocess.run(["gcc", *FLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
             detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
             log.warning("attention softmax: could not build the kernel, using torch's (%s)", detail)
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             return None
         os.replace(tmp, lib)
     # loaded after torch, so its libgomp.so.1 is the one torch loaded: one OpenMP thread pool, not two
