@@ -8,10 +8,30 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from anchorkv.cache.policy import PolicyError, parse_scope
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import DECODE_WEIGHTS, DEVICES, DTYPES, EngineConfig, ServerConfig
+
+
+def _loop_args(p: argparse.ArgumentParser) -> None:
+    """How `bench replay` and `bench compare` play a session: as recorded, or as a live client's loop."""
+    p.add_argument(
+        "--live",
+        action="store_true",
+        help="send each session's replies back as its assistant messages, as an agent loop does",
+    )
+    p.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="quiet between a session's requests, e.g. a tool running (default 0)",
+    )
+
+
+def _loop(args: argparse.Namespace) -> dict[str, Any]:
+    return {"live": args.live, "think_s": args.think_ms / 1000}
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -140,17 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--restart-cmd", default=None, help="shell command that restarts the server; a second pass follows it"
     )
     rp.add_argument("--api-key", default=None)
-    rp.add_argument(
-        "--live",
-        action="store_true",
-        help="send each session's replies back as its assistant messages, as an agent loop does",
-    )
-    rp.add_argument(
-        "--think-ms",
-        type=float,
-        default=0.0,
-        help="quiet between a session's requests, e.g. a tool running (default 0)",
-    )
+    _loop_args(rp)
     rp.add_argument(
         "--out", type=Path, default=Path("out/replay"), help="folder for replay.json, replay.md, replay.png"
     )
@@ -169,17 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="threads for every server (default: all cores)"
     )
-    cmp.add_argument(
-        "--live",
-        action="store_true",
-        help="send each session's replies back as its assistant messages, as an agent loop does",
-    )
-    cmp.add_argument(
-        "--think-ms",
-        type=float,
-        default=0.0,
-        help="quiet between a session's requests, e.g. a tool running (default 0)",
-    )
+    _loop_args(cmp)
     cmp.add_argument("--port", type=int, default=8090, help="port the servers take in turn (default 8090)")
     cmp.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
     cmp.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/json and charts")
@@ -239,7 +239,7 @@ def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         requests = traces.read_trace(args.trace, args.limit)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    loop = {"live": args.live, "think_s": args.think_ms / 1000}
+    loop = _loop(args)
     runs = {args.label: replay.replay(args.base_url, requests, args.max_tokens, args.concurrency, args.api_key, **loop)}
     if args.restart_cmd:
         replay.restart(args.restart_cmd, args.base_url)
@@ -266,7 +266,7 @@ def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if len(chosen) == 1:
         print("no peer given (--llama-server, --llama-cpp-python): measuring anchorkv alone", file=sys.stderr)
     workloads = args.workload or list(compare.WORKLOADS)
-    loop = {"live": args.live, "think_s": args.think_ms / 1000}
+    loop = _loop(args)
     print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens, **loop))
     print(f"\nwrote {args.out}/compare.md, compare.json and a replay.png per workload")
     return 0

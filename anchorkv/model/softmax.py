@@ -81,6 +81,11 @@ class AttentionSoftmax:
     def kind(self) -> str:
         return "kernel" if self._kernel is not None else "torch"
 
+    @property
+    def needs_bias(self) -> bool:
+        """Whether a chunk's causal mask must come as a bias (torch's softmax); the kernel masks by itself."""
+        return self._kernel is None
+
     def __call__(self, s: Tensor, bias: Tensor | None, row0: int, T: int) -> Tensor:
         """s: [n, L] scores, overwritten. bias: [G * T, T], 0 or -inf for the chunk's own keys, or None for
         a single query; only torch's softmax reads it."""

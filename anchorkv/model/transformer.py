@@ -259,7 +259,7 @@ class StageModel:
         end = start + x.shape[0]
         cos, sin = self.cos[start:end, None], self.sin[start:end, None]
         bias = None
-        if x.shape[0] > 1:
+        if x.shape[0] > 1 and self.softmax.needs_bias:
             # query i sits at absolute position start + i and sees keys [0, start + i]: only keys of this
             # chunk can be hidden, so the bias covers the last T keys
             pos = torch.arange(x.shape[0], device=x.device)
