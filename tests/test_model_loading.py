@@ -91,6 +91,26 @@ def test_forward_matches_a_plain_reference(tmp_path: Path, arch: str) -> None:
     ids = engine.render_chat([{"role": "user", "content": text}]).token_ids
     assert len(ids) > 32 and len(ids) % 16
     torch.testing.assert_close(_logits(engine, ids), _reference_logits(folder, engine, ids), rtol=1e-4, atol=1e-4)
+    assert engine.linear_kind == ("onednn" if torch.backends.mkldnn.is_available() else "matmul")
+
+
+def test_where_onednn_cannot_pack_the_weights_plain_matmuls_give_the_same_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = make_hf_folder(tmp_path, "qwen2")  # with q, k, v biases
+    packed = Engine(EngineConfig(model=folder, dtype="float32", threads=2, cache_home=tmp_path, chunk_size=16))
+
+    def unsupported(*args: object) -> None:
+        raise RuntimeError("unsupported platform")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
+    plain = Engine(EngineConfig(model=folder, dtype="float32", threads=2, cache_home=tmp_path, chunk_size=16))
+    assert plain.linear_kind == "matmul"
+    assert all(lin.packed is None for s in plain.pipeline.stages for lin in s.model.linears)
+    ids = plain.render_chat([{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]).token_ids
+    torch.testing.assert_close(_logits(plain, ids), _reference_logits(folder, plain, ids), rtol=1e-4, atol=1e-4)
+    # their KV may differ in the last bits, so an exact cache keeps them apart
+    assert plain.cache.namespaces != packed.cache.namespaces
 
 
 @pytest.mark.parametrize("sdpa_keys", [0, transformer.DECODE_SDPA_KEYS])

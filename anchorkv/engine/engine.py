@@ -28,7 +28,7 @@ from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.softmax import AttentionSoftmax, load_kernel
 from anchorkv.model.tokenizer import TextTokenizer
-from anchorkv.model.transformer import FORWARD_VERSION, Interrupted
+from anchorkv.model.transformer import FORWARD_VERSION, Interrupted, pack_linears
 
 MAX_DEFAULT_CTX = 8192
 
@@ -90,6 +90,7 @@ class Engine:
         )
         self.softmax = AttentionSoftmax(kernel, self.dtype)
         models = load_stages(weights, mc, cfg.stages, self.device, self.softmax)
+        self.linear_kind = pack_linears([lin for m in models for lin in m.linears], cfg.chunk_size)
         stages = [
             Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
             for i, m in enumerate(models)
@@ -114,12 +115,7 @@ class Engine:
     @property
     def decode_weights(self) -> dict[str, int]:
         """How many linear layers decode steps read as int4, int8 or dense."""
-        kinds = [
-            lin.decode_kind
-            for s in self.pipeline.stages
-            for lin in [*(x for w in s.model.layers for x in (w.wqkv, w.wo, w.w13, w.w2)), s.model.lm_head]
-            if lin is not None
-        ]
+        kinds = [lin.decode_kind for s in self.pipeline.stages for lin in s.model.linears]
         return {k: kinds.count(k) for k in sorted(set(kinds))}
 
     def _namespaces(self) -> list[Namespace]:
@@ -134,6 +130,7 @@ class Engine:
         if exact:
             base |= {"chunk": self.cfg.chunk_size, "threads": self.cfg.threads, "device": self.cfg.device}
             base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": self.softmax.kind}
+            base |= {"linear": self.linear_kind}
         else:  # decoded KV is reused too, so the decode weights matter
             base |= {"decode_weights": list(self.cfg.decode_quant)}
         return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
