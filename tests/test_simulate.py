@@ -187,10 +187,18 @@ def test_a_live_replay_sends_the_servers_replies_back_and_the_next_turn_restores
         # a client loop with a second between turns: the reply, prefilled again while the server was idle, hits
         samples = replay.replay(live.url, requests, max_tokens=4, live=True, think_s=1.0)
         assert not any(s.error for s in samples) and all(s.text for s in samples)
-        sent = replay.with_replies(requests[2], replay.replies(requests, samples))
+        sent = replay.with_replies(requests[2], replay.replies(requests, samples, "agent"))
         assert [m["content"] for m in sent.messages if m["role"] == "assistant"] == [s.text for s in samples[:2]]
         for before, after in zip(samples, samples[1:]):
             assert before.prompt_tokens is not None and after.cached_tokens is not None
             assert after.cached_tokens > before.prompt_tokens
+        # sessions that take turns in the trace take turns at the server, each sending back its own replies
+        requests = traces.generate("gen:interleaved")[:8]
+        samples = replay.replay(live.url, requests, max_tokens=4, live=True)
+        assert [s.index for s in sorted(samples, key=lambda s: s.started_s)] == list(range(8))
+        for first, second in zip(samples[:4], samples[4:]):
+            assert first.session == second.session and first.text
+            sent = replay.with_replies(requests[second.index], replay.replies(requests, samples, first.session))
+            assert [m["content"] for m in sent.messages if m["role"] == "assistant"] == [first.text]
     finally:
         next(server, None)

@@ -1,8 +1,9 @@
 """`anchorkv bench replay`: replay a workload against any OpenAI-compatible server, streaming.
 
 Per request it records TTFT (to the first streamed text), end-to-end time, prompt and cached tokens
-(from `usage`, when the server sends it) and llama.cpp-style `timings` when present. Sessions run in
-order, K of them at once with --concurrency; --restart-cmd runs a second pass after restarting the server.
+(from `usage`, when the server sends it) and llama.cpp-style `timings` when present. Requests go in the
+trace's order, or K sessions at once with --concurrency; --restart-cmd runs a second pass after restarting
+the server.
 With `live`, a session is a client's loop: each request carries the server's own earlier replies in place of
 the recorded assistant messages, after `think_s` of quiet (the client's turn: running a tool, typing).
 """
@@ -37,6 +38,7 @@ class Sample:
     error: str | None = None
     tail_ms: float | None = None  # from the last event with generated text to the end of the stream
     text: str = ""  # the reply
+    started_s: float = 0.0  # when it was sent, in seconds from the replay's start
 
 
 def _text(event: dict[str, Any]) -> str:
@@ -121,11 +123,13 @@ def with_replies(req: Request, replies: dict[int, str]) -> Request:
     return replace(req, messages=messages)
 
 
-def replies(requests: Sequence[Request], samples: Sequence[Sample]) -> dict[int, str]:
-    """The replies a live replay got, by the index of the assistant message each stands for."""
+def replies(requests: Sequence[Request], samples: Sequence[Sample], session: str) -> dict[int, str]:
+    """The replies a live replay got in one session, by the index of the assistant message each stands for."""
     by_index = {s.index: s for s in samples}
     return {
-        r.reply_index: by_index[i].text for i, r in enumerate(requests) if r.reply_index is not None and i in by_index
+        r.reply_index: by_index[i].text
+        for i, r in enumerate(requests)
+        if r.session == session and r.reply_index is not None and i in by_index
     }
 
 
@@ -138,7 +142,27 @@ def replay(
     live: bool = False,
     think_s: float = 0.0,
 ) -> list[Sample]:
-    """Sessions in order of first appearance; each session's requests one after another."""
+    """With concurrency 1, the requests in the trace's order, so sessions that take turns in the trace take
+    turns at the server; with K > 1, K sessions at once (in order of first appearance), each session's
+    requests one after another. A session's request waits until think_s after its previous one ended."""
+    base = base_url.rstrip("/")
+    t0 = time.monotonic()
+    got: dict[str, dict[int, str]] = defaultdict(dict)  # per session, the replies by assistant message index
+    ended: dict[str, float] = {}
+
+    def send(client: httpx.Client, i: int, r: Request) -> Sample:
+        if r.session in ended and think_s:
+            time.sleep(max(0.0, ended[r.session] + think_s - time.monotonic()))
+        started = time.monotonic() - t0
+        s = _send(client, base, with_replies(r, got[r.session]) if live else r, i, max_tokens, api_key)
+        ended[r.session] = time.monotonic()
+        if r.reply_index is not None and s.error is None:
+            got[r.session][r.reply_index] = s.text
+        return replace(s, started_s=started)
+
+    if concurrency <= 1:
+        with httpx.Client() as client:
+            return [send(client, i, r) for i, r in enumerate(requests)]
     sessions: dict[str, list[tuple[int, Request]]] = defaultdict(list)
     for i, r in enumerate(requests):
         sessions[r.session].append((i, r))
@@ -153,17 +177,12 @@ def replay(
                     if not queue:
                         return
                     session = queue.pop(0)
-                got: dict[int, str] = {}
-                for k, (i, r) in enumerate(session):
-                    if k and think_s:
-                        time.sleep(think_s)
-                    s = _send(client, base_url.rstrip("/"), with_replies(r, got) if live else r, i, max_tokens, api_key)
-                    if r.reply_index is not None and s.error is None:
-                        got[r.reply_index] = s.text
+                for i, r in session:
+                    s = send(client, i, r)
                     with lock:
                         samples.append(s)
 
-    threads = [threading.Thread(target=worker) for _ in range(max(1, concurrency))]
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
