@@ -124,7 +124,7 @@ class Linear:
     With transposed=True the dense weight is held as W^T [in, out], contiguous: for prefill-sized inputs
     (128 rows) oneDNN's bf16 matmul runs 15-20% faster on that layout than F.linear on W.
 
-    Given `packed` (W laid out once by oneDNN for its inner product, see pack_linear), every other call
+    Given `packed` (W laid out once by oneDNN for its inner product, see pack_linears), every other call
     reads that: an unpacked matmul lays W out again on every call, which at the 30-130 rows of a warm turn
     costs as much as the product (1.2-1.4x on a whole forward at 69-128 rows, bit-identical in bfloat16).
     """
