@@ -53,7 +53,11 @@ def run_peer(
             print(f"  {peer.name}: {name} ({len(requests)} requests)", flush=True)
             runs[name] = replay.replay(server.base_url, requests, max_tokens, live=live, think_s=think_s)
             # the session's last request as this server's client sent it
-            last = [replay.with_replies(requests[-1], replay.replies(requests, runs[name], requests[-1].session) if live else {})]
+            last = [
+                replay.with_replies(
+                    requests[-1], replay.replies(requests, runs[name], requests[-1].session) if live else {}
+                )
+            ]
             if name == restart_after:
                 runs["warm"] = replay.replay(server.base_url, last, max_tokens)
         if name == restart_after:

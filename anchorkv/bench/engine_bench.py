@@ -11,6 +11,7 @@ import torch
 
 from anchorkv.engine.engine import Engine
 from anchorkv.engine.plan import RequestPlan
+from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.softmax import AttentionSoftmax
 
 PREFILL_LENGTHS = (512, 2048, 4096)
@@ -55,27 +56,32 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
     models = [stage.model for stage in pipe.stages]
     out += _turns(engine, ids, plan, repeats)
     sdpa_keys = models[0].decode_sdpa_keys
+    kernel = models[0].decode_attention
     for ctx in DECODE_CONTEXTS:
         if ctx + decode_tokens >= engine.ctx:
             continue
         pipe.truncate(0)
         pipe.prefill(ids[:ctx], 0, plan)
-        # decode attention through SDPA (the default up to sdpa_keys keys) or the per-head matmuls, alternately
-        steps: dict[int, list[float]] = {sdpa_keys: [], 0: []} if ctx <= sdpa_keys else {sdpa_keys: []}
+        # decode attention through the kernel (where it runs), SDPA (torch's default up to sdpa_keys keys)
+        # and the per-head matmuls, alternately: (attention, SDPA's key limit) per row
+        variants = {"decode": (kernel, sdpa_keys)}
+        if kernel.kind == "kernel":
+            variants["decode, torch attention"] = (DecodeAttention(), sdpa_keys)
+        if ctx <= sdpa_keys:
+            variants["decode, matmul attention"] = (DecodeAttention(), 0)
+        steps: dict[str, list[float]] = {what: [] for what in variants}
         for _ in range(repeats):
-            for keys in steps:
+            for what, (attention, keys) in variants.items():
                 for m in models:
-                    m.decode_sdpa_keys = keys
+                    m.decode_attention, m.decode_sdpa_keys = attention, keys
                 t = time.perf_counter()
                 for i in range(decode_tokens):
                     pipe.decode(ids[ctx + i], ctx + i, plan)
-                steps[keys].append(time.perf_counter() - t)
+                steps[what].append(time.perf_counter() - t)
                 pipe.truncate(ctx)
         for m in models:
-            m.decode_sdpa_keys = sdpa_keys
-        out.append(Measurement("decode", ctx, decode_tokens / statistics.median(steps[sdpa_keys])))
-        if 0 in steps:
-            out.append(Measurement("decode, matmul attention", ctx, decode_tokens / statistics.median(steps[0])))
+            m.decode_attention, m.decode_sdpa_keys = kernel, sdpa_keys
+        out += [Measurement(what, ctx, decode_tokens / statistics.median(ts)) for what, ts in steps.items()]
     return out
 
 

@@ -26,7 +26,9 @@ from anchorkv.engine.stage import Stage
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
-from anchorkv.model.softmax import AttentionSoftmax, load_kernel
+from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.kernels import load_kernel
+from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.tokenizer import TextTokenizer
 from anchorkv.model.transformer import FORWARD_VERSION, Interrupted, pack_linears
 
@@ -89,7 +91,8 @@ class Engine:
             load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if self.device.type == "cpu" else None
         )
         self.softmax = AttentionSoftmax(kernel, self.dtype)
-        models = load_stages(weights, mc, cfg.stages, self.device, self.softmax)
+        self.decode_attention = DecodeAttention(kernel, self.dtype)
+        models = load_stages(weights, mc, cfg.stages, self.device, self.softmax, self.decode_attention)
         self.linear_kind = pack_linears([lin for m in models for lin in m.linears], cfg.chunk_size)
         stages = [
             Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
@@ -132,7 +135,7 @@ class Engine:
             base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": self.softmax.kind}
             base |= {"linear": self.linear_kind}
         else:  # decoded KV is reused too, so the decode weights matter
-            base |= {"decode_weights": list(self.cfg.decode_quant)}
+            base |= {"decode_weights": list(self.cfg.decode_quant), "decode_attention": self.decode_attention.kind}
         return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
 
     def render_chat(

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.gguf_import import import_gguf
+from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
@@ -181,6 +182,7 @@ def load_stages(
     n_stages: int,
     device: torch.device | str = "cpu",
     softmax: AttentionSoftmax | None = None,
+    decode_attention: DecodeAttention | None = None,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
     if not 1 <= n_stages <= cfg.n_layers:
@@ -223,6 +225,7 @@ def load_stages(
                 final_norm=t["norm"] if last else None,
                 lm_head=lm_head if last else None,
                 softmax=softmax,
+                decode_attention=decode_attention,
             )
         )
     return stages

@@ -1,5 +1,5 @@
-"""The attention softmax over bfloat16 score blocks: a small C kernel (csrc/softmax.c) built with gcc for this
-CPU on first use, where it has AVX-512 with bfloat16, else torch's softmax.
+"""The attention softmax over bfloat16 score blocks: a small C kernel (csrc/softmax.c, built by
+kernels.load_kernel), else torch's softmax.
 
 torch's softmax spends most of a long-context prefill's non-GEMM time (27 of 146 ms for 129 tokens after 3k):
 its exp is accurate to an ulp of float32 and its bfloat16 reductions are slow, while the result is rounded
@@ -10,64 +10,10 @@ some probabilities, so which one ran is part of the exact cache's namespace.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import hashlib
-import logging
-import os
-import subprocess
-from functools import cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
-
-log = logging.getLogger("anchorkv.model")
-
-SOURCE = Path(__file__).with_name("csrc") / "softmax.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
-
-
-def _cpu() -> str | None:
-    """This CPU's model name and flags, or None where it lacks what the kernel needs."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    if not CPU_FLAGS <= set(fields.get("flags", "").split()):
-        return None
-    return f"{fields.get('model name')}|{fields['flags']}"
-
-
-@cache
-def load_kernel(folder: Path) -> ctypes.CDLL | None:
-    """The kernel built for this CPU under folder (once per CPU and source), or None where it cannot be."""
-    cpu = _cpu()
-    if cpu is None:
-        return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + cpu.encode()).hexdigest()[:16]
-    lib = folder / f"softmax-{key}.so"
-    if not lib.exists():
-        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["gcc", *FLAGS, "-o", str(tmp), str(SOURCE)], check=True, capture_output=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
-            log.warning("attention softmax: could not build the kernel, using torch's (%s)", detail)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            return None
-        os.replace(tmp, lib)
-    # loaded after torch, so its libgomp.so.1 is the one torch loaded: one OpenMP thread pool, not two
-    kernel = ctypes.CDLL(str(lib))
-    kernel.softmax_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
-    kernel.softmax_bf16.restype = None
-    return kernel
 
 
 class AttentionSoftmax:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anchorkv.model.config import ModelConfig
+from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.softmax import AttentionSoftmax
 
 log = logging.getLogger("anchorkv.model")
@@ -250,9 +251,11 @@ class StageModel:
         final_norm: Tensor | None,
         lm_head: Linear | None,
         softmax: AttentionSoftmax | None = None,
+        decode_attention: DecodeAttention | None = None,
     ) -> None:
         self.cfg = cfg
         self.softmax = softmax or AttentionSoftmax()
+        self.decode_attention = decode_attention or DecodeAttention()
         self.layers = layers
         self.layer_range = layer_range
         self.embed = embed
@@ -325,6 +328,8 @@ class StageModel:
         """
         H, T, hd = q.shape
         Hkv, L = k.shape[0], k.shape[1]
+        if decode and (out := self.decode_attention(q, k, v)) is not None:
+            return out
         if decode and L <= self.decode_sdpa_keys:  # T == 1; the G query heads of a KV head are its G query rows
             return F.scaled_dot_product_attention(q.view(1, Hkv, H // Hkv, hd), k[None], v[None]).view(1, H * hd)
         rows = (H // Hkv) * T

@@ -99,6 +99,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "chunk_size": engine.cfg.chunk_size,
             "decode_weights": engine.decode_weights,
             "attention_softmax": engine.softmax.kind,
+            "decode_attention": engine.decode_attention.kind,
             "linear_kernel": engine.linear_kind,
             "stages": [
                 {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop]} for s in engine.pipeline.stages

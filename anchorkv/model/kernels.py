@@ -1,0 +1,69 @@
+"""The C kernels (csrc/*.c: the attention softmax, decode attention), built together with gcc for this CPU
+on first use into one library under the cache home, where the CPU has AVX-512 with bfloat16. Without gcc,
+on other CPUs or where the folder cannot be written, there is no library and torch's ops run instead."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger("anchorkv.model")
+
+SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.c")))
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+
+
+def _cpu() -> str | None:
+    """This CPU's model name and flags, or None where it lacks what the kernels need."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if not CPU_FLAGS <= set(fields.get("flags", "").split()):
+        return None
+    return f"{fields.get('model name')}|{fields['flags']}"
+
+
+@cache
+def load_kernel(folder: Path) -> ctypes.CDLL | None:
+    """The kernels built for this CPU under folder (once per CPU and sources), or None where they cannot be."""
+    cpu = _cpu()
+    if cpu is None:
+        return None
+    sources = b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + cpu.encode()).hexdigest()[:16]
+    lib = folder / f"kernels-{key}.so"
+    if not lib.exists():
+        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            cmd = ["gcc", *FLAGS, "-o", str(tmp), *map(str, SOURCES)]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = e.stderr.decode(errors="replace")[-500:] if isinstance(e, subprocess.CalledProcessError) else e
+            log.warning("could not build the C kernels, using torch's ops (%s)", detail)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return None
+        os.replace(tmp, lib)
+    # loaded after torch, so its libgomp.so.1 is the one torch loaded: one OpenMP thread pool, not two
+    kernel = ctypes.CDLL(str(lib))
+    kernel.softmax_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
+    kernel.softmax_bf16.restype = None
+    kernel.decode_attention_bf16.argtypes = [
+        *[ctypes.c_void_p] * 4,
+        *[ctypes.c_int64] * 4,
+        ctypes.c_float,
+        ctypes.c_int,
+    ]
+    kernel.decode_attention_bf16.restype = ctypes.c_int
+    return kernel
