@@ -72,3 +72,10 @@ def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) 
     for a, b in zip(steps["kernel"], steps["torch"], strict=True):
         assert int(a.argmax()) == int(b.argmax())
         assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_models_the_kernel_cannot_serve_say_torch_computes_it() -> None:
+    assert DecodeAttention(KERNEL, torch.bfloat16, head_dim=64, group=3).kind == "kernel"
+    assert DecodeAttention(KERNEL, torch.float32, head_dim=64, group=3).kind == "torch"
+    assert DecodeAttention(KERNEL, torch.bfloat16, head_dim=128, group=3).kind == "torch"
+    assert DecodeAttention(None).kind == "torch"

@@ -91,7 +91,7 @@ class Engine:
             load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if self.device.type == "cpu" else None
         )
         self.softmax = AttentionSoftmax(kernel, self.dtype)
-        self.decode_attention = DecodeAttention(kernel, self.dtype)
+        self.decode_attention = DecodeAttention(kernel, self.dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
         models = load_stages(weights, mc, cfg.stages, self.device, self.softmax, self.decode_attention)
         self.linear_kind = pack_linears([lin for m in models for lin in m.linears], cfg.chunk_size)
         stages = [

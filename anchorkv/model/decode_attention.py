@@ -17,8 +17,17 @@ MAX_GROUP = 16  # query heads per KV head
 
 
 class DecodeAttention:
-    def __init__(self, kernel: ctypes.CDLL | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
-        self._kernel = kernel if dtype == torch.bfloat16 else None
+    def __init__(
+        self,
+        kernel: ctypes.CDLL | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        head_dim: int = HEAD_DIM,
+        group: int = 1,
+    ) -> None:
+        """kernel: from kernels.load_kernel; it serves bfloat16 models with HEAD_DIM-wide heads and at most
+        MAX_GROUP query heads per KV head."""
+        fits = dtype == torch.bfloat16 and head_dim == HEAD_DIM and group <= MAX_GROUP
+        self._kernel = kernel if fits else None
 
     @property
     def kind(self) -> str:
