@@ -26,7 +26,7 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
         "--think-ms",
         type=float,
         default=0.0,
-        help="quiet between a session's requests, e.g. a tool running (default 0)",
+        help="hold a session's request until this long after its previous one ended, e.g. a tool running (default 0)",
     )
 
 

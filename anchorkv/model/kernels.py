@@ -15,7 +15,9 @@ from pathlib import Path
 
 log = logging.getLogger("anchorkv.model")
 
-SOURCES = tuple(sorted(Path(__file__).with_name("csrc").glob("*.c")))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(sorted(CSRC.glob("*.c")))
+HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
@@ -39,7 +41,7 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
     cpu = _cpu()
     if cpu is None:
         return None
-    sources = b"".join(s.read_bytes() for s in SOURCES)
+    sources = b"".join(s.read_bytes() for s in (*SOURCES, *HEADERS))
     key = hashlib.sha256(sources + " ".join(FLAGS).encode() + cpu.encode()).hexdigest()[:16]
     lib = folder / f"kernels-{key}.so"
     if not lib.exists():

@@ -5,31 +5,14 @@
    work computing, for its G heads, the block's maximum score, its sum of exp and its exp-weighted sum of
    values in float. The blocks of a head are then merged in order, so the result's bits depend on L alone,
    not on the thread count. */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
+
+#include "bf16_math.h"
 
 #define HD 64
 #define BLOCK 256
 #define GMAX 16
-
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
-static inline __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 typedef struct {
     float max[GMAX], sum[GMAX];
@@ -52,13 +35,13 @@ static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int6
     for (int g = 0; g < G; g++) {
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < n; j += 16) {
-            __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            __mmask16 m = lanes(n - j);
             mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s[g] + j));
         }
         float top = _mm512_reduce_max_ps(mx);
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
-            __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            __mmask16 m = lanes(n - j);
             __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s[g] + j), _mm512_set1_ps(top)));
             e = _mm512_maskz_mov_ps(m, e);
             _mm512_mask_storeu_ps(s[g] + j, m, e);
