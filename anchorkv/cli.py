@@ -45,6 +45,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: the model's, at most 8192)")
     p.add_argument("--stages", type=int, default=d.stages, help="split the layers into N pipeline stages (default 1)")
     p.add_argument(
+        "--parallel",
+        type=int,
+        default=d.parallel,
+        help=f"sequences running at once, decoding together; more wait for a slot (default {d.parallel})",
+    )
+    p.add_argument(
         "--chunk-size",
         type=int,
         default=d.chunk_size,
@@ -119,6 +125,7 @@ def _engine_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineC
         return EngineConfig(
             model=a.model, dtype=a.dtype, threads=a.threads, device=a.device, ctx=a.ctx,
             stages=a.stages, chunk_size=a.chunk_size, decode_weights=a.decode_weights, cache_home=a.cache_home,
+            parallel=a.parallel,
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=s.max_queue,
-        help=f"requests that may wait; more get 503 (default {s.max_queue})",
+        help=f"requests that may wait for a slot; more get 503 (default {s.max_queue})",
     )
     serve.add_argument("--alias", default=None, help="model id shown to clients (default: the model file's name)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -181,8 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _loop_args(cmp)
     cmp.add_argument("--port", type=int, default=8090, help="port the servers take in turn (default 8090)")
-    cmp.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    cmp.add_argument(
+        "--max-tokens", type=int, default=None, help="tokens generated per request (default 16; 48 with --sessions)"
+    )
     cmp.add_argument("--out", type=Path, default=Path("out/compare"), help="folder for compare.md/json and charts")
+    cmp.add_argument(
+        "--sessions",
+        type=int,
+        action="append",
+        default=None,
+        metavar="K",
+        help="repeatable: instead of the workloads, K agent sessions at once in a live loop (gen:sessions, "
+        "48 tokens a turn unless --max-tokens is given), each server with K slots",
+    )
     cb = bench_sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
     _engine_args(cb)
     _cache_args(cb)
@@ -265,9 +283,19 @@ def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         chosen += [peers.llama_cpp_python(args.llama_cpp_python, t) for t in ("ram", "disk")]
     if len(chosen) == 1:
         print("no peer given (--llama-server, --llama-cpp-python): measuring anchorkv alone", file=sys.stderr)
+    if args.sessions:
+        from anchorkv.bench import sessions
+
+        if any(k < 1 or k > 8 for k in args.sessions):
+            parser.error("--sessions: K must be between 1 and 8 (gen:sessions has 8 sessions)")
+        max_tokens = args.max_tokens or 48
+        print(sessions.run(chosen, model, args.sessions, args.out, args.threads, args.port, max_tokens,
+                           args.think_ms / 1000, EngineConfig().parallel))  # fmt: skip
+        print(f"\nwrote {args.out}/sessions.md and sessions.json")
+        return 0
     workloads = args.workload or list(compare.WORKLOADS)
     loop = _loop(args)
-    print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens, **loop))
+    print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens or 16, **loop))
     print(f"\nwrote {args.out}/compare.md, compare.json and a replay.png per workload")
     return 0
 
@@ -354,8 +382,9 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except ValueError as e:  # e.g. a stride that is not a multiple of the chunk size
         parser.error(str(e))
     logging.getLogger("anchorkv").info(
-        "loaded %s (%s, %d layers, %d stages, ctx %d)", engine.model_name, engine.model_cfg.arch,
-        engine.model_cfg.n_layers, ecfg.stages, engine.ctx,
+        "loaded %s (%s, %d layers, %d stages, ctx %d, %d parallel, decode rows %s)", engine.model_name,
+        engine.model_cfg.arch, engine.model_cfg.n_layers, ecfg.stages, engine.ctx, ecfg.parallel,
+        "batched" if engine.batch_rows else "one at a time",
     )  # fmt: skip
     app = create_app(engine, scfg, start_worker=False)
     server = uvicorn.Server(

@@ -22,6 +22,7 @@ class EngineConfig:
     chunk_size: int = 128  # prefill chunk C; prefill is cut at chat boundaries and every C tokens after each
     decode_weights: str = "auto"  # int8 | dense | auto (see decode_quant)
     cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
+    parallel: int = 4  # sequences running at once, each with a KV slot of ctx positions in every stage
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -34,6 +35,8 @@ class EngineConfig:
             raise ValueError(f"--ctx must be at least 16, got {self.ctx}")
         if self.stages < 1:
             raise ValueError(f"--stages must be at least 1, got {self.stages}")
+        if not 1 <= self.parallel <= 64:
+            raise ValueError(f"--parallel must be between 1 and 64, got {self.parallel}")
         if self.decode_weights not in DECODE_WEIGHTS:
             raise ValueError(
                 f"--decode-weights must be one of {', '.join(DECODE_WEIGHTS)}, got {self.decode_weights!r}"
@@ -57,7 +60,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
-    max_queue: int = 16  # requests waiting for the engine beyond the one running
+    max_queue: int = 16  # requests waiting for a slot beyond the --parallel running
     model_alias: str | None = None  # the model id clients see; None: the model file's name
 
     def __post_init__(self) -> None:

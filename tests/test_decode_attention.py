@@ -68,7 +68,7 @@ def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) 
                 steps[kind].append(logits)
         for m in models:
             m.decode_attention = engine.decode_attention
-        engine.slot_valid = 0
+        engine.slots[0].clear()
     for a, b in zip(steps["kernel"], steps["torch"], strict=True):
         assert int(a.argmax()) == int(b.argmax())
         assert (a - b).abs().max() < 0.05 * b.abs().max()

@@ -230,7 +230,7 @@ def test_a_restarted_engine_brings_back_the_last_chain_while_idle(tmp_path: Path
     while restarted.idle_work():
         pass
     system_end = r1.chat_ends[0]
-    assert restarted.slot_valid >= len(p1) and restarted.slot_tokens[:system_end] == p1[:system_end]
+    assert restarted.slots[0].valid >= len(p1) and restarted.slots[0].tokens[:system_end] == p1[:system_end]
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     warm, plan = restarted.prompt_logits(p2, r2)
     assert plan.restore_to == system_end and plan.tier == "ram"  # not "disk": the warm start loaded it
@@ -247,8 +247,8 @@ def test_a_warm_start_stops_between_chunks_when_a_request_arrives(tmp_path: Path
     restarted = make(tmp_path)
     asked: list[int] = []
     assert not restarted.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 2)
-    assert len(asked) == 3 and 0 < restarted.slot_valid < len(p1)  # two chunks loaded, the rest left
-    assert restarted.slot_tokens[: restarted.slot_valid] == p1[: restarted.slot_valid]
+    assert len(asked) == 3 and 0 < restarted.slots[0].valid < len(p1)  # two chunks loaded, the rest left
+    assert restarted.slots[0].tokens[: restarted.slots[0].valid] == p1[: restarted.slots[0].valid]
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     warm, plan = restarted.prompt_logits(p2, r2)
     assert plan.restore_to == r1.chat_ends[0] and plan.tier == "disk"  # the rest of the way came from disk
@@ -369,10 +369,10 @@ def test_an_interrupted_background_piece_is_given_up_and_done_again_exactly(
     first = list(e.generate(p1, SamplingParams(max_tokens=60, temperature=0), cache_req=r1, background=True))[-1]
     assert isinstance(first, Finished) and e.has_idle_work
     assert e.idle_work()  # renders the next turn: no forward yet
-    valid, filled = e.slot_valid, [s.kv.filled for s in e.pipeline.stages]
+    valid, filled = e.slots[0].valid, [s.kvs[0].filled for s in e.pipeline.stages]
     asked: list[int] = []
     assert e.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 12)  # gives up at layer 12
-    assert len(asked) == 13 and e.slot_valid == valid and [s.kv.filled for s in e.pipeline.stages] == filled
+    assert len(asked) == 13 and e.slots[0].valid == valid and [s.kvs[0].filled for s in e.pipeline.stages] == filled
     while e.idle_work():
         pass
     rendered = e.render_chat(next_messages(history, first.text))

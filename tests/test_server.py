@@ -139,7 +139,10 @@ def test_models_health_props(client: TestClient, engine: Engine) -> None:
     props = client.get("/props").json()
     assert props["architecture"] == "llama" and props["n_layers"] == 30
     assert props["n_ctx"] == engine.ctx and props["dtype"] == "bfloat16"
-    assert props["stages"] == [{"index": 0, "layers": [0, 30]}]
+    assert [(s["index"], s["layers"]) for s in props["stages"]] == [(0, [0, 30])]
+    # 4 slots of K and V: 30 layers x 3 KV heads x ctx x 64 dims in bfloat16
+    assert props["parallel"] == 4 and props["decode_rows"] == "batched"
+    assert props["kv_pool"]["bytes"] == props["stages"][0]["kv_bytes"] == 4 * 2 * 30 * 3 * engine.ctx * 64 * 2
 
 
 def test_metrics_count_tokens(client: TestClient) -> None:
@@ -217,13 +220,13 @@ def test_full_queue_answers_503_with_retry_after(live: LiveServer, engine: Engin
     def post() -> None:
         results.append(httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=60).status_code)
 
-    with engine.lock:  # the engine is busy: the first request runs (blocked), the second waits in the queue
+    with engine.lock:  # the engine is busy: the first request is taken (blocked), the second waits in the queue
         threads = [threading.Thread(target=post) for _ in range(2)]
         for t in threads:
             t.start()
             time.sleep(0.3)
         deadline = time.monotonic() + 10
-        while not (worker.busy and worker.waiting == 1) and time.monotonic() < deadline:
+        while worker.waiting != 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         r = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=10)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"

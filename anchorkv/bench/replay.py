@@ -39,6 +39,7 @@ class Sample:
     tail_ms: float | None = None  # from the last event with generated text to the end of the stream
     text: str = ""  # the reply
     started_s: float = 0.0  # when it was sent, in seconds from the replay's start
+    completion_tokens: int | None = None
 
 
 def _text(event: dict[str, Any]) -> str:
@@ -113,7 +114,13 @@ def _attempt(client: httpx.Client, base: str, req: Request, index: int, max_toke
         cached = timings.get("cache_n")
     tail = (end - last_text) * 1000 if last_text is not None else None
     prompt = usage.get("prompt_tokens")
-    return Sample(index, req.session, ttft, (end - t0) * 1000, prompt, cached, timings, None, tail, "".join(text))
+    generated = usage.get("completion_tokens")
+    if generated is None and timings:
+        generated = timings.get("predicted_n")
+    return Sample(
+        index, req.session, ttft, (end - t0) * 1000, prompt, cached, timings, None, tail, "".join(text),
+        completion_tokens=generated,
+    )  # fmt: skip
 
 
 def with_replies(req: Request, replies: dict[int, str]) -> Request:

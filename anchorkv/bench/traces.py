@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 MOONCAKE_BLOCK = 512
-GENERATORS = ("gen:agent", "gen:tasks", "gen:rolling", "gen:interleaved")
+GENERATORS = ("gen:agent", "gen:tasks", "gen:rolling", "gen:interleaved", "gen:sessions")
 
 
 @dataclass
@@ -179,6 +179,24 @@ def generate(name: str, seed: int = 0) -> list[Request]:
             turns += [{"role": "user", "content": text(40)}]
             out.append(Request("rolling", [system, *turns[-8:]]))
             turns += [{"role": "assistant", "content": text(40)}]
+        return out
+    if name == "gen:sessions":
+        # 8 agent sessions on one 1.5k-token system prompt, each its own task, 7 turns of tool results
+        system = {"role": "system", "content": _system(rng, words=1400)}
+        out = []
+        for k in range(8):
+            msgs = [system, {"role": "user", "content": f"Task {k}: {text(40)}"}]
+            for i in range(7):
+                out.append(Request(f"s{k}", list(msgs), reply_index=len(msgs)))
+                call = {
+                    "id": f"c{k}-{i}",
+                    "type": "function",
+                    "function": {"name": "run", "arguments": '{"step": %d}' % i},
+                }
+                msgs += [
+                    {"role": "assistant", "content": text(30), "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": f"c{k}-{i}", "content": text(100)},
+                ]
         return out
     if name == "gen:interleaved":
         sessions: dict[int, list[dict[str, Any]]] = {

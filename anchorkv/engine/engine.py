@@ -1,4 +1,12 @@
-"""The engine: a loaded model split into stages, and the generation loop (prefill, then decode)."""
+"""The engine: a loaded model split into stages, and the scheduler that runs many sequences on it.
+
+`step()` is a request's journey: admit waiting sequences into free KV slots (plan, restore from the
+prefix cache), run one batch (every decoding sequence's next token, plus prefill pieces under a token
+budget), then post-process (sample, stream, finish, record). A sequence's tokens never depend on what
+else runs: prefill pieces run one sequence at a time, cut as a lone cold run cuts them, and a decode
+step's rows go through linears whose rows were checked at start not to depend on the batch
+(`rows_invariant`), else one row at a time.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +14,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence as Seq
 from typing import Any
 
 import torch
@@ -20,17 +28,22 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.constraint import Constraint, grammar_tokenizer
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.pipeline import Pipeline, aligned_chunks
-from anchorkv.engine.plan import RequestPlan
-from anchorkv.engine.sampling import Sampler, SamplingParams, TokenLogprob, token_logprob
+from anchorkv.engine.plan import RequestPlan, Span
+from anchorkv.engine.sampling import Sampler, SamplingParams, token_logprob
+from anchorkv.engine.scheduler import StepPlan, pick_slot, schedule, should_wait
+from anchorkv.engine.sequence import Delta, Event, Failed, Finished, Sequence, Status
+from anchorkv.engine.slot import PendingReply, Slot
 from anchorkv.engine.stage import Stage
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
-from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.kernels import load_kernel
+from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.tokenizer import TextTokenizer
-from anchorkv.model.transformer import FORWARD_VERSION, Interrupted, pack_linears
+from anchorkv.model.transformer import FORWARD_VERSION, Interrupted, Linear, pack_linears
+
+__all__ = ["Delta", "Engine", "Failed", "Finished", "PromptTooLong"]
 
 MAX_DEFAULT_CTX = 8192
 
@@ -41,37 +54,22 @@ class PromptTooLong(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Delta:
-    text: str
-    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens sampled since the last Delta, when asked for
-
-
-@dataclass
-class Finished:
-    text: str
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    prompt_ms: float
-    predicted_ms: float
-    token_ids: list[int] = field(default_factory=list)
-    cache: dict[str, Any] = field(default_factory=dict)  # the prefix_cache report
-    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
-
-    def timings(self) -> dict[str, Any]:
-        """llama.cpp's `timings` object."""
-        prompt_n = self.prompt_tokens - self.cached_tokens
-        return {
-            "cache_n": self.cached_tokens,
-            "prompt_n": prompt_n,
-            "prompt_ms": round(self.prompt_ms, 3),
-            "prompt_per_second": prompt_n / self.prompt_ms * 1000 if self.prompt_ms else 0.0,
-            "predicted_n": self.completion_tokens,
-            "predicted_ms": round(self.predicted_ms, 3),
-            "predicted_per_second": self.completion_tokens / self.predicted_ms * 1000 if self.predicted_ms else 0.0,
-        }
+def rows_invariant(linears: Seq[Linear], rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every decode linear gives each row the same bits whatever the number of rows (1 to `rows`)
+    beside it. Kernels pick their blocking by M, so this is measured, not assumed."""
+    gen = torch.Generator().manual_seed(0)
+    seen: set[tuple[Any, ...]] = set()
+    for lin in linears:
+        n_in = lin.weight.shape[0] if lin.transposed else lin.weight.shape[1]
+        key = (tuple(lin.weight.shape), lin.transposed, lin.decode_kind, lin.bias is not None)
+        if key in seen:
+            continue
+        seen.add(key)
+        x = torch.randn(rows, n_in, generator=gen).to(dtype=dtype, device=device)
+        full = lin(x, True)
+        if not all(torch.equal(lin(x[:m], True), full[:m]) for m in range(1, rows)):
+            return False
+    return True
 
 
 class Engine:
@@ -93,25 +91,29 @@ class Engine:
         self.softmax = AttentionSoftmax(kernel, self.dtype)
         self.decode_attention = DecodeAttention(kernel, self.dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
         models = load_stages(weights, mc, cfg.stages, self.device, self.softmax, self.decode_attention)
-        self.linear_kind = pack_linears([lin for m in models for lin in m.linears], cfg.chunk_size)
-        stages = [
-            Stage(i, m, StageKV(len(m.layer_range), mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype))
-            for i, m in enumerate(models)
-        ]
-        for s in stages:
-            s.kv.k, s.kv.v = s.kv.k.to(self.device), s.kv.v.to(self.device)
+        linears = [lin for m in models for lin in m.linears]
+        self.linear_kind = pack_linears(linears, cfg.chunk_size)
+        self.batch_rows = cfg.parallel == 1 or rows_invariant(linears, cfg.parallel, self.dtype, self.device)
+        if not self.batch_rows:
+            log.info("the decode linears' rows depend on the batch here: a decode step runs them a row at a time")
+        for m in models:
+            m.batch_rows = self.batch_rows
+
+        def pool(n_layers: int) -> list[StageKV]:
+            return [
+                StageKV(n_layers, mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype, self.device)
+                for _ in range(cfg.parallel)
+            ]
+
+        stages = [Stage(i, m, pool(len(m.layer_range))) for i, m in enumerate(models)]
         self.pipeline = Pipeline(stages, cfg.chunk_size, self.device)
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name
-        self.lock = threading.Lock()  # one generation at a time owns the KV
+        self.lock = threading.RLock()  # held by whoever steps the scheduler
         self.cache_cfg = cache_cfg or CacheConfig(ram_mb=0, scope="off")
         self.cache = PrefixCache(self.cache_cfg, self._namespaces(), cfg.chunk_size)
-        # what the stages' KV holds from the last request: [0, slot_valid) is reusable KV of slot_tokens,
-        # prefilled with cuts at slot_ends
-        self.slot_tokens: list[int] = []
-        self.slot_ends: list[int] = []
-        self.slot_valid = 0
-        self.slot_salt: str | None = None
-        self._reply: _Reply | None = None
+        self.slots = [Slot(i) for i in range(cfg.parallel)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
         self._warm = bool(self.cache.disk) and self.cache.enabled  # the last run's latest chain, to bring back
         self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
 
@@ -120,6 +122,11 @@ class Engine:
         """How many linear layers decode steps read as int4, int8 or dense."""
         kinds = [lin.decode_kind for s in self.pipeline.stages for lin in s.model.linears]
         return {k: kinds.count(k) for k in sorted(set(kinds))}
+
+    @property
+    def kv_bytes(self) -> int:
+        """The KV pools of every stage: `parallel` slots of `ctx` positions each."""
+        return sum(s.kv_bytes for s in self.pipeline.stages)
 
     def _namespaces(self) -> list[Namespace]:
         """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
@@ -159,6 +166,45 @@ class Engine:
             )
         return max_tokens if max_tokens is not None else room
 
+    # -- the scheduler's interface ----------------------------------------------------------------------
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        emit: Callable[[Event], None],
+        cancel: threading.Event | None = None,
+        cache_req: CacheRequest | None = None,
+        keep_reply: bool = True,
+    ) -> Sequence:
+        """Queue a sequence; `step()` runs it. Call with the lock held, or from the thread that steps."""
+        seq = Sequence(
+            uuid.uuid4().hex, prompt, params, cache_req or CacheRequest(), emit, cancel or threading.Event(),
+            time.perf_counter(), keep_reply=keep_reply,
+        )  # fmt: skip
+        self.waiting.append(seq)
+        return seq
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def has_idle_work(self) -> bool:
+        return self._warm or self._reply_slot() is not None
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit, run one batch, post-process. Returns whether anything ran."""
+        self._admit()
+        plan = schedule(self.running, self.cfg.chunk_size)
+        if not plan:
+            return False
+        self._run(plan)
+        self._post_process(plan)
+        if self.running and not plan.prefill and not self.waiting and (slot := self._reply_slot()) is not None:
+            self._reply_step(slot)  # beside decoding sequences, the budget left: background work
+        return True
+
     @torch.inference_mode()
     def generate(
         self,
@@ -168,168 +214,111 @@ class Engine:
         cache_req: CacheRequest | None = None,
         background: bool = False,
     ) -> Iterator[Delta | Finished]:
-        """Plan, restore, prefill, decode; then record into the cache after the response is out.
-
-        In exact mode the reply is prefilled again, cut as a cold run of the next turn would be, so that
-        turn hits on it: right after the response, or with `background` left pending for `idle_work()`,
-        which a server calls while no request waits."""
+        """Run one sequence to its end on the calling thread, stepping the scheduler (and whatever else
+        it runs). In exact mode the reply is then prefilled again, cut as a cold run of the next turn would
+        be, so that turn hits on it; with `background` that is left to `idle_work()`."""
         self.check_fits(len(prompt), params.max_tokens)
+        events: deque[Event] = deque()
         with self.lock:
-            self._warm = False  # a request came first: it restores what it needs itself
-            self._settle_reply()
-            yield from self._generate(prompt, params, cancel, cache_req or CacheRequest())
-            if not background:
-                while self._reply_step():
+            seq = self.submit(prompt, params, events.append, cancel, cache_req)
+        while not (seq.done and not events):
+            if not events:
+                with self.lock:
+                    self.step()
+            while events:
+                event = events.popleft()
+                if isinstance(event, Failed):
+                    raise event.error
+                yield event
+        if not background and seq.slot is not None:
+            with self.lock:
+                slot = self.slots[seq.slot]
+                while slot.seq is None and self._reply_step(slot):
                     pass
-
-    @property
-    def has_idle_work(self) -> bool:
-        return self._reply is not None or self._warm
-
-    @torch.inference_mode()
-    def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
-        """One step of background work: after a restart, bringing back the last run's latest chain; after a
-        response, one piece of the reply's prefill (recorded when the last one is done). `interrupt` is
-        asked between layers: when it says a request waits, the piece is given up (and done again later),
-        so a request waits for one layer, not one piece; the warm start stops between chunks. Returns
-        whether work remains."""
-        with self.lock:
-            if self._warm:
-                self._warm_start(interrupt)
-                return self.has_idle_work
-            return self._reply_step(interrupt)
-
-    def _warm_start(self, interrupt: Callable[[], bool] | None = None) -> None:
-        """Load the chain the last run used last from disk into the stages' KV, as the slot: a first request
-        that continues it then restores as from a warm server. Interrupted, the slot is what was loaded."""
-        self._warm = False
-        chunks = self.cache.warm_start([s.kv for s in self.pipeline.stages], self.ctx - 1, interrupt)
-        if not chunks:
-            return
-        tokens = [t for c in chunks for t in c.tokens.tolist()]
-        # chain chunks end at cuts the prompt was prefilled at; taken as its chat boundaries they give back
-        # its cuts (with C >= TAIL_MERGE; a smaller C drops some, so less is shared, never more)
-        ends = [c.end for c in chunks]
-        self._set_slot(tokens, ends, len(tokens))
-        self.slot_salt = None
-        log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(tokens))
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
         """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]."""
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         with self.lock:
-            logits, cplan, _, at = self._prefill(prompt, cache_req or CacheRequest())
-            self._record_prompt(cplan, prompt, at)
-        return logits, cplan
+            seq = self.submit(prompt, params, lambda _: None, cache_req=cache_req, keep_reply=False)
+            while not seq.done:
+                self.step()
+        assert seq.first_logits is not None and seq.cplan is not None
+        return seq.first_logits, seq.cplan
 
-    def _prefill(
-        self, prompt: list[int], creq: CacheRequest
-    ) -> tuple[torch.Tensor, CachePlan, RequestPlan, dict[int, torch.Tensor]]:
-        """Restore what the cache has, prefill the rest. Returns the last position's logits [vocab], the
-        plans, and the logits before each turn start prefilled (the prompt's end included), for the cache."""
-        cplan = self._restore(prompt, creq)
-        r = cplan.restore_to
-        plan = RequestPlan(uuid.uuid4().hex, len(prompt), restore_to=r)
-        at: dict[int, torch.Tensor] = {}
-        if r == len(prompt) and cplan.logits is not None:
-            logits = cplan.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
-        else:
-            logits = self.pipeline.prefill(
-                prompt[r:], r, plan, breaks=cplan.chat_ends, logits_at=creq.turn_starts, kept=at
-            )
-            at[len(prompt)] = logits
-        self._set_slot(prompt, cplan.chat_ends, cut_floor(len(prompt), self.cfg.chunk_size, cplan.chat_ends))
-        self.slot_salt = creq.salt
-        return logits, cplan, plan, at
+    @torch.inference_mode()
+    def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
+        """One step of background work while nothing runs: after a restart, bringing back the last run's
+        latest chain; after a response, one piece of the reply's prefill (recorded when the last one is
+        done). `interrupt` is asked between layers: when it says a request waits, the piece is given up
+        (and done again later), so a request waits for one layer, not one piece; the warm start stops
+        between chunks. Returns whether work remains."""
+        with self.lock:
+            if self._warm:
+                self._warm_start(interrupt)
+            elif (slot := self._reply_slot()) is not None:
+                self._reply_step(slot, interrupt)
+            return self.has_idle_work
 
-    def _set_slot(self, tokens: list[int], ends: list[int], valid: int) -> None:
-        self.slot_tokens, self.slot_ends, self.slot_valid = tokens, ends, valid
+    # -- admit -----------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Give waiting sequences, oldest first, a free slot each: the one holding most of their prefix.
+        A sequence that waits on a prefix another one is prefilling lets the next one pass."""
+        for seq in [s for s in self.running if s.cancel.is_set()]:
+            self._finish(seq, "cancelled")
+        for seq in list(self.waiting):
+            if seq.cancel.is_set():
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled")
+                continue
+            slot = pick_slot(seq.prompt, seq.cache_req.salt, self.slots)
+            if slot is None:
+                return
+            self._warm = False  # a request came first: it restores what it needs itself
+            cplan = self.cache.plan(seq.prompt, seq.cache_req)
+            prefilling = [s for s in self.running if s.status is Status.PREFILLING]
+            if should_wait(seq.prompt, cplan.restore_to, prefilling, self.cfg.chunk_size):
+                continue
+            self.waiting.remove(seq)
+            if slot.reply is not None:
+                self._settle(slot)  # what its reply's prefill recorded may serve this prompt: plan again
+                cplan = self.cache.plan(seq.prompt, seq.cache_req)
+            try:
+                self._start(seq, slot, cplan)
+            except Exception as e:  # noqa: BLE001 - the request fails, the engine lives on
+                self._fail(seq, e)
 
-    def _record_prompt(self, cplan: CachePlan, prompt: list[int], logits: dict[int, torch.Tensor]) -> None:
-        kvs = [s.kv for s in self.pipeline.stages]
-        computed = self.slot_valid if self.cache_cfg.exact else len(prompt)
-        # the head computes in the KV's dtype, so the logits keep in it losslessly (half the bytes in bf16)
-        kept = {p: x.to(kvs[-1].k.dtype) for p, x in logits.items()} if self.cache_cfg.exact else {}
-        self.cache.record(cplan, prompt, kvs, computed, logits=kept)
-        self.cache.remember(cplan, prompt)
-
-    def _restore(self, prompt: list[int], creq: CacheRequest) -> CachePlan:
-        plan = self.cache.plan(prompt, creq)
-        kvs = [s.kv for s in self.pipeline.stages]
+    def _start(self, seq: Sequence, slot: Slot, cplan: CachePlan) -> None:
+        """Restore what the cache has into the slot (what the slot still holds of it stays), and line up
+        the prefill pieces of the rest."""
+        prompt, creq, c = seq.prompt, seq.cache_req, self.cfg.chunk_size
+        seq.slot, slot.seq, seq.cplan = slot.index, seq, cplan
+        seq.admitted = time.perf_counter()
         keep = 0
-        if self.slot_salt == creq.salt:
-            slot = self.slot_tokens[: self.slot_valid]
-            keep = shared_cut(prompt[: plan.restore_to], plan.chat_ends, slot, self.slot_ends, self.cfg.chunk_size)
-        self.pipeline.truncate(keep)
+        if slot.salt == creq.salt:
+            keep = shared_cut(prompt[: cplan.restore_to], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
+        slot.clear()
+        kvs = self.pipeline.kvs(slot.index)
+        self.pipeline.truncate(keep, slot.index)
         try:
-            self.cache.restore(plan, prompt, kvs, skip_upto=keep)
+            self.cache.restore(cplan, prompt, kvs, skip_upto=keep)
         except CacheMiss as e:
             log.warning("restore failed, prefilling cold: %s", e)
-            plan.restore_to, plan.chains, plan.kind, plan.tier = 0, [[] for _ in kvs], None, None
-        self.pipeline.truncate(plan.restore_to)
-        return plan
-
-    def _generate(
-        self,
-        prompt: list[int],
-        params: SamplingParams,
-        cancel: threading.Event | None,
-        creq: CacheRequest,
-    ) -> Iterator[Delta | Finished]:
-        t0 = time.perf_counter()
-        logits, cplan, plan, at = self._prefill(prompt, creq)
+            cplan.restore_to, cplan.chains, cplan.kind, cplan.tier = 0, [[] for _ in kvs], None, None
+            cplan.logits = None
         r = cplan.restore_to
-        t1 = time.perf_counter()
-        sampler = Sampler(params, prompt, self._constraint(params.grammar))
-        stream = TextStream(self.tokenizer, params.stop)
-        eos = self.tokenizer.eos_token_ids
-        pos, out, finish = len(prompt), [], "length"
-        lps: list[TokenLogprob] = []
-        sent = 0  # logprobs already carried by a Delta
-        while True:
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-            token = sampler(logits)
-            if token in eos and not params.ignore_eos:
-                finish = "stop"
-                break
-            out.append(token)
-            if params.logprobs is not None:
-                lps.append(token_logprob(logits, token, params.logprobs))
-            if delta := stream.push(token):
-                yield Delta(delta, tuple(lps[sent:]))
-                sent = len(lps)
-            if stream.stopped or (sampler.constraint is not None and sampler.constraint.done):
-                finish = "stop"
-                break
-            if len(out) >= params.max_tokens or pos >= self.ctx:
-                break
-            logits = self.pipeline.decode(token, pos, plan)
-            pos += 1
-        if rest := stream.flush():
-            yield Delta(rest, tuple(lps[sent:]))
-        t2 = time.perf_counter()
-        yield Finished(
-            text=stream.text,
-            finish_reason=finish,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(out),
-            cached_tokens=r,
-            prompt_ms=(t1 - t0) * 1000,
-            predicted_ms=(t2 - t1) * 1000,
-            token_ids=out,
-            cache=cplan.report(),
-            logprobs=lps if params.logprobs is not None else None,
-        )
-        # The response is out; now keep what it computed. Prompt KV first, then the reply for the next turn.
-        self._record_prompt(cplan, prompt, at)
-        log.info(
-            "[cache] restore=%d kind=%s tier=%s recorded=%s",
-            r, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
-        )  # fmt: skip
-        if out and finish != "cancelled" and self.cache.enabled:
-            self._keep_reply(cplan, prompt, out, stream.text, creq)
+        self.pipeline.truncate(r, slot.index)
+        seq.plan = RequestPlan(seq.id, len(prompt), restore_to=r)
+        seq.sampler = Sampler(seq.params, prompt, self._constraint(seq.params.grammar))
+        seq.stream = TextStream(self.tokenizer, seq.params.stop)
+        seq.pos = len(prompt)
+        if r == len(prompt) and cplan.logits is not None:
+            seq.logits = cplan.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
+        else:
+            seq.pieces = deque(aligned_chunks(r, len(prompt), c, cplan.chat_ends))
+        seq.status = Status.PREFILLING
+        self.running.append(seq)
 
     def _constraint(self, grammar: str | None) -> Constraint | None:
         if grammar is None:
@@ -338,80 +327,235 @@ class Engine:
             self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.model_cfg.vocab_size)
         return Constraint(self._grammar_tokenizer, grammar)
 
-    def _keep_reply(self, cplan: CachePlan, prompt: list[int], out: list[int], text: str, creq: CacheRequest) -> None:
+    # -- run -------------------------------------------------------------------------------------------
+    def _run(self, plan: StepPlan) -> None:
+        """The decoding sequences' rows in one forward, then each prefill piece in its own: a piece's
+        shapes are those of a lone cold run, which is what makes a cache hit exact."""
+        if plan.decode:
+            rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s))) for s in plan.decode]
+            try:
+                logits = self.pipeline.decode_rows(rows)
+            except Exception as e:  # noqa: BLE001
+                for seq in plan.decode:
+                    self._fail(seq, e)
+            else:
+                for seq, row in zip(plan.decode, logits, strict=True):
+                    seq.logits, seq.pos = row, seq.pos + 1
+        for seq, (a, b) in plan.prefill:
+            if seq.done:
+                continue
+            stops = seq.cache_req.turn_starts
+            last = b == len(seq.prompt)
+            try:
+                out = self.pipeline.forward(
+                    seq.prompt[a:b], a, self._plan_of(seq), "last" if last or b in stops else "none",
+                    slot=self._slot_of(seq),
+                )  # fmt: skip
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e)
+                continue
+            seq.pieces.popleft()
+            if b in stops or last:
+                seq.kept_logits[b] = out
+            if last:
+                seq.logits = out
+
+    @staticmethod
+    def _slot_of(seq: Sequence) -> int:
+        assert seq.slot is not None
+        return seq.slot
+
+    @staticmethod
+    def _plan_of(seq: Sequence) -> RequestPlan:
+        assert seq.plan is not None
+        return seq.plan
+
+    # -- post-process ----------------------------------------------------------------------------------
+    def _post_process(self, plan: StepPlan) -> None:
+        """Sample each sequence whose logits are new: those that finished prefill, and the decode rows."""
+        for seq in [s for s in self.running if s.status is Status.PREFILLING and not s.pieces]:
+            if seq.logits is None:
+                continue
+            seq.prefilled, seq.first_logits = time.perf_counter(), seq.logits
+            slot = self.slots[self._slot_of(seq)]
+            c, ends = self.cfg.chunk_size, self._cplan_of(seq).chat_ends
+            slot.hold(seq.prompt, ends, cut_floor(len(seq.prompt), c, ends), seq.cache_req.salt)
+            self._advance(seq)
+            if not seq.done:
+                self._record_prompt(seq)  # now, not at the end: a sequence arriving meanwhile can restore it
+        for seq in plan.decode:
+            if not seq.done:
+                self._advance(seq)
+
+    @staticmethod
+    def _cplan_of(seq: Sequence) -> CachePlan:
+        assert seq.cplan is not None
+        return seq.cplan
+
+    def _advance(self, seq: Sequence) -> None:
+        """Sample the next token from seq.logits, stream it, and finish or line up its decode step."""
+        assert seq.sampler is not None and seq.stream is not None and seq.logits is not None
+        params = seq.params
+        if seq.cancel.is_set():
+            return self._finish(seq, "cancelled")
+        token = seq.sampler(seq.logits)
+        if token in self.tokenizer.eos_token_ids and not params.ignore_eos:
+            return self._finish(seq, "stop")
+        seq.out.append(token)
+        if params.logprobs is not None:
+            seq.logprobs.append(token_logprob(seq.logits, token, params.logprobs))
+        if delta := seq.stream.push(token):
+            seq.emit(Delta(delta, tuple(seq.logprobs[seq.sent :])))
+            seq.sent = len(seq.logprobs)
+        if seq.stream.stopped or (seq.sampler.constraint is not None and seq.sampler.constraint.done):
+            return self._finish(seq, "stop")
+        if len(seq.out) >= params.max_tokens or seq.pos >= self.ctx:
+            return self._finish(seq, "length")
+        seq.token, seq.status = token, Status.DECODING
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """Stream the end, then keep what it computed (the prompt's KV, then the reply for the next turn)
+        and free its slot."""
+        if seq.stream is not None and (rest := seq.stream.flush()):
+            seq.emit(Delta(rest, tuple(seq.logprobs[seq.sent :])))
+        now = time.perf_counter()
+        cplan = seq.cplan
+        prompt_ms = ((seq.prefilled or now) - (seq.admitted or now)) * 1000
+        seq.emit(
+            Finished(
+                text=seq.stream.text if seq.stream is not None else "",
+                finish_reason=reason,
+                prompt_tokens=len(seq.prompt),
+                completion_tokens=len(seq.out),
+                cached_tokens=cplan.restore_to if cplan is not None else 0,
+                prompt_ms=prompt_ms,
+                predicted_ms=(now - seq.prefilled) * 1000 if seq.prefilled else 0.0,
+                token_ids=seq.out,
+                cache=cplan.report() if cplan is not None else {},
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            )
+        )
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is None:
+            return
+        slot = self.slots[seq.slot]
+        slot.seq, slot.used = None, now
+        if not seq.prefilled:  # given up during prefill: the slot's KV is part of a prompt, of no use
+            slot.clear()
+            return
+        if not seq.recorded:
+            self._record_prompt(seq)
+        assert cplan is not None
+        log.info(
+            "[cache] restore=%d kind=%s tier=%s recorded=%s",
+            cplan.restore_to, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
+        )  # fmt: skip
+        if seq.out and reason != "cancelled" and seq.keep_reply and self.cache.enabled:
+            self._keep_reply(seq, slot)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        log.error("generation failed: %s: %s", type(error).__name__, error, exc_info=error)
+        seq.emit(Failed(error))
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is not None:
+            slot = self.slots[seq.slot]
+            slot.seq, slot.used = None, time.perf_counter()
+            slot.clear()
+            self.pipeline.truncate(0, slot.index)
+
+    # -- record ----------------------------------------------------------------------------------------
+    def _record_prompt(self, seq: Sequence) -> None:
+        seq.recorded = True
+        cplan, slot = self._cplan_of(seq), self.slots[self._slot_of(seq)]
+        kvs = self.pipeline.kvs(slot.index)
+        computed = slot.valid if self.cache_cfg.exact else len(seq.prompt)
+        # the head computes in the KV's dtype, so the logits keep in it losslessly (half the bytes in bf16)
+        kept = {p: x.to(kvs[-1].k.dtype) for p, x in seq.kept_logits.items()} if self.cache_cfg.exact else {}
+        self.cache.record(cplan, seq.prompt, kvs, computed, logits=kept)
+        self.cache.remember(cplan, seq.prompt)
+
+    def _keep_reply(self, seq: Sequence, slot: Slot) -> None:
         """Record the conversation with its reply so the next turn hits: as the next turn will render it when
         the request says how, else as prompt + reply tokens. Without exact mode the decoded KV is recorded
-        at once; in exact mode the reply is prefilled again, cut like a cold run of the next turn, as idle
-        work (`_reply_step`), which also renders it."""
-        next_turn = creq.next_turn
-        reply = _Reply(cplan, (lambda: next_turn(text)) if next_turn else (lambda: (prompt + out, cplan.chat_ends)))
+        at once; in exact mode the reply is prefilled again, cut like a cold run of the next turn, as
+        background work (`_reply_step`), which also renders it."""
+        cplan, prompt, out, text = self._cplan_of(seq), seq.prompt, seq.out, seq.stream.text if seq.stream else ""
+        next_turn = seq.cache_req.next_turn
+        reply = PendingReply(
+            cplan, (lambda: next_turn(text)) if next_turn else (lambda: (prompt + out, cplan.chat_ends))
+        )
         if self.cache_cfg.exact:
-            self._reply = reply
+            slot.reply = reply
         elif reply.prepare():
             decoded = len(prompt) + len(out) - 1  # the last token was sampled, never run
-            self._record_reply(reply, min(common_prefix(reply.tokens, prompt + out), decoded))
+            self._record_reply(reply, slot, min(common_prefix(reply.tokens, prompt + out), decoded))
 
-    def _record_reply(self, reply: _Reply, computed: int) -> None:
-        kvs = [s.kv for s in self.pipeline.stages]
+    def _record_reply(self, reply: PendingReply, slot: Slot, computed: int) -> None:
         full = (Boundary(len(reply.tokens), "full"),)
         self.cache.record(
-            reply.plan, reply.tokens, kvs, computed=computed, extra=full, only_extra=True, chat_ends=reply.ends
-        )
+            reply.plan, reply.tokens, self.pipeline.kvs(slot.index), computed=computed, extra=full,
+            only_extra=True, chat_ends=reply.ends,
+        )  # fmt: skip
 
-    def _reply_step(self, interrupt: Callable[[], bool] | None = None) -> bool:
-        """One unit of the pending reply's work: rendering it, then each prefill piece. Returns whether work
+    def _reply_slot(self) -> Slot | None:
+        """The free slot whose reply waits longest for its prefill."""
+        pending = [s for s in self.slots if s.reply is not None and s.seq is None]
+        return min(pending, key=lambda s: s.used) if pending else None
+
+    def _reply_step(self, slot: Slot, interrupt: Callable[[], bool] | None = None) -> bool:
+        """One unit of the slot's pending reply: rendering it, then each prefill piece. Returns whether work
         remains."""
-        if (reply := self._reply) is None:
+        if (reply := slot.reply) is None:
             return False
+        c = self.cfg.chunk_size
         if reply.began is None:
             if not reply.prepare():
-                self._reply = None
+                slot.reply = None
                 return False
-            slot = self.slot_tokens[: self.slot_valid]
-            reply.began = shared_cut(reply.tokens, reply.ends, slot, self.slot_ends, self.cfg.chunk_size)
-            self.pipeline.truncate(reply.began)
-            self._set_slot(reply.tokens, reply.ends, reply.began)
+            reply.began = shared_cut(reply.tokens, reply.ends, slot.tokens[: slot.valid], slot.ends, c)
+            self.pipeline.truncate(reply.began, slot.index)
+            slot.hold(reply.tokens, reply.ends, reply.began, slot.salt)
             return True
-        c = self.cfg.chunk_size
-        chunks = aligned_chunks(self.slot_valid, cut_floor(len(reply.tokens), c, reply.ends), c, reply.ends)
+        chunks = aligned_chunks(slot.valid, cut_floor(len(reply.tokens), c, reply.ends), c, reply.ends)
         if chunks:
             a, b = chunks[0]
             plan = RequestPlan(reply.plan.history_ns, len(reply.tokens))
             try:
-                self.pipeline.forward(reply.tokens[a:b], a, plan, logits="none", interrupt=interrupt)
+                self.pipeline.forward(reply.tokens[a:b], a, plan, logits="none", interrupt=interrupt, slot=slot.index)
             except Interrupted:
-                self.pipeline.truncate(a)
+                self.pipeline.truncate(a, slot.index)
                 return True
-            self.slot_valid = b
+            slot.valid = b
         if len(chunks) > 1:
             return True
-        self._settle_reply()
+        self._settle(slot)
         return False
 
-    def _settle_reply(self) -> None:
-        """Record what the reply's prefill has computed so far, and drop the rest of it."""
-        if (reply := self._reply) is None:
+    def _settle(self, slot: Slot) -> None:
+        """Record what the slot's reply prefill has computed so far, and drop the rest of it."""
+        if (reply := slot.reply) is None:
             return
-        self._reply = None
-        if reply.began is not None and self.slot_valid > reply.began:
-            self._record_reply(reply, computed=self.slot_valid)
+        slot.reply = None
+        if reply.began is not None and slot.valid > reply.began:
+            self._record_reply(reply, slot, computed=slot.valid)
 
-
-@dataclass
-class _Reply:
-    """A finished reply to record for the next turn: how to render that turn's beginning, then its tokens
-    and chat boundaries, and where their prefill began (None until rendered)."""
-
-    plan: CachePlan
-    render: Callable[[], tuple[list[int], list[int]]]
-    tokens: list[int] = field(default_factory=list)
-    ends: list[int] = field(default_factory=list)
-    began: int | None = None
-
-    def prepare(self) -> bool:
-        try:
-            self.tokens, self.ends = self.render()
-        except ValueError as e:  # the template refused the reply: there is no next turn to prepare
-            log.warning("not keeping the reply: %s", e)
-            return False
-        return True
+    def _warm_start(self, interrupt: Callable[[], bool] | None = None) -> None:
+        """Load the chain the last run used last from disk into a free slot: a first request that
+        continues it then restores as from a warm server. Interrupted, the slot holds what was loaded."""
+        self._warm = False
+        slot = pick_slot([], None, self.slots)
+        if slot is None:
+            return
+        chunks = self.cache.warm_start(self.pipeline.kvs(slot.index), self.ctx - 1, interrupt)
+        if not chunks:
+            return
+        tokens = [t for c in chunks for t in c.tokens.tolist()]
+        # chain chunks end at cuts the prompt was prefilled at; taken as its chat boundaries they give back
+        # its cuts (with C >= TAIL_MERGE; a smaller C drops some, so less is shared, never more)
+        slot.hold(tokens, [c.end for c in chunks], len(tokens), None)
+        log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(tokens))

@@ -28,8 +28,17 @@ class KVSlice:
 class StageKV:
     """k, v: [n_layers, Hkv, ctx, hd]. Positions at or past `filled` hold no valid KV."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, ctx: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.k = torch.empty(n_layers, n_kv_heads, ctx, head_dim, dtype=dtype)  # never read past `filled`
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        ctx: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+    ) -> None:
+        # never read past `filled`; untouched pages of an empty tensor take no memory until written
+        self.k = torch.empty(n_layers, n_kv_heads, ctx, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.filled = 0
 

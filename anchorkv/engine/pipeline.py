@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from anchorkv.cache.policy import cuts
-from anchorkv.engine.plan import RequestPlan, StageInput
+from anchorkv.engine.plan import RequestPlan, Span, StageInput
+from anchorkv.engine.kv import StageKV
 from anchorkv.engine.stage import Stage
 from anchorkv.model.transformer import Logits
 
@@ -49,17 +50,28 @@ class Pipeline:
         logits: Logits = "last",
         decode: bool = False,
         interrupt: Callable[[], bool] | None = None,
+        slot: int = 0,
     ) -> Tensor:
-        """With `interrupt` the forward may raise Interrupted; stages that finished have then filled their
-        KV up to start + len(tokens), so the caller truncates back to start."""
+        """One sequence's positions [start, start + len(tokens)) in `slot`. With `interrupt` the forward may
+        raise Interrupted; stages that finished have then filled their KV up to start + len(tokens), so the
+        caller truncates back to start."""
         x: Tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return self._run(StageInput(x, (Span(slot, start, len(tokens), plan),), decode, logits), interrupt)
+
+    def _run(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
+        x = inp.x
         for stage in self.stages:
-            x = stage.forward(StageInput(x, start, plan, decode, logits), interrupt)
+            x = stage.forward(StageInput(x, inp.spans, inp.decode, inp.logits), interrupt)
         return x
 
-    def decode(self, token: int, pos: int, plan: RequestPlan) -> Tensor:
-        """One decode step at position pos. Returns logits [vocab]."""
-        return self.forward([token], pos, plan, decode=True)
+    def decode(self, token: int, pos: int, plan: RequestPlan, slot: int = 0) -> Tensor:
+        """One decode step of one sequence at position pos. Returns logits [vocab]."""
+        return self.decode_rows([(token, Span(slot, pos, 1, plan))])[0]
+
+    def decode_rows(self, rows: Sequence[tuple[int, Span]]) -> Tensor:
+        """One decode step of several sequences: (token, span of length 1) each. Returns logits [B, vocab]."""
+        x = torch.tensor([t for t, _ in rows], dtype=torch.long, device=self.device)
+        return self._run(StageInput(x, tuple(sp for _, sp in rows), decode=True))
 
     def prefill(
         self,
@@ -70,6 +82,7 @@ class Pipeline:
         all_logits: bool = False,
         logits_at: Collection[int] = (),
         kept: dict[int, Tensor] | None = None,
+        slot: int = 0,
     ) -> Tensor:
         """Prefill tokens at positions [start, start + len(tokens)), cut at the breaks and every C tokens after each.
         Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab].
@@ -81,13 +94,17 @@ class Pipeline:
         for i, (a, b) in enumerate(chunks):
             last = i == len(chunks) - 1
             mode: Logits = "all" if all_logits else "last" if last or b in stops else "none"
-            out = self.forward(tokens[a - start : b - start], a, plan, mode)
+            out = self.forward(tokens[a - start : b - start], a, plan, mode, slot=slot)
             if kept is not None and b in stops:
                 kept[b] = out[-1] if all_logits else out
             if last or all_logits:
                 outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def truncate(self, n: int) -> None:
+    def kvs(self, slot: int) -> list[StageKV]:
+        """Every stage's KV of one slot."""
+        return [stage.kvs[slot] for stage in self.stages]
+
+    def truncate(self, n: int, slot: int = 0) -> None:
         for stage in self.stages:
-            stage.kv.truncate(n)
+            stage.kvs[slot].truncate(n)

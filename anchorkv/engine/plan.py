@@ -1,4 +1,4 @@
-"""The per-request plan: decided once, then carried with the tensors to every stage (the sideband)."""
+"""The per-request plan, and the message that carries tensors and plans from one stage to the next."""
 
 from __future__ import annotations
 
@@ -18,11 +18,21 @@ class RequestPlan:
 
 
 @dataclass(frozen=True)
+class Span:
+    """One sequence's rows in a stage message: positions [start, start + length) of the KV in `slot`."""
+
+    slot: int
+    start: int
+    length: int
+    plan: RequestPlan  # the sideband
+
+
+@dataclass(frozen=True)
 class StageInput:
-    """What crosses from one stage to the next: tensors in, tensors out, plan alongside."""
+    """What crosses from one stage to the next: tensors in, tensors out, each sequence's span and plan
+    alongside. A prefill piece is one span; a decode step is one span of length 1 per sequence."""
 
     x: Tensor  # token ids [T] into stage 0, hidden states [T, D] into later stages
-    start: int  # absolute position of x[0]
-    plan: RequestPlan
-    decode: bool = False  # a decode step (one sampled token), not prefill
+    spans: tuple[Span, ...]
+    decode: bool = False  # a decode step (one sampled token per sequence), not prefill
     logits: Logits = "last"

@@ -1,7 +1,8 @@
 """The Llama-family forward pass (llama, qwen2, qwen3) over one contiguous layer range.
 
-Shapes: T = tokens in this forward, D = hidden size, H / Hkv = query / KV heads, hd = head dim.
-A single sequence is processed at a time, so there is no batch dimension.
+Shapes: T = rows in this forward, D = hidden size, H / Hkv = query / KV heads, hd = head dim.
+A forward is one prefill piece of one sequence (T positions in a row), or one decode step of B sequences
+(T = B rows, one position each): linears and norms take all rows at once, attention runs per sequence.
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ FORWARD_VERSION = 5
 DECODE_SDPA_KEYS = 4096
 SCORE_BLOCK = 2**21  # attention scores computed at once (4 MiB in bfloat16), see StageModel._attention
 INT4_GROUP = 32  # inputs sharing one scale and zero in int4 decode weights, as in Q4_0 / Q4_1 blocks
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One sequence's rows in a forward: positions [start, start + length), with its caches k, v:
+    [n_layers, Hkv, ctx, hd]."""
+
+    start: int
+    length: int
+    k: Tensor
+    v: Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 class Interrupted(Exception):
@@ -262,6 +278,7 @@ class StageModel:
         self.final_norm = final_norm
         self.lm_head = lm_head
         self.decode_sdpa_keys = DECODE_SDPA_KEYS
+        self.batch_rows = True  # a decode step's linears take all rows at once (else one row at a time)
         positions = torch.arange(cfg.max_ctx, dtype=torch.float64)
         angles = torch.outer(positions, rope_inv_freq(cfg))
         device = (embed if embed is not None else layers[0].wqkv.weight).device
@@ -276,26 +293,31 @@ class StageModel:
     def forward(
         self,
         x: Tensor,
-        start: int,
-        k_cache: Tensor,
-        v_cache: Tensor,
+        rows: Sequence[Rows],
         logits: Logits = "last",
         decode: bool = False,
         interrupt: Callable[[], bool] | None = None,
     ) -> Tensor:
-        """Run positions [start, start + T). With `interrupt`, it is asked before each layer and, when it
-        answers True, the forward raises Interrupted.
+        """Run each sequence's positions: one Rows for a prefill piece, one Rows of length 1 per sequence
+        for a decode step. With `interrupt`, it is asked before each layer and, when it answers True, the
+        forward raises Interrupted.
 
         x is token ids [T] on the first stage, else hidden states [T, D]. Returns hidden states [T, D],
-        or on the last stage with logits="last" the last position's logits [vocab] ([T, vocab] with "all").
-        Writes this stage's KV for those positions into k_cache / v_cache.
+        or on the last stage the logits: of the last position [vocab] for a prefill piece with "last"
+        ([T, vocab] with "all"), of every row [B, vocab] for a decode step. Writes this stage's KV for
+        those positions into each Rows' caches.
         """
+        if not decode and len(rows) != 1:
+            raise ValueError("a prefill forward takes one sequence")
         if self.embed is not None:
             x = F.embedding(x, self.embed)
-        end = start + x.shape[0]
-        cos, sin = self.cos[start:end, None], self.sin[start:end, None]
+        if decode:
+            at = torch.tensor([r.start for r in rows], device=x.device)
+            cos, sin = self.cos[at, None], self.sin[at, None]
+        else:
+            cos, sin = self.cos[rows[0].start : rows[0].end, None], self.sin[rows[0].start : rows[0].end, None]
         bias = None
-        if x.shape[0] > 1 and self.softmax.needs_bias:
+        if x.shape[0] > 1 and not decode and self.softmax.needs_bias:
             # query i sits at absolute position start + i and sees keys [0, start + i]: only keys of this
             # chunk can be hidden, so the bias covers the last T keys
             pos = torch.arange(x.shape[0], device=x.device)
@@ -306,13 +328,20 @@ class StageModel:
         for i, layer in enumerate(self.layers):
             if interrupt is not None and interrupt():
                 raise Interrupted
-            x = self._layer(layer, x, start, end, cos, sin, bias, k_cache[i], v_cache[i], decode)
+            x = self._layer(layer, i, x, rows, cos, sin, bias, decode)
         if self.lm_head is None or logits == "none":
             return x
         assert self.final_norm is not None
-        h = x if logits == "all" else x[-1:]
-        out = self.lm_head(rms_norm(h, self.final_norm, self.cfg.rms_eps), decode).float()
-        return out if logits == "all" else out[0]
+        h = x if logits == "all" or decode else x[-1:]
+        out = self._linear(self.lm_head, rms_norm(h, self.final_norm, self.cfg.rms_eps), decode).float()
+        return out if logits == "all" or decode else out[0]
+
+    def _linear(self, lin: Linear, x: Tensor, decode: bool) -> Tensor:
+        """lin on every row; a decode step's rows one at a time where the kernel's rows depend on how many
+        there are (batch_rows False, see Engine's self-check), so a row never depends on the others."""
+        if decode and not self.batch_rows and x.shape[0] > 1:
+            return torch.cat([lin(x[i : i + 1], decode) for i in range(x.shape[0])])
+        return lin(x, decode)
 
     def _attention(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, decode: bool) -> Tensor:
         """q: [H, T, hd]; k, v: [Hkv, L, hd] views into the cache; bias: [G * T, T] for the last T keys, or
@@ -347,26 +376,32 @@ class StageModel:
     def _layer(
         self,
         w: LayerWeights,
+        layer: int,
         x: Tensor,
-        start: int,
-        end: int,
+        rows: Sequence[Rows],
         cos: Tensor,
         sin: Tensor,
         bias: Tensor | None,
-        k_cache: Tensor,
-        v_cache: Tensor,
         decode: bool,
     ) -> Tensor:
         cfg = self.cfg
         T, hd, H, Hkv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = w.wqkv(rms_norm(x, w.attn_norm, cfg.rms_eps), decode)
+        qkv = self._linear(w.wqkv, rms_norm(x, w.attn_norm, cfg.rms_eps), decode)
         qk, v = qkv.view(T, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=1)
         if w.q_norm is not None and w.k_norm is not None:
             qk = torch.cat([rms_norm(qk[:, :H], w.q_norm, cfg.rms_eps), rms_norm(qk[:, H:], w.k_norm, cfg.rms_eps)], 1)
         qk = apply_rope(qk, cos, sin)  # q and k in one pass: [T, H + Hkv, hd]
-        q = qk[:, :H].transpose(0, 1)
-        k_cache[:, start:end] = qk[:, H:].transpose(0, 1)
-        v_cache[:, start:end] = v.transpose(0, 1)
-        x = x + w.wo(self._attention(q, k_cache[:, :end], v_cache[:, :end], bias, decode), decode)
-        gate, up = w.w13(rms_norm(x, w.ffn_norm, cfg.rms_eps), decode).chunk(2, dim=-1)
-        return x + w.w2(F.silu(gate) * up, decode)
+        outs = []
+        r0 = 0
+        for r in rows:
+            k_cache, v_cache = r.k[layer], r.v[layer]
+            mine = slice(r0, r0 + r.length)
+            k_cache[:, r.start : r.end] = qk[mine, H:].transpose(0, 1)
+            v_cache[:, r.start : r.end] = v[mine].transpose(0, 1)
+            q = qk[mine, :H].transpose(0, 1)
+            outs.append(self._attention(q, k_cache[:, : r.end], v_cache[:, : r.end], bias, decode))
+            r0 += r.length
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        x = x + self._linear(w.wo, attn, decode)
+        gate, up = self._linear(w.w13, rms_norm(x, w.ffn_norm, cfg.rms_eps), decode).chunk(2, dim=-1)
+        return x + self._linear(w.w2, F.silu(gate) * up, decode)

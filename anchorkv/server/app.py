@@ -74,7 +74,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queue": worker.waiting, "busy": worker.busy}
+        return {"status": "ok", "queue": worker.waiting, "running": worker.running, "busy": worker.busy}
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> dict[str, Any]:
@@ -102,10 +102,15 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "decode_attention": engine.decode_attention.kind,
             "linear_kernel": engine.linear_kind,
             "stages": [
-                {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop]} for s in engine.pipeline.stages
+                {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop], "kv_bytes": s.kv_bytes}
+                for s in engine.pipeline.stages
             ],
+            "parallel": engine.cfg.parallel,
+            "decode_rows": "batched" if engine.batch_rows else "one at a time",
+            "kv_pool": {"slots": engine.cfg.parallel, "positions_per_slot": engine.ctx, "bytes": engine.kv_bytes},
             "chat_template": engine.template.source,
             "default_generation_settings": {"n_ctx": engine.ctx},
+            "total_slots": engine.cfg.parallel,
             "max_queue": cfg.max_queue,
             "full_cache": engine.cache.stats(),
             "version": __version__,

@@ -1,10 +1,10 @@
-"""The engine runs on one thread, fed by a bounded queue; each job streams its events back to the event loop.
+"""The engine's scheduler runs on one thread, fed by a bounded queue; each job streams its events back to
+the event loop.
 
 `anchorkv serve` runs the engine on the process's main thread and HTTP on another (serve_on_main_thread):
 libgomp, PyTorch's OpenMP, wakes the thread team of the initial thread within microseconds but takes about
 50 us per parallel region for a team started by any later thread, and a decode step runs a few hundred
-small parallel regions (measured here: 16 against 34 ms a step, a 128-token piece at 5k context 450
-against 530 ms).
+small parallel regions.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from anchorkv.cache.prefix_cache import CacheRequest
-from anchorkv.engine.engine import Delta, Engine, Finished
+from anchorkv.engine.engine import Delta, Engine, Failed, Finished
 from anchorkv.engine.sampling import SamplingParams
+from anchorkv.engine.sequence import Event
 
 log = logging.getLogger("anchorkv.worker")
 
@@ -71,11 +72,19 @@ class EngineWorker:
         self.max_queue = max_queue
         self._queue: queue.Queue[Job | None] = queue.Queue()  # unbounded so that stop() never blocks
         self._thread: threading.Thread | None = None
-        self.busy = False
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        """Requests not yet given a slot."""
+        return self._queue.qsize() + len(self.engine.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.running)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.engine.running)
 
     def start(self) -> None:
         """Run the engine on a thread of its own (in tests; `serve` runs it on the main thread)."""
@@ -83,22 +92,48 @@ class EngineWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Let run() return once the job in hand is done."""
+        """Let run() return once the sequences in hand are done."""
         self._queue.put(None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
     def submit(self, prompt: list[int], params: SamplingParams, cache_req: CacheRequest) -> Job:
         """Called on the event loop only, so the size check and the put cannot interleave with another submit."""
-        if self._queue.qsize() >= self.max_queue:
+        if self.waiting >= self.max_queue:
             raise QueueFull
         job = Job(prompt, params, cache_req, asyncio.get_running_loop())
         self._queue.put_nowait(job)
         return job
 
+    def _add(self, job: Job) -> None:
+        def emit(event: Event) -> None:
+            if isinstance(event, Failed):
+                job.emit(JobFailed(f"{type(event.error).__name__}: {event.error}"))
+                return
+            if isinstance(event, Finished) and event.finish_reason == "cancelled":
+                self.on_cancel()
+            job.emit(event)
+
+        with self.engine.lock:
+            self.engine.submit(job.prompt, job.params, emit, job.cancel, job.cache_req)
+
+    def _drain(self) -> bool:
+        """Hand every queued job to the engine. Returns whether stop() was asked."""
+        stop = False
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return stop
+            if job is None:
+                stop = True
+            else:
+                self._add(job)
+
     def _next(self) -> Job | None:
-        """The next job. Meanwhile, once the queue has been empty for IDLE_GRACE_S, the engine's background
-        work runs a step at a time, and gives a step up between two layers when a request arrives."""
+        """The next job, while nothing runs. Meanwhile, once the queue has been empty for IDLE_GRACE_S, the
+        engine's background work runs a step at a time, and gives a step up between two layers when a
+        request arrives."""
         while self.engine.has_idle_work:
             try:
                 return self._queue.get(timeout=IDLE_GRACE_S)
@@ -107,23 +142,21 @@ class EngineWorker:
         return self._queue.get()
 
     def run(self) -> None:
-        """Serve jobs until stop()."""
-        while (job := self._next()) is not None:
-            if job.cancel.is_set():
-                self.on_cancel()
-                continue
-            self.busy = True
+        """Step the scheduler until stop(), then until the sequences in hand are done."""
+        stopping = False
+        while not (stopping and not self.engine.has_work):
+            if not self.engine.has_work:
+                job = self._next()
+                if job is None:
+                    stopping = True
+                else:
+                    self._add(job)
+            stopping |= self._drain()
             try:
-                events = self.engine.generate(job.prompt, job.params, job.cancel, job.cache_req, background=True)
-                for event in events:
-                    job.emit(event)
-                    if isinstance(event, Finished) and event.finish_reason == "cancelled":
-                        self.on_cancel()
-            except Exception as e:  # the request fails, the worker lives on
-                log.exception("generation failed")
-                job.emit(JobFailed(f"{type(e).__name__}: {e}"))
-            finally:
-                self.busy = False
+                with self.engine.lock:
+                    self.engine.step()
+            except Exception:  # a bug in the scheduler itself: say so, and keep serving the others
+                log.exception("scheduler step failed")
 
 
 def serve_on_main_thread(server: uvicorn.Server, worker: EngineWorker) -> bool:

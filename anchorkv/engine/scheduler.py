@@ -1,0 +1,65 @@
+"""What runs in a scheduler step, and where a sequence goes: pure policy, no tensors and no I/O.
+
+A step runs every decoding sequence's next token together (one row each), plus prefill pieces of the
+prefilling sequences, oldest first, up to a token budget: at least one piece, so a long prompt advances,
+and never more than the budget otherwise, so the decoding streams wait at most about one piece a step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from anchorkv.cache.policy import common_prefix
+from anchorkv.engine.sequence import Sequence, Status
+from anchorkv.engine.slot import Slot
+
+
+@dataclass
+class StepPlan:
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[tuple[Sequence, tuple[int, int]]] = field(default_factory=list)  # in order, [a, b) each
+    ready: list[Sequence] = field(default_factory=list)  # restored whole, with logits: nothing to run
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.prefill or self.ready)
+
+
+def schedule(running: Iterable[Sequence], budget: int) -> StepPlan:
+    """running: in admission order."""
+    plan = StepPlan()
+    used, full = 0, False
+    for seq in running:
+        if seq.status is Status.DECODING:
+            plan.decode.append(seq)
+        elif seq.status is Status.PREFILLING and not seq.pieces:
+            plan.ready.append(seq)
+        elif seq.status is Status.PREFILLING and not full:
+            for a, b in seq.pieces:
+                if used and used + (b - a) > budget:
+                    full = True  # later sequences' pieces wait too: the oldest prompt finishes first
+                    break
+                plan.prefill.append((seq, (a, b)))
+                used += b - a
+    return plan
+
+
+def pick_slot(prompt: list[int], salt: str | None, slots: Iterable[Slot]) -> Slot | None:
+    """A free slot for the prompt: the one whose KV shares the longest prefix with it, else the least
+    recently used. None when every slot runs a sequence."""
+    free = [s for s in slots if s.seq is None]
+    if not free:
+        return None
+
+    def shared(s: Slot) -> int:
+        if s.salt != salt or not s.valid:
+            return 0
+        return common_prefix(prompt, s.tokens[: s.valid])
+
+    return max(free, key=lambda s: (shared(s), -s.used))
+
+
+def should_wait(prompt: list[int], restorable: int, prefilling: Iterable[Sequence], chunk: int) -> bool:
+    """Cache-aware admission: hold a prompt back while a sequence still prefills at least `chunk` more of
+    their shared prefix than the cache could restore now; once recorded, the prompt restores it instead
+    of computing it a second time."""
+    return any(common_prefix(prompt, other.prompt) >= restorable + chunk for other in prefilling)

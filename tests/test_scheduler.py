@@ -1,0 +1,293 @@
+"""Many sequences at once on the bundled model: continuous batching that never changes a sequence's logits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.engine.sampling import SamplingParams
+from anchorkv.engine.scheduler import pick_slot, schedule, should_wait
+from anchorkv.engine.sequence import Sequence, Status
+from anchorkv.engine.slot import Slot
+from anchorkv.server.app import create_app
+from conftest import LiveServer, serve_in_thread
+
+TOPICS = ["cats", "the sea", "a robot", "bread", "a king", "rain", "maps", "bees"]
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine8() -> Engine:
+    return Engine(EngineConfig(threads=2, parallel=8))
+
+
+@pytest.fixture(scope="module")
+def engine8x3() -> Engine:
+    return Engine(EngineConfig(threads=2, parallel=8, stages=3))
+
+
+def prompt(engine: Engine, topic: str, words: int = 0) -> list[int]:
+    padding = " ".join(f"Fact {i} about {topic} is worth knowing." for i in range(words))
+    return engine.render_chat([{"role": "user", "content": f"{padding} Tell me a story about {topic}."}]).token_ids
+
+
+class Run:
+    """Sequences stepped by hand; every logits tensor each one sampled from, in order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seqs: list[Sequence] = []
+        self.logits: dict[str, list[torch.Tensor]] = {}
+
+    def submit(self, tokens: list[int], params: SamplingParams = GREEDY, **kw: object) -> Sequence:
+        seq = self.engine.submit(tokens, params, lambda _: None, **kw)  # type: ignore[arg-type]
+        self.seqs.append(seq)
+        self.logits[seq.id] = []
+        return seq
+
+    def step(self) -> None:
+        assert self.engine.step()
+        for seq in self.seqs:
+            seen = self.logits[seq.id]
+            if seq.logits is not None and (not seen or seen[-1] is not seq.logits):
+                seen.append(seq.logits)
+
+    def finish(self) -> None:
+        while not all(s.done for s in self.seqs):
+            self.step()
+
+
+def alone(engine: Engine, tokens: list[int], params: SamplingParams = GREEDY) -> tuple[list[int], list[torch.Tensor]]:
+    run = Run(engine)
+    seq = run.submit(tokens, params)
+    run.finish()
+    return seq.out, run.logits[seq.id]
+
+
+def assert_same(expected: tuple[list[int], list[torch.Tensor]], seq: Sequence, run: Run) -> None:
+    tokens, logits = expected
+    assert seq.out == tokens
+    assert len(run.logits[seq.id]) == len(logits)
+    for a, b in zip(run.logits[seq.id], logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_a_batch_gives_every_sequence_the_logits_it_gets_alone(engine8: Engine, k: int) -> None:
+    prompts = [prompt(engine8, t) for t in TOPICS[:k]]
+    expected = [alone(engine8, p) for p in prompts]
+    run = Run(engine8)
+    seqs = [run.submit(p) for p in prompts]
+    run.finish()
+    for e, s in zip(expected, seqs, strict=True):
+        assert_same(e, s, run)
+
+
+@pytest.mark.parametrize("fixture", ["engine8", "engine8x3"])
+def test_sequences_joining_mid_way_and_prefill_between_decode_steps_stay_exact(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Two sequences decode; two more join, one with a prompt of several prefill pieces run between their
+    decode steps; a seeded sampled one among them. Each equals its lone run, logit for logit."""
+    engine: Engine = request.getfixturevalue(fixture)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    first = [prompt(engine, "cats"), prompt(engine, "rain")]
+    later = [prompt(engine, "bees", words=40), prompt(engine, "maps")]
+    params = [GREEDY, seeded, GREEDY, seeded]
+    expected = [alone(engine, p, q) for p, q in zip([*first, *later], params, strict=True)]
+    run = Run(engine)
+    seqs = [run.submit(p, q) for p, q in zip(first, params[:2], strict=True)]
+    for _ in range(4):
+        run.step()
+    seqs += [run.submit(p, q) for p, q in zip(later, params[2:], strict=True)]
+    run.finish()
+    for e, s in zip(expected, seqs, strict=True):
+        assert_same(e, s, run)
+
+
+def test_a_long_cold_prompt_pauses_decoding_streams_for_one_piece_a_step(engine8: Engine) -> None:
+    run = Run(engine8)
+    decoders = [run.submit(prompt(engine8, t), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+                for t in TOPICS[:3]]  # fmt: skip
+    while not all(s.status is Status.DECODING for s in decoders):
+        run.step()
+    long = run.submit(prompt(engine8, "history", words=80))
+    steps_prefilling = 0
+    while long.status is not Status.DECODING:
+        before = [len(s.out) for s in decoders]
+        pieces = len(long.pieces)
+        run.step()
+        steps_prefilling += 1
+        assert [len(s.out) for s in decoders] == [n + 1 for n in before]  # every stream advanced this step
+        assert pieces - len(long.pieces) <= 1  # at most one piece of the long prompt
+    assert steps_prefilling >= 5  # the prompt took several pieces, each between decode steps
+    run.finish()
+
+
+def test_a_cancelled_sequence_leaves_the_others_untouched(engine8: Engine) -> None:
+    prompts = [prompt(engine8, t) for t in TOPICS[:3]]
+    expected = [alone(engine8, p) for p in prompts]
+    run = Run(engine8)
+    cancel = threading.Event()
+    seqs = [run.submit(prompts[0]), run.submit(prompts[1], cancel=cancel), run.submit(prompts[2])]
+    for _ in range(5):
+        run.step()
+    cancel.set()
+    run.finish()
+    assert 0 < len(seqs[1].out) < GREEDY.max_tokens
+    assert_same(expected[0], seqs[0], run)
+    assert_same(expected[2], seqs[2], run)
+    assert engine8.slots[seqs[1].slot or 0].seq is None  # its slot is free again
+
+
+def test_a_sessions_next_turn_restores_while_others_decode(tmp_path: Path) -> None:
+    engine = Engine(EngineConfig(threads=2, parallel=4), CacheConfig(ram_mb=256, cache_dir=tmp_path, scope="full"))
+    system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about topic {i}." for i in range(60))}
+    turn1 = engine.render_chat([system, {"role": "user", "content": "Hello there."}])
+    run = Run(engine)
+    first = run.submit(turn1.token_ids, cache_req=CacheRequest(turn1.boundaries))
+    run.finish()
+    others = [run.submit(prompt(engine, t), SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+              for t in TOPICS[:2]]  # fmt: skip
+    while not all(s.status is Status.DECODING for s in others):
+        run.step()
+    reply = engine.tokenizer.decode(first.out)
+    turn2 = engine.render_chat(
+        [system, {"role": "user", "content": "Hello there."}, {"role": "assistant", "content": reply},
+         {"role": "user", "content": "And now?"}]
+    )  # fmt: skip
+    second = run.submit(turn2.token_ids, cache_req=CacheRequest(turn2.boundaries))
+    run.step()
+    assert second.cplan is not None and second.cplan.restore_to >= turn1.boundaries[0]
+    assert all(s.status is Status.DECODING for s in others)  # they kept decoding meanwhile
+    run.finish()
+    cold = Engine(EngineConfig(threads=2, parallel=1))
+    assert_same(alone(cold, turn2.token_ids), second, run)
+
+
+def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_and_restores_it(tmp_path: Path) -> None:
+    engine = Engine(EngineConfig(threads=2, parallel=4), CacheConfig(ram_mb=256, scope="off"))
+    system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about topic {i}." for i in range(60))}
+    a = engine.render_chat([system, {"role": "user", "content": "Hello there."}])
+    b = engine.render_chat([system, {"role": "user", "content": "Good morning."}])
+    run = Run(engine)
+    first = run.submit(a.token_ids, cache_req=CacheRequest(a.boundaries))
+    second = run.submit(b.token_ids, cache_req=CacheRequest(b.boundaries))
+    run.step()
+    assert first.status is Status.PREFILLING and second.status is Status.WAITING
+    run.finish()
+    assert second.cplan is not None and second.cplan.restore_to == b.boundaries[0]  # the system prompt
+    assert_same(alone(Engine(EngineConfig(threads=2, parallel=1)), b.token_ids), second, run)
+
+
+# -- the policy alone ----------------------------------------------------------------------------------
+def seq(tokens: list[int], status: Status, pieces: list[tuple[int, int]] = ()) -> Sequence:  # type: ignore[assignment]
+    s = Sequence("x", tokens, GREEDY, CacheRequest(), lambda _: None, threading.Event(), 0.0, status=status)
+    s.pieces.extend(pieces)
+    return s
+
+
+def test_schedule_takes_every_decode_row_and_prefill_pieces_oldest_first_up_to_the_budget() -> None:
+    d1, d2 = seq([1], Status.DECODING), seq([2], Status.DECODING)
+    p1 = seq([3] * 300, Status.PREFILLING, [(0, 128), (128, 256), (256, 300)])
+    p2 = seq([4] * 50, Status.PREFILLING, [(0, 50)])
+    plan = schedule([p1, d1, p2, d2], budget=128)
+    assert plan.decode == [d1, d2]
+    assert plan.prefill == [(p1, (0, 128))]  # the budget is full: p2 waits, although it would fit alone
+    small = schedule([p2, d1], budget=128)
+    assert small.prefill == [(p2, (0, 50))]
+    big = schedule([seq([5] * 400, Status.PREFILLING, [(0, 190)])], budget=128)
+    assert big.prefill and big.prefill[0][1] == (0, 190)  # one piece always runs, even past the budget
+
+
+def test_pick_slot_prefers_the_slot_holding_the_prompts_prefix_then_the_least_recently_used() -> None:
+    slots = [Slot(0, used=3.0), Slot(1, used=1.0), Slot(2, used=2.0)]
+    slots[2].hold([1, 2, 3, 4], [], 4, None)
+    assert pick_slot([1, 2, 3, 9], None, slots) is slots[2]
+    assert pick_slot([1, 2, 3, 9], "tenant", slots) is slots[1]  # another salt shares nothing
+    assert pick_slot([7], None, slots) is slots[1]
+    for s in slots:
+        s.seq = seq([1], Status.DECODING)
+    assert pick_slot([1], None, slots) is None
+
+
+def test_should_wait_only_for_a_prefix_worth_a_piece_more_than_the_cache_has() -> None:
+    other = seq(list(range(600)), Status.PREFILLING)
+    assert should_wait([*range(400), 9999], 0, [other], 128)
+    assert not should_wait([*range(400), 9999], 300, [other], 128)
+    assert not should_wait([*range(100), 9999], 0, [other], 128)
+
+
+# -- over HTTP -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def live8(engine8: Engine) -> Iterator[LiveServer]:
+    yield from serve_in_thread(create_app(engine8, ServerConfig(max_queue=2)))
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_concurrent_streaming_chats_equal_the_same_requests_one_at_a_time(live8: LiveServer, k: int) -> None:
+    client = OpenAI(base_url=f"{live8.url}/v1", api_key="unused")
+    bodies = [{"role": "user", "content": f"Tell me a story about {t}."} for t in TOPICS[:k]]
+
+    def ask(message: dict[str, str]) -> str:
+        stream = client.chat.completions.create(
+            model="any",
+            messages=[message],
+            max_tokens=20,
+            temperature=0,
+            stream=True,  # type: ignore[list-item]
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    one_by_one = [ask(m) for m in bodies]
+    out: list[str] = [""] * k
+
+    def worker(i: int) -> None:
+        out[i] = ask(bodies[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert out == one_by_one
+    assert all(out)
+
+
+def test_503_when_every_slot_runs_and_the_queue_is_full(live8: LiveServer, engine8: Engine) -> None:
+    worker = live8.app.state.worker
+    body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 400, "ignore_eos": True}
+    streams = []
+    with httpx.Client(timeout=60) as http:
+        deadline = time.monotonic() + 60
+        for i in range(8):  # one at a time: the queue holds only two
+            streams.append(http.stream("POST", f"{live8.url}/v1/chat/completions", json={**body, "stream": True}))
+            assert streams[-1].__enter__().status_code == 200
+            while worker.running < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert worker.running == 8  # every slot runs a sequence
+        results: list[int] = []
+        posts = [threading.Thread(target=lambda: results.append(
+            httpx.post(f"{live8.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120).status_code
+        )) for _ in range(2)]  # fmt: skip
+        for t in posts:
+            t.start()
+        while worker.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        r = httpx.post(f"{live8.url}/v1/chat/completions", json=body, timeout=10)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        for s in streams:
+            s.__exit__(None, None, None)  # the clients go away: their slots free at the next step
+        for t in posts:
+            t.join(timeout=120)
+    assert results == [200, 200]
