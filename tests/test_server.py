@@ -252,6 +252,22 @@ def test_client_disconnect_stops_generation(live: LiveServer) -> None:
     assert time.monotonic() - t0 < 20  # 4000 tokens would take minutes
 
 
+def test_client_disconnect_stops_a_non_streamed_generation(live: LiveServer) -> None:
+    """A client that gives up on a non-streamed request frees its sequence while it decodes."""
+    metrics = live.app.state.metrics
+    worker = live.app.state.worker
+    before = metrics.cancelled._value.get()
+    body = {**CHAT, "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/chat/completions", json=body, timeout=2)
+    t0 = time.monotonic()
+    while (worker.busy or metrics.cancelled._value.get() == before) and time.monotonic() - t0 < 20:
+        time.sleep(0.05)
+    assert metrics.cancelled._value.get() == before + 1
+    assert not worker.busy
+    assert time.monotonic() - t0 < 20  # 4000 tokens would take minutes
+
+
 def test_streamed_live_equals_non_streamed(live: LiveServer) -> None:
     whole = httpx.post(f"{live.url}/v1/chat/completions", json=CHAT, timeout=60).json()
     with httpx.stream("POST", f"{live.url}/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as r:

@@ -261,19 +261,24 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         return JSONResponse(_response(kind, rid, dones, tools))
 
     async def _final(job: Job, request: Request) -> Finished | None:
+        """The job's Finished event, or None once the client has gone (its sequence is then cancelled and
+        freed at the engine's next step)."""
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+            job.cancel.set()
+
+        watcher = asyncio.create_task(watch())
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(job.events.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
+                event = await job.events.get()
                 if isinstance(event, JobFailed):
                     raise APIError(500, f"generation failed: {event}", type_="server_error")
                 if isinstance(event, Finished):
-                    return event
+                    return None if event.finish_reason == "cancelled" else event
         finally:
+            watcher.cancel()
             job.cancel.set()
 
     def _account(kind: str, done: Finished, t0: float, ttft: float | None = None, first: bool = True) -> None:
