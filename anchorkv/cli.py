@@ -149,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=s.max_queue,
         help=f"requests that may wait for a slot; more get 503 (default {s.max_queue})",
     )
+    serve.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=s.max_body_mb,
+        help=f"larger request bodies get 413 (default {s.max_body_mb:g})",
+    )
+    serve.add_argument(
+        "--metrics-public",
+        choices=["on", "off"],
+        default=None,
+        help="serve /metrics, /docs, /redoc and /openapi.json without the API key (default: off when --api-key is set)",
+    )
     serve.add_argument("--alias", default=None, help="model id shown to clients (default: the model file's name)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     bench = sub.add_parser("bench", help="benchmarks")
@@ -372,7 +384,13 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     ccfg = _cache_config(parser, args)
     try:
         scfg = ServerConfig(
-            host=args.host, port=args.port, api_key=args.api_key, max_queue=args.max_queue, model_alias=args.alias
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_queue=args.max_queue,
+            model_alias=args.alias,
+            max_body_mb=args.max_body_mb,
+            metrics_public=None if args.metrics_public is None else args.metrics_public == "on",
         )
     except ValueError as e:
         parser.error(str(e))

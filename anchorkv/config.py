@@ -62,9 +62,17 @@ class ServerConfig:
     api_key: str | None = None
     max_queue: int = 16  # requests waiting for a slot beyond the --parallel running
     model_alias: str | None = None  # the model id clients see; None: the model file's name
+    max_body_mb: float = 8.0  # a larger request body gets 413 before it is parsed
+    metrics_public: bool | None = None  # /metrics and the API docs without the key; None: only when no key is set
+
+    @property
+    def pages_public(self) -> bool:
+        return self.api_key is None if self.metrics_public is None else self.metrics_public
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
+        if not 0 < self.max_body_mb <= 1024:
+            raise ValueError(f"--max-body-mb must be between 0 and 1024, got {self.max_body_mb}")
         if self.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")

@@ -37,6 +37,11 @@ class Constraint:
         if self._matcher.is_error():
             raise GrammarError(self._matcher.get_error())
 
+    def first_mask_error(self) -> str | None:
+        """Why the grammar fails on its first token (a grammar can validate yet be too big to run), or None."""
+        self._matcher.compute_bitmask()
+        return self._matcher.get_error() if self._matcher.is_error() else None
+
     def allow(self, logits: Tensor) -> Tensor:
         """logits: [vocab]. Returns them with every token the grammar forbids next at -inf."""
         # bit j of byte i of the mask allows token 8 i + j

@@ -25,7 +25,7 @@ from anchorkv.cache.keys import Namespace
 from anchorkv.cache.policy import Boundary, common_prefix, cut_floor, shared_cut
 from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
-from anchorkv.engine.constraint import Constraint, grammar_tokenizer
+from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.pipeline import Pipeline, aligned_chunks
 from anchorkv.engine.plan import RequestPlan, Span
@@ -320,6 +320,14 @@ class Engine:
         seq.status = Status.PREFILLING
         self.running.append(seq)
 
+    def grammar_error(self, grammar: str) -> str | None:
+        """Why the grammar cannot constrain this model's first token, or None: checked at the request."""
+        try:
+            constraint = self._constraint(grammar)
+        except GrammarError as e:
+            return str(e)
+        return constraint.first_mask_error() if constraint is not None else None
+
     def _constraint(self, grammar: str | None) -> Constraint | None:
         if grammar is None:
             return None
@@ -372,7 +380,8 @@ class Engine:
 
     # -- post-process ----------------------------------------------------------------------------------
     def _post_process(self, plan: StepPlan) -> None:
-        """Sample each sequence whose logits are new: those that finished prefill, and the decode rows."""
+        """Sample each sequence whose logits are new: those that finished prefill, and the decode rows. A
+        sequence that raises fails alone."""
         for seq in [s for s in self.running if s.status is Status.PREFILLING and not s.pieces]:
             if seq.logits is None:
                 continue
@@ -380,12 +389,28 @@ class Engine:
             slot = self.slots[self._slot_of(seq)]
             c, ends = self.cfg.chunk_size, self._cplan_of(seq).chat_ends
             slot.hold(seq.prompt, ends, cut_floor(len(seq.prompt), c, ends), seq.cache_req.salt)
-            self._advance(seq)
+            self._guarded(seq, self._advance)
             if not seq.done:
-                self._record_prompt(seq)  # now, not at the end: a sequence arriving meanwhile can restore it
+                # now, not at the end: a sequence arriving meanwhile can restore it
+                self._guarded(seq, self._record_prompt)
         for seq in plan.decode:
             if not seq.done:
-                self._advance(seq)
+                self._guarded(seq, self._advance)
+
+    def _guarded(self, seq: Sequence, action: Callable[[Sequence], None]) -> None:
+        try:
+            action(seq)
+        except Exception as e:  # noqa: BLE001 - the request fails, the engine lives on
+            if not seq.done:
+                self._fail(seq, e)
+            else:
+                log.exception("after %s finished", seq.id)
+
+    def fail_all(self, error: Exception) -> None:
+        """Give up every sequence (a fault in the scheduler itself): their clients get an error, not a hang."""
+        for seq in [*self.running, *self.waiting]:
+            self._fail(seq, error)
+        self.waiting.clear()
 
     @staticmethod
     def _cplan_of(seq: Sequence) -> CachePlan:

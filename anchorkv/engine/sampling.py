@@ -101,13 +101,16 @@ class Sampler:
         if p.repetition_penalty != 1:
             seen = logits[self._seen]
             logits[self._seen] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        return logits - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+        logits = logits - p.frequency_penalty * self._counts - p.presence_penalty * (self._counts > 0).float()
+        return torch.nan_to_num(logits, nan=float("-inf"))  # an extreme penalty may overflow: keep the order
 
     def _choose(self, logits: Tensor) -> int:
         p = self.params
         if p.temperature == 0:
             return int(logits.argmax())
-        logits = logits.float().cpu() / p.temperature
+        logits = logits.double().cpu() / p.temperature
+        if not torch.isfinite(logits.max()):  # a temperature too small to divide by: its limit, greedy
+            return int(logits.argmax())
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 import threading
@@ -89,6 +91,11 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token stands for: a text longer than ctx times this cannot fit."""
+        return max(len(self.token_bytes(t)) for t in range(self.vocab_size))
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for; a byte-level token can hold part of a UTF-8 character."""

@@ -26,6 +26,7 @@ from anchorkv.server import errors
 from anchorkv.server.errors import APIError
 from anchorkv.server.grammar import RequestGrammarError, request_grammar
 from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
+from anchorkv.server.limits import BodyLimit, KeyedPages, key_matches
 from anchorkv.server.metrics import Metrics
 from anchorkv.server.schemas import (
     ApplyTemplateRequest,
@@ -40,6 +41,8 @@ from anchorkv.server.tool_calls import ToolCallStream, assistant_message
 from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
 log = logging.getLogger("anchorkv.server")
+
+PRIVATE_PAGES = {"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
 def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> FastAPI:
@@ -63,11 +66,12 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     app.state.metrics = metrics
     errors.install(app)
 
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * 2**20))
+    if not cfg.pages_public:
+        app.add_middleware(KeyedPages, paths=PRIVATE_PAGES, key=cfg.api_key or "")
+
     async def auth(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        if header != f"Bearer {cfg.api_key}":
+        if cfg.api_key is not None and not key_matches(request.headers, cfg.api_key):
             raise APIError(
                 401, "invalid or missing API key (send Authorization: Bearer <key>)", type_="authentication_error"
             )
@@ -122,7 +126,16 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         metrics.observe_cache(engine.cache.stats())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def _check_size(value: Any, param: str) -> None:
+        """Before any tokenizing: text with more characters than the context could hold is refused at once."""
+        limit = engine.ctx * engine.tokenizer.longest_token_chars
+        if (n := text_chars(value)) > limit:
+            raise APIError(
+                400, f"{param}: {n} characters cannot fit the context of {engine.ctx} tokens (at most {limit})", param
+            )
+
     async def _render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, **kw: Any) -> RenderedPrompt:
+        _check_size([messages, tools], "messages")
         try:
             return await asyncio.to_thread(engine.render_chat, messages, tools, **kw)
         except ChatTemplateError as e:
@@ -175,6 +188,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         if isinstance(req.prompt, str):
+            _check_size(req.prompt, "prompt")
             prompt = await asyncio.to_thread(engine.tokenizer.encode, req.prompt)
         else:
             prompt = list(req.prompt)
@@ -209,9 +223,12 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             param = "max_tokens" if req.token_limit is not None and len(prompt) < engine.ctx else prompt_param
             raise APIError(400, str(e), param) from None
         try:
-            grammar = request_grammar(req)
+            found = request_grammar(req)
         except RequestGrammarError as e:
             raise APIError(400, str(e), e.param) from None
+        grammar = found[0] if found else None
+        if found is not None and (error := await asyncio.to_thread(engine.grammar_error, found[0])) is not None:
+            raise APIError(400, f"{found[1]}: {error}", found[1])
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
@@ -273,6 +290,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         try:
             while True:
                 event = await job.events.get()
+                if isinstance(event, JobFailed) and event.client_error:
+                    raise APIError(400, f"the grammar failed while generating: {event.error}")
                 if isinstance(event, JobFailed):
                     raise APIError(500, f"generation failed: {event}", type_="server_error")
                 if isinstance(event, Finished):
@@ -406,12 +425,24 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                 }
                 yield f"data: {json.dumps(body)}\n\n"
         except JobFailed as e:
-            yield f"data: {json.dumps(errors.error_body(f'generation failed: {e}', 'server_error'))}\n\n"
+            kind = "invalid_request_error" if e.client_error else "server_error"
+            yield f"data: {json.dumps(errors.error_body(f'generation failed: {e}', kind))}\n\n"
         except APIError as e:  # the queue filled up before a later choice
             yield f"data: {json.dumps(errors.error_body(e.message, e.type))}\n\n"
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def text_chars(value: Any) -> int:
+    """Characters in every string inside value."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(text_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(text_chars(v) for v in value)
+    return 0
 
 
 def next_turn_renderer(

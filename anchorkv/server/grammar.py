@@ -73,9 +73,9 @@ def _checked(grammar: str, param: str) -> str:
     return grammar
 
 
-def request_grammar(req: SamplingFields) -> str | None:
-    """The grammar the request's output follows, or None. A required or named tool choice goes first; of
-    grammar, json_schema and response_format at most one may be given."""
+def request_grammar(req: SamplingFields) -> tuple[str, str] | None:
+    """The grammar the request's output follows and the field it came from, or None. A required or named
+    tool choice goes first; of grammar, json_schema and response_format at most one may be given."""
     rf = req.response_format if req.response_format is not None and req.response_format.type != "text" else None
     given = [
         p
@@ -86,13 +86,14 @@ def request_grammar(req: SamplingFields) -> str | None:
         raise RequestGrammarError(given[1], f"give one of grammar, json_schema and response_format, not {given[0]} too")
     if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice not in (None, "none", "auto"):
         name = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
-        return tool_grammar(req.tools, name, req.parallel_tool_calls)
+        return tool_grammar(req.tools, name, req.parallel_tool_calls), "tools"
     if req.grammar is not None:
-        return text_grammar(req.grammar, "grammar")
+        return text_grammar(req.grammar, "grammar"), "grammar"
     if req.json_schema is not None:
-        return json_grammar(req.json_schema, "json_schema")
+        return json_grammar(req.json_schema, "json_schema"), "json_schema"
     if rf is None:
         return None
     if rf.json_schema is not None:
-        return json_grammar(rf.json_schema.schema_, "response_format.json_schema.schema")
-    return json_grammar(rf.schema_ or {"type": "object"}, "response_format.schema")
+        param = "response_format.json_schema.schema"
+        return json_grammar(rf.json_schema.schema_, param), param
+    return json_grammar(rf.schema_ or {"type": "object"}, "response_format.schema"), "response_format.schema"

@@ -13,6 +13,34 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_CHOICES = 8  # n: each choice after the first restores the whole prompt, so it costs its decode only
 
 
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string in value holding a lone UTF-16 surrogate (JSON allows "\\ud800"; no
+    tokenizer can read it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = lone_surrogate(v, f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request's top level: text must be text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        if (path := lone_surrogate(data)) is not None:
+            raise ValueError(f"{path} holds a lone UTF-16 surrogate, which is not text")
+        return data
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -108,7 +136,7 @@ AnchorCount = Annotated[int, Field(ge=0, strict=True)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)]
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model_config = ConfigDict(extra="ignore")
@@ -121,7 +149,7 @@ class SamplingFields(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0  # vLLM extension, over prompt and reply tokens
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # the range torch's generator takes
     stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     ignore_eos: bool = False  # llama.cpp extension: generate max_tokens even past end-of-sequence
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES, strict=True)] = 1  # choices, generated one after another
@@ -163,6 +191,15 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _functions_named(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(tools or []):
+            function = tool.get("function")
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError(f"tools[{i}].function must be an object with a string name")
+        return tools
 
     @field_validator("tool_choice")
     @classmethod
@@ -211,7 +248,7 @@ class CompletionRequest(SamplingFields):
         return self.logprobs
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     """POST /tokenize: a string as /v1/completions would read it, or messages as /v1/chat/completions would."""
 
     model_config = ConfigDict(extra="ignore")
@@ -228,12 +265,12 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
-class ApplyTemplateRequest(BaseModel):
+class ApplyTemplateRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[dict[str, Any]] | None = None

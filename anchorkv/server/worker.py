@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from anchorkv.cache.prefix_cache import CacheRequest
+from anchorkv.engine.constraint import GrammarError
 from anchorkv.engine.engine import Delta, Engine, Failed, Finished
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.sequence import Event
@@ -32,7 +33,16 @@ class QueueFull(Exception):
 
 
 class JobFailed(Exception):
-    pass
+    """The engine gave the job up; `error` is what it raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+    @property
+    def client_error(self) -> bool:
+        """A grammar the client sent that fails only while generating (too big to run, say): a 4xx."""
+        return isinstance(self.error, GrammarError)
 
 
 @dataclass
@@ -108,7 +118,7 @@ class EngineWorker:
     def _add(self, job: Job) -> None:
         def emit(event: Event) -> None:
             if isinstance(event, Failed):
-                job.emit(JobFailed(f"{type(event.error).__name__}: {event.error}"))
+                job.emit(JobFailed(event.error))
                 return
             if isinstance(event, Finished) and event.finish_reason == "cancelled":
                 self.on_cancel()
@@ -155,8 +165,10 @@ class EngineWorker:
             try:
                 with self.engine.lock:
                     self.engine.step()
-            except Exception:  # a bug in the scheduler itself: say so, and keep serving the others
+            except Exception as e:  # a fault in the scheduler itself: fail what it holds, keep serving
                 log.exception("scheduler step failed")
+                with self.engine.lock:
+                    self.engine.fail_all(e)
 
 
 def serve_on_main_thread(server: uvicorn.Server, worker: EngineWorker) -> bool:

@@ -1,0 +1,116 @@
+"""What an adversarial client sends: each gets a clean 4xx naming the field, never a 5xx or a dropped connection."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from anchorkv.config import ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
+from conftest import LiveServer
+
+M = [{"role": "user", "content": "hi"}]
+
+
+def post(client: TestClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    # json.dumps keeps lone surrogates as \\ud800 escapes, as a client's JSON would carry them
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": M, "temperature": 1e-300, "max_tokens": 3},
+        {"messages": M, "temperature": 0.7, "top_p": 1e-300, "max_tokens": 3},
+        {"messages": M, "repetition_penalty": 1e-300, "max_tokens": 3},
+        {"messages": M, "repetition_penalty": 1e300, "temperature": 0.5, "max_tokens": 3},
+    ],
+)
+def test_extreme_sampling_values_the_schema_accepts_still_generate(client: TestClient, body: dict[str, Any]) -> None:
+    r = post(client, "/v1/chat/completions", body)
+    assert r.status_code == 200
+    assert r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_extreme_penalty_on_completions_generates(client: TestClient) -> None:
+    r = post(client, "/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300, "max_tokens": 3})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "named"),
+    [
+        ("/v1/chat/completions", {"messages": M, "seed": 2**64}, "seed"),
+        (
+            "/v1/chat/completions",
+            {"messages": M, "tools": [{"type": "function", "function": "x"}], "tool_choice": "required"},
+            "tools[0].function",
+        ),  # fmt: skip
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+        ("/tokenize", {"content": "a\ud800b"}, "content"),
+        ("/apply-template", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": M, "grammar": 'root ::= "a"{1000000}', "max_tokens": 8}, "grammar"),
+    ],
+)
+def test_bad_values_are_a_400_naming_the_field(client: TestClient, path: str, body: dict[str, Any], named: str) -> None:
+    r = post(client, path, body)
+    assert r.status_code == 400
+    assert named in r.json()["error"]["message"]
+
+
+def test_a_400_keeps_the_connection_alive(live: LiveServer) -> None:
+    with httpx.Client() as http:
+        bad = http.post(
+            f"{live.url}/v1/chat/completions",
+            content=json.dumps({"messages": [{"role": "user", "content": "a\ud800b"}]}),
+            headers={"content-type": "application/json"},
+        )
+        assert bad.status_code == 400
+        good = http.post(f"{live.url}/v1/chat/completions", json={"messages": M, "max_tokens": 2})
+        assert good.status_code == 200
+
+
+def test_a_body_over_the_limit_is_a_413_before_parsing(engine: Engine) -> None:
+    with TestClient(create_app(engine, ServerConfig(max_body_mb=0.5))) as c:
+        big = {"messages": [{"role": "user", "content": "word " * 200_000}]}
+        r = post(c, "/v1/chat/completions", big)
+        assert r.status_code == 413
+        assert "--max-body-mb" in r.json()["error"]["message"]
+
+        def chunks() -> Any:  # no Content-Length: counted as it streams in
+            data = json.dumps(big).encode()
+            for i in range(0, len(data), 65536):
+                yield data[i : i + 65536]
+
+        r = c.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert post(c, "/v1/chat/completions", {"messages": M, "max_tokens": 2}).status_code == 200
+
+
+def test_text_longer_than_the_context_could_hold_is_refused_before_tokenizing(
+    client: TestClient, engine: Engine
+) -> None:
+    n = engine.ctx * engine.tokenizer.longest_token_chars + 1
+    r = post(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "a" * n}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages"
+    r = post(client, "/v1/completions", {"prompt": "a" * n})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_with_a_key_metrics_and_api_docs_need_it_unless_made_public(engine: Engine) -> None:
+    with TestClient(create_app(engine, ServerConfig(api_key="sekret"))) as c:
+        for page in ("/metrics", "/docs", "/redoc", "/openapi.json"):
+            assert c.get(page).status_code == 401
+            assert c.get(page, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert c.get("/health").status_code == 200
+        assert c.get("/v1/models", headers={"x-api-key": "sekret"}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekre"}).status_code == 401
+    with TestClient(create_app(engine, ServerConfig(api_key="sekret", metrics_public=True))) as c:
+        assert c.get("/metrics").status_code == 200
