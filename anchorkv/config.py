@@ -22,7 +22,7 @@ class EngineConfig:
     chunk_size: int = 128  # prefill chunk C; prefill is cut at chat boundaries and every C tokens after each
     decode_weights: str = "auto"  # int8 | dense | auto (see decode_quant)
     cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
-    parallel: int = 4  # sequences running at once, each with a KV slot of ctx positions in every stage
+    parallel: int = 8  # sequences running at once, each with a KV slot of ctx positions in every stage
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -140,9 +140,9 @@ def test_models_health_props(client: TestClient, engine: Engine) -> None:
     assert props["architecture"] == "llama" and props["n_layers"] == 30
     assert props["n_ctx"] == engine.ctx and props["dtype"] == "bfloat16"
     assert [(s["index"], s["layers"]) for s in props["stages"]] == [(0, [0, 30])]
-    # 4 slots of K and V: 30 layers x 3 KV heads x ctx x 64 dims in bfloat16
-    assert props["parallel"] == 4 and props["decode_rows"] == "batched"
-    assert props["kv_pool"]["bytes"] == props["stages"][0]["kv_bytes"] == 4 * 2 * 30 * 3 * engine.ctx * 64 * 2
+    # 8 slots of K and V: 30 layers x 3 KV heads x ctx x 64 dims in bfloat16
+    assert props["parallel"] == 8 and props["decode_rows"] == "batched"
+    assert props["kv_pool"]["bytes"] == props["stages"][0]["kv_bytes"] == 8 * 2 * 30 * 3 * engine.ctx * 64 * 2
 
 
 def test_metrics_count_tokens(client: TestClient) -> None:

@@ -22,7 +22,7 @@ import torch
 from llguidance import LLTokenizer
 
 from anchorkv.cache.keys import Namespace
-from anchorkv.cache.policy import Boundary, common_prefix, cut_floor, shared_cut
+from anchorkv.cache.policy import TAIL_MERGE, Boundary, common_prefix, cut_floor, shared_cut
 from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
@@ -124,6 +124,13 @@ class Engine:
         return {k: kinds.count(k) for k in sorted(set(kinds))}
 
     @property
+    def prefill_budget(self) -> int:
+        """Prefill tokens a step may run beside the decode rows: the longest piece (C plus a message's short
+        remainder), so a step never stalls the streams for more than one piece, and a warm turn's reply and
+        new message often go in one step."""
+        return self.cfg.chunk_size + TAIL_MERGE - 1
+
+    @property
     def kv_bytes(self) -> int:
         """The KV pools of every stage: `parallel` slots of `ctx` positions each."""
         return sum(s.kv_bytes for s in self.pipeline.stages)
@@ -196,7 +203,7 @@ class Engine:
     def step(self) -> bool:
         """Admit, run one batch, post-process. Returns whether anything ran."""
         self._admit()
-        plan = schedule(self.running, self.cfg.chunk_size)
+        plan = schedule(self.running, self.prefill_budget)
         if not plan:
             return False
         self._run(plan)

@@ -1,8 +1,9 @@
 """What runs in a scheduler step, and where a sequence goes: pure policy, no tensors and no I/O.
 
 A step runs every decoding sequence's next token together (one row each), plus prefill pieces of the
-prefilling sequences, oldest first, up to a token budget: at least one piece, so a long prompt advances,
-and never more than the budget otherwise, so the decoding streams wait at most about one piece a step."""
+prefilling sequences, oldest first, up to a token budget (the engine's: one piece's worth): at least one
+piece, so a long prompt advances, and never more than the budget otherwise, so the decoding streams wait
+at most about one piece a step."""
 
 from __future__ import annotations
 
