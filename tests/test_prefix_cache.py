@@ -470,19 +470,47 @@ def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:
 
 def test_history_file_round_trips_and_a_damaged_one_starts_empty(tmp_path: Path) -> None:
     path = tmp_path / "history.bin"
-    h = History(path)
+    aa, bb = "a" * 32, "0123456789abcdef" * 2
+    h = History(path, vocab_size=50_000)
     for i in range(MAX_WINDOW + 3):
-        h.add("aa", [i, 2**31 + i, *range(i)])
-    h.add("bb", list(range(MAX_TOKENS + 5)))
+        h.add(aa, [i, 40_000 + i, *range(i)])
+    h.add(bb, list(range(MAX_TOKENS + 5)))
     h.save(h.snapshot())
-    back = History(path)
-    assert back.namespaces() == ["aa", "bb"]
-    assert back.recent("aa") == h.recent("aa") and len(back.recent("aa")) == MAX_WINDOW
-    assert back.recent("aa")[0][:2] == [3, 2**31 + 3] and back.recent("bb") == [list(range(MAX_TOKENS))]
-    path.write_bytes(path.read_bytes()[:-1])  # truncated
-    assert History(path).namespaces() == []
-    path.write_text('{"aa": [[1, 2]]}')  # the earlier JSON form, or anything else
-    assert History(path).namespaces() == []
+    good = path.read_bytes()
+    back = History(path, vocab_size=50_000)
+    assert back.namespaces() == [aa, bb]
+    assert back.recent(aa) == h.recent(aa) and len(back.recent(aa)) == MAX_WINDOW
+    assert back.recent(aa)[0][:2] == [3, 40_003] and back.recent(bb) == [list(range(MAX_TOKENS))]
+    assert History(path, vocab_size=40_000).namespaces() == []  # ids past this vocabulary: set aside
+    assert (tmp_path / "history.bin.bad").exists() and not path.exists()
+    for damaged in (
+        good[:-1],  # truncated
+        good[: len(good) // 2] + b"\xff" * 8 + good[len(good) // 2 + 8 :],  # overwritten in the middle
+        b'{"aa": [[1, 2]]}',  # an earlier form, or anything else
+    ):
+        path.write_bytes(damaged)
+        assert History(path, vocab_size=50_000).namespaces() == []
+        assert not path.exists()
+
+
+def test_a_corrupt_or_odd_history_file_never_stops_the_start(tmp_path: Path) -> None:
+    e = make(tmp_path, scope="auto")
+    p1, r1 = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p1, r1)
+    e.cache.flush()
+    path = tmp_path / "history.bin"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + b"\xff" * 16 + data[len(data) // 2 + 16 :])
+    assert make(tmp_path, scope="auto").cache.history.namespaces() == []
+    path.unlink(missing_ok=True)
+    path.mkdir()  # a directory where the file should be
+    assert make(tmp_path, scope="auto").cache.history.namespaces() == []
+    path.rmdir()
+    target = tmp_path / "elsewhere.bin"
+    target.write_bytes(data)
+    path.symlink_to(target)  # never read through a link
+    assert make(tmp_path, scope="auto").cache.history.namespaces() == []
+    assert target.read_bytes() == data
 
 
 def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Path) -> None:

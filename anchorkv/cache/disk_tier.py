@@ -105,7 +105,10 @@ class DiskTier:
         self.written_bytes = 0
         self.evicted_bytes = 0
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "namespace.json").write_text(json.dumps(dict(namespace.fields), indent=1))
+        # written beside, then renamed over: a link in its place is replaced, its target never written
+        tmp = self.dir / f"namespace.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(dict(namespace.fields), indent=1))
+        os.replace(tmp, self.dir / "namespace.json")
         self._rebuild()
         self._evict()  # the budget may have shrunk since the last run
 
@@ -113,8 +116,12 @@ class DiskTier:
     def _rebuild(self) -> None:
         """Scan the folder at start: drop leftover temp files, index the headers of the rest."""
         for p in self.dir.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                if p.suffix == SUFFIX:
+                    log.warning("[cache] %s is a folder where a chunk file belongs: left alone, never read", p)
+                continue
             if ".tmp" in p.name:
-                p.unlink(missing_ok=True)
+                self._discard(p, corrupt=False)
             elif p.suffix == SUFFIX:
                 meta = self._header(p)
                 if meta is None:
@@ -164,9 +171,13 @@ class DiskTier:
                     del self.tails[e.parent]
             return e
 
-    def _discard(self, path: Path) -> None:
-        self.on_corrupt()
-        path.unlink(missing_ok=True)
+    def _discard(self, path: Path, corrupt: bool = True) -> None:
+        if corrupt:
+            self.on_corrupt()
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:  # e.g. a read-only folder: the file stays, unindexed, and is never read
+            log.warning("[cache] cannot remove %s: %s", path, e)
 
     def __contains__(self, key: bytes) -> bool:
         with self.lock:

@@ -4,12 +4,16 @@ The file is rewritten after every prompt, so it is binary and each prompt is pac
 a snapshot is then a join of bytes, not a serialization of every token of the window (a window of long
 prompts as JSON took 25-75 ms of the engine thread per request).
 
-Layout: MAGIC, then per namespace: u16 name length, name (ascii), u32 prompt count, and per prompt:
-u32 token count, that many little-endian u32 token ids.
+Layout: MAGIC, a 16-byte blake2b checksum of the rest, then per namespace: u16 name length, name (a
+namespace id, hex), u32 prompt count, and per prompt: u32 token count, that many little-endian u32 token ids.
+A file that fails any check (magic, checksum, names, token ids) is set aside as `history.bin.bad` and the
+window starts empty: a bad file is a miss, never a failed start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import struct
 from collections import deque
@@ -19,22 +23,32 @@ import numpy as np
 
 MAX_WINDOW = 64
 MAX_TOKENS = 8192  # a stored prompt is cut here; auto only needs its beginning
-MAGIC = b"anchorkv-history-2\n"
+MAGIC = b"anchorkv-history-3\n"
 FILE_NAME = "history.bin"
+SUM_BYTES = 16
+NAME_CHARS = 32  # a namespace id: 16 bytes in hex
+
+log = logging.getLogger("anchorkv.cache")
 
 
 class History:
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path | None, vocab_size: int = 2**31) -> None:
         self.path = path
         # per namespace, the recent prompts, each with its packed form (what the file holds)
         self._prompts: dict[str, deque[tuple[list[int], bytes]]] = {}
-        if path is not None and path.exists():
+        if path is None or not os.path.lexists(path):
+            return
+        try:
+            for ns, packed in _parse(_read(path), vocab_size).items():
+                for p in packed:
+                    self._append(ns, np.frombuffer(p, "<u4").tolist(), p)
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            self._prompts = {}
+            log.warning("[cache] %s is unusable (%s): set aside, the auto window starts empty", path, e)
             try:
-                for ns, packed in _parse(path.read_bytes()).items():
-                    for p in packed:
-                        self._append(ns, np.frombuffer(p, "<u4").tolist(), p)
-            except (ValueError, struct.error, UnicodeDecodeError):
-                self._prompts = {}
+                os.replace(path, path.with_name(path.name + ".bad"))
+            except OSError:
+                pass
 
     def namespaces(self) -> list[str]:
         return list(self._prompts)
@@ -50,13 +64,14 @@ class History:
         self._prompts.setdefault(namespace, deque(maxlen=MAX_WINDOW)).append((prompt, packed))
 
     def snapshot(self) -> bytes:
-        parts = [MAGIC]
+        parts = []
         for ns, entries in self._prompts.items():
             name = ns.encode("ascii")
             parts.append(struct.pack("<H", len(name)) + name + struct.pack("<I", len(entries)))
             for _, p in entries:
                 parts += [struct.pack("<I", len(p) // 4), p]
-        return b"".join(parts)
+        body = b"".join(parts)
+        return MAGIC + hashlib.blake2b(body, digest_size=SUM_BYTES).digest() + body
 
     def save(self, snapshot: bytes) -> None:
         """Write atomically (called on the disk writer thread)."""
@@ -67,21 +82,36 @@ class History:
         os.replace(tmp, self.path)
 
 
-def _parse(data: bytes) -> dict[str, list[bytes]]:
+def _read(path: Path) -> bytes:
+    """The file's bytes, never through a symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _parse(data: bytes, vocab_size: int) -> dict[str, list[bytes]]:
     if not data.startswith(MAGIC):
-        raise ValueError("not a history file")
+        raise ValueError("not a history file of this version")
+    checksum, body = data[len(MAGIC) : len(MAGIC) + SUM_BYTES], data[len(MAGIC) + SUM_BYTES :]
+    if hashlib.blake2b(body, digest_size=SUM_BYTES).digest() != checksum:
+        raise ValueError("checksum mismatch")
     out: dict[str, list[bytes]] = {}
-    at = len(MAGIC)
-    while at < len(data):
-        (name_len,) = struct.unpack_from("<H", data, at)
-        ns = data[at + 2 : at + 2 + name_len].decode("ascii")
+    at = 0
+    while at < len(body):
+        (name_len,) = struct.unpack_from("<H", body, at)
+        ns = body[at + 2 : at + 2 + name_len].decode("ascii")
+        if len(ns) != NAME_CHARS or any(c not in "0123456789abcdef" for c in ns):
+            raise ValueError(f"bad namespace name {ns!r}")
         at += 2 + name_len
-        (count,) = struct.unpack_from("<I", data, at)
+        (count,) = struct.unpack_from("<I", body, at)
         at += 4
         for _ in range(count):
-            (n,) = struct.unpack_from("<I", data, at)
-            if at + 4 + 4 * n > len(data):
+            (n,) = struct.unpack_from("<I", body, at)
+            if at + 4 + 4 * n > len(body):
                 raise ValueError("truncated history file")
-            out.setdefault(ns, []).append(data[at + 4 : at + 4 + 4 * n])
+            packed = body[at + 4 : at + 4 + 4 * n]
+            if n and int(np.frombuffer(packed, "<u4").max()) >= vocab_size:
+                raise ValueError("a token id outside the vocabulary")
+            out.setdefault(ns, []).append(packed)
             at += 4 + 4 * n
     return out

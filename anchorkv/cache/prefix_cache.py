@@ -125,6 +125,7 @@ class PrefixCache:
         chunk_size: int,
         on_corrupt: Callable[[], None] = lambda: None,
         disk: list[DiskTier | MemoryDiskTier] | None = None,
+        vocab_size: int = 2**31,
     ) -> None:
         """`disk` replaces the disk tiers that cfg.cache_dir would give (the simulator's in-memory ones)."""
         self.cfg = cfg
@@ -144,12 +145,18 @@ class PrefixCache:
         self.corrupt_dropped = 0
         self._on_corrupt = on_corrupt
         self.history = History(None)
+        self.disk_error: str | None = None  # why the disk tier is off although a folder was given
         if cfg.cache_dir is not None and disk is None:
-            cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-            self.writer = DiskWriter()
-            disk_per_stage = cfg.disk_budget_mb * 2**20 // len(namespaces)
-            self.disk = [DiskTier(cfg.cache_dir, ns, disk_per_stage, self.writer, self._corrupt) for ns in namespaces]
-            self.history = History(cfg.cache_dir / HISTORY_FILE)
+            try:
+                cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+                disk_per_stage = cfg.disk_budget_mb * 2**20 // len(namespaces)
+                writer = DiskWriter()
+                self.disk = [DiskTier(cfg.cache_dir, ns, disk_per_stage, writer, self._corrupt) for ns in namespaces]
+                self.writer = writer
+                self.history = History(cfg.cache_dir / HISTORY_FILE, vocab_size)
+            except OSError as e:  # a file where the folder should be, a read-only folder, ...
+                self.disk, self.writer, self.disk_error = [], None, f"{type(e).__name__}: {e}"
+                log.warning("[cache] the disk tier is off: %s cannot be used (%s)", cfg.cache_dir, e)
         self.lock = threading.Lock()
         # whole prompts recorded (and prompt + reply), to tell exact and full restores apart
         self.full_prompts: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
@@ -466,6 +473,7 @@ class PrefixCache:
             "align": self.unit,
             "disk_policy": str(self.default_scope),
             "min_tokens": self.cfg.min_tokens,
+            "disk_error": self.disk_error,
             "ram": {
                 "budget_bytes": self.cfg.ram_mb * 2**20,
                 "bytes": sum(r.nbytes for r in self.ram),

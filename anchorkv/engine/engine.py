@@ -110,7 +110,9 @@ class Engine:
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name
         self.lock = threading.RLock()  # held by whoever steps the scheduler
         self.cache_cfg = cache_cfg or CacheConfig(ram_mb=0, scope="off")
-        self.cache = PrefixCache(self.cache_cfg, self._namespaces(), cfg.chunk_size)
+        self.cache = PrefixCache(
+            self.cache_cfg, self._namespaces(), cfg.chunk_size, vocab_size=self.model_cfg.vocab_size
+        )
         self.slots = [Slot(i) for i in range(cfg.parallel)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order

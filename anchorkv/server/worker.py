@@ -89,6 +89,11 @@ class EngineWorker:
         return self._queue.qsize() + len(self.engine.waiting)
 
     @property
+    def free_slots(self) -> int:
+        """Slots a waiting request will take at the next step, so it does not count as queued."""
+        return max(0, self.engine.cfg.parallel - len(self.engine.running))
+
+    @property
     def running(self) -> int:
         return len(self.engine.running)
 
@@ -108,8 +113,9 @@ class EngineWorker:
             self._thread.join(timeout=30)
 
     def submit(self, prompt: list[int], params: SamplingParams, cache_req: CacheRequest) -> Job:
-        """Called on the event loop only, so the size check and the put cannot interleave with another submit."""
-        if self.waiting >= self.max_queue:
+        """Called on the event loop only, so the size check and the put cannot interleave with another submit.
+        Past the free slots, at most max_queue requests wait."""
+        if self.waiting - self.free_slots >= self.max_queue:
             raise QueueFull
         job = Job(prompt, params, cache_req, asyncio.get_running_loop())
         self._queue.put_nowait(job)

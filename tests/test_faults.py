@@ -1,0 +1,104 @@
+"""Faults in the cache folder, on real files: the engine always starts, and a bad file is a miss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from anchorkv.cache.disk_tier import SUFFIX
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.config import EngineConfig
+from anchorkv.engine.engine import Engine, Finished
+from anchorkv.engine.sampling import SamplingParams
+
+
+def make(folder: Path) -> Engine:
+    return Engine(EngineConfig(threads=2, parallel=1), CacheConfig(ram_mb=64, cache_dir=folder, scope="full"))
+
+
+def serve_one(e: Engine) -> Finished:
+    r = e.render_chat([{"role": "user", "content": "Name a color."}])
+    params = SamplingParams(max_tokens=4, temperature=0)
+    done = list(e.generate(r.token_ids, params, cache_req=CacheRequest(r.boundaries)))[-1]
+    assert isinstance(done, Finished)
+    return done
+
+
+def namespace_dir(folder: Path) -> Path:
+    make(folder).cache.flush()
+    (ns,) = [p for p in folder.iterdir() if p.is_dir()]
+    return ns
+
+
+def test_a_file_where_the_cache_folder_belongs_turns_the_disk_tier_off(tmp_path: Path) -> None:
+    folder = tmp_path / "kv"
+    folder.write_text("not a folder")
+    e = make(folder)
+    assert not e.cache.disk
+    assert "FileExistsError" in str(e.cache.stats()["disk_error"])
+    assert serve_one(e).completion_tokens == 4
+
+
+def test_a_file_where_a_namespace_folder_belongs_turns_the_disk_tier_off(tmp_path: Path) -> None:
+    ns = namespace_dir(tmp_path)
+    for p in ns.iterdir():
+        p.unlink()
+    ns.rmdir()
+    ns.write_text("x")
+    e = make(tmp_path)
+    assert e.cache.stats()["disk_error"] is not None
+    assert serve_one(e).completion_tokens == 4
+
+
+def test_a_folder_named_like_a_chunk_file_is_left_alone(tmp_path: Path) -> None:
+    ns = namespace_dir(tmp_path)
+    odd = ns / ("0" * 32 + SUFFIX)
+    odd.mkdir()
+    e = make(tmp_path)
+    assert e.cache.disk and e.cache.stats()["disk_error"] is None
+    assert serve_one(e).completion_tokens == 4
+    assert odd.is_dir()
+
+
+def test_namespace_json_as_a_folder_turns_the_disk_tier_off_and_as_a_link_is_never_written_through(
+    tmp_path: Path,
+) -> None:
+    ns = namespace_dir(tmp_path)
+    meta = ns / "namespace.json"
+    meta.unlink()
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    meta.symlink_to(target)
+    e = make(tmp_path)
+    assert e.cache.disk
+    assert target.read_text() == "keep me"
+    assert not meta.is_symlink()
+    meta.unlink()
+    meta.mkdir()
+    assert make(tmp_path).cache.stats()["disk_error"] is not None
+
+
+def test_a_cache_folder_deleted_while_running_costs_writes_not_requests(tmp_path: Path) -> None:
+    e = make(tmp_path / "kv")
+    serve_one(e)
+    e.cache.flush()
+    for p in sorted((tmp_path / "kv").rglob("*"), reverse=True):
+        p.unlink() if not p.is_dir() else p.rmdir()
+    (tmp_path / "kv").rmdir()
+    assert serve_one(e).completion_tokens == 4
+    e.cache.flush()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid"), reason="POSIX only")
+def test_a_read_only_cache_folder_never_stops_the_start(tmp_path: Path) -> None:
+    """As root permissions do not bind, so the folder is read-only only for other users; either way the
+    engine starts and serves."""
+    folder = tmp_path / "kv"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        e = make(folder)
+        assert serve_one(e).completion_tokens == 4
+    finally:
+        folder.chmod(0o700)
