@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -28,6 +28,8 @@ from anchorkv.server.grammar import RequestGrammarError, request_grammar
 from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
 from anchorkv.server.limits import BodyLimit, KeyedPages, key_matches
 from anchorkv.server.metrics import Metrics
+from anchorkv.server import anthropic_messages
+from anchorkv.server.anthropic_messages import CountTokensRequest, MessagesRequest
 from anchorkv.server.schemas import (
     ApplyTemplateRequest,
     ChatCompletionRequest,
@@ -170,8 +172,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     async def apply_template(req: ApplyTemplateRequest) -> dict[str, Any]:
         return {"prompt": (await _render(_dicts(req.messages), req.tools)).text}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
-    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    async def _chat_prompt(req: ChatCompletionRequest) -> tuple[list[int], CacheRequest]:
         messages = _dicts(req.messages)
         rendered = await _render(messages, req.tools)
         # a marked message anchors at its chat boundary: its end, or past the assistant's header when that
@@ -183,7 +184,104 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             if m.cache_control is not None and e is not None
         ]
         creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools, req.calls_tools))
-        return await _serve("chat", req, rendered.token_ids, request, "messages", creq)
+        return rendered.token_ids, creq
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        prompt, creq = await _chat_prompt(req)
+        return await _serve("chat", req, prompt, request, "messages", creq)
+
+    @app.post("/v1/messages", dependencies=[Depends(auth)], response_model=None)
+    async def messages(req: MessagesRequest, request: Request) -> Response:
+        """Anthropic's Messages API, through the same chat request (anthropic_messages.py)."""
+        t0 = time.perf_counter()
+        chat, _ = anthropic_messages.to_chat(req)
+        prompt, creq = await _chat_prompt(chat)
+        params = await _params(chat, prompt, "messages")
+        job = _submit("messages", prompt, params, creq)
+        mid = f"msg_{uuid.uuid4().hex[:24]}"
+        if req.stream:
+            return StreamingResponse(
+                _message_events(mid, job, len(prompt), chat.calls_tools, t0), media_type="text/event-stream"
+            )
+        done = await _final(job, request)
+        if done is None:
+            return Response(status_code=499)
+        _account("messages", done, t0)
+        reply = assistant_message(done.text, chat.calls_tools)
+        body = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "model": model_id,
+            "content": anthropic_messages.content_blocks(reply),
+            "stop_reason": anthropic_messages.stop_reason(done.finish_reason, "tool_calls" in reply),
+            "stop_sequence": None,
+            "usage": _message_usage(done),
+        }
+        return JSONResponse(body)
+
+    @app.post("/v1/messages/count_tokens", dependencies=[Depends(auth)])
+    async def count_tokens(req: CountTokensRequest) -> dict[str, int]:
+        prompt, _ = await _chat_prompt(anthropic_messages.to_chat(req)[0])
+        return {"input_tokens": len(prompt)}
+
+    def _message_usage(done: Finished) -> dict[str, int]:
+        anchored = max((int(d["at"]) for d in done.cache.get("recorded", []) if d.get("kind") == "anchor"), default=0)  # type: ignore[call-overload]
+        return anthropic_messages.usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens, anchored)
+
+    async def _message_events(mid: str, job: Job, prompt_len: int, tools: bool, t0: float) -> AsyncIterator[str]:
+        """Anthropic's server-sent events: message_start, a text block's start / deltas / stop, one block
+        per tool call (its input as one input_json_delta), message_delta with the stop reason and usage,
+        message_stop."""
+
+        def event(kind: str, **body: Any) -> str:
+            return f"event: {kind}\ndata: {json.dumps({'type': kind, **body}, ensure_ascii=False)}\n\n"
+
+        start = {"id": mid, "type": "message", "role": "assistant", "model": model_id, "content": [],
+                 "stop_reason": None, "stop_sequence": None, "usage": anthropic_messages.usage(prompt_len, 0, 0, 0)}  # fmt: skip
+        yield event("message_start", message=start)
+        yield event("ping")
+        index, text_open = 0, False
+        calls_stream = ToolCallStream() if tools else None
+        ttft: float | None = None
+
+        def text_delta(text: str) -> Iterator[str]:
+            nonlocal text_open
+            if not text_open:
+                text_open = True
+                yield event("content_block_start", index=index, content_block={"type": "text", "text": ""})
+            yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
+
+        try:
+            async for ev in job.stream():
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                if isinstance(ev, Delta):
+                    if text := calls_stream.push(ev.text) if calls_stream else ev.text:
+                        for e in text_delta(text):
+                            yield e
+                    continue
+                _account("messages", ev, t0, ttft)
+                rest, calls = calls_stream.finish() if calls_stream else ("", None)
+                for e in text_delta(rest) if rest else ():
+                    yield e
+                if text_open:
+                    yield event("content_block_stop", index=index)
+                    index += 1
+                for block in anthropic_messages.content_blocks({"tool_calls": calls or []}):
+                    yield event("content_block_start", index=index, content_block={**block, "input": {}})
+                    delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+                    yield event("content_block_delta", index=index, delta=delta)
+                    yield event("content_block_stop", index=index)
+                    index += 1
+                reason = anthropic_messages.stop_reason(ev.finish_reason, bool(calls))
+                yield event(
+                    "message_delta", delta={"stop_reason": reason, "stop_sequence": None}, usage=_message_usage(ev)
+                )
+                yield event("message_stop")
+        except JobFailed as e:
+            kind = "invalid_request_error" if e.client_error else "api_error"
+            yield event("error", error={"type": kind, "message": f"generation failed: {e}"})
 
     @app.post("/v1/completions", dependencies=[Depends(auth)], response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Response:
@@ -213,10 +311,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             turn_starts=rendered.turn_starts if rendered else (),
         )
 
-    async def _serve(
-        kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str, creq: CacheRequest
-    ) -> Response:
-        t0 = time.perf_counter()
+    async def _params(req: SamplingFields, prompt: list[int], prompt_param: str) -> SamplingParams:
+        """The request's sampling, checked against the prompt: a 400 naming the field where it cannot run."""
         try:
             max_tokens = engine.check_fits(len(prompt), req.token_limit)
         except PromptTooLong as e:
@@ -229,7 +325,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         grammar = found[0] if found else None
         if found is not None and (error := await asyncio.to_thread(engine.grammar_error, found[0])) is not None:
             raise APIError(400, f"{found[1]}: {error}", found[1])
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
@@ -244,22 +340,28 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             grammar=grammar,
         )
 
+    def _submit(kind: str, prompt: list[int], params: SamplingParams, creq: CacheRequest) -> Job:
+        try:
+            job = worker.submit(prompt, params, creq)
+        except QueueFull:
+            metrics.requests.labels(kind, "503").inc()
+            raise APIError(
+                503, "the server is busy: the request queue is full", type_="server_busy", headers={"Retry-After": "1"}
+            ) from None
+        metrics.queue_depth.set(worker.waiting)
+        return job
+
+    async def _serve(
+        kind: str, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str, creq: CacheRequest
+    ) -> Response:
+        t0 = time.perf_counter()
+        params = await _params(req, prompt, prompt_param)
+
         def submit(i: int) -> Job:
             """Choice i, generated after choice i - 1: with the prefix cache on, its prompt then restores whole,
             so n choices cost one prefill. A seed gives choice i the seed + i."""
             seed = None if params.seed is None else params.seed + i
-            try:
-                job = worker.submit(prompt, replace(params, seed=seed), creq)
-            except QueueFull:
-                metrics.requests.labels(kind, "503").inc()
-                raise APIError(
-                    503,
-                    "the server is busy: the request queue is full",
-                    type_="server_busy",
-                    headers={"Retry-After": "1"},
-                ) from None
-            metrics.queue_depth.set(worker.waiting)
-            return job
+            return _submit(kind, prompt, replace(params, seed=seed), creq)
 
         first = submit(0)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]

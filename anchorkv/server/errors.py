@@ -51,28 +51,47 @@ def _is_union_tag(part: Any) -> bool:
     )
 
 
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "request_too_large",
+    499: "invalid_request_error", 503: "overloaded_error",
+}  # fmt: skip
+
+
+def shaped(request: Request, status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    """The error object of the API the request was sent to: Anthropic's on /v1/messages, else OpenAI's."""
+    if request.url.path.startswith("/v1/messages"):
+        return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    return error_body(message, type_, param)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(error_body(e.message, e.type, e.param), status_code=e.status, headers=e.headers)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        body = shaped(request, e.status, e.message, e.type, e.param)
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
-            return JSONResponse(error_body("the request body is not valid JSON", "invalid_request_error"), 400)
+            return JSONResponse(
+                shaped(request, 400, "the request body is not valid JSON", "invalid_request_error"), 400
+            )
         param = field_path(first.get("loc", ())) or None
         msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
         message = f"{param}: {msg}" if param else msg
-        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+        return JSONResponse(shaped(request, 400, message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, e: HTTPException) -> JSONResponse:
+    async def _http(request: Request, e: HTTPException) -> JSONResponse:
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), type_), status_code=e.status_code, headers=e.headers)
+        body = shaped(request, e.status_code, str(e.detail), type_)
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, e: Exception) -> JSONResponse:
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
         log.exception("internal error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        return JSONResponse(
+            shaped(request, 500, f"internal error: {type(e).__name__}", "server_error"), status_code=500
+        )

@@ -1,0 +1,199 @@
+"""The Anthropic Messages API, translated to and from the internal chat request: pure, no model.
+
+A request becomes one `ChatCompletionRequest` (system blocks first, tool_result blocks as `tool` messages,
+tool_use blocks as `tool_calls`, `input_schema` as function parameters). A `cache_control` breakpoint on
+a system block, a tool or a content block marks the message holding it, so the cache anchors where that
+message ends (a breakpoint before a message's last block anchors there too: message ends are where a
+prompt is cut exactly). A reply comes back as content blocks, with Anthropic's stop reasons and usage.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
+
+MAX_BREAKPOINTS = 4  # as Anthropic's API
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+    id: str | None = None  # tool_use
+    name: str | None = None
+    input: dict[str, Any] | None = None
+    tool_use_id: str | None = None  # tool_result
+    content: str | list[dict[str, Any]] | None = None
+    cache_control: dict[str, Any] | None = None
+
+
+class Message(BaseModel):
+    role: Literal["user", "assistant"]
+    content: str | list[Block]
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    cache_control: dict[str, Any] | None = None
+
+
+class ToolChoice(BaseModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool = False
+
+
+class MessagesRequest(RequestBody):
+    model_config = ConfigDict(extra="ignore")  # metadata, thinking, service_tier, ...: accepted, unused
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)]
+    messages: Annotated[list[Message], Field(min_length=1)]
+    system: str | list[Block] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    temperature: Annotated[float, Field(ge=0, le=1)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    cache_control: dict[str, Any] | None = None  # automatic caching: a breakpoint at the last message
+
+    @field_validator("messages")
+    @classmethod
+    def _text_only(cls, messages: list[Message]) -> list[Message]:
+        for i, m in enumerate(messages):
+            for j, b in enumerate(m.content if isinstance(m.content, list) else []):
+                if b.type not in ("text", "tool_use", "tool_result"):
+                    raise ValueError(f"messages[{i}].content[{j}]: this model reads text only, not {b.type!r}")
+        return messages
+
+
+class CountTokensRequest(MessagesRequest):
+    max_tokens: int = 1
+
+
+def _text(content: str | list[Any] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(
+        (b.text or "") if isinstance(b, Block) else str(b.get("text", "")) for b in content if _kind(b) == "text"
+    )
+
+
+def _kind(block: Block | dict[str, Any]) -> str:
+    return block.type if isinstance(block, Block) else str(block.get("type", ""))
+
+
+def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
+    """The internal chat request, and how many cache breakpoints it carries (at most 4 are honoured)."""
+    messages: list[dict[str, Any]] = []
+    marks = 0
+
+    def add(message: dict[str, Any], marked: bool) -> None:
+        nonlocal marks
+        if marked and marks < MAX_BREAKPOINTS:
+            message["cache_control"] = {"type": "ephemeral"}
+            marks += 1
+        messages.append(message)
+
+    if isinstance(req.system, str) and req.system:
+        add({"role": "system", "content": req.system}, False)
+    elif isinstance(req.system, list) and req.system:
+        add({"role": "system", "content": _text(req.system)}, any(b.cache_control for b in req.system))
+    if any(t.cache_control for t in req.tools or []) and messages and "cache_control" not in messages[0]:
+        messages[0]["cache_control"] = {"type": "ephemeral"}  # the tools render into the system turn
+        marks += 1
+    for m in req.messages:
+        if isinstance(m.content, str):
+            add({"role": m.role, "content": m.content}, False)
+            continue
+        if m.role == "assistant":
+            calls = [
+                {"id": b.id or f"toolu_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": b.name or "", "arguments": json.dumps(b.input or {})}}
+                for b in m.content if b.type == "tool_use"
+            ]  # fmt: skip
+            message: dict[str, Any] = {"role": "assistant", "content": _text(m.content) or None}
+            if calls:
+                message["tool_calls"] = calls
+            add(message, any(b.cache_control for b in m.content))
+            continue
+        results = [b for b in m.content if b.type == "tool_result"]
+        for b in results:
+            add(
+                {"role": "tool", "tool_call_id": b.tool_use_id or "", "content": _text(b.content)},
+                bool(b.cache_control),
+            )
+        texts = [b for b in m.content if b.type == "text"]
+        if texts or not results:
+            add({"role": "user", "content": _text(texts)}, any(b.cache_control for b in texts))
+    if req.cache_control is not None and "cache_control" not in messages[-1] and marks < MAX_BREAKPOINTS:
+        messages[-1]["cache_control"] = {"type": "ephemeral"}
+        marks += 1
+    tools = [
+        {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
+        for t in req.tools or []
+    ]  # fmt: skip
+    body: dict[str, Any] = {
+        "messages": messages,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "stream": req.stream,
+    }
+    if tools:
+        body["tools"] = tools
+    if req.top_p is not None:
+        body["top_p"] = req.top_p
+    if req.top_k is not None:
+        body["top_k"] = req.top_k
+    if req.stop_sequences:
+        body["stop"] = req.stop_sequences[:16]
+    if req.tool_choice is not None and tools:
+        choice = req.tool_choice
+        body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}.get(choice.type) or {
+            "type": "function", "function": {"name": choice.name or ""}
+        }  # fmt: skip
+        body["parallel_tool_calls"] = not choice.disable_parallel_tool_use
+    return ChatCompletionRequest.model_validate(body), marks
+
+
+def stop_reason(finish: str, tool_calls: bool) -> str:
+    """Anthropic's stop_reason for an engine finish reason."""
+    if tool_calls:
+        return "tool_use"
+    return "max_tokens" if finish == "length" else "end_turn"
+
+
+def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant message in the chat form (tool_calls as OpenAI's) as Anthropic content blocks."""
+    blocks: list[dict[str, Any]] = []
+    if message.get("content"):
+        blocks.append({"type": "text", "text": message["content"]})
+    for call in message.get("tool_calls") or []:
+        try:
+            args = json.loads(call["function"]["arguments"] or "{}")
+        except ValueError:
+            args = {}
+        blocks.append({"type": "tool_use", "id": call["id"].replace("call_", "toolu_", 1), "name": call["function"]["name"],
+                       "input": args if isinstance(args, dict) else {"value": args}})  # fmt: skip
+    return blocks
+
+
+def usage(prompt: int, cached: int, output: int, anchored: int) -> dict[str, int]:
+    """Anthropic's usage: tokens read from the cache, tokens this request wrote at a breakpoint (past what
+    it read), and the rest of the input."""
+    created = max(0, anchored - cached)
+    return {
+        "input_tokens": prompt - cached - created,
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": created,
+        "output_tokens": output,
+    }

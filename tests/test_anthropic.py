@@ -1,0 +1,167 @@
+"""The Anthropic Messages API through the official `anthropic` SDK, on the bundled model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from anchorkv.cache.prefix_cache import CacheConfig
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.anthropic_messages import MessagesRequest, to_chat, usage
+from anchorkv.server.app import create_app
+from conftest import LiveServer, serve_in_thread
+
+SYSTEM = "You are a terse assistant for a weather service. " + " ".join(
+    f"Rule {i}: answer questions about region {i} with its forecast code W-{i}." for i in range(40)
+)
+FLIGHTS = "You answer questions about flights. " + " ".join(
+    f"Gate {i} serves flights to city {i} and boards {i % 7} minutes early." for i in range(40)
+)
+WEATHER = {
+    "name": "get_weather",
+    "description": "The forecast for a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    folder: Path = tmp_path_factory.mktemp("kv")
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=256, cache_dir=folder))
+    yield from serve_in_thread(create_app(engine, ServerConfig(api_key="sekret")))
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=server.url, api_key="sekret")
+
+
+def test_create_answers_with_text_blocks_and_usage(client: anthropic.Anthropic) -> None:
+    m = client.messages.create(
+        model="any",
+        max_tokens=12,
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    assert m.role == "assistant" and m.type == "message"
+    assert m.content[0].type == "text" and "Paris" in m.content[0].text
+    assert m.stop_reason in ("end_turn", "max_tokens")
+    assert m.usage.output_tokens > 0 and m.usage.input_tokens > 0
+
+
+def test_streamed_equals_not_streamed(client: anthropic.Anthropic) -> None:
+    kw: dict[str, Any] = {"model": "any", "max_tokens": 16, "extra_body": {"temperature": 0},
+                          "messages": [{"role": "user", "content": "Name three colors."}]}  # fmt: skip
+    whole = client.messages.create(**kw)
+    with client.messages.stream(**kw) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_message()
+    assert final.content[0].text == whole.content[0].text  # type: ignore[union-attr]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds and "message_delta" in kinds
+    assert final.stop_reason == whole.stop_reason
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_count_tokens_matches_the_prompt_the_model_reads(client: anthropic.Anthropic) -> None:
+    kw: dict[str, Any] = {"model": "any", "messages": [{"role": "user", "content": "Hello there."}], "system": SYSTEM}
+    counted = client.messages.count_tokens(**kw).input_tokens
+    m = client.messages.create(max_tokens=1, **kw)
+    assert counted == m.usage.input_tokens + m.usage.cache_read_input_tokens + m.usage.cache_creation_input_tokens  # type: ignore[operator]
+
+
+def test_cache_control_on_the_system_prompt_is_read_back_and_changes_nothing(client: anthropic.Anthropic) -> None:
+    system: Any = [{"type": "text", "text": FLIGHTS, "cache_control": {"type": "ephemeral"}}]
+    kw: dict[str, Any] = {"model": "any", "max_tokens": 12, "extra_body": {"temperature": 0}, "system": system}
+    first = client.messages.create(messages=[{"role": "user", "content": "Which gate serves city 7?"}], **kw)
+    assert first.usage.cache_creation_input_tokens and first.usage.cache_creation_input_tokens > 0
+    second = client.messages.create(messages=[{"role": "user", "content": "Which gate serves city 7?"}], **kw)
+    assert second.usage.cache_read_input_tokens and second.usage.cache_read_input_tokens > 0
+    assert second.content == first.content
+
+
+def test_tool_use_and_tool_result_round_trip(client: anthropic.Anthropic) -> None:
+    asked: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    m = client.messages.create(
+        model="any", max_tokens=48, extra_body={"temperature": 0}, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
+        messages=asked,
+    )  # fmt: skip
+    assert m.stop_reason == "tool_use"
+    (call,) = [b for b in m.content if b.type == "tool_use"]
+    assert call.name == "get_weather" and isinstance(call.input, dict)
+    follow = client.messages.create(
+        model="any", max_tokens=16, extra_body={"temperature": 0}, tools=[WEATHER],
+        messages=[*asked, {"role": "assistant", "content": m.content},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "Sunny, 21 C"}]}],
+    )  # fmt: skip
+    assert follow.content and follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    assert follow.usage.cache_read_input_tokens and follow.usage.cache_read_input_tokens > 0  # the turn before
+
+
+def test_streamed_tool_use_arrives_as_input_json(client: anthropic.Anthropic) -> None:
+    with client.messages.stream(
+        model="any", max_tokens=48, extra_body={"temperature": 0}, tools=[WEATHER], tool_choice={"type": "any"},  # type: ignore[list-item]
+        messages=[{"role": "user", "content": "Weather in Rome?"}],
+    ) as stream:  # fmt: skip
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [b.type for b in final.content][-1] == "tool_use"
+
+
+def test_thinking_and_metadata_are_ignored(client: anthropic.Anthropic) -> None:
+    m = client.messages.create(
+        model="any", max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
+        metadata={"user_id": "u1"}, thinking={"type": "enabled", "budget_tokens": 1024},
+    )  # fmt: skip
+    assert m.content
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"max_tokens": 4, "messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
+        ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
+        ({"max_tokens": 4, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}, "temperature"),
+    ],
+)
+def test_bad_input_is_anthropics_400_naming_the_field(server: LiveServer, body: dict[str, Any], named: str) -> None:
+    r = httpx.post(
+        f"{server.url}/v1/messages", json=body, headers={"x-api-key": "sekret", "anthropic-version": "2023-06-01"}
+    )
+    assert r.status_code == 400
+    error = r.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert named in error["error"]["message"]
+
+
+def test_a_wrong_key_is_anthropics_401(server: LiveServer) -> None:
+    r = httpx.post(f"{server.url}/v1/messages", json={}, headers={"x-api-key": "nope"})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_translation_marks_the_message_holding_a_breakpoint() -> None:
+    req = MessagesRequest.model_validate({
+        "max_tokens": 8,
+        "system": [{"type": "text", "text": "sys", "cache_control": {"type": "ephemeral"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"x": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]},
+        ],
+    })  # fmt: skip
+    chat, marks = to_chat(req)
+    roles = [m.role for m in chat.messages]
+    assert roles == ["system", "user", "assistant", "tool"]
+    assert [m.cache_control is not None for m in chat.messages] == [True, True, False, False]
+    assert marks == 2
+    assert chat.messages[2].tool_calls and chat.messages[2].tool_calls[0].function.arguments == '{"x": 1}'
+    assert usage(100, 40, 5, 70) == {"input_tokens": 30, "cache_read_input_tokens": 40,
+                                    "cache_creation_input_tokens": 30, "output_tokens": 5}  # fmt: skip
