@@ -187,3 +187,17 @@ def test_server_prefills_the_reply_while_idle_so_the_next_turn_hits_on_it(tmp_pa
         reply_end = engine.render_chat(body["messages"]).boundaries[-2]
         assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == reply_end > prompt_tokens + 256
         assert second["prefix_cache"]["kind"] == "full"
+
+
+def test_cache_control_on_a_content_part_anchors_its_message(tmp_path: Path) -> None:
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=64, cache_dir=tmp_path))
+    with TestClient(create_app(engine, ServerConfig())) as c:
+        system = {"role": "system", "content": [
+            {"type": "text", "text": "You are brief. " * 40, "cache_control": {"type": "ephemeral"}}
+        ]}  # fmt: skip
+        r = c.post(
+            "/v1/chat/completions", json={"messages": [system, {"role": "user", "content": "Hi"}], "max_tokens": 2}
+        )
+        assert r.status_code == 200
+        anchors = r.json()["prefix_cache"]["anchors"]
+        assert anchors and anchors[0]["accepted"]

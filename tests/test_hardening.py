@@ -25,10 +25,10 @@ def post(client: TestClient, path: str, body: dict[str, Any]) -> httpx.Response:
 @pytest.mark.parametrize(
     "body",
     [
-        {"messages": M, "temperature": 1e-300, "max_tokens": 3},
-        {"messages": M, "temperature": 0.7, "top_p": 1e-300, "max_tokens": 3},
-        {"messages": M, "repetition_penalty": 1e-300, "max_tokens": 3},
-        {"messages": M, "repetition_penalty": 1e300, "temperature": 0.5, "max_tokens": 3},
+        {"messages": M, "temperature": 1e-300, "max_tokens": 3, "ignore_eos": True},
+        {"messages": M, "temperature": 0.7, "top_p": 1e-300, "max_tokens": 3, "ignore_eos": True},
+        {"messages": M, "repetition_penalty": 1e-300, "max_tokens": 3, "ignore_eos": True},
+        {"messages": M, "repetition_penalty": 1e300, "temperature": 0.5, "max_tokens": 3, "ignore_eos": True},
     ],
 )
 def test_extreme_sampling_values_the_schema_accepts_still_generate(client: TestClient, body: dict[str, Any]) -> None:
@@ -38,7 +38,9 @@ def test_extreme_sampling_values_the_schema_accepts_still_generate(client: TestC
 
 
 def test_extreme_penalty_on_completions_generates(client: TestClient) -> None:
-    r = post(client, "/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300, "max_tokens": 3})
+    r = post(
+        client, "/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300, "max_tokens": 3, "ignore_eos": True}
+    )
     assert r.status_code == 200
 
 
@@ -114,3 +116,20 @@ def test_with_a_key_metrics_and_api_docs_need_it_unless_made_public(engine: Engi
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekre"}).status_code == 401
     with TestClient(create_app(engine, ServerConfig(api_key="sekret", metrics_public=True))) as c:
         assert c.get("/metrics").status_code == 200
+
+
+def test_an_image_part_is_a_400_naming_it(client: TestClient) -> None:
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    r = post(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages[0].content[1].type"
+
+
+def test_models_retrieve_and_the_paths_without_v1(client: TestClient, engine: Engine) -> None:
+    name = client.get("/v1/models").json()["data"][0]["id"]
+    assert client.get(f"/v1/models/{name}").json()["id"] == name
+    assert client.get("/v1/models/other").status_code == 404
+    assert client.get("/models").json()["data"][0]["id"] == name
+    r = post(client, "/chat/completions", {"messages": M, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    assert post(client, "/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200

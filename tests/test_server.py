@@ -165,7 +165,7 @@ BAD = [
     ({**CHAT, "top_p": 0}, "top_p"),
     ({**CHAT, "n": 9}, "n"),
     ({**CHAT, "n": 0}, "n"),
-    ({**CHAT, "stop": [1, 2]}, "stop"),
+    ({**CHAT, "stop": [1, 2]}, "stop[0]"),
     ({**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ({**CHAT, "presence_penalty": 2.5}, "presence_penalty"),
     ({**CHAT, "frequency_penalty": -3}, "frequency_penalty"),

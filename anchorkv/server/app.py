@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from pydantic import ValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,7 +30,9 @@ from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
 from anchorkv.server.limits import BodyLimit, KeyedPages, key_matches
 from anchorkv.server.metrics import Metrics
 from anchorkv.server import anthropic_messages
+from anchorkv.server import openai_responses
 from anchorkv.server.anthropic_messages import CountTokensRequest, MessagesRequest
+from anchorkv.server.openai_responses import ResponsesRequest, ResponseStore
 from anchorkv.server.schemas import (
     ApplyTemplateRequest,
     ChatCompletionRequest,
@@ -88,6 +91,12 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "object": "list",
             "data": [{"id": model_id, "object": "model", "created": started, "owned_by": "anchorkv"}],
         }
+
+    @app.get("/v1/models/{name}", dependencies=[Depends(auth)])
+    async def model(name: str) -> dict[str, Any]:
+        if name != model_id:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {model_id!r}", "model")
+        return {"id": model_id, "object": "model", "created": started, "owned_by": "anchorkv"}
 
     @app.get("/props", dependencies=[Depends(auth)])
     async def props() -> dict[str, Any]:
@@ -181,7 +190,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         marked = [
             min(b for b in rendered.boundaries if b >= e)
             for m, e in zip(req.messages, ends, strict=True)
-            if m.cache_control is not None and e is not None
+            if m.marked and e is not None
         ]
         creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools, req.calls_tools))
         return rendered.token_ids, creq
@@ -190,6 +199,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         prompt, creq = await _chat_prompt(req)
         return await _serve("chat", req, prompt, request, "messages", creq)
+
+    responses_store = ResponseStore()
 
     @app.post("/v1/messages", dependencies=[Depends(auth)], response_model=None)
     async def messages(req: MessagesRequest, request: Request) -> Response:
@@ -220,6 +231,151 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "usage": _message_usage(done),
         }
         return JSONResponse(body)
+
+    @app.post("/v1/responses", dependencies=[Depends(auth)], response_model=None)
+    async def responses(req: ResponsesRequest, request: Request) -> Response:
+        """OpenAI's Responses API, through the same chat request (openai_responses.py)."""
+        t0 = time.perf_counter()
+        tenant = f"{request.headers.get('authorization', '')}|{request.headers.get('x-api-key', '')}|{req.cache_salt}"
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            kept = responses_store.get(tenant, req.previous_response_id)
+            if kept is None:
+                raise APIError(
+                    400,
+                    f"previous_response_id: no response {req.previous_response_id!r} is kept here",
+                    "previous_response_id",
+                )
+            history = kept
+        try:
+            chat = openai_responses.to_chat(req, history)
+        except ValidationError as e:  # a tool or format the chat request refuses
+            first = e.errors()[0]
+            raise APIError(400, f"{errors.field_path(first['loc'])}: {first['msg']}", "input") from None
+        except ValueError as e:
+            raise APIError(400, str(e), "input") from None
+        prompt, creq = await _chat_prompt(chat)
+        params = await _params(chat, prompt, "input")
+        job = _submit("responses", prompt, params, creq)
+        rid = f"resp_{uuid.uuid4().hex[:24]}"
+        said = _dicts(chat.messages)[1 if req.instructions else 0 :]
+
+        def finished(done: Finished) -> dict[str, Any]:
+            reply = assistant_message(done.text, chat.calls_tools)
+            if req.store:
+                responses_store.put(tenant, rid, [*said, reply])
+            items = openai_responses.output_items(reply)
+            return openai_responses.response(
+                rid,
+                model_id,
+                req,
+                items,
+                done.finish_reason,
+                done.prompt_tokens,
+                done.cached_tokens,
+                done.completion_tokens,
+            )
+
+        if req.stream:
+            return StreamingResponse(
+                _response_events(rid, req, job, chat.calls_tools, t0, finished), media_type="text/event-stream"
+            )
+        done = await _final(job, request)
+        if done is None:
+            return Response(status_code=499)
+        _account("responses", done, t0)
+        return JSONResponse(finished(done))
+
+    async def _response_events(
+        rid: str,
+        req: ResponsesRequest,
+        job: Job,
+        tools: bool,
+        t0: float,
+        finished: Callable[[Finished], dict[str, Any]],
+    ) -> AsyncIterator[str]:
+        """The Responses event sequence: response.created, in_progress, a message item's text deltas, each
+        function call's arguments, then response.completed (or response.incomplete) with the whole response."""
+        number = 0
+
+        def event(kind: str, **body: Any) -> str:
+            nonlocal number
+            number += 1
+            data = {"type": kind, "sequence_number": number - 1, **body}
+            return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        pending = {
+            **openai_responses.response(rid, model_id, req, [], "", 0, 0, 0),
+            "status": "in_progress",
+            "usage": None,
+        }
+        yield event("response.created", response=pending)
+        yield event("response.in_progress", response=pending)
+        msg_id, text, index = f"msg_{uuid.uuid4().hex[:24]}", "", 0
+        calls_stream = ToolCallStream() if tools else None
+        ttft: float | None = None
+
+        def delta(piece: str) -> Iterator[str]:
+            nonlocal text
+            if not text:
+                item = {"type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []}
+                yield event("response.output_item.added", output_index=0, item=item)
+                part = {"type": "output_text", "text": "", "annotations": []}
+                yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0, part=part)
+            text += piece
+            yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=piece)
+
+        try:
+            async for ev in job.stream():
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                if isinstance(ev, Delta):
+                    for e in delta(calls_stream.push(ev.text) if calls_stream else ev.text) if ev.text else ():
+                        yield e
+                    continue
+                _account("responses", ev, t0, ttft)
+                rest, _ = calls_stream.finish() if calls_stream else ("", None)
+                for e in delta(rest) if rest else ():
+                    yield e
+                whole = finished(ev)
+                for item in whole["output"]:
+                    if item["type"] == "message":
+                        item = {**item, "id": msg_id}
+                        part = item["content"][0]
+                        yield event(
+                            "response.output_text.done",
+                            item_id=msg_id,
+                            output_index=index,
+                            content_index=0,
+                            text=part["text"],
+                        )
+                        yield event(
+                            "response.content_part.done", item_id=msg_id, output_index=index, content_index=0, part=part
+                        )
+                    else:
+                        yield event(
+                            "response.output_item.added",
+                            output_index=index,
+                            item={**item, "arguments": "", "status": "in_progress"},
+                        )
+                        args = item["arguments"]
+                        yield event(
+                            "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=args
+                        )
+                        yield event(
+                            "response.function_call_arguments.done",
+                            item_id=item["id"],
+                            output_index=index,
+                            arguments=args,
+                        )
+                    yield event("response.output_item.done", output_index=index, item=item)
+                    index += 1
+                whole["output"] = [({**i, "id": msg_id} if i["type"] == "message" else i) for i in whole["output"]]
+                yield event(
+                    "response.completed" if whole["status"] == "completed" else "response.incomplete", response=whole
+                )
+        except JobFailed as e:
+            kind = "invalid_request_error" if e.client_error else "server_error"
+            yield event("error", code=kind, message=f"generation failed: {e}", param=None)
 
     @app.post("/v1/messages/count_tokens", dependencies=[Depends(auth)])
     async def count_tokens(req: CountTokensRequest) -> dict[str, int]:
@@ -533,6 +689,11 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             yield f"data: {json.dumps(errors.error_body(e.message, e.type))}\n\n"
         yield "data: [DONE]\n\n"
 
+    # llama.cpp's server also answers without the /v1 prefix
+    for path, endpoint in (("/chat/completions", chat_completions), ("/completions", completions),
+                           ("/messages", messages), ("/responses", responses)):  # fmt: skip
+        app.add_api_route(path, endpoint, methods=["POST"], dependencies=[Depends(auth)], response_model=None)
+    app.add_api_route("/models", models, methods=["GET"], dependencies=[Depends(auth)])
     return app
 
 

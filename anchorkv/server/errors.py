@@ -59,7 +59,7 @@ ANTHROPIC_TYPES = {
 
 def shaped(request: Request, status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
     """The error object of the API the request was sent to: Anthropic's on /v1/messages, else OpenAI's."""
-    if request.url.path.startswith("/v1/messages"):
+    if request.url.path.startswith(("/v1/messages", "/messages")):
         return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
     return error_body(message, type_, param)
 
@@ -73,7 +73,12 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        # a union reports one error per member: the one that got deepest into the value says most
+        first = (
+            max(errors, key=lambda e: len(e.get("loc", ())))
+            if errors
+            else {"loc": (), "msg": "invalid request", "type": ""}
+        )
         if first.get("type") == "json_invalid":
             return JSONResponse(
                 shaped(request, 400, "the request body is not valid JSON", "invalid_request_error"), 400

@@ -41,10 +41,22 @@ class RequestBody(BaseModel):
         return data
 
 
+class CacheControl(BaseModel):
+    type: Literal["ephemeral"]
+
+
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    cache_control: CacheControl | None = None  # anchors at the end of the message holding the part
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind not in ("text", "input_text"):
+            raise ValueError(f"this model reads text only, not {kind!r} parts")
+        return kind
 
 
 class FunctionCall(BaseModel):
@@ -59,10 +71,6 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class CacheControl(BaseModel):
-    type: Literal["ephemeral"]
-
-
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Role
@@ -71,6 +79,12 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @property
+    def marked(self) -> bool:
+        """cache_control on the message or on one of its parts."""
+        parts = self.content if isinstance(self.content, list) else []
+        return self.cache_control is not None or any(p.cache_control is not None for p in parts)
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:

@@ -1,0 +1,183 @@
+"""The OpenAI Responses API, translated to and from the internal chat request: pure, no model.
+
+`instructions` becomes the system message; input items become chat messages (a run of `function_call`
+items one assistant message with tool_calls, a `function_call_output` a tool message); flat function tools
+become chat tools; `text.format` becomes `response_format`. A reply comes back as output items. Responses
+are kept (bounded, in memory, per tenant) so that `previous_response_id` continues a conversation, whose
+prefix the cache then holds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
+
+KEPT_RESPONSES = 1024
+
+
+class ResponsesRequest(RequestBody):
+    model_config = ConfigDict(extra="ignore")  # reasoning, include, metadata, truncation, ...: accepted, unused
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None  # non-function tools are accepted and left out
+    tool_choice: Literal["auto", "required", "none"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    prompt_cache_key: str | None = None
+    text: dict[str, Any] | None = None
+    cache_salt: str | None = None
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p)
+    return ""
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as chat messages. Raises ValueError naming the item it cannot read."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ValueError(f"input[{i}].role must be user, system, developer or assistant")
+            for j, part in enumerate(item.get("content") if isinstance(item.get("content"), list) else []):
+                if isinstance(part, dict) and part.get("type") not in ("input_text", "output_text", "text"):
+                    raise ValueError(f"input[{i}].content[{j}]: this model reads text only, not {part.get('type')!r}")
+            out.append({"role": role, "content": _text(item.get("content"))})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id") or item.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": item.get("name", ""), "arguments": item.get("arguments") or "{}"}}  # fmt: skip
+            if out and out[-1]["role"] == "assistant" and not out[-1].get("content") and "tool_calls" in out[-1]:
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id", ""),
+                        "content": output if isinstance(output, str) else _text(output) or json.dumps(output)})  # fmt: skip
+        # reasoning and other item types carry nothing this model reads
+    return out
+
+
+def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The internal chat request: the stored conversation `history` (from previous_response_id), then this
+    request's instructions and input."""
+    # instructions are never carried over from a previous response: the history is kept without them
+    messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
+    messages += [*history, *input_messages(req.input)]
+    tools = [
+        {"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
+                                          "parameters": t.get("parameters") or {"type": "object"}}}
+        for t in req.tools or [] if t.get("type") == "function" and isinstance(t.get("name"), str)
+    ]  # fmt: skip
+    body: dict[str, Any] = {"messages": messages, "temperature": req.temperature, "top_p": req.top_p,
+                            "stream": req.stream, "parallel_tool_calls": req.parallel_tool_calls}  # fmt: skip
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    if tools:
+        body["tools"] = tools
+        choice = req.tool_choice
+        if isinstance(choice, dict) and choice.get("type") == "function":
+            body["tool_choice"] = {"type": "function", "function": {"name": choice.get("name", "")}}
+        elif isinstance(choice, str):
+            body["tool_choice"] = choice
+    fmt = (req.text or {}).get("format") or {}
+    if fmt.get("type") == "json_schema":
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema") or {}},
+        }
+    elif fmt.get("type") == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    if req.prompt_cache_key is not None:
+        body["prompt_cache_key"] = req.prompt_cache_key
+    if req.cache_salt is not None:
+        body["cache_salt"] = req.cache_salt
+    return ChatCompletionRequest.model_validate(body)
+
+
+def output_items(reply: dict[str, Any]) -> list[dict[str, Any]]:
+    """An assistant message in the chat form as Responses output items."""
+    items: list[dict[str, Any]] = []
+    if reply.get("content"):
+        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": reply["content"], "annotations": []}]})  # fmt: skip
+    for call in reply.get("tool_calls") or []:
+        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
+                      "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"})  # fmt: skip
+    return items
+
+
+def response(
+    rid: str, model: str, req: ResponsesRequest, items: list[dict[str, Any]], finish: str, prompt: int, cached: int,
+    output: int,
+) -> dict[str, Any]:  # fmt: skip
+    incomplete = finish == "length"
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "incomplete" if incomplete else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "error": None,
+        "model": model,
+        "instructions": req.instructions,
+        "output": items,
+        "output_text": "".join(p["text"] for i in items if i["type"] == "message" for p in i["content"]),
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "previous_response_id": req.previous_response_id,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "tool_choice": req.tool_choice or "auto",
+        "tools": req.tools or [],
+        "max_output_tokens": req.max_output_tokens,
+        "store": req.store,
+        "text": req.text or {"format": {"type": "text"}},
+        "usage": {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + output,
+        },
+    }
+
+
+class ResponseStore:
+    """Recent conversations by response id, per tenant (API key or cache_salt), the oldest dropped first."""
+
+    def __init__(self, size: int = KEPT_RESPONSES) -> None:
+        self.size = size
+        self._kept: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tenant: str, rid: str) -> list[dict[str, Any]] | None:
+        with self._lock:
+            return self._kept.get((tenant, rid))
+
+    def put(self, tenant: str, rid: str, messages: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._kept[(tenant, rid)] = messages
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)

@@ -1,0 +1,168 @@
+"""The OpenAI Responses API through the official `openai` SDK, on the bundled model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from openai import BadRequestError, OpenAI
+
+from anchorkv.cache.prefix_cache import CacheConfig
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
+from anchorkv.server.openai_responses import ResponsesRequest, input_messages, to_chat
+from conftest import LiveServer, serve_in_thread
+
+INSTRUCTIONS = "You are a terse assistant for a library. " + " ".join(
+    f"Shelf {i} holds books on subject {i}; answer with its code L-{i}." for i in range(40)
+)
+LOOKUP = {
+    "type": "function",
+    "name": "find_book",
+    "description": "Find a book by title",
+    "parameters": {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    folder: Path = tmp_path_factory.mktemp("kv")
+    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=256, cache_dir=folder))
+    yield from serve_in_thread(create_app(engine, ServerConfig()))
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+def test_create_answers_with_an_output_message_and_usage(client: OpenAI) -> None:
+    r = client.responses.create(
+        model="any", input="What is the capital of France?", temperature=0, max_output_tokens=12
+    )
+    assert r.status in ("completed", "incomplete")
+    assert "Paris" in r.output_text
+    assert r.output[0].type == "message"
+    assert r.usage is not None and r.usage.input_tokens > 0 and r.usage.output_tokens > 0
+
+
+def test_streamed_events_end_in_the_same_response(client: OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "any", "input": "Name three colors.", "temperature": 0, "max_output_tokens": 16}
+    whole = client.responses.create(**kw)
+    kinds, text = [], ""
+    for event in client.responses.create(stream=True, **kw):
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            text += event.delta
+        if event.type in ("response.completed", "response.incomplete"):
+            final = event.response
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert text == whole.output_text == final.output_text
+
+
+def test_previous_response_id_continues_and_restores_the_conversation(client: OpenAI) -> None:
+    first = client.responses.create(
+        model="any",
+        instructions=INSTRUCTIONS,
+        input="Which shelf holds subject 5?",
+        temperature=0,
+        max_output_tokens=12,
+    )
+    second = client.responses.create(
+        model="any", instructions=INSTRUCTIONS, input="And subject 6?", previous_response_id=first.id,
+        temperature=0, max_output_tokens=12,
+    )  # fmt: skip
+    assert second.usage is not None and first.usage is not None
+    assert second.usage.input_tokens > first.usage.input_tokens  # the first turn is in the prompt
+    assert second.usage.input_tokens_details.cached_tokens > first.usage.input_tokens // 2
+
+
+def test_prompt_cache_key_is_accepted_and_cached_tokens_reported(client: OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "any", "instructions": INSTRUCTIONS, "temperature": 0, "max_output_tokens": 8,
+                          "prompt_cache_key": "library"}  # fmt: skip
+    a = client.responses.create(input="Subject 11?", **kw)
+    b = client.responses.create(input="Subject 11?", **kw)
+    assert b.usage is not None and b.usage.input_tokens_details.cached_tokens > 0
+    assert a.output_text == b.output_text
+
+
+def test_function_tools_round_trip(client: OpenAI) -> None:
+    r = client.responses.create(
+        model="any", input="Find the book Dune.", tools=[LOOKUP], tool_choice="required", temperature=0,  # type: ignore[list-item]
+        max_output_tokens=48,
+    )  # fmt: skip
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "find_book"
+    follow = client.responses.create(
+        model="any", previous_response_id=r.id, tools=[LOOKUP], temperature=0, max_output_tokens=12,  # type: ignore[list-item]
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Shelf 3"}],
+    )  # fmt: skip
+    assert follow.status in ("completed", "incomplete")
+    assert follow.usage is not None and follow.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_streamed_function_call_arguments(client: OpenAI) -> None:
+    kinds = [
+        e.type
+        for e in client.responses.create(
+            model="any",
+            input="Find the book Emma.",
+            tools=[LOOKUP],
+            tool_choice="required",
+            temperature=0,  # type: ignore[list-item]
+            max_output_tokens=48,
+            stream=True,
+        )  # fmt: skip
+    ]
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+
+
+def test_codex_style_fields_are_accepted_and_ignored(server: LiveServer) -> None:
+    body = {
+        "model": "any", "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]}],
+        "tools": [{"type": "web_search"}, {"type": "local_shell"}], "reasoning": {"effort": "low"},
+        "include": ["reasoning.encrypted_content"], "store": False, "max_output_tokens": 4,
+    }  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["output"]
+
+
+def test_unknown_previous_response_id_is_a_400_naming_it(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(model="any", input="x", previous_response_id="resp_nope")
+    assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+def test_store_false_keeps_nothing(client: OpenAI) -> None:
+    r = client.responses.create(model="any", input="Hi", store=False, max_output_tokens=2)
+    with pytest.raises(BadRequestError):
+        client.responses.create(model="any", input="x", previous_response_id=r.id)
+
+
+def test_an_image_part_is_a_400_naming_it(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(
+            model="any",
+            input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}],  # type: ignore[list-item]
+        )
+    assert "input[0].content[0]" in str(e.value)
+
+
+def test_translation_groups_function_calls_and_keeps_instructions_out_of_history() -> None:
+    items = [
+        {"role": "user", "content": "a"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+        {"type": "reasoning", "summary": []},
+    ]
+    msgs = input_messages(items)
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool"]
+    assert [c["id"] for c in msgs[1]["tool_calls"]] == ["c1", "c2"]
+    chat = to_chat(ResponsesRequest.model_validate({"input": "b", "instructions": "sys"}), msgs)
+    assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool", "user"]
