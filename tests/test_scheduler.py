@@ -294,3 +294,16 @@ def test_503_when_every_slot_runs_and_the_queue_is_full(live8: LiveServer, engin
         for t in posts:
             t.join(timeout=120)
     assert results == [200, 200]
+
+
+def test_a_reply_whose_next_turn_cannot_fit_is_not_prefilled_and_serving_goes_on(tmp_path: Path) -> None:
+    """Found by Claude Code: a turn that fills the context left a reply whose re-prefill ran past it."""
+    engine = Engine(EngineConfig(threads=2, parallel=2, ctx=160), CacheConfig(ram_mb=64, cache_dir=tmp_path))
+    long = prompt(engine, "rain", words=12)
+    room = engine.ctx - len(long)
+    done = list(engine.generate(long, SamplingParams(max_tokens=room, temperature=0, ignore_eos=True), background=True))
+    assert done[-1].finish_reason == "length"  # type: ignore[union-attr]
+    while engine.has_idle_work:
+        engine.idle_work()
+    again = list(engine.generate(prompt(engine, "maps"), GREEDY))[-1]
+    assert again.completion_tokens == GREEDY.max_tokens  # type: ignore[union-attr]

@@ -211,7 +211,7 @@ class Engine:
         self._run(plan)
         self._post_process(plan)
         if self.running and not plan.prefill and not self.waiting and (slot := self._reply_slot()) is not None:
-            self._reply_step(slot)  # beside decoding sequences, the budget left: background work
+            self._background(slot)  # beside decoding sequences, the budget left: background work
         return True
 
     @torch.inference_mode()
@@ -267,8 +267,18 @@ class Engine:
             if self._warm:
                 self._warm_start(interrupt)
             elif (slot := self._reply_slot()) is not None:
-                self._reply_step(slot, interrupt)
+                self._background(slot, interrupt)
             return self.has_idle_work
+
+    def _background(self, slot: Slot, interrupt: Callable[[], bool] | None = None) -> None:
+        """One unit of the slot's reply work; a fault drops that work and what the slot held, nothing more."""
+        try:
+            self._reply_step(slot, interrupt)
+        except Exception:
+            log.exception("background prefill of a reply failed; the next turn prefills it itself")
+            slot.reply = None
+            slot.clear()
+            self.pipeline.truncate(0, slot.index)
 
     # -- admit -----------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -548,7 +558,7 @@ class Engine:
             return False
         c = self.cfg.chunk_size
         if reply.began is None:
-            if not reply.prepare():
+            if not reply.prepare() or len(reply.tokens) >= self.ctx:  # no next turn, or none that could fit
                 slot.reply = None
                 return False
             reply.began = shared_cut(reply.tokens, reply.ends, slot.tokens[: slot.valid], slot.ends, c)

@@ -208,7 +208,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         t0 = time.perf_counter()
         chat, _ = anthropic_messages.to_chat(req)
         prompt, creq = await _chat_prompt(chat)
-        params = await _params(chat, prompt, "messages")
+        params = await _params(chat, prompt, "messages", clamp=True)
         job = _submit("messages", prompt, params, creq)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         if req.stream:
@@ -255,7 +255,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         except ValueError as e:
             raise APIError(400, str(e), "input") from None
         prompt, creq = await _chat_prompt(chat)
-        params = await _params(chat, prompt, "input")
+        params = await _params(chat, prompt, "input", clamp=True)
         job = _submit("responses", prompt, params, creq)
         rid = f"resp_{uuid.uuid4().hex[:24]}"
         said = _dicts(chat.messages)[1 if req.instructions else 0 :]
@@ -467,10 +467,15 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             turn_starts=rendered.turn_starts if rendered else (),
         )
 
-    async def _params(req: SamplingFields, prompt: list[int], prompt_param: str) -> SamplingParams:
-        """The request's sampling, checked against the prompt: a 400 naming the field where it cannot run."""
+    async def _params(req: SamplingFields, prompt: list[int], prompt_param: str, clamp: bool = False) -> SamplingParams:
+        """The request's sampling, checked against the prompt: a 400 naming the field where it cannot run.
+        With `clamp`, a max_tokens past the context's room is taken as that room (the agent APIs: Claude
+        Code asks for 128k output tokens whatever the model)."""
+        limit = req.token_limit
+        if clamp and limit is not None:
+            limit = max(1, min(limit, engine.ctx - len(prompt)))
         try:
-            max_tokens = engine.check_fits(len(prompt), req.token_limit)
+            max_tokens = engine.check_fits(len(prompt), limit)
         except PromptTooLong as e:
             param = "max_tokens" if req.token_limit is not None and len(prompt) < engine.ctx else prompt_param
             raise APIError(400, str(e), param) from None

@@ -154,7 +154,10 @@ class EngineWorker:
             try:
                 return self._queue.get(timeout=IDLE_GRACE_S)
             except queue.Empty:
-                self.engine.idle_work(interrupt=lambda: not self._queue.empty())
+                try:
+                    self.engine.idle_work(interrupt=lambda: not self._queue.empty())
+                except Exception:  # background work never takes the engine down
+                    log.exception("background work failed")
         return self._queue.get()
 
     def run(self) -> None:
