@@ -19,7 +19,7 @@ from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.scheduler import pick_slot, schedule, should_wait
 from anchorkv.engine.sequence import Sequence, Status
 from anchorkv.engine.slot import Slot
-from anchorkv.server.app import create_app
+from anchorkv.server.app import create_app, next_turn_renderer
 from conftest import LiveServer, serve_in_thread
 
 TOPICS = ["cats", "the sea", "a robot", "bread", "a king", "rain", "maps", "bees"]
@@ -297,12 +297,15 @@ def test_503_when_every_slot_runs_and_the_queue_is_full(live8: LiveServer, engin
 
 
 def test_a_reply_whose_next_turn_cannot_fit_is_not_prefilled_and_serving_goes_on(tmp_path: Path) -> None:
-    """Found by Claude Code: a turn that fills the context left a reply whose re-prefill ran past it."""
+    """Found by Claude Code: a turn that filled the context left a reply whose re-prefill, ending past the
+    context with the reply's end-of-turn tokens, ran past it."""
     engine = Engine(EngineConfig(threads=2, parallel=2, ctx=160), CacheConfig(ram_mb=64, cache_dir=tmp_path))
-    long = prompt(engine, "rain", words=12)
-    room = engine.ctx - len(long)
-    done = list(engine.generate(long, SamplingParams(max_tokens=room, temperature=0, ignore_eos=True), background=True))
-    assert done[-1].finish_reason == "length"  # type: ignore[union-attr]
+    messages = [{"role": "user", "content": " ".join(f"Fact {i} about rain." for i in range(12))}]
+    rendered = engine.render_chat(messages)
+    req = CacheRequest(rendered.boundaries, next_turn=next_turn_renderer(engine, messages, None, False))
+    params = SamplingParams(max_tokens=engine.ctx - len(rendered.token_ids), temperature=0, ignore_eos=True)
+    done = list(engine.generate(rendered.token_ids, params, cache_req=req, background=True))[-1]
+    assert done.finish_reason == "length"  # type: ignore[union-attr]
     while engine.has_idle_work:
         engine.idle_work()
     again = list(engine.generate(prompt(engine, "maps"), GREEDY))[-1]
