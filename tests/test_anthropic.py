@@ -165,3 +165,17 @@ def test_translation_marks_the_message_holding_a_breakpoint() -> None:
     assert chat.messages[2].tool_calls and chat.messages[2].tool_calls[0].function.arguments == '{"x": 1}'
     assert usage(100, 40, 5, 70) == {"input_tokens": 30, "cache_read_input_tokens": 40,
                                     "cache_creation_input_tokens": 30, "output_tokens": 5}  # fmt: skip
+
+
+def test_claude_codes_empty_system_message_in_the_list_is_accepted(server: LiveServer) -> None:
+    """Claude Code 2.1 sends `{"role": "system", "content": [], "output_config": ...}` among the messages."""
+    body = {
+        "max_tokens": 4,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": [], "output_config": {"effort": "medium"}},
+        ],
+    }
+    r = httpx.post(f"{server.url}/v1/messages", json=body, headers={"x-api-key": "sekret"}, timeout=60)
+    assert r.status_code == 200
+    assert r.json()["content"]

@@ -33,7 +33,8 @@ class Block(BaseModel):
 
 
 class Message(BaseModel):
-    role: Literal["user", "assistant"]
+    model_config = ConfigDict(extra="ignore")  # output_config and the like
+    role: Literal["user", "assistant", "system"]  # Claude Code sends system messages, often empty, mid-list
     content: str | list[Block]
 
 
@@ -112,6 +113,10 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
         messages[0]["cache_control"] = {"type": "ephemeral"}  # the tools render into the system turn
         marks += 1
     for m in req.messages:
+        if m.role == "system":
+            if text := _text(m.content):
+                add({"role": "system", "content": text}, False)
+            continue
         if isinstance(m.content, str):
             add({"role": m.role, "content": m.content}, False)
             continue

@@ -59,6 +59,8 @@ ANTHROPIC_TYPES = {
 
 def shaped(request: Request, status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
     """The error object of the API the request was sent to: Anthropic's on /v1/messages, else OpenAI's."""
+    if status < 500:
+        log.info("[request] %d %s: %s", status, request.url.path, message)
     if request.url.path.startswith(("/v1/messages", "/messages")):
         return {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
     return error_body(message, type_, param)
