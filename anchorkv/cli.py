@@ -238,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--limit", type=int, default=None, help="replay only the first N requests of each trace")
     sim.add_argument("--json", action="store_true", help="print JSON, one object per policy and trace")
     sim.add_argument("--chart", type=Path, default=None, help="write a PNG of hit rate against restored tokens")
-    cache = sub.add_parser("cache", help="inspect or empty a disk cache folder")
-    cache.add_argument("action", choices=["ls", "stats", "clear"])
+    cache = sub.add_parser("cache", help="inspect, verify or empty a disk cache folder")
+    cache.add_argument("action", choices=["ls", "stats", "clear", "verify"])
+    cache.add_argument("--repair", action="store_true", help="verify: remove the bad files it finds")
     cache.add_argument("--cache-dir", type=Path, default=None, help="the folder (default: ~/.cache/anchorkv/kv)")
     return parser
 
@@ -368,6 +369,10 @@ def _cache(args: argparse.Namespace) -> int:
         print(inventory.ls(folder))
     elif args.action == "stats":
         print(inventory.stats(folder))
+    elif args.action == "verify":
+        report, bad = inventory.verify(folder, repair=args.repair)
+        print(report)
+        return 1 if bad and not args.repair else 0
     else:
         print(f"removed {inventory.clear(folder)} chunk files from {folder}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,30 @@ def test_a_read_only_cache_folder_never_stops_the_start(tmp_path: Path) -> None:
         assert serve_one(e).completion_tokens == 4
     finally:
         folder.chmod(0o700)
+
+
+def test_cache_verify_finds_damaged_files_and_repair_removes_them(tmp_path: Path) -> None:
+    e = make(tmp_path)
+    serve_one(e)
+    e.cache.flush()
+    chunks = sorted(tmp_path.glob(f"*/*{SUFFIX}"))
+    assert chunks
+    data = bytearray(chunks[0].read_bytes())
+    data[-10] ^= 0xFF  # a flipped bit inside the tensors: only the checksum sees it
+    chunks[0].write_bytes(bytes(data))
+    (tmp_path / "history.bin").write_bytes(b"garbage")
+
+    def verify(*extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "anchorkv", "cache", "verify", "--cache-dir", str(tmp_path), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    found = verify()
+    assert found.returncode == 1
+    assert f"{len(chunks) - 1} chunk files verified, 2 bad" in found.stdout
+    assert "checksum" in found.stdout
+    assert verify("--repair").returncode == 0
+    assert not chunks[0].exists()
+    assert (tmp_path / "history.bin.bad").exists()
+    again = verify()
+    assert again.returncode == 0
+    assert ", 0 bad" in again.stdout

@@ -59,6 +59,28 @@ def checksum(k: torch.Tensor, v: torch.Tensor, tokens: np.ndarray, logits: torch
     return h.hexdigest()
 
 
+def read_verified(
+    path: Path, namespace_id: str, key: bytes
+) -> tuple[dict[str, str], torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None]:
+    """A chunk file's header and tensors (k, v, tokens, logits), or ValueError (or the reader's own error)
+    when anything does not check out: header, key, tokens against the key, checksum, positions."""
+    if path.is_symlink():
+        raise ValueError("a link, not a file")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        k, v, tokens = f.get_tensor("k"), f.get_tensor("v"), f.get_tensor("tokens").numpy().astype(np.int32)
+        logits = f.get_tensor("logits") if meta.get("logits") == "1" else None
+    if meta.get("magic") != MAGIC or meta.get("namespace") != namespace_id or meta.get("key") != key.hex():
+        raise ValueError("header mismatch")
+    if chunk_key(bytes.fromhex(meta["parent"]), tokens.tolist()) != key:
+        raise ValueError("tokens do not hash to the key")
+    if checksum(k, v, tokens, logits) != meta["checksum"]:
+        raise ValueError("checksum mismatch")
+    if k.shape[2] != int(meta["end"]) - int(meta["start"]) or len(tokens) != k.shape[2]:
+        raise ValueError("positions do not match the tensors")
+    return meta, k, v, tokens, logits
+
+
 class DiskWriter:
     """One background thread that runs file writes in order; `flush()` waits for those queued so far."""
 
@@ -218,18 +240,7 @@ class DiskTier:
         if e is None:
             return None
         try:
-            with safe_open(str(e.path), "pt") as f:
-                meta = f.metadata() or {}
-                k, v, tokens = f.get_tensor("k"), f.get_tensor("v"), f.get_tensor("tokens").numpy().astype(np.int32)
-                logits = f.get_tensor("logits") if meta.get("logits") == "1" else None
-            if meta.get("magic") != MAGIC or meta.get("namespace") != self.namespace.id or meta.get("key") != key.hex():
-                raise ValueError("header mismatch")
-            if chunk_key(bytes.fromhex(meta["parent"]), tokens.tolist()) != key:
-                raise ValueError("tokens do not hash to the key")
-            if checksum(k, v, tokens, logits) != meta["checksum"]:
-                raise ValueError("checksum mismatch")
-            if k.shape[2] != int(meta["end"]) - int(meta["start"]) or len(tokens) != k.shape[2]:
-                raise ValueError("positions do not match the tensors")
+            meta, k, v, tokens, logits = read_verified(e.path, self.namespace.id, key)
         except Exception as err:
             log.warning("dropping corrupt cache file %s: %s", e.path.name, err)
             self._unindex(key)

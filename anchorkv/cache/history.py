@@ -39,7 +39,7 @@ class History:
         if path is None or not os.path.lexists(path):
             return
         try:
-            for ns, packed in _parse(_read(path), vocab_size).items():
+            for ns, packed in parse_file(path, vocab_size).items():
                 for p in packed:
                     self._append(ns, np.frombuffer(p, "<u4").tolist(), p)
         except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
@@ -80,6 +80,11 @@ class History:
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
         tmp.write_bytes(snapshot)
         os.replace(tmp, self.path)
+
+
+def parse_file(path: Path, vocab_size: int = 2**31) -> dict[str, list[bytes]]:
+    """The file's prompts per namespace; raises (OSError, ValueError, ...) when it does not check out."""
+    return _parse(_read(path), vocab_size)
 
 
 def _read(path: Path) -> bytes:

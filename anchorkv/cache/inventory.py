@@ -1,4 +1,4 @@
-"""`anchorkv cache ls|stats|clear`: look into a disk cache folder without loading a model."""
+"""`anchorkv cache ls|stats|clear|verify`: look into a disk cache folder without loading a model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from anchorkv.cache.disk_tier import SUFFIX
+from anchorkv.cache.disk_tier import SUFFIX, read_verified
 from anchorkv.cache.history import FILE_NAME as HISTORY_FILE
+from anchorkv.cache.history import History, parse_file
 
 
 @dataclass(frozen=True)
@@ -71,3 +72,35 @@ def clear(cache_dir: Path) -> int:
     for name in (HISTORY_FILE, "history.json"):  # history.json: the earlier, JSON form
         (cache_dir / name).unlink(missing_ok=True)
     return n
+
+
+def verify(cache_dir: Path, repair: bool = False) -> tuple[str, int]:
+    """Check every chunk file in full (header, key, tokens, checksum, positions) and the history file.
+    Returns a report and the number of bad files; with `repair`, the bad ones are removed (the history set
+    aside as history.bin.bad)."""
+    bad: list[tuple[Path, str]] = []
+    good = 0
+    for ns in namespaces(cache_dir):
+        for p in sorted(ns.glob(f"*{SUFFIX}")):
+            try:
+                read_verified(p, ns.name, bytes.fromhex(p.stem))
+                good += 1
+            except Exception as e:  # noqa: BLE001 - any failure is a bad file
+                bad.append((p, str(e) or type(e).__name__))
+    history = cache_dir / HISTORY_FILE
+    if history.exists() or history.is_symlink():
+        try:
+            parse_file(history)
+        except Exception as e:  # noqa: BLE001
+            bad.append((history, str(e) or type(e).__name__))
+    lines = [f"{good} chunk files verified, {len(bad)} bad"]
+    for p, why in bad:
+        lines.append(f"  bad: {p.relative_to(cache_dir)}: {why}")
+        if repair:
+            if p.name == HISTORY_FILE:
+                History(p)  # sets it aside
+            else:
+                p.unlink(missing_ok=True)
+    if repair and bad:
+        lines.append(f"removed {len(bad)}")
+    return "\n".join(lines), len(bad)
