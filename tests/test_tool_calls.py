@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from anchorkv.server.tool_calls import ToolCallStream, parse_tool_calls
+from fastapi.testclient import TestClient
+
+from anchorkv.server.tool_calls import ToolCallStream, assistant_message, parse_tool_calls
 
 TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
@@ -39,3 +41,38 @@ def test_stream_of_plain_text_loses_nothing() -> None:
     sent = "".join(s.push(ch) for ch in text)
     rest, calls = s.finish()
     assert calls is None and sent + rest == text
+
+
+def test_a_call_cut_by_max_tokens_leaks_no_markup() -> None:
+    cut = TEXT + '\n<tool_call>\n{"name": "get_weather", "argu'
+    message = assistant_message(cut, 2**31)
+    assert message["content"] == "Let me check."
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"]
+    s = ToolCallStream()
+    sent = "".join(s.push(cut[i : i + 5]) for i in range(0, len(cut), 5))
+    rest, calls = s.finish()
+    assert "<tool_call>" not in sent + rest
+    assert calls is not None and len(calls) == 1
+    alone = assistant_message('Sure.\n<tool_call>\n{"name": "get_w', 2**31)
+    assert alone == {"role": "assistant", "content": "Sure."}
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    two = TEXT + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    assert len(assistant_message(two, 2**31)["tool_calls"]) == 2
+    assert [c["function"]["name"] for c in assistant_message(two, 1)["tool_calls"]] == ["get_weather"]
+    s = ToolCallStream(1)
+    for ch in two:
+        s.push(ch)
+    assert [c["function"]["name"] for c in s.finish()[1] or []] == ["get_weather"]
+
+
+def test_a_reply_cut_mid_call_finishes_with_length(client: TestClient) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+              "properties": {"city": {"type": "string"}}}}}]  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools,
+            "tool_choice": "required", "max_tokens": 6, "temperature": 0}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert "<tool_call" not in (choice["message"]["content"] or "")

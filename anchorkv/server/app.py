@@ -192,7 +192,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             for m, e in zip(req.messages, ends, strict=True)
             if m.marked and e is not None
         ]
-        creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools, req.calls_tools))
+        creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools, req.calls_allowed))
         return rendered.token_ids, creq
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)], response_model=None)
@@ -213,13 +213,13 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         if req.stream:
             return StreamingResponse(
-                _message_events(mid, job, len(prompt), chat.calls_tools, t0), media_type="text/event-stream"
+                _message_events(mid, job, len(prompt), chat.calls_allowed, t0), media_type="text/event-stream"
             )
         done = await _final(job, request)
         if done is None:
             return Response(status_code=499)
         _account("messages", done, t0)
-        reply = assistant_message(done.text, chat.calls_tools)
+        reply = assistant_message(done.text, chat.calls_allowed)
         body = {
             "id": mid,
             "type": "message",
@@ -261,7 +261,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         said = _dicts(chat.messages)[1 if req.instructions else 0 :]
 
         def finished(done: Finished) -> dict[str, Any]:
-            reply = assistant_message(done.text, chat.calls_tools)
+            reply = assistant_message(done.text, chat.calls_allowed)
             if req.store:
                 responses_store.put(tenant, rid, [*said, reply])
             items = openai_responses.output_items(reply)
@@ -278,7 +278,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
         if req.stream:
             return StreamingResponse(
-                _response_events(rid, req, job, chat.calls_tools, t0, finished), media_type="text/event-stream"
+                _response_events(rid, req, job, chat.calls_allowed, t0, finished), media_type="text/event-stream"
             )
         done = await _final(job, request)
         if done is None:
@@ -290,7 +290,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         rid: str,
         req: ResponsesRequest,
         job: Job,
-        tools: bool,
+        tools: int,
         t0: float,
         finished: Callable[[Finished], dict[str, Any]],
     ) -> AsyncIterator[str]:
@@ -312,7 +312,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         yield event("response.created", response=pending)
         yield event("response.in_progress", response=pending)
         msg_id, text, index = f"msg_{uuid.uuid4().hex[:24]}", "", 0
-        calls_stream = ToolCallStream() if tools else None
+        calls_stream = ToolCallStream(tools) if tools else None
         ttft: float | None = None
 
         def delta(piece: str) -> Iterator[str]:
@@ -386,7 +386,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         anchored = max((int(d["at"]) for d in done.cache.get("recorded", []) if d.get("kind") == "anchor"), default=0)  # type: ignore[call-overload]
         return anthropic_messages.usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens, anchored)
 
-    async def _message_events(mid: str, job: Job, prompt_len: int, tools: bool, t0: float) -> AsyncIterator[str]:
+    async def _message_events(mid: str, job: Job, prompt_len: int, tools: int, t0: float) -> AsyncIterator[str]:
         """Anthropic's server-sent events: message_start, a text block's start / deltas / stop, one block
         per tool call (its input as one input_json_delta), message_delta with the stop reason and usage,
         message_stop."""
@@ -399,7 +399,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         yield event("message_start", message=start)
         yield event("ping")
         index, text_open = 0, False
-        calls_stream = ToolCallStream() if tools else None
+        calls_stream = ToolCallStream(tools) if tools else None
         ttft: float | None = None
 
         def text_delta(text: str) -> Iterator[str]:
@@ -526,7 +526,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
         first = submit(0)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        tools = isinstance(req, ChatCompletionRequest) and req.calls_tools
+        tools = req.calls_allowed if isinstance(req, ChatCompletionRequest) else 0
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = _sse(kind, rid, first, submit, req.n, include_usage, t0, tools, params.logprobs is not None)
@@ -587,7 +587,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             return chat_logprobs(entries, engine.tokenizer)
         return completion_logprobs(entries, engine.tokenizer, offset)
 
-    def _response(kind: str, rid: str, dones: list[Finished], tools: bool = False) -> dict[str, Any]:
+    def _response(kind: str, rid: str, dones: list[Finished], tools: int = 0) -> dict[str, Any]:
         """One choice per generation; timings and prefix_cache are the first's, which did the prefill."""
         choices = []
         for i, done in enumerate(dones):
@@ -595,7 +595,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             choice["logprobs"] = _logprobs(kind, done.logprobs)
             if kind == "chat":
                 choice["message"] = assistant_message(done.text, tools)
-                if "tool_calls" in choice["message"]:
+                if "tool_calls" in choice["message"] and done.finish_reason != "length":
                     choice["finish_reason"] = "tool_calls"
             else:
                 choice["text"] = done.text
@@ -619,7 +619,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         n: int,
         include_usage: bool,
         t0: float,
-        tools: bool = False,
+        tools: int = 0,
         logprobs: bool = False,
     ) -> AsyncIterator[str]:
         """The choices one after another, each chunk naming its choice's index."""
@@ -651,7 +651,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                     opening = json.loads(chunk("")[6:])
                     opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                     yield f"data: {json.dumps(opening)}\n\n"
-                calls_stream = ToolCallStream() if tools else None
+                calls_stream = ToolCallStream(tools) if tools else None
                 async for event in job.stream():
                     if ttft is None:
                         ttft = time.perf_counter() - t0
@@ -668,7 +668,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                         rest, calls = calls_stream.finish()
                         if rest:
                             yield chunk(rest)
-                        if calls:
+                        if calls and finish != "length":
                             finish = "tool_calls"
                             body = json.loads(chunk(None)[6:])
                             body["choices"][0]["delta"] = {
@@ -714,7 +714,7 @@ def text_chars(value: Any) -> int:
 
 
 def next_turn_renderer(
-    engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, calls: bool
+    engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, calls: int
 ) -> Callable[[str], tuple[list[int], list[int]]]:
     """For CacheRequest.next_turn: the conversation as the client will send it back, ending with the reply
     as this server returns it (tokens, chat boundaries)."""

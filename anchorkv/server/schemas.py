@@ -232,6 +232,11 @@ class ChatCompletionRequest(SamplingFields):
         """Whether tool calls in the reply come back as tool_calls."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def calls_allowed(self) -> int:
+        """How many tool calls a reply may carry: 0 without tools, 1 with parallel_tool_calls false."""
+        return 0 if not self.calls_tools else 2**31 if self.parallel_tool_calls else 1
+
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:

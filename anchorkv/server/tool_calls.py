@@ -33,10 +33,21 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]] | Non
     return _BLOCK.sub("", text).strip() or None, calls
 
 
-def assistant_message(text: str, tools: bool) -> dict[str, Any]:
-    """The assistant message a response carries, which a client sends back on its next turn."""
-    if tools and (parsed := parse_tool_calls(text)) is not None:
-        return {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+def without_partial_call(text: str) -> str:
+    """The text without a trailing `<tool_call>` that never closed (a reply cut by max_tokens mid-call):
+    partial markup is neither content nor a call."""
+    i = text.rfind(OPEN)
+    return text[:i].rstrip() if i >= 0 and CLOSE not in text[i:] else text
+
+
+def assistant_message(text: str, allowed: int) -> dict[str, Any]:
+    """The assistant message a response carries, which a client sends back on its next turn; at most
+    `allowed` tool calls (0: none are parsed, 1: parallel_tool_calls false)."""
+    if not allowed:
+        return {"role": "assistant", "content": text}
+    text = without_partial_call(text)
+    if (parsed := parse_tool_calls(text)) is not None:
+        return {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1][:allowed]}
     return {"role": "assistant", "content": text}
 
 
@@ -44,9 +55,10 @@ class ToolCallStream:
     """Passes streamed text through, holding back everything from the first `<tool_call>` on (and any
     tail that could still become one), so a client never sees the raw call."""
 
-    def __init__(self) -> None:
+    def __init__(self, allowed: int = 2**31) -> None:
         self.text = ""
         self.sent = 0
+        self.allowed = allowed  # tool calls kept, the first ones
 
     def push(self, delta: str) -> str:
         self.text += delta
@@ -59,8 +71,9 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[dict[str, Any]] | None]:
         """The text still to send, and the tool calls if the held text parses as such."""
-        parsed = parse_tool_calls(self.text[self.sent :])
+        held = without_partial_call(self.text[self.sent :])
+        parsed = parse_tool_calls(held)
         if parsed is None:
-            return self.text[self.sent :], None
+            return held, None
         content, calls = parsed
-        return content or "", calls
+        return content or "", calls[: self.allowed]
