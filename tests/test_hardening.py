@@ -133,3 +133,12 @@ def test_models_retrieve_and_the_paths_without_v1(client: TestClient, engine: En
     r = post(client, "/chat/completions", {"messages": M, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["object"] == "chat.completion"
     assert post(client, "/completions", {"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_a_stop_string_past_1024_characters_is_a_400(client: TestClient) -> None:
+    r = post(client, "/v1/chat/completions", {"messages": M, "stop": ["x" * 100_000] * 16})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"].startswith("stop")
+    r = post(client, "/v1/messages", {"max_tokens": 4, "messages": M, "stop_sequences": ["x" * 2000]})
+    assert r.status_code == 400
+    assert r.json()["type"] == "error"

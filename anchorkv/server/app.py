@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from pydantic import ValidationError
@@ -47,6 +47,7 @@ from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
 log = logging.getLogger("anchorkv.server")
 
+T = TypeVar("T")
 PRIVATE_PAGES = {"/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
@@ -181,6 +182,16 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     async def apply_template(req: ApplyTemplateRequest) -> dict[str, Any]:
         return {"prompt": (await _render(_dicts(req.messages), req.tools)).text}
 
+    def _translated(translate: Callable[[], T], param: str) -> T:
+        """An agent API's request as the chat request; what the chat request refuses is a 400."""
+        try:
+            return translate()
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise APIError(400, f"{errors.field_path(first['loc'])}: {first['msg']}", param) from None
+        except ValueError as e:
+            raise APIError(400, str(e), param) from None
+
     async def _chat_prompt(req: ChatCompletionRequest) -> tuple[list[int], CacheRequest]:
         messages = _dicts(req.messages)
         rendered = await _render(messages, req.tools)
@@ -206,7 +217,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     async def messages(req: MessagesRequest, request: Request) -> Response:
         """Anthropic's Messages API, through the same chat request (anthropic_messages.py)."""
         t0 = time.perf_counter()
-        chat, _ = anthropic_messages.to_chat(req)
+        chat, _ = _translated(lambda: anthropic_messages.to_chat(req), "messages")
         prompt, creq = await _chat_prompt(chat)
         params = await _params(chat, prompt, "messages", clamp=True)
         job = _submit("messages", prompt, params, creq)
@@ -247,13 +258,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                     "previous_response_id",
                 )
             history = kept
-        try:
-            chat = openai_responses.to_chat(req, history)
-        except ValidationError as e:  # a tool or format the chat request refuses
-            first = e.errors()[0]
-            raise APIError(400, f"{errors.field_path(first['loc'])}: {first['msg']}", "input") from None
-        except ValueError as e:
-            raise APIError(400, str(e), "input") from None
+        chat = _translated(lambda: openai_responses.to_chat(req, history), "input")
         prompt, creq = await _chat_prompt(chat)
         params = await _params(chat, prompt, "input", clamp=True)
         job = _submit("responses", prompt, params, creq)
@@ -379,7 +384,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
     @app.post("/v1/messages/count_tokens", dependencies=[Depends(auth)])
     async def count_tokens(req: CountTokensRequest) -> dict[str, int]:
-        prompt, _ = await _chat_prompt(anthropic_messages.to_chat(req)[0])
+        prompt, _ = await _chat_prompt(_translated(lambda: anthropic_messages.to_chat(req), "messages")[0])
         return {"input_tokens": len(prompt)}
 
     def _message_usage(done: Finished) -> dict[str, int]:

@@ -147,6 +147,8 @@ class NamedToolChoice(BaseModel):
 
 
 AnchorCount = Annotated[int, Field(ge=0, strict=True)]
+# every generated token is checked against each stop string's prefixes: a bound keeps that cheap
+StopString = Annotated[str, Field(max_length=1024)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)]
 
 
@@ -164,7 +166,7 @@ class SamplingFields(RequestBody):
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0  # vLLM extension, over prompt and reply tokens
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # the range torch's generator takes
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
     ignore_eos: bool = False  # llama.cpp extension: generate max_tokens even past end-of-sequence
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES, strict=True)] = 1  # choices, generated one after another
     stream: bool = False
