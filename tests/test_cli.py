@@ -97,6 +97,30 @@ def test_serve_finishes_the_request_in_hand_on_sigterm(tmp_path: Path) -> None:
         proc.kill()
 
 
+def test_a_stream_still_running_at_the_end_of_the_grace_period_ends_with_an_error_and_done(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*_serve(port, tmp_path), "--shutdown-grace", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while not _health(url):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert "shutting down" in rest[-2]
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
 def test_serve_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

@@ -501,7 +501,9 @@ class Engine:
             self._keep_reply(seq, slot)
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
-        log.error("generation failed: %s: %s", type(error).__name__, error, exc_info=error)
+        log.error(
+            "generation failed: %s: %s", type(error).__name__, error, exc_info=error if error.__traceback__ else None
+        )
         seq.emit(Failed(error))
         seq.status = Status.FINISHED
         if seq in self.running:

@@ -558,6 +558,10 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         try:
             while True:
                 event = await job.events.get()
+                if isinstance(event, JobFailed) and event.shutting_down:
+                    raise APIError(
+                        503, "the server is shutting down", type_="server_busy", headers={"Retry-After": "5"}
+                    )
                 if isinstance(event, JobFailed) and event.client_error:
                     raise APIError(400, f"the grammar failed while generating: {event.error}")
                 if isinstance(event, JobFailed):

@@ -16,6 +16,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import FrameType
 
 import uvicorn
 
@@ -32,12 +33,24 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(RuntimeError):
+    pass
+
+
+# the requests still running this long before the graceful shutdown's end are failed cleanly
+SHUTDOWN_MARGIN_S = 1.5
+
+
 class JobFailed(Exception):
     """The engine gave the job up; `error` is what it raised."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
         self.error = error
+
+    @property
+    def shutting_down(self) -> bool:
+        return isinstance(self.error, ShuttingDown)
 
     @property
     def client_error(self) -> bool:
@@ -111,6 +124,22 @@ class EngineWorker:
         self._queue.put(None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+    def stop_now(self) -> None:
+        """Fail every request in hand with ShuttingDown (its stream gets an error event and its end, a
+        non-streamed client a 503), so that none is cut mid-stream when the graceful shutdown ends."""
+        error = ShuttingDown("the server is shutting down")
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop() still ends run()
+                break
+            job.emit(JobFailed(error))
+        with self.engine.lock:
+            self.engine.fail_all(error)
 
     def submit(self, prompt: list[int], params: SamplingParams, cache_req: CacheRequest) -> Job:
         """Called on the event loop only, so the size check and the put cannot interleave with another submit.
@@ -192,8 +221,18 @@ def serve_on_main_thread(server: uvicorn.Server, worker: EngineWorker) -> bool:
         finally:
             worker.stop()  # however HTTP ends (shutdown, failure to bind), the engine loop ends with it
 
+    grace = server.config.timeout_graceful_shutdown
+    deadline: list[threading.Timer] = []
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        server.handle_exit(sig, frame)
+        if grace and not deadline:  # before uvicorn cuts them, end what still runs with an error its clients see
+            deadline.append(threading.Timer(max(0.0, grace - SHUTDOWN_MARGIN_S), worker.stop_now))
+            deadline[0].daemon = True
+            deadline[0].start()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, server.handle_exit)
+        signal.signal(sig, on_signal)
     thread = threading.Thread(target=http, name="anchorkv-http")
     thread.start()
     worker.run()
