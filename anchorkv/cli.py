@@ -45,6 +45,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: the model's, at most 8192)")
     p.add_argument("--stages", type=int, default=d.stages, help="split the layers into N pipeline stages (default 1)")
     p.add_argument(
+        "--special-tokens-in-content",
+        choices=["text", "parse"],
+        default="text",
+        help="control tokens' text inside message content: plain text, so content cannot forge a turn (default), "
+        "or parsed as those tokens, the old way",
+    )
+    p.add_argument(
         "--parallel",
         type=int,
         default=d.parallel,
@@ -125,7 +132,7 @@ def _engine_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineC
         return EngineConfig(
             model=a.model, dtype=a.dtype, threads=a.threads, device=a.device, ctx=a.ctx,
             stages=a.stages, chunk_size=a.chunk_size, decode_weights=a.decode_weights, cache_home=a.cache_home,
-            parallel=a.parallel,
+            parallel=a.parallel, content_specials=a.special_tokens_in_content == "parse",
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))

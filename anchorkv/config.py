@@ -22,6 +22,7 @@ class EngineConfig:
     chunk_size: int = 128  # prefill chunk C; prefill is cut at chat boundaries and every C tokens after each
     decode_weights: str = "auto"  # int8 | dense | auto (see decode_quant)
     cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
+    content_specials: bool = False  # parse control tokens' text in message content as those tokens (unsafe)
     parallel: int = 8  # sequences running at once, each with a KV slot of ctx positions in every stage
 
     def __post_init__(self) -> None:

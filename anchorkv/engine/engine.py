@@ -82,7 +82,7 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.ctx = cfg.ctx or min(self.model_cfg.max_ctx, MAX_DEFAULT_CTX)
         self.tokenizer = TextTokenizer(self.files.folder, self.model_cfg.eos_token_ids)
-        self.template = ChatTemplate(self.tokenizer)
+        self.template = ChatTemplate(self.tokenizer, parse_content_specials=cfg.content_specials)
         mc = self.model_cfg
         weights = prepared_weights(self.files, mc, self.dtype, cfg.decode_quant, cfg.cache_home)
         kernel = (

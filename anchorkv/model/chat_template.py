@@ -54,8 +54,13 @@ def _raise(message: str) -> None:
 
 
 class ChatTemplate:
-    def __init__(self, tokenizer: TextTokenizer, source: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: TextTokenizer, source: str | None = None, parse_content_specials: bool = False
+    ) -> None:
+        """parse_content_specials: read control tokens' text inside message content as those tokens (the
+        old way); by default it is plain text, so content cannot forge a turn."""
         self.tokenizer = tokenizer
+        self.parse_content_specials = parse_content_specials
         self.source = source or tokenizer.chat_template or CHATML
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.filters["tojson"] = lambda v, indent=None, ensure_ascii=False: json.dumps(
@@ -105,7 +110,9 @@ class ChatTemplate:
         ends = [offset(at) for at in ends_at]
         turns = [offset((i + 1, True)) for i in range(n)]
         boundaries = [t or e for t, e in zip(turns, ends, strict=True)]
-        return RenderedPrompt(text, ids, ends[added:], [b for b in boundaries if b], [t for t in turns if t])
+        return RenderedPrompt(
+            self.tokenizer.unmark(text), ids, ends[added:], [b for b in boundaries if b], [t for t in turns if t]
+        )
 
     def _prefix_lengths(
         self,
@@ -172,6 +179,8 @@ class ChatTemplate:
         calls = m.get("tool_calls") or []
         for c in calls:  # templates expect arguments as an object; OpenAI sends a JSON string
             c["function"] = {**c["function"], "arguments": _json_or_text(c["function"]["arguments"])}
+        if not self.parse_content_specials:
+            m["content"] = self.tokenizer.mark_specials(m["content"])
         if calls and not self.knows_tool_calls:
             m["content"] += "".join(
                 f"<tool_call>\n{json.dumps(c['function'], ensure_ascii=False)}\n</tool_call>" for c in calls

@@ -17,6 +17,9 @@ SEGMENT_MEMO = 4096  # texts between special tokens whose encoding is kept (a ch
 Encoding = tuple[list[int], list[tuple[int, int]]]
 
 
+MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: the marks of added tokens met in content
+
+
 class TextTokenizer:
     def __init__(self, folder: Path, eos_token_ids: tuple[int, ...] = ()) -> None:
         self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -33,6 +36,11 @@ class TextTokenizer:
         self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
         self._split = _added_token_split(self._tok)
         self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        # an added token's text inside message content stands in as one private-use character (its mark)
+        # through rendering, and is encoded as plain text: content can never forge a control token
+        self._marks = {t: chr(MARK_BASE + i) for i, t in enumerate(sorted(self._added))} if self._split else {}
+        self._unmarks = {m: t for t, m in self._marks.items()}
+        self._mark_split = re.compile("([" + "".join(self._unmarks) + "])") if self._marks else None
         self._memo: OrderedDict[str, Encoding] = OrderedDict()
         self._memo_lock = threading.Lock()
 
@@ -68,8 +76,12 @@ class TextTokenizer:
         with self._memo_lock:
             known = {p: self._memo[p] for p in pieces if p in self._memo}
         new = [p for p in pieces if p not in known]
-        for p, e in zip(new, self._tok.encode_batch(new, add_special_tokens=False), strict=True):
+        marked = [p for p in new if self._mark_split is not None and self._mark_split.search(p)]
+        plain = [p for p in new if p not in set(marked)]
+        for p, e in zip(plain, self._tok.encode_batch(plain, add_special_tokens=False), strict=True):
             known[p] = (list(e.ids), list(e.offsets))
+        for p in marked:
+            known[p] = self._encode_piece(p)
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         at = 0
@@ -87,6 +99,46 @@ class TextTokenizer:
                 self._memo.move_to_end(p)
             while len(self._memo) > SEGMENT_MEMO:
                 self._memo.popitem(last=False)
+        return ids, offsets
+
+    def mark_specials(self, text: str) -> str:
+        """text with each added token's text replaced by its mark (unchanged where pieces cannot be encoded
+        apart: then the library parses them, as before)."""
+        if self._split is None or not self._split.search(text):
+            return text
+        return self._split.sub(lambda m: self._marks[m.group(0)], text)
+
+    def unmark(self, text: str) -> str:
+        """text with every mark back as the added token's text."""
+        if self._mark_split is None or not self._mark_split.search(text):
+            return text
+        return self._mark_split.sub(lambda m: self._unmarks[m.group(0)], text)
+
+    @functools.cached_property
+    def _plain(self) -> Tokenizer:
+        """The same tokenizer, reading added tokens' text as plain text."""
+        tok = Tokenizer.from_str(self._tok.to_str())
+        tok.encode_special_tokens = True
+        return tok
+
+    def _encode_piece(self, piece: str) -> Encoding:
+        """A piece between added tokens; marks in it are encoded as their token's text, as plain text."""
+        if self._mark_split is None or not self._mark_split.search(piece):
+            e = self._tok.encode(piece, add_special_tokens=False)
+            return list(e.ids), list(e.offsets)
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        at = 0
+        for i, part in enumerate(self._mark_split.split(piece)):
+            if i % 2:  # a mark: one character of the piece, the tokens of its token's text
+                plain = self._plain.encode(self._unmarks[part], add_special_tokens=False).ids
+                ids += plain
+                offsets += [(at, at + 1)] * len(plain)
+            elif part:
+                e = self._tok.encode(part, add_special_tokens=False)
+                ids += e.ids
+                offsets += [(at + a, at + b) for a, b in e.offsets]
+            at += len(part)
         return ids, offsets
 
     def decode(self, ids: list[int]) -> str:
