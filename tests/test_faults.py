@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,8 +90,10 @@ def test_a_cache_folder_deleted_while_running_costs_writes_not_requests(tmp_path
     for p in sorted((tmp_path / "kv").rglob("*"), reverse=True):
         p.unlink() if not p.is_dir() else p.rmdir()
     (tmp_path / "kv").rmdir()
-    assert serve_one(e).completion_tokens == 4
+    r = e.render_chat([{"role": "user", "content": "Name a fruit, then another."}])
+    list(e.generate(r.token_ids, SamplingParams(max_tokens=4, temperature=0), cache_req=CacheRequest(r.boundaries)))
     e.cache.flush()
+    assert list((tmp_path / "kv").glob(f"*/*{SUFFIX}"))  # the folder was made anew and written to
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "geteuid"), reason="POSIX only")
@@ -131,3 +135,36 @@ def test_cache_verify_finds_damaged_files_and_repair_removes_them(tmp_path: Path
     again = verify()
     assert again.returncode == 0
     assert ", 0 bad" in again.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs, where this runs as root and may mount; skipped elsewhere, saying so."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_stops_writes_once_and_serving_goes_on(small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
+    e = make(small_disk)
+    for i in range(6):
+        r = e.render_chat([{"role": "user", "content": f"Topic {i}: " + "tell me more. " * 60}])
+        done = list(
+            e.generate(r.token_ids, SamplingParams(max_tokens=2, temperature=0), cache_req=CacheRequest(r.boundaries))
+        )
+        assert isinstance(done[-1], Finished)
+    e.cache.flush()
+    stats = e.cache.stats()["disk"]
+    assert stats is not None and stats["full"]  # type: ignore[index]
+    on_disk = list(small_disk.glob(f"*/*{SUFFIX}"))
+    assert stats["entries"] == len(on_disk)  # type: ignore[index]
+    full = sum("is full" in m for m in caplog.messages)
+    assert 1 <= full <= sum("room again" in m for m in caplog.messages) + 1  # once an episode, not once a write

@@ -8,10 +8,12 @@ temp file, fsync, rename, so a reader never sees half a file and a completed sav
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.leaves import Leaves
@@ -126,11 +128,9 @@ class DiskTier:
         self.leaves = Leaves()
         self.written_bytes = 0
         self.evicted_bytes = 0
+        self.full_since: float | None = None  # when a write last found the disk full (writes wait for room)
         self.dir.mkdir(parents=True, exist_ok=True)
-        # written beside, then renamed over: a link in its place is replaced, its target never written
-        tmp = self.dir / f"namespace.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(dict(namespace.fields), indent=1))
-        os.replace(tmp, self.dir / "namespace.json")
+        self._write_namespace()
         self._rebuild()
         self._evict()  # the budget may have shrunk since the last run
 
@@ -260,8 +260,51 @@ class DiskTier:
         self.writer.submit(lambda: self._write(chunk))
 
     def _write(self, c: Chunk) -> None:
+        """Write one chunk. A full disk evicts the chunk's size below the budget and tries once more; failing
+        that, writes stop (said once) until the disk has room again. A folder deleted meanwhile is made anew."""
         if c.key in self or (c.start > 0 and c.parent not in self):
             return  # already there, or unreachable: its parent was evicted or never fit
+        need = c.nbytes + 2**16
+        if self.full_since is not None:
+            try:
+                if shutil.disk_usage(self.dir).free < 2 * need:
+                    return
+            except OSError:
+                return
+            log.info("[cache] %s has room again: chunk writes resume", self.dir)
+            self.full_since = None
+        for _ in range(2):
+            try:
+                self._store(c)
+                return
+            except FileNotFoundError:
+                self._recreate()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    log.warning("[cache] writing a chunk to %s failed: %s", self.dir, e)
+                    return
+                self._evict(below=need)
+        self.full_since = time.time()
+        log.warning("[cache] %s is full: chunk writes stop until it has room", self.dir)
+
+    def _recreate(self) -> None:
+        """The folder was deleted while running: make it again, with an empty index."""
+        log.warning("[cache] %s was removed: made anew, empty", self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._write_namespace()
+        with self.lock:
+            self.entries.clear()
+            self.tails.clear()
+            self.leaves = Leaves()
+            self.nbytes = 0
+
+    def _write_namespace(self) -> None:
+        # written beside, then renamed over: a link in its place is replaced, its target never written
+        tmp = self.dir / f"namespace.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(dict(self.namespace.fields), indent=1))
+        os.replace(tmp, self.dir / "namespace.json")
+
+    def _store(self, c: Chunk) -> None:
         meta = {
             "magic": MAGIC,
             "version": VERSION,
@@ -284,10 +327,16 @@ class DiskTier:
         }
         if c.logits is not None:
             tensors["logits"] = c.logits.contiguous()
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        data = save(tensors, metadata=meta)  # in memory: the file write below fails with the OS's own error
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -300,9 +349,9 @@ class DiskTier:
         )
         self._evict()
 
-    def _evict(self) -> None:
-        """Evict leaves until under budget; the newest chunk goes too when nothing else can."""
-        while self.nbytes > self.budget:
+    def _evict(self, below: int = 0) -> None:
+        """Evict leaves until `below` bytes under budget; the newest chunk goes too when nothing else can."""
+        while self.nbytes > max(0, self.budget - below) and self.nbytes:
             with self.lock:
                 leaves = [
                     EvictionCandidate(k, self.entries[k].retention, self.entries[k].last_used) for k in self.leaves.keys

@@ -78,8 +78,13 @@ class History:
         if self.path is None:
             return
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(snapshot)
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # the folder may have been removed meanwhile
+            tmp.write_bytes(snapshot)
+            os.replace(tmp, self.path)
+        except OSError as e:  # a full or read-only disk: the window lives on in memory
+            tmp.unlink(missing_ok=True)
+            log.warning("[cache] cannot write %s: %s", self.path, e)
 
 
 def parse_file(path: Path, vocab_size: int = 2**31) -> dict[str, list[bytes]]:

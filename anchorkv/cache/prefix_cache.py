@@ -490,6 +490,7 @@ class PrefixCache:
                 "written_bytes": sum(d.written_bytes for d in self.disk),
                 "evicted_bytes": sum(d.evicted_bytes for d in self.disk),
                 "corrupt_dropped": self.corrupt_dropped,
+                "full": any(getattr(d, "full_since", None) is not None for d in self.disk),
             },
         }
 
