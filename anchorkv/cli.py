@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable: instead of the workloads, K agent sessions at once in a live loop (gen:sessions, "
         "48 tokens a turn unless --max-tokens is given), each server with K slots",
     )
+    soak = bench_sub.add_parser("soak", help="K clients for M minutes against a fresh server: RSS, errors, latency")
+    soak.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
+    soak.add_argument("--minutes", type=float, default=3, help="how long (default 3)")
+    soak.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server threads (default: all cores)")
+    soak.add_argument("--port", type=int, default=8090, help="the server's port (default 8090)")
+    soak.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    soak.add_argument("--out", type=Path, default=Path("out/soak"), help="folder for soak.json, soak.md, soak.png")
+    soak.add_argument("--cache-ram-mb", type=int, default=None, help="the server's RAM tier budget (default: its own)")
     cb = bench_sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
     _engine_args(cb)
     _cache_args(cb)
@@ -274,7 +282,24 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_replay(parser, args)
     if args.bench == "compare":
         return _bench_compare(parser, args)
+    if args.bench == "soak":
+        return _bench_soak(parser, args)
     return _bench_engine(parser, args)
+
+
+def _bench_soak(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from anchorkv.bench import peers, soak
+    from anchorkv.model.loader import bundled_model_path
+
+    if args.clients < 1 or args.minutes <= 0:
+        parser.error("--clients must be at least 1 and --minutes above 0")
+    peer = peers.anchorkv()
+    if args.cache_ram_mb is not None:
+        peer = peers.Peer(peer.name, (*peer.argv, "--cache-ram-mb", str(args.cache_ram_mb)))
+    print(soak.run(peer, bundled_model_path(), args.clients, args.minutes, args.out, args.threads, args.port,
+                   args.max_tokens))  # fmt: skip
+    print(f"\nwrote {args.out}/soak.json, soak.md and soak.png")
+    return 0
 
 
 def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
