@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
 from anchorkv.server.app import create_app
@@ -70,3 +71,9 @@ def serve_in_thread(app: FastAPI) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def live(engine: Engine) -> Iterator[LiveServer]:
     yield from serve_in_thread(create_app(engine, ServerConfig(max_queue=1)))
+
+
+def cached_server(tmp_path_factory: pytest.TempPathFactory, cfg: ServerConfig) -> Iterator[LiveServer]:
+    """A live server on an engine of its own with RAM and disk tiers, for the API tests that read cache usage."""
+    engine = Engine(EngineConfig(threads=THREADS), CacheConfig(ram_mb=256, cache_dir=tmp_path_factory.mktemp("kv")))
+    yield from serve_in_thread(create_app(engine, cfg))

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
 
-from anchorkv.cache.prefix_cache import CacheConfig
-from anchorkv.config import EngineConfig, ServerConfig
-from anchorkv.engine.engine import Engine
+from anchorkv.config import ServerConfig
 from anchorkv.server.anthropic_messages import MessagesRequest, to_chat, usage
-from anchorkv.server.app import create_app
-from conftest import LiveServer, serve_in_thread
+from conftest import LiveServer, cached_server
 
 SYSTEM = "You are a terse assistant for a weather service. " + " ".join(
     f"Rule {i}: answer questions about region {i} with its forecast code W-{i}." for i in range(40)
@@ -32,9 +28,7 @@ WEATHER = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    folder: Path = tmp_path_factory.mktemp("kv")
-    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=256, cache_dir=folder))
-    yield from serve_in_thread(create_app(engine, ServerConfig(api_key="sekret")))
+    yield from cached_server(tmp_path_factory, ServerConfig(api_key="sekret"))
 
 
 @pytest.fixture(scope="module")

@@ -77,14 +77,8 @@ def _serve(port: int, folder: Path) -> list[str]:
 
 def test_serve_finishes_the_request_in_hand_on_sigterm(tmp_path: Path) -> None:
     """The engine runs on serve's main thread and HTTP beside it; a shutdown still drains the stream in flight."""
-    port = free_port()
-    proc = subprocess.Popen(_serve(port, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = _started(tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while not _health(url):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
         body = {"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -98,16 +92,8 @@ def test_serve_finishes_the_request_in_hand_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_a_stream_still_running_at_the_end_of_the_grace_period_ends_with_an_error_and_done(tmp_path: Path) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [*_serve(port, tmp_path), "--shutdown-grace", "3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc, url = _started(tmp_path, "--shutdown-grace", "3")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while not _health(url):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
         body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -127,6 +113,20 @@ def test_serve_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
         held.listen()
         r = subprocess.run(_serve(held.getsockname()[1], tmp_path), capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "address already in use" in r.stderr
+
+
+def _started(folder: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`anchorkv serve` on a free port, once it answers /health."""
+    port = free_port()
+    proc = subprocess.Popen([*_serve(port, folder), *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not _health(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"anchorkv serve did not start (exit {proc.poll()})")
+        time.sleep(0.2)
+    return proc, url
 
 
 def _health(url: str) -> bool:

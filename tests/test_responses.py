@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from openai import BadRequestError, OpenAI
 
-from anchorkv.cache.prefix_cache import CacheConfig
-from anchorkv.config import EngineConfig, ServerConfig
-from anchorkv.engine.engine import Engine
-from anchorkv.server.app import create_app
+from anchorkv.config import ServerConfig
 from anchorkv.server.openai_responses import ResponsesRequest, input_messages, to_chat
-from conftest import LiveServer, serve_in_thread
+from conftest import LiveServer, cached_server
 
 INSTRUCTIONS = "You are a terse assistant for a library. " + " ".join(
     f"Shelf {i} holds books on subject {i}; answer with its code L-{i}." for i in range(40)
@@ -30,9 +26,7 @@ LOOKUP = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    folder: Path = tmp_path_factory.mktemp("kv")
-    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=256, cache_dir=folder))
-    yield from serve_in_thread(create_app(engine, ServerConfig()))
+    yield from cached_server(tmp_path_factory, ServerConfig())
 
 
 @pytest.fixture(scope="module")

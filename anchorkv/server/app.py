@@ -317,8 +317,6 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         yield event("response.created", response=pending)
         yield event("response.in_progress", response=pending)
         msg_id, text, index = f"msg_{uuid.uuid4().hex[:24]}", "", 0
-        calls_stream = ToolCallStream(tools) if tools else None
-        ttft: float | None = None
 
         def delta(piece: str) -> Iterator[str]:
             nonlocal text
@@ -331,17 +329,12 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=piece)
 
         try:
-            async for ev in job.stream():
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                if isinstance(ev, Delta):
-                    for e in delta(calls_stream.push(ev.text) if calls_stream else ev.text) if ev.text else ():
+            async for ev in _reply_pieces("responses", job, tools, t0):
+                if isinstance(ev, str):
+                    for e in delta(ev):
                         yield e
                     continue
-                _account("responses", ev, t0, ttft)
-                rest, _ = calls_stream.finish() if calls_stream else ("", None)
-                for e in delta(rest) if rest else ():
-                    yield e
-                whole = finished(ev)
+                whole = finished(ev[0])
                 for item in whole["output"]:
                     if item["type"] == "message":
                         item = {**item, "id": msg_id}
@@ -391,6 +384,25 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         anchored = max((int(d["at"]) for d in done.cache.get("recorded", []) if d.get("kind") == "anchor"), default=0)  # type: ignore[call-overload]
         return anthropic_messages.usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens, anchored)
 
+    async def _reply_pieces(
+        kind: str, job: Job, tools: int, t0: float
+    ) -> AsyncIterator[str | tuple[Finished, list[dict[str, Any]] | None]]:
+        """A reply's text as a client may see it (tool-call markup held back), piece by piece, then the
+        Finished event with the tool calls it carried; the request is counted when it ends."""
+        calls_stream = ToolCallStream(tools) if tools else None
+        ttft: float | None = None
+        async for ev in job.stream():
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            if isinstance(ev, Delta):
+                if text := calls_stream.push(ev.text) if calls_stream else ev.text:
+                    yield text
+                continue
+            _account(kind, ev, t0, ttft)
+            rest, calls = calls_stream.finish() if calls_stream else ("", None)
+            if rest:
+                yield rest
+            yield ev, calls
+
     async def _message_events(mid: str, job: Job, prompt_len: int, tools: int, t0: float) -> AsyncIterator[str]:
         """Anthropic's server-sent events: message_start, a text block's start / deltas / stop, one block
         per tool call (its input as one input_json_delta), message_delta with the stop reason and usage,
@@ -404,8 +416,6 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         yield event("message_start", message=start)
         yield event("ping")
         index, text_open = 0, False
-        calls_stream = ToolCallStream(tools) if tools else None
-        ttft: float | None = None
 
         def text_delta(text: str) -> Iterator[str]:
             nonlocal text_open
@@ -415,17 +425,12 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             yield event("content_block_delta", index=index, delta={"type": "text_delta", "text": text})
 
         try:
-            async for ev in job.stream():
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                if isinstance(ev, Delta):
-                    if text := calls_stream.push(ev.text) if calls_stream else ev.text:
-                        for e in text_delta(text):
-                            yield e
+            async for ev in _reply_pieces("messages", job, tools, t0):
+                if isinstance(ev, str):
+                    for e in text_delta(ev):
+                        yield e
                     continue
-                _account("messages", ev, t0, ttft)
-                rest, calls = calls_stream.finish() if calls_stream else ("", None)
-                for e in text_delta(rest) if rest else ():
-                    yield e
+                done, calls = ev
                 if text_open:
                     yield event("content_block_stop", index=index)
                     index += 1
@@ -435,9 +440,9 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                     yield event("content_block_delta", index=index, delta=delta)
                     yield event("content_block_stop", index=index)
                     index += 1
-                reason = anthropic_messages.stop_reason(ev.finish_reason, bool(calls))
+                reason = anthropic_messages.stop_reason(done.finish_reason, bool(calls))
                 yield event(
-                    "message_delta", delta={"stop_reason": reason, "stop_sequence": None}, usage=_message_usage(ev)
+                    "message_delta", delta={"stop_reason": reason, "stop_sequence": None}, usage=_message_usage(done)
                 )
                 yield event("message_stop")
         except JobFailed as e:
