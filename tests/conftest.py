@@ -1,12 +1,17 @@
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import redis
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -77,3 +82,67 @@ def cached_server(tmp_path_factory: pytest.TempPathFactory, cfg: ServerConfig) -
     """A live server on an engine of its own with RAM and disk tiers, for the API tests that read cache usage."""
     engine = Engine(EngineConfig(threads=THREADS), CacheConfig(ram_mb=256, cache_dir=tmp_path_factory.mktemp("kv")))
     yield from serve_in_thread(create_app(engine, cfg))
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A real redis-server on a free loopback port, memory only, evicting least recently used keys."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory", "512mb", "--maxmemory-policy", "allkeys-lru"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """One Redis for every test that shares it."""
+    proc, url = start_redis()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@dataclass
+class RayCluster:
+    address: str
+    resources: tuple[str, str]  # one custom resource per node
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """Two Ray nodes on this machine (`ray start --head` and `ray start --address`), each offering its own
+    custom resource, listening on loopback only. Shared by every test that needs Ray."""
+    import ray
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = free_port()
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run(
+        [ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
+         "--resources", json.dumps({"node_a": 4}), *common],
+        check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run(
+            [ray_bin, "start", "--address", address, "--resources", json.dumps({"node_b": 4}), *common],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        ray.init(address=address, log_to_driver=False)
+        yield RayCluster(address, ("node_a", "node_b"))
+    finally:
+        ray.shutdown()
+        subprocess.run([ray_bin, "stop", "--force"], stdout=subprocess.DEVNULL, check=False)

@@ -50,12 +50,13 @@ def test_its_bits_do_not_depend_on_the_thread_count() -> None:
 
 
 def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) -> None:
-    assert engine.decode_attention.kind == "kernel"
+    assert engine.decode_attention_kind == "kernel"
     prompt = engine.render_chat([{"role": "user", "content": "Name three colors of the rainbow."}]).token_ids
     models = [s.model for s in engine.pipeline.stages]
+    kernel = models[0].decode_attention
     steps: dict[str, list[torch.Tensor]] = {}
     with engine.lock, torch.inference_mode():
-        for kind, attention in (("kernel", engine.decode_attention), ("torch", DecodeAttention())):
+        for kind, attention in (("kernel", kernel), ("torch", DecodeAttention())):
             for m in models:
                 m.decode_attention = attention
             plan = RequestPlan("t", len(prompt))
@@ -67,7 +68,7 @@ def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) 
                 logits = engine.pipeline.decode(token, len(prompt) + i, plan)
                 steps[kind].append(logits)
         for m in models:
-            m.decode_attention = engine.decode_attention
+            m.decode_attention = kernel
         engine.slots[0].clear()
     for a, b in zip(steps["kernel"], steps["torch"], strict=True):
         assert int(a.argmax()) == int(b.argmax())

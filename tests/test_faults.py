@@ -39,7 +39,7 @@ def test_a_file_where_the_cache_folder_belongs_turns_the_disk_tier_off(tmp_path:
     folder = tmp_path / "kv"
     folder.write_text("not a folder")
     e = make(folder)
-    assert not e.cache.disk
+    assert not e.cache.has_disk
     assert "FileExistsError" in str(e.cache.stats()["disk_error"])
     assert serve_one(e).completion_tokens == 4
 
@@ -60,7 +60,7 @@ def test_a_folder_named_like_a_chunk_file_is_left_alone(tmp_path: Path) -> None:
     odd = ns / ("0" * 32 + SUFFIX)
     odd.mkdir()
     e = make(tmp_path)
-    assert e.cache.disk and e.cache.stats()["disk_error"] is None
+    assert e.cache.has_disk and e.cache.stats()["disk_error"] is None
     assert serve_one(e).completion_tokens == 4
     assert odd.is_dir()
 
@@ -75,7 +75,7 @@ def test_namespace_json_as_a_folder_turns_the_disk_tier_off_and_as_a_link_is_nev
     target.write_text("keep me")
     meta.symlink_to(target)
     e = make(tmp_path)
-    assert e.cache.disk
+    assert e.cache.has_disk
     assert target.read_text() == "keep me"
     assert not meta.is_symlink()
     meta.unlink()

@@ -269,7 +269,7 @@ def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: 
     assert plan.restore_to == 0
     restarted.cache.flush()  # the request recorded the chunk again: a fresh, valid file
     assert not victim.exists() or victim.read_bytes() != damaged
-    assert restarted.cache.corrupt_dropped >= 1
+    assert restarted.cache.stats()["disk"]["corrupt_dropped"] >= 1  # type: ignore[index]
     assert torch.equal(logits, cold.prompt_logits(p)[0])
 
 
@@ -279,9 +279,11 @@ def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
     a = CacheRequest(r.chat_ends, salt="tenant-a")
     b = CacheRequest(r.chat_ends, salt="tenant-b")
     assert e.prompt_logits(p, a)[1].restore_to == 0
-    keys_a = set(e.cache.ram[0].chunks)
+    keys_a = set(e.pipeline.stages[0].cache.ram.chunks)
     assert e.prompt_logits(p, b)[1].restore_to == 0
-    assert not keys_a & (set(e.cache.ram[0].chunks) - keys_a) and len(e.cache.ram[0].chunks) == 2 * len(keys_a)
+    assert not keys_a & (set(e.pipeline.stages[0].cache.ram.chunks) - keys_a) and len(
+        e.pipeline.stages[0].cache.ram.chunks
+    ) == 2 * len(keys_a)
     assert e.prompt_logits(p, a)[1].restore_to > 0
 
 
@@ -319,17 +321,17 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
     answer(e, p1, r1)
     e.cache.flush()
     # stage 1 loses every chunk past position 384, in RAM and on disk
-    for key, chunk in list(e.cache.ram[1].chunks.items()):
+    for key, chunk in list(e.pipeline.stages[1].cache.ram.chunks.items()):
         if chunk.end > 384:
-            e.cache.ram[1].drop(key)
-    for key in [k for k, d in e.cache.disk[1].entries.items() if d.end > 384]:
-        entry = e.cache.disk[1]._unindex(key)
+            e.pipeline.stages[1].cache.ram.drop(key)
+    for key in [k for k, d in e.pipeline.stages[1].cache.disk.entries.items() if d.end > 384]:
+        entry = e.pipeline.stages[1].cache.disk._unindex(key)
         assert entry is not None
         entry.path.unlink()
     done = answer(e, p1, r1)
     assert done.cached_tokens == 384
     assert done.token_ids == answer(cold, p1, r1).token_ids
-    e.cache.wipe_stage(2)
+    e.pipeline.stages[2].cache.clear()
     done = answer(e, p1, CacheRequest(r1.chat_ends, salt=None))
     assert done.token_ids == answer(cold, p1, r1).token_ids
 
@@ -526,4 +528,7 @@ def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Pat
     p2, r2 = chat(small, "Something else entirely about rule 9.")
     answer(small, p2, r2)
     small.cache.flush()
-    assert small.cache.disk[0].nbytes <= 2**20 and small.cache.disk[0].evicted_bytes >= one_chunk
+    assert (
+        small.pipeline.stages[0].cache.disk.nbytes <= 2**20
+        and small.pipeline.stages[0].cache.disk.evicted_bytes >= one_chunk
+    )

@@ -116,17 +116,15 @@ def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> Non
     policy = simulate.Policy("off", "off")
     predicted: list[int] = []
     # the simulator's per-request restores, recorded through the same PrefixCache the server uses
-    from anchorkv.cache.keys import Namespace
     from anchorkv.cache.memory_tier import MemoryDiskTier
-    from anchorkv.cache.prefix_cache import CacheRequest, PrefixCache
+    from anchorkv.cache.prefix_cache import CacheRequest
 
-    cache = PrefixCache(CacheConfig(ram_mb=512, scope="off"), [Namespace.of(sim=1)], 128, disk=[MemoryDiskTier(0)])
-    kv = [simulate.SimKV(engine.model_cfg)]
+    cache, _ = simulate.sim_cache(CacheConfig(ram_mb=512, scope="off"), 128, engine.model_cfg, MemoryDiskTier(0))
     for p in prepared:
         plan = cache.plan(p.tokens, CacheRequest(p.ends))
-        cache.restore(plan, p.tokens, kv)  # type: ignore[arg-type]
+        cache.restore(plan, p.tokens, 0)
         predicted.append(plan.restore_to)
-        cache.record(plan, p.tokens, kv, computed=len(p.tokens))  # type: ignore[arg-type]
+        cache.record(plan, p.tokens, 0, computed=len(p.tokens))
     assert simulate.simulate(prepared, policy, engine.model_cfg, 512, 0).mean_restored_tokens == sum(predicted) / len(
         predicted
     )

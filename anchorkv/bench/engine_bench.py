@@ -89,7 +89,8 @@ def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> l
     """TURN_TOKENS prefilled after each context, with the engine's attention softmax and, when that is the
     kernel, with torch's, alternately."""
     pipe = engine.pipeline
-    softmaxes = {engine.softmax.kind: engine.softmax} | {"torch": AttentionSoftmax()}
+    default = pipe.stages[0].model.softmax
+    softmaxes = {default.kind: default} | {"torch": AttentionSoftmax()}
     out = []
     for ctx in TURN_CONTEXTS:
         if ctx + TURN_TOKENS >= engine.ctx:
@@ -106,11 +107,9 @@ def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> l
                 times[kind].append(time.perf_counter() - t)
                 pipe.truncate(ctx)
         for stage in pipe.stages:
-            stage.model.softmax = engine.softmax
+            stage.model.softmax = default
         for kind, ts in times.items():
-            what = f"turn: {TURN_TOKENS} tokens after the context" + (
-                "" if kind == engine.softmax.kind else ", torch softmax"
-            )
+            what = f"turn: {TURN_TOKENS} tokens after the context" + ("" if kind == default.kind else ", torch softmax")
             out.append(Measurement(what, ctx, TURN_TOKENS / statistics.median(ts)))
     return out
 

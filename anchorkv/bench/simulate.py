@@ -23,8 +23,9 @@ from anchorkv.bench.traces import Request
 from anchorkv.cache.keys import Namespace
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import Boundary, parse_scope
-from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, PrefixCache
-from anchorkv.engine.kv import KVSlice
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, PrefixCache, stage_cache
+from anchorkv.cache.stage_cache import LocalStages
+from anchorkv.cache.chunk import KVSlice
 from anchorkv.model.chat_template import ChatTemplate
 from anchorkv.model.config import ModelConfig
 
@@ -88,6 +89,15 @@ class SimKV:
         pass
 
 
+def sim_cache(cfg: CacheConfig, chunk: int, model: ModelConfig, disk: MemoryDiskTier) -> tuple[PrefixCache, SimKV]:
+    """The server's PrefixCache over one simulated stage (one KV slot) with an in-memory disk tier."""
+    ns = Namespace.of(simulated=model.kv_params())
+    cache = PrefixCache(cfg, [ns], chunk)
+    kv = SimKV(model)
+    cache.attach(LocalStages([stage_cache(cfg, ns, chunk, 1, disk=disk)], [[kv]]))
+    return cache, kv
+
+
 @dataclass
 class Prepared:
     tokens: list[int]
@@ -136,24 +146,23 @@ class Result:
 def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, ram_mb: int, disk_mb: int) -> Result:
     cfg = CacheConfig(ram_mb=ram_mb, scope=policy.scope, stride=policy.stride)
     disk = MemoryDiskTier(disk_mb * 2**20)
-    cache = PrefixCache(cfg, [Namespace.of(simulated=model.kv_params())], policy.chunk, disk=[disk])
-    kv = [SimKV(model)]
+    cache, kv = sim_cache(cfg, policy.chunk, model, disk)
     restored: list[int] = []
     kinds: list[str | None] = []
     for p in prepared:
         req = CacheRequest(p.ends, marked=p.ends[:1] if policy.anchors else ())
         plan = cache.plan(p.tokens, req)
-        cache.restore(plan, p.tokens, kv)  # type: ignore[arg-type]
+        cache.restore(plan, p.tokens, 0)
         restored.append(plan.restore_to)
         kinds.append(plan.kind)
         # what a prefill leaves reusable: up to the last cut (record rounds down to it)
         # as the server: logits before every turn start it prefilled, and at the prompt's end
-        kept = {e: kv[0].logits for e in [*p.turns, len(p.tokens)] if e > plan.restore_to}
-        cache.record(plan, p.tokens, kv, computed=len(p.tokens), logits=kept)  # type: ignore[arg-type]
+        kept = {e: kv.logits for e in [*p.turns, len(p.tokens)] if e > plan.restore_to}
+        cache.record(plan, p.tokens, 0, computed=len(p.tokens), logits=kept)
         if p.reply is not None:
             tokens, ends = p.reply
             full = (Boundary(len(tokens), "full"),)
-            cache.record(plan, tokens, kv, computed=len(tokens), extra=full, only_extra=True, chat_ends=ends)  # type: ignore[arg-type]
+            cache.record(plan, tokens, 0, computed=len(tokens), extra=full, only_extra=True, chat_ends=ends)
         cache.remember(plan, p.tokens)
     n = len(prepared)
     prompt_tokens = sum(len(p.tokens) for p in prepared)

@@ -4,11 +4,35 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from torch import Tensor
 
-from anchorkv.engine.kv import KVSlice
+
+@dataclass(frozen=True)
+class KVSlice:
+    """KV of positions [start, end) for one stage's layers. k, v: [n_layers, Hkv, end - start, hd]."""
+
+    start: int
+    k: Tensor
+    v: Tensor
+
+    @property
+    def end(self) -> int:
+        return self.start + self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class KVStore(Protocol):
+    """A sequence's KV in one stage, as the cache reads and writes it."""
+
+    def export(self, start: int, end: int) -> KVSlice: ...
+
+    def restore(self, piece: KVSlice) -> None: ...
 
 
 @dataclass

@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -24,13 +25,13 @@ import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from anchorkv.cache.chunk import Chunk
 from anchorkv.cache.leaves import Leaves
 from anchorkv.cache.keys import Namespace, chunk_key
 from anchorkv.cache.policy import EvictionCandidate, eviction_order
-from anchorkv.engine.kv import KVSlice
+from anchorkv.cache.chunk import KVSlice
 
 log = logging.getLogger("anchorkv.cache")
 
@@ -61,26 +62,66 @@ def checksum(k: torch.Tensor, v: torch.Tensor, tokens: np.ndarray, logits: torch
     return h.hexdigest()
 
 
-def read_verified(
-    path: Path, namespace_id: str, key: bytes
-) -> tuple[dict[str, str], torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor | None]:
-    """A chunk file's header and tensors (k, v, tokens, logits), or ValueError (or the reader's own error)
-    when anything does not check out: header, key, tokens against the key, checksum, positions."""
-    if path.is_symlink():
-        raise ValueError("a link, not a file")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        k, v, tokens = f.get_tensor("k"), f.get_tensor("v"), f.get_tensor("tokens").numpy().astype(np.int32)
-        logits = f.get_tensor("logits") if meta.get("logits") == "1" else None
+def encode(c: Chunk, namespace_id: str) -> bytes:
+    """A chunk as a safetensors file: k, v, tokens (and logits), and the header that `decode` checks."""
+    meta = {
+        "magic": MAGIC,
+        "version": VERSION,
+        "namespace": namespace_id,
+        "key": c.key.hex(),
+        "parent": c.parent.hex(),
+        "start": str(c.start),
+        "end": str(c.end),
+        "retention": str(c.retention),
+        "labels": ",".join(sorted(c.labels)),
+        "checksum": checksum(c.kv.k, c.kv.v, c.tokens, c.logits),
+        "logits": "1" if c.logits is not None else "0",
+    }
+    tensors = {
+        "k": c.kv.k.contiguous(),
+        "v": c.kv.v.contiguous(),
+        "tokens": torch.from_numpy(c.tokens.astype(np.int32)),
+    }
+    if c.logits is not None:
+        tensors["logits"] = c.logits.contiguous()
+    return save(tensors, metadata=meta)
+
+
+def header(data: bytes) -> dict[str, str]:
+    """The metadata of a safetensors file's bytes."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("truncated header")
+    return dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})
+
+
+def decode(data: bytes, namespace_id: str, key: bytes, retention: int | None = None) -> Chunk:
+    """The chunk in a file's bytes, or ValueError (or the reader's own error) when anything does not check
+    out: header, key, tokens against the key, checksum, positions."""
+    meta = header(data)
     if meta.get("magic") != MAGIC or meta.get("namespace") != namespace_id or meta.get("key") != key.hex():
         raise ValueError("header mismatch")
-    if chunk_key(bytes.fromhex(meta["parent"]), tokens.tolist()) != key:
+    t = load(data)
+    k, v, tokens = t["k"], t["v"], t["tokens"].numpy().astype(np.int32)
+    logits = t["logits"] if meta.get("logits") == "1" else None
+    parent = bytes.fromhex(meta["parent"])
+    if chunk_key(parent, tokens.tolist()) != key:
         raise ValueError("tokens do not hash to the key")
     if checksum(k, v, tokens, logits) != meta["checksum"]:
         raise ValueError("checksum mismatch")
     if k.shape[2] != int(meta["end"]) - int(meta["start"]) or len(tokens) != k.shape[2]:
         raise ValueError("positions do not match the tensors")
-    return meta, k, v, tokens, logits
+    labels = set(filter(None, meta.get("labels", "").split(",")))
+    kv = KVSlice(int(meta["start"]), k, v)
+    keep = int(meta["retention"]) if retention is None else retention
+    return Chunk(key, parent, tokens, kv, keep, labels, logits=logits)
+
+
+def read_verified(path: Path, namespace_id: str, key: bytes, retention: int | None = None) -> Chunk:
+    """A chunk file, verified (see decode); never through a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        return decode(f.read(), namespace_id, key, retention)
 
 
 class DiskWriter:
@@ -240,7 +281,7 @@ class DiskTier:
         if e is None:
             return None
         try:
-            meta, k, v, tokens, logits = read_verified(e.path, self.namespace.id, key)
+            chunk = read_verified(e.path, self.namespace.id, key, e.retention)
         except Exception as err:
             log.warning("dropping corrupt cache file %s: %s", e.path.name, err)
             self._unindex(key)
@@ -248,9 +289,7 @@ class DiskTier:
             return None
         e.last_used = time.time()
         os.utime(e.path)
-        labels = set(filter(None, meta.get("labels", "").split(",")))
-        kv = KVSlice(int(meta["start"]), k, v)
-        return Chunk(key, bytes.fromhex(meta["parent"]), tokens, kv, e.retention, labels, logits=logits)
+        return chunk
 
     # -- write ---------------------------------------------------------------------------------------
     def save(self, chunk: Chunk) -> None:
@@ -305,29 +344,9 @@ class DiskTier:
         os.replace(tmp, self.dir / "namespace.json")
 
     def _store(self, c: Chunk) -> None:
-        meta = {
-            "magic": MAGIC,
-            "version": VERSION,
-            "namespace": self.namespace.id,
-            "key": c.key.hex(),
-            "parent": c.parent.hex(),
-            "start": str(c.start),
-            "end": str(c.end),
-            "retention": str(c.retention),
-            "labels": ",".join(sorted(c.labels)),
-            "checksum": checksum(c.kv.k, c.kv.v, c.tokens, c.logits),
-            "logits": "1" if c.logits is not None else "0",
-        }
         path = self.dir / f"{c.key.hex()}{SUFFIX}"
         tmp = self.dir / f"{c.key.hex()}.tmp{os.getpid()}"
-        tensors = {
-            "k": c.kv.k.contiguous(),
-            "v": c.kv.v.contiguous(),
-            "tokens": torch.from_numpy(c.tokens.astype(np.int32)),
-        }
-        if c.logits is not None:
-            tensors["logits"] = c.logits.contiguous()
-        data = save(tensors, metadata=meta)  # in memory: the file write below fails with the OS's own error
+        data = encode(c, self.namespace.id)  # in memory: the file write below fails with the OS's own error
         try:
             with open(tmp, "wb") as f:
                 f.write(data)

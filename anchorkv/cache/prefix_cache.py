@@ -1,17 +1,13 @@
-"""The prefix cache across stages: plan a restore, restore, record.
+"""The prefix cache as the head sees it: plan a restore, restore, record, across stages.
 
-Each stage has its own namespace, RAM tier and disk tier. A request's plan is decided once from all
-stages (the longest boundary that every stage has) and carried to each of them.
-
-Chains: chunks cut at the prompt's chat boundaries and every S tokens (the grid stride) after each (the
-chain points), plus at most one tail chunk [g, b) hanging off the last chain point g before a boundary b
-that is not one. In exact mode b is a prefill cut (policy.cuts with the prefill chunk C), and S is a
-multiple of C, so every chunk end is a prefill cut.
+Each stage keeps its own chunks (`StageCache`). A request's plan is decided here from every stage's
+answer to one lookup: the longest boundary that every stage has (a stage that misses vetoes longer ones).
+Restore and record orders then go to each stage, which writes and reads its own KV. What is about
+prompts rather than KV stays here: the auto window's history and which whole prompts were seen.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import threading
@@ -23,11 +19,10 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
-from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.disk_tier import DiskTier, DiskWriter
+from anchorkv.cache.disk_tier import DiskWriter
 from anchorkv.cache.history import FILE_NAME as HISTORY_FILE
 from anchorkv.cache.history import History
-from anchorkv.cache.keys import KEY_BYTES, Namespace, chain_keys, chunk_key
+from anchorkv.cache.keys import KEY_BYTES, Namespace, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.policy import (
     TAIL_MERGE,
@@ -44,8 +39,18 @@ from anchorkv.cache.policy import (
     plan_records,
     restorable_limit,
 )
-from anchorkv.cache.ram_tier import RamTier
-from anchorkv.engine.kv import StageKV
+from anchorkv.cache.remote_tier import RemoteTier
+from anchorkv.cache.stage_cache import (
+    TIER_ORDER,
+    CacheMiss,
+    CacheStages,
+    Chain,
+    Fetch,
+    Grid,
+    Lookup,
+    Record,
+    StageCache,
+)
 
 log = logging.getLogger("anchorkv.cache")
 
@@ -61,6 +66,7 @@ class CacheConfig:
     disk_budget_mb: int = 4096
     scope: str = "auto+"  # what goes to disk: off | full | auto | auto:N | auto+ | auto+:N | N
     min_tokens: int = 0  # nothing shorter is saved to disk
+    redis: str | None = None  # redis://HOST:PORT/DB: a remote tier that replicas share
 
     def __post_init__(self) -> None:
         parse_scope(self.scope)
@@ -72,6 +78,8 @@ class CacheConfig:
             raise ValueError(f"--disk-budget-mb must be >= 0, got {self.disk_budget_mb}")
         if self.min_tokens < 0:
             raise ValueError(f"--cache-min-tokens must be >= 0, got {self.min_tokens}")
+        if self.redis is not None and not self.redis.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"--cache-redis must be a redis://HOST:PORT/DB URL, got {self.redis!r}")
 
 
 @dataclass(frozen=True)
@@ -93,12 +101,12 @@ class CacheRequest:
 @dataclass
 class CachePlan:
     restore_to: int
-    chains: list[list[bytes]]  # per stage, the keys of the chunks [0, restore_to)
     kind: str | None
     tier: str | None
     records: RecordPlan
     verdicts: list[AnchorVerdict]
     roots: list[bytes]
+    salt: str | None
     scope: Scope
     history_ns: str
     limit: int  # the furthest this prompt could restore
@@ -118,45 +126,24 @@ class CachePlan:
 
 
 class PrefixCache:
-    def __init__(
-        self,
-        cfg: CacheConfig,
-        namespaces: list[Namespace],
-        chunk_size: int,
-        on_corrupt: Callable[[], None] = lambda: None,
-        disk: list[DiskTier | MemoryDiskTier] | None = None,
-        vocab_size: int = 2**31,
-    ) -> None:
-        """`disk` replaces the disk tiers that cfg.cache_dir would give (the simulator's in-memory ones)."""
+    def __init__(self, cfg: CacheConfig, namespaces: list[Namespace], chunk_size: int, vocab_size: int = 2**31) -> None:
+        """`namespaces`: every stage's, as its worker computed it. `attach` gives the stages' caches."""
         self.cfg = cfg
         self.namespaces = namespaces
-        self.stride = cfg.stride or chunk_size
-        self.unit = chunk_size if cfg.exact else 1  # restores and boundaries align to this
-        self.tail = TAIL_MERGE if cfg.exact else 0  # ... except a grid point this close to a chat boundary
-        if cfg.exact and self.stride % chunk_size:
-            raise ValueError(
-                f"--cache-stride {self.stride} must be a multiple of --chunk-size {chunk_size} in exact mode"
-            )
+        self.grid = grid_of(cfg, chunk_size)
+        self.stride, self.unit, self.tail = self.grid.stride, self.grid.unit, self.grid.tail
         self.default_scope = parse_scope(cfg.scope)
-        per_stage = cfg.ram_mb * 2**20 // len(namespaces)
-        self.ram = [RamTier(per_stage) for _ in namespaces]
-        self.writer: DiskWriter | None = None
-        self.disk: list[DiskTier | MemoryDiskTier] = list(disk or [])
-        self.corrupt_dropped = 0
-        self._on_corrupt = on_corrupt
+        self.stages: CacheStages | None = None
         self.history = History(None)
-        self.disk_error: str | None = None  # why the disk tier is off although a folder was given
-        if cfg.cache_dir is not None and disk is None:
+        self.writer: DiskWriter | None = None
+        if cfg.cache_dir is not None:
             try:
                 cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-                disk_per_stage = cfg.disk_budget_mb * 2**20 // len(namespaces)
-                writer = DiskWriter()
-                self.disk = [DiskTier(cfg.cache_dir, ns, disk_per_stage, writer, self._corrupt) for ns in namespaces]
-                self.writer = writer
                 self.history = History(cfg.cache_dir / HISTORY_FILE, vocab_size)
-            except OSError as e:  # a file where the folder should be, a read-only folder, ...
-                self.disk, self.writer, self.disk_error = [], None, f"{type(e).__name__}: {e}"
-                log.warning("[cache] the disk tier is off: %s cannot be used (%s)", cfg.cache_dir, e)
+                self.writer = DiskWriter()
+            except OSError as e:
+                log.warning("[cache] the prompt history is not kept: %s cannot be used (%s)", cfg.cache_dir, e)
+        self.has_disk = False
         self.lock = threading.Lock()
         # whole prompts recorded (and prompt + reply), to tell exact and full restores apart
         self.full_prompts: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
@@ -165,84 +152,22 @@ class PrefixCache:
             for p in self.history.recent(ns):
                 self._saw(bytes.fromhex(ns), p)
 
+    def attach(self, stages: CacheStages) -> None:
+        self.stages = stages
+        self.has_disk = any(s.disk for s in stages.cache_stats())
+
+    @property
+    def _st(self) -> CacheStages:
+        assert self.stages is not None, "PrefixCache.attach was not called"
+        return self.stages
+
     @property
     def enabled(self) -> bool:
         """False when no tier can hold a chunk: then nothing is recorded or reported as recorded."""
-        return self.cfg.ram_mb > 0 or bool(self.disk)
-
-    def _corrupt(self) -> None:
-        self.corrupt_dropped += 1
-        self._on_corrupt()
-
-    # -- lookup ----------------------------------------------------------------------------------------
-    def _has(self, s: int, key: bytes, disk_ok: bool) -> bool:
-        return key in self.ram[s] or (disk_ok and bool(self.disk) and key in self.disk[s])
-
-    def _tail_ends(self, s: int, parent: bytes, disk_ok: bool) -> set[int]:
-        ends = set(self.ram[s].tails.get(parent, ()))
-        if disk_ok and self.disk:
-            ends |= self.disk[s].tail_ends(parent)
-        return ends
-
-    def _chain_to(
-        self, s: int, root: bytes, prompt: Sequence[int], pos: int, chat: Sequence[int], disk_ok: bool
-    ) -> list[bytes] | None:
-        """Keys of stage s's chunks covering exactly [0, pos), if all are cached."""
-        points = cuts(pos, self.stride, chat, self.tail)
-        keys = chain_keys(root, prompt, points)
-        if not all(self._has(s, k, disk_ok) for k in keys):
-            return None
-        g = points[-1] if points else 0
-        if g < pos:
-            tail = chunk_key(keys[-1] if keys else root, prompt[g:pos])
-            if not self._has(s, tail, disk_ok):
-                return None
-            keys.append(tail)
-        return keys
-
-    def _longest(
-        self, s: int, root: bytes, prompt: Sequence[int], limit: int, chat: Sequence[int], disk_ok: bool
-    ) -> int:
-        points = cuts(limit, self.stride, chat, self.tail)
-        keys = chain_keys(root, prompt, points)
-        j = 0
-        while j < len(keys) and self._has(s, keys[j], disk_ok):
-            j += 1
-        g, parent = (points[j - 1], keys[j - 1]) if j else (0, root)
-        # a tail ends before this prompt's next chain point: one that spans it was cut differently
-        stop = points[j] if j < len(points) else limit + 1
-        for end in sorted(self._tail_ends(s, parent, disk_ok), reverse=True):
-            if (
-                g < end < stop
-                and cut_floor(end, self.unit, chat, self.tail) == end
-                and self._has(s, chunk_key(parent, prompt[g:end]), disk_ok)
-            ):
-                return end
-        return g
-
-    def _whole(
-        self, roots: list[bytes], prompt: Sequence[int], chat: Sequence[int], disk_ok: bool
-    ) -> list[list[bytes]] | None:
-        """Every stage's chain over the whole prompt, when its last chunk keeps logits (a prompt ending there,
-        cut the same way, was prefilled before): then nothing needs prefill."""
-        n, s = len(prompt), len(roots) - 1
-        if not n or cut_floor(n, self.unit, chat, self.tail) != n:
-            return None
-        # the last stage first: only its chunk keeps logits, and most prompts stop there
-        last = self._chain_to(s, roots[s], prompt, n, chat, disk_ok)
-        if last is None:
-            return None
-        key = last[-1]
-        c = self.ram[s].chunks.get(key)  # RAM first, as restore fetches it
-        has = c.logits is not None if c is not None else disk_ok and bool(self.disk) and self.disk[s].has_logits(key)
-        if not has:
-            return None
-        found = [self._chain_to(t, roots[t], prompt, n, chat, disk_ok) for t in range(s)]
-        return None if any(f is None for f in found) else [*(f or [] for f in found), last]
+        return self.cfg.ram_mb > 0 or self.has_disk or self.cfg.redis is not None
 
     def plan(self, prompt: Sequence[int], req: CacheRequest) -> CachePlan:
         scope = req.scope or self.default_scope
-        disk_ok = scope.mode != "off"
         roots = [ns.salted(req.salt).root for ns in self.namespaces]
         history_ns = roots[0].hex()
         verdicts = judge_anchors(req.anchors, req.has_key, len(prompt)) + judge_anchors(
@@ -251,20 +176,12 @@ class PrefixCache:
         anchors = [v.tokens for v in verdicts if v.accepted]
         chat = sorted({e for e in req.chat_ends if e and e <= len(prompt)})
         limit = restorable_limit(len(prompt), self.unit, chat, self.tail)
+        found = self._st.lookup(Lookup(prompt, chat, limit, req.salt, scope.mode != "off"))
+        # the longest boundary that every stage has: a stage that misses vetoes longer ones
+        restore = max(frozenset.intersection(*(f.ends for f in found)))
+        if self.cfg.exact and all(f.whole for f in found) and found[-1].whole_logits:
+            restore = len(prompt)  # the same prompt, cut the same way, was prefilled before
         with self.lock:
-            ends = [self._longest(s, roots[s], prompt, limit, chat, disk_ok) for s in range(len(roots))]
-            # the longest boundary that every stage has: a stage that misses vetoes longer ones
-            shortest = min(ends)
-            candidates = sorted({0, *(e for e in ends if e <= shortest), *cuts(shortest, self.stride, chat, self.tail)})
-            chains: list[list[bytes]] = [[] for _ in roots]
-            restore = 0
-            if self.cfg.exact and (whole := self._whole(roots, prompt, chat, disk_ok)) is not None:
-                candidates, restore, chains = [], len(prompt), whole
-            for c in reversed(candidates):
-                found = [self._chain_to(s, roots[s], prompt, c, chat, disk_ok) for s in range(len(roots))]
-                if all(f is not None for f in found):
-                    restore, chains = c, [f or [] for f in found]
-                    break
             records = plan_records(
                 prompt, chat, anchors, scope, self.history.recent(history_ns), self.cfg.min_tokens,
                 # the whole prompt: an identical prompt can restore only up to n - 1
@@ -277,10 +194,10 @@ class PrefixCache:
         ]
         recorded = [d for d in recorded if d["at"]] if self.enabled else []
         return CachePlan(
-            restore, chains, None, None, records, verdicts, roots, scope, history_ns, limit, chat, recorded
+            restore, None, None, records, verdicts, roots, req.salt, scope, history_ns, limit, chat, recorded
         )
 
-    def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: set[str]) -> str | None:
+    def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: frozenset[str]) -> str | None:
         """exact: this very prompt was seen; full: a whole earlier prompt (or prompt + reply) is a prefix
         of it; otherwise the strongest label recorded at the restored boundary."""
         if not plan.restore_to:
@@ -313,80 +230,59 @@ class PrefixCache:
             self.full_prompts.popitem(last=False)
 
     # -- restore ---------------------------------------------------------------------------------------
-    def restore(self, plan: CachePlan, prompt: Sequence[int], kvs: list[StageKV], skip_upto: int = 0) -> None:
-        """Write the plan's chunks into each stage's KV. Chunks ending at or before skip_upto are already
-        there (the previous request left them). Sets plan.tier."""
-        from_disk = False
-        labels: set[str] = set()  # those of stage 0's last restored chunk
-        for s, chain in enumerate(plan.chains):
-            for key in chain:
-                from_disk |= key not in self.ram[s]
-                c = self._fetch(s, key)
-                if c is None:  # vanished or corrupt since planning: stop here
-                    raise CacheMiss(f"stage {s} lost chunk {key.hex()}")
-                if not np.array_equal(c.tokens, prompt[c.start : c.end]):  # a key collision, however unlikely
-                    raise CacheMiss(f"stage {s} chunk {key.hex()} holds other tokens")
-                if s == 0:
-                    labels = c.labels
-                if c.end == len(prompt) and s == len(plan.chains) - 1:
-                    if c.logits is None:
-                        raise CacheMiss(f"stage {s} chunk {key.hex()} lost its logits")
-                    plan.logits = c.logits.float()
-                if c.end <= skip_upto:
-                    continue
-                kvs[s].restore(c.kv)
-        plan.tier = ("disk" if from_disk else "ram") if plan.restore_to else None
-        plan.kind = self._kind(plan, prompt, labels)
+    def restore(self, plan: CachePlan, prompt: Sequence[int], slot: int, skip_upto: int = 0) -> None:
+        """Have every stage write its chunks of [0, plan.restore_to) into the slot's KV. Chunks ending at or
+        before skip_upto are already there (the previous request left them). Sets plan.tier and plan.kind,
+        and plan.logits when the whole prompt was restored; raises CacheMiss when a stage lost a chunk."""
+        if not plan.restore_to:
+            return
+        got = self._st.restore(slot, Fetch(prompt, plan.chat_ends, plan.restore_to, plan.salt, skip_upto))
+        if plan.restore_to == len(prompt):
+            if got[-1].logits is None:
+                raise CacheMiss("the last stage lost the prompt's logits")
+            plan.logits = got[-1].logits.float()
+        plan.tier = max((r.tier for r in got if r.tier), key=TIER_ORDER.index, default=None)
+        plan.kind = self._kind(plan, prompt, got[0].labels)
 
-    def warm_start(self, kvs: list[StageKV], limit: int, interrupt: Callable[[], bool] | None = None) -> list[Chunk]:
+    def warm_start(self, slot: int, limit: int, interrupt: Callable[[], bool] | None = None) -> Chain:
         """After a restart: load the chain the last run used last (if an unsalted request's) from disk into
-        RAM and into kvs, in every stage, as far as every stage has it and up to `limit` positions, stopping
-        early when `interrupt` (asked before each chunk) says a request waits. Returns stage 0's chunks."""
-        if not self.disk:
-            return []
-        root, keys = self.disk[0].latest_chain()
-        parents = [ns.root for ns in self.namespaces]
-        if root != parents[0]:
-            return []
-        out: list[Chunk] = []
-        with self.lock:
-            for key in keys:
-                if interrupt is not None and interrupt():
-                    break
-                first = self._fetch(0, key)
-                if first is None or first.end > limit:
-                    break
-                row = [first] + [self._fetch(s, chunk_key(parents[s], first.tokens)) for s in range(1, len(kvs))]
-                if any(c is None for c in row):
-                    break
-                for s, c in enumerate(row):
-                    assert c is not None
-                    kvs[s].restore(c.kv)
-                    parents[s] = c.key
-                out.append(first)
-        return out
-
-    def _fetch(self, s: int, key: bytes) -> Chunk | None:
-        """The chunk from RAM, or loaded from disk into RAM."""
-        c = self.ram[s].get(key)
-        if c is None and self.disk and (c := self.disk[s].load(key)) is not None:
-            self.ram[s].put(c)
-        return c
+        the slot, in every stage, as far as every stage has it and up to `limit` positions, stopping early
+        when `interrupt` (asked before each chunk) says a request waits. Returns what was loaded."""
+        if not self.has_disk:
+            return Chain([], [])
+        chain = self._st.latest_chain()
+        ends = [e for e in chain.ends if e <= limit]
+        if not ends:
+            return Chain([], [])
+        tokens = chain.tokens[: ends[-1]]
+        # chunk ends are cuts the prompt was prefilled at: taken as its chat boundaries they give back its
+        # chain (with C >= TAIL_MERGE; a smaller C drops some, so less is shared, never more)
+        have = frozenset.intersection(*(f.ends for f in self._st.lookup(Lookup(tokens, ends, ends[-1], None, True))))
+        done = 0
+        for end in ends:
+            if end not in have or (interrupt is not None and interrupt()):
+                break
+            try:
+                self._st.restore(slot, Fetch(tokens, ends, end, None, skip_upto=done))
+            except CacheMiss:
+                break
+            done = end
+        return Chain(tokens[:done], [e for e in ends if e <= done])
 
     # -- record ----------------------------------------------------------------------------------------
     def record(
         self,
         plan: CachePlan,
         tokens: Sequence[int],
-        kvs: list[StageKV],
+        slot: int,
         computed: int,
         extra: Sequence[Boundary] = (),
         only_extra: bool = False,
         chat_ends: Sequence[int] | None = None,
         logits: Mapping[int, Tensor] | None = None,
     ) -> None:
-        """Record the plan's boundaries (and `extra` ones) whose KV is in kvs: positions [0, computed) hold
-        KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
+        """Record the plan's boundaries (and `extra` ones) whose KV is in the slot: positions [0, computed)
+        hold KV that may be reused (in exact mode: computed by prefill cut at `chat_ends`, by default the
         prompt's). `logits` maps positions to the logits [vocab] that a prompt ending there starts from;
         each is kept with the last stage's chunk ending there."""
         if not self.enabled:
@@ -400,7 +296,8 @@ class PrefixCache:
             if pos > 0:
                 labelled.setdefault(pos, set()).add(b.kind)
         if any(b.kind == "full" for b in bounds):
-            self._saw(plan.roots[0], tokens)
+            with self.lock:
+                self._saw(plan.roots[0], tokens)
         if not labelled:
             return
         disk_upto = plan.records.disk_upto
@@ -412,51 +309,28 @@ class PrefixCache:
         keep_from = [max(RETENTION.get(k, 0) for k in labelled[p]) if labelled[p] else 0 for p in ends]
         for k in range(len(ends) - 2, -1, -1):
             keep_from[k] = max(keep_from[k], keep_from[k + 1])
-
-        def keep(end: int) -> int:
-            return keep_from[bisect.bisect_left(ends, end)]
-
-        points = cuts(ends[-1], self.stride, chat, self.tail)
-        last = len(plan.roots) - 1
-        with self.lock:
-            for s, root in enumerate(plan.roots):
-                kept = (logits or {}) if s == last else {}
-                # one walk of the chain up to the furthest boundary, then a tail for each boundary off it
-                at = {0: root}  # chain point -> key of the chunk ending there
-                a = 0
-                for b in points:
-                    at[b] = self._put(s, at[a], tokens, a, b, labelled.get(b, set()), keep(b), disk_upto, kvs[s],
-                                      kept.get(b))  # fmt: skip
-                    a = b
-                for pos in ends:
-                    if pos not in at:
-                        g = points[bisect.bisect_left(points, pos) - 1] if points and points[0] < pos else 0
-                        self._put(s, at[g], tokens, g, pos, labelled[pos], keep(pos), disk_upto, kvs[s],
-                                  kept.get(pos))  # fmt: skip
-
-    def _put(
-        self, s: int, parent: bytes, tokens: Sequence[int], a: int, b: int, labels: set[str], keep: int,
-        disk_upto: int, kv: StageKV, logits: Tensor | None = None,
-    ) -> bytes:  # fmt: skip
-        """Record chunk [a, b) of stage s under parent (RAM, and disk up to disk_upto); returns its key."""
-        key = chunk_key(parent, tokens[a:b])
-        chunk = self.ram[s].get(key)
-        if chunk is not None and logits is not None:
-            self.ram[s].attach_logits(key, logits)  # passed through before, now a prompt ends here
-        if chunk is None:
-            tokens_ab = np.asarray(tokens[a:b], dtype=np.int32)
-            chunk = Chunk(key, parent, tokens_ab, kv.export(a, b), keep, set(labels), logits=logits)
-            self.ram[s].put(chunk)
-        else:
-            self.ram[s].promote(key, keep)
-            chunk.labels |= labels
-        if self.disk and b <= disk_upto:
-            self.disk[s].save(chunk)
-        return key
+        kept = {
+            p: x
+            for p, x in (logits or {}).items()
+            if p in labelled or p in cuts(ends[-1], self.stride, chat, self.tail)
+        }
+        self._st.record(
+            slot,
+            Record(
+                list(tokens),
+                chat,
+                plan.salt,
+                {p: frozenset(k) for p, k in labelled.items()},
+                keep_from,
+                disk_upto,
+                kept,
+            ),
+        )
 
     def remember(self, plan: CachePlan, prompt: list[int]) -> None:
         """Add the prompt to the auto window's history (persisted in the background)."""
-        self.history.add(plan.history_ns, prompt)
+        with self.lock:
+            self.history.add(plan.history_ns, prompt)
         if self.writer is not None:
             snap = self.history.snapshot()
             self.writer.submit(lambda: self.history.save(snap))
@@ -465,43 +339,66 @@ class PrefixCache:
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+        self._st.flush()
 
     def stats(self) -> dict[str, object]:
+        per = self._st.cache_stats()
+        disks = [s for s in per if s.disk]
+        remotes = [s.remote for s in per if s.remote is not None]
         return {
             "exact": self.cfg.exact,
             "stride": self.stride,
             "align": self.unit,
             "disk_policy": str(self.default_scope),
             "min_tokens": self.cfg.min_tokens,
-            "disk_error": self.disk_error,
+            "disk_error": next((s.disk_error for s in per if s.disk_error), None),
             "ram": {
                 "budget_bytes": self.cfg.ram_mb * 2**20,
-                "bytes": sum(r.nbytes for r in self.ram),
-                "entries": sum(len(r.chunks) for r in self.ram),
-                "evicted_bytes": sum(r.evicted_bytes for r in self.ram),
+                "bytes": sum(s.ram_bytes for s in per),
+                "entries": sum(s.ram_entries for s in per),
+                "evicted_bytes": sum(s.ram_evicted_bytes for s in per),
             },
             "disk": None
-            if not self.disk
+            if not disks
             else {
                 "dir": str(self.cfg.cache_dir),
-                "budget_bytes": sum(d.budget for d in self.disk),
-                "bytes": sum(d.nbytes for d in self.disk),
-                "entries": sum(len(d) for d in self.disk),
-                "written_bytes": sum(d.written_bytes for d in self.disk),
-                "evicted_bytes": sum(d.evicted_bytes for d in self.disk),
-                "corrupt_dropped": self.corrupt_dropped,
-                "full": any(getattr(d, "full_since", None) is not None for d in self.disk),
+                "budget_bytes": sum(s.disk_budget_bytes for s in disks),
+                "bytes": sum(s.disk_bytes for s in disks),
+                "entries": sum(s.disk_entries for s in disks),
+                "written_bytes": sum(s.disk_written_bytes for s in disks),
+                "evicted_bytes": sum(s.disk_evicted_bytes for s in disks),
+                "corrupt_dropped": sum(s.corrupt_dropped for s in per),
+                "full": any(s.disk_full for s in disks),
+            },
+            "redis": None
+            if not remotes
+            else {
+                "url": remotes[0]["url"],
+                "up": all(bool(r["up"]) for r in remotes),
+                **{
+                    k: sum(int(r[k]) for r in remotes)
+                    for k in ("errors", "hits", "written_bytes", "dropped_writes", "dropped_bad")
+                },  # type: ignore[call-overload]
             },
         }
 
-    def wipe_stage(self, s: int) -> None:
-        """Forget every chunk of stage s in RAM and on disk (for tests of the stage veto)."""
-        with self.lock:
-            for key in list(self.ram[s].chunks):
-                self.ram[s].drop(key)
-            if self.disk:
-                self.disk[s].clear()
+
+def grid_of(cfg: CacheConfig, chunk_size: int) -> Grid:
+    stride = cfg.stride or chunk_size
+    if cfg.exact and stride % chunk_size:
+        raise ValueError(f"--cache-stride {stride} must be a multiple of --chunk-size {chunk_size} in exact mode")
+    return Grid(stride, chunk_size if cfg.exact else 1, TAIL_MERGE if cfg.exact else 0)
 
 
-class CacheMiss(RuntimeError):
-    pass
+def stage_cache(
+    cfg: CacheConfig, namespace: Namespace, chunk_size: int, n_stages: int, disk: MemoryDiskTier | None = None
+) -> StageCache:
+    """One stage's cache with its share of the budgets."""
+    remote = RemoteTier(cfg.redis, namespace) if cfg.redis else None
+    return StageCache(
+        namespace, grid_of(cfg, chunk_size), cfg.ram_mb * 2**20 // n_stages, cfg.cache_dir,
+        cfg.disk_budget_mb * 2**20 // n_stages, disk=disk, remote=remote,
+    )  # fmt: skip
+
+
+__all__ = ["CacheMiss", "CacheConfig", "CachePlan", "CacheRequest", "PrefixCache", "stage_cache"]

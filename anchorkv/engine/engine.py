@@ -14,38 +14,32 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import asdict
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence as Seq
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from llguidance import LLTokenizer
 
-from anchorkv.cache.keys import Namespace
 from anchorkv.cache.policy import TAIL_MERGE, Boundary, common_prefix, cut_floor, shared_cut
 from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
-from anchorkv.engine.kv import StageKV
-from anchorkv.engine.pipeline import Pipeline, aligned_chunks
+from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
 from anchorkv.engine.plan import RequestPlan, Span
 from anchorkv.engine.sampling import Sampler, SamplingParams, token_logprob
 from anchorkv.engine.scheduler import StepPlan, pick_slot, schedule, should_wait
 from anchorkv.engine.sequence import Delta, Event, Failed, Finished, Sequence, Status
 from anchorkv.engine.slot import PendingReply, Slot
-from anchorkv.engine.stage import Stage
+from anchorkv.engine.stage import MAX_DEFAULT_CTX, build_stages
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
-from anchorkv.model.decode_attention import DecodeAttention
-from anchorkv.model.kernels import load_kernel
-from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
-from anchorkv.model.softmax import AttentionSoftmax
+from anchorkv.model.loader import load_config, resolve_model
 from anchorkv.model.tokenizer import TextTokenizer
-from anchorkv.model.transformer import FORWARD_VERSION, Interrupted, Linear, pack_linears
+from anchorkv.model.transformer import Interrupted
 
 __all__ = ["Delta", "Engine", "Failed", "Finished", "PromptTooLong"]
-
-MAX_DEFAULT_CTX = 8192
 
 log = logging.getLogger("anchorkv.engine")
 
@@ -54,26 +48,11 @@ class PromptTooLong(ValueError):
     pass
 
 
-def rows_invariant(linears: Seq[Linear], rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether every decode linear gives each row the same bits whatever the number of rows (1 to `rows`)
-    beside it. Kernels pick their blocking by M, so this is measured, not assumed."""
-    gen = torch.Generator().manual_seed(0)
-    seen: set[tuple[Any, ...]] = set()
-    for lin in linears:
-        n_in = lin.weight.shape[0] if lin.transposed else lin.weight.shape[1]
-        key = (tuple(lin.weight.shape), lin.transposed, lin.decode_kind, lin.bias is not None)
-        if key in seen:
-            continue
-        seen.add(key)
-        x = torch.randn(rows, n_in, generator=gen).to(dtype=dtype, device=device)
-        full = lin(x, True)
-        if not all(torch.equal(lin(x[:m], True), full[:m]) for m in range(1, rows)):
-            return False
-    return True
-
-
 class Engine:
-    def __init__(self, cfg: EngineConfig, cache_cfg: CacheConfig | None = None) -> None:
+    def __init__(
+        self, cfg: EngineConfig, cache_cfg: CacheConfig | None = None, pipeline: Pipeline | None = None
+    ) -> None:
+        """`pipeline`: the stages elsewhere (a RayPipeline); by default they are built in this process."""
         self.cfg = cfg
         torch.set_num_threads(cfg.threads)
         self.files = resolve_model(cfg.model, cfg.cache_home)
@@ -83,46 +62,35 @@ class Engine:
         self.ctx = cfg.ctx or min(self.model_cfg.max_ctx, MAX_DEFAULT_CTX)
         self.tokenizer = TextTokenizer(self.files.folder, self.model_cfg.eos_token_ids)
         self.template = ChatTemplate(self.tokenizer, parse_content_specials=cfg.content_specials)
-        mc = self.model_cfg
-        weights = prepared_weights(self.files, mc, self.dtype, cfg.decode_quant, cfg.cache_home)
-        kernel = (
-            load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if self.device.type == "cpu" else None
+        self.cache_cfg = cache_cfg or CacheConfig(ram_mb=0, scope="off")
+        self.pipeline = pipeline or LocalPipeline(build_stages(cfg, self.cache_cfg), cfg.chunk_size, self.device)
+        self.stage_infos = self.pipeline.infos()
+        first = self.stage_infos[0]
+        self.linear_kind, self.softmax_kind, self.decode_attention_kind = (
+            first.linear_kind,
+            first.softmax,
+            first.decode_attention,
         )
-        self.softmax = AttentionSoftmax(kernel, self.dtype)
-        self.decode_attention = DecodeAttention(kernel, self.dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
-        models = load_stages(weights, mc, cfg.stages, self.device, self.softmax, self.decode_attention)
-        linears = [lin for m in models for lin in m.linears]
-        self.linear_kind = pack_linears(linears, cfg.chunk_size)
-        self.batch_rows = cfg.parallel == 1 or rows_invariant(linears, cfg.parallel, self.dtype, self.device)
-        if not self.batch_rows:
-            log.info("the decode linears' rows depend on the batch here: a decode step runs them a row at a time")
-        for m in models:
-            m.batch_rows = self.batch_rows
-
-        def pool(n_layers: int) -> list[StageKV]:
-            return [
-                StageKV(n_layers, mc.n_kv_heads, self.ctx, mc.head_dim, self.dtype, self.device)
-                for _ in range(cfg.parallel)
-            ]
-
-        stages = [Stage(i, m, pool(len(m.layer_range))) for i, m in enumerate(models)]
-        self.pipeline = Pipeline(stages, cfg.chunk_size, self.device)
+        self.batch_rows = all(i.batch_rows for i in self.stage_infos)
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name
         self.lock = threading.RLock()  # held by whoever steps the scheduler
-        self.cache_cfg = cache_cfg or CacheConfig(ram_mb=0, scope="off")
         self.cache = PrefixCache(
-            self.cache_cfg, self._namespaces(), cfg.chunk_size, vocab_size=self.model_cfg.vocab_size
+            self.cache_cfg,
+            [i.namespace for i in self.stage_infos],
+            cfg.chunk_size,
+            vocab_size=self.model_cfg.vocab_size,
         )
+        self.cache.attach(self.pipeline.cache_stages)
         self.slots = [Slot(i) for i in range(cfg.parallel)]
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
-        self._warm = bool(self.cache.disk) and self.cache.enabled  # the last run's latest chain, to bring back
+        self._warm = self.cache.has_disk and self.cache.enabled  # the last run's latest chain, to bring back
         self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
 
     @property
     def decode_weights(self) -> dict[str, int]:
         """How many linear layers decode steps read as int4, int8 or dense."""
-        kinds = [lin.decode_kind for s in self.pipeline.stages for lin in s.model.linears]
+        kinds = [k for i in self.stage_infos for k in i.decode_kinds]
         return {k: kinds.count(k) for k in sorted(set(kinds))}
 
     @property
@@ -135,24 +103,19 @@ class Engine:
     @property
     def kv_bytes(self) -> int:
         """The KV pools of every stage: `parallel` slots of `ctx` positions each."""
-        return sum(s.kv_bytes for s in self.pipeline.stages)
+        return sum(i.kv_bytes for i in self.stage_infos)
 
-    def _namespaces(self) -> list[Namespace]:
-        """Everything that changes the KV values, per stage. In exact mode also what changes their bits."""
-        exact = self.cache_cfg.exact
-        base: dict[str, Any] = {
-            "model": self.files.fingerprint,
-            "dtype": self.cfg.dtype,
-            "kv": self.model_cfg.kv_params(),
-            "exact": exact,
-        }
-        if exact:
-            base |= {"chunk": self.cfg.chunk_size, "threads": self.cfg.threads, "device": self.cfg.device}
-            base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": self.softmax.kind}
-            base |= {"linear": self.linear_kind}
-        else:  # decoded KV is reused too, so the decode weights matter
-            base |= {"decode_weights": list(self.cfg.decode_quant), "decode_attention": self.decode_attention.kind}
-        return [Namespace.of(**base, layers=[s.layer_range.start, s.layer_range.stop]) for s in self.pipeline.stages]
+    def stages_report(self) -> list[dict[str, object]]:
+        """Each stage: where it runs, its layers, whether it is alive, its KV pool and its cache's bytes."""
+        stats = self.pipeline.cache_stages.cache_stats()
+        return [
+            {
+                **asdict(h),
+                "kv_bytes": i.kv_bytes,
+                "cache": {"ram_bytes": c.ram_bytes, "disk_bytes": c.disk_bytes, "entries": c.ram_entries},
+            }
+            for h, i, c in zip(self.pipeline.health(), self.stage_infos, stats, strict=True)
+        ]
 
     def render_chat(
         self,
@@ -204,12 +167,16 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> bool:
         """Admit, run one batch, post-process. Returns whether anything ran."""
-        self._admit()
-        plan = schedule(self.running, self.prefill_budget)
-        if not plan:
-            return False
-        self._run(plan)
-        self._post_process(plan)
+        try:
+            self._admit()
+            plan = schedule(self.running, self.prefill_budget)
+            if not plan:
+                return False
+            self._run(plan)
+            self._post_process(plan)
+        except StageFailed as e:
+            self._stage_lost(e)
+            return True
         if self.running and not plan.prefill and not self.waiting and (slot := self._reply_slot()) is not None:
             self._background(slot)  # beside decoding sequences, the budget left: background work
         return True
@@ -274,6 +241,8 @@ class Engine:
         """One unit of the slot's reply work; a fault drops that work and what the slot held, nothing more."""
         try:
             self._reply_step(slot, interrupt)
+        except StageFailed as e:
+            self._stage_lost(e)
         except Exception:
             log.exception("background prefill of a reply failed; the next turn prefills it itself")
             slot.reply = None
@@ -295,7 +264,12 @@ class Engine:
             if slot is None:
                 return
             self._warm = False  # a request came first: it restores what it needs itself
-            cplan = self.cache.plan(seq.prompt, seq.cache_req)
+            try:
+                cplan = self.cache.plan(seq.prompt, seq.cache_req)
+            except StageFailed as err:  # not left waiting on a stage that may not come back: the client retries
+                self.waiting.remove(seq)
+                self._fail(seq, err)
+                raise
             prefilling = [s for s in self.running if s.status is Status.PREFILLING]
             if should_wait(seq.prompt, cplan.restore_to, prefilling, self.cfg.chunk_size):
                 continue
@@ -305,6 +279,9 @@ class Engine:
                 cplan = self.cache.plan(seq.prompt, seq.cache_req)
             try:
                 self._start(seq, slot, cplan)
+            except StageFailed as err:
+                self._fail(seq, err)
+                raise
             except Exception as e:  # noqa: BLE001 - the request fails, the engine lives on
                 self._fail(seq, e)
 
@@ -318,14 +295,12 @@ class Engine:
         if slot.salt == creq.salt:
             keep = shared_cut(prompt[: cplan.restore_to], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
         slot.clear()
-        kvs = self.pipeline.kvs(slot.index)
         self.pipeline.truncate(keep, slot.index)
         try:
-            self.cache.restore(cplan, prompt, kvs, skip_upto=keep)
+            self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)
         except CacheMiss as e:
             log.warning("restore failed, prefilling cold: %s", e)
-            cplan.restore_to, cplan.chains, cplan.kind, cplan.tier = 0, [[] for _ in kvs], None, None
-            cplan.logits = None
+            cplan.restore_to, cplan.kind, cplan.tier, cplan.logits = 0, None, None, None
         r = cplan.restore_to
         self.pipeline.truncate(r, slot.index)
         seq.plan = RequestPlan(seq.id, len(prompt), restore_to=r)
@@ -362,6 +337,8 @@ class Engine:
             rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s))) for s in plan.decode]
             try:
                 logits = self.pipeline.decode_rows(rows)
+            except StageFailed:
+                raise
             except Exception as e:  # noqa: BLE001
                 for seq in plan.decode:
                     self._fail(seq, e)
@@ -378,6 +355,8 @@ class Engine:
                     seq.prompt[a:b], a, self._plan_of(seq), "last" if last or b in stops else "none",
                     slot=self._slot_of(seq),
                 )  # fmt: skip
+            except StageFailed:
+                raise
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
                 continue
@@ -419,11 +398,23 @@ class Engine:
     def _guarded(self, seq: Sequence, action: Callable[[Sequence], None]) -> None:
         try:
             action(seq)
+        except StageFailed:
+            raise
         except Exception as e:  # noqa: BLE001 - the request fails, the engine lives on
             if not seq.done:
                 self._fail(seq, e)
             else:
                 log.exception("after %s finished", seq.id)
+
+    def _stage_lost(self, error: StageFailed) -> None:
+        """A stage worker died, and every slot's KV with it: fail what runs (503), forget what slots held.
+        Waiting sequences stay queued; they run once the stage is back."""
+        for seq in list(self.running):
+            self._fail(seq, error)
+        for slot in self.slots:
+            slot.reply = None
+            slot.clear()
+        self._warm = False
 
     def fail_all(self, error: Exception) -> None:
         """Give up every sequence (a fault in the scheduler itself): their clients get an error, not a hang."""
@@ -518,11 +509,10 @@ class Engine:
     def _record_prompt(self, seq: Sequence) -> None:
         seq.recorded = True
         cplan, slot = self._cplan_of(seq), self.slots[self._slot_of(seq)]
-        kvs = self.pipeline.kvs(slot.index)
         computed = slot.valid if self.cache_cfg.exact else len(seq.prompt)
         # the head computes in the KV's dtype, so the logits keep in it losslessly (half the bytes in bf16)
-        kept = {p: x.to(kvs[-1].k.dtype) for p, x in seq.kept_logits.items()} if self.cache_cfg.exact else {}
-        self.cache.record(cplan, seq.prompt, kvs, computed, logits=kept)
+        kept = {p: x.to(self.dtype) for p, x in seq.kept_logits.items()} if self.cache_cfg.exact else {}
+        self.cache.record(cplan, seq.prompt, slot.index, computed, logits=kept)
         self.cache.remember(cplan, seq.prompt)
 
     def _keep_reply(self, seq: Sequence, slot: Slot) -> None:
@@ -544,7 +534,7 @@ class Engine:
     def _record_reply(self, reply: PendingReply, slot: Slot, computed: int) -> None:
         full = (Boundary(len(reply.tokens), "full"),)
         self.cache.record(
-            reply.plan, reply.tokens, self.pipeline.kvs(slot.index), computed=computed, extra=full,
+            reply.plan, reply.tokens, slot.index, computed=computed, extra=full,
             only_extra=True, chat_ends=reply.ends,
         )  # fmt: skip
 
@@ -597,11 +587,9 @@ class Engine:
         slot = pick_slot([], None, self.slots)
         if slot is None:
             return
-        chunks = self.cache.warm_start(self.pipeline.kvs(slot.index), self.ctx - 1, interrupt)
-        if not chunks:
+        self.pipeline.truncate(0, slot.index)
+        chain = self.cache.warm_start(slot.index, self.ctx - 1, interrupt)
+        if not chain.tokens:
             return
-        tokens = [t for c in chunks for t in c.tokens.tolist()]
-        # chain chunks end at cuts the prompt was prefilled at; taken as its chat boundaries they give back
-        # its cuts (with C >= TAIL_MERGE; a smaller C drops some, so less is shared, never more)
-        slot.hold(tokens, [c.end for c in chunks], len(tokens), None)
-        log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(tokens))
+        slot.hold(chain.tokens, chain.ends, len(chain.tokens), None)
+        log.info("[cache] warm start: %d tokens of the last run's latest prompt back in the KV", len(chain.tokens))

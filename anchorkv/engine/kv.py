@@ -2,27 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from torch import Tensor
 
-
-@dataclass(frozen=True)
-class KVSlice:
-    """KV of positions [start, end) for one stage's layers. k, v: [n_layers, Hkv, end - start, hd]."""
-
-    start: int
-    k: Tensor
-    v: Tensor
-
-    @property
-    def end(self) -> int:
-        return self.start + self.k.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+from anchorkv.cache.chunk import KVSlice
 
 
 class StageKV:

@@ -18,15 +18,17 @@ merge means no piece of a message is shorter than TAIL_MERGE unless the message 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import Tensor
 
 from anchorkv.cache.policy import cuts
+from anchorkv.cache.stage_cache import CacheStages, LocalStages
 from anchorkv.engine.plan import RequestPlan, Span, StageInput
 from anchorkv.engine.kv import StageKV
-from anchorkv.engine.stage import Stage
+from anchorkv.engine.stage import Stage, StageInfo
 from anchorkv.model.transformer import Logits
 
 
@@ -37,10 +39,28 @@ def aligned_chunks(start: int, end: int, chunk: int, breaks: Sequence[int] = ())
 
 
 class Pipeline:
-    def __init__(self, stages: list[Stage], chunk_size: int, device: torch.device) -> None:
-        self.stages = stages
-        self.chunk_size = chunk_size
-        self.device = device
+    """The stages as the head drives them. Subclasses are transports: stages in this process, or stage
+    workers elsewhere; the messages are the same."""
+
+    kind = "none"  # how the stages are reached: none (this process) | ray
+    chunk_size: int
+    device: torch.device
+    cache_stages: CacheStages
+
+    def _run(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def truncate(self, n: int, slot: int = 0) -> None:
+        raise NotImplementedError
+
+    def infos(self) -> list[StageInfo]:
+        raise NotImplementedError
+
+    def health(self) -> list[StageHealth]:
+        return [StageHealth(i.index, i.node, list(i.layers), "alive") for i in self.infos()]
+
+    def close(self) -> None:
+        pass
 
     def forward(
         self,
@@ -57,12 +77,6 @@ class Pipeline:
         caller truncates back to start."""
         x: Tensor = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self._run(StageInput(x, (Span(slot, start, len(tokens), plan),), decode, logits), interrupt)
-
-    def _run(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
-        x = inp.x
-        for stage in self.stages:
-            x = stage.forward(StageInput(x, inp.spans, inp.decode, inp.logits), interrupt)
-        return x
 
     def decode(self, token: int, pos: int, plan: RequestPlan, slot: int = 0) -> Tensor:
         """One decode step of one sequence at position pos. Returns logits [vocab]."""
@@ -101,10 +115,48 @@ class Pipeline:
                 outs.append(out)
         return torch.cat(outs) if all_logits else outs[-1]
 
-    def kvs(self, slot: int) -> list[StageKV]:
-        """Every stage's KV of one slot."""
-        return [stage.kvs[slot] for stage in self.stages]
+
+class StageFailed(RuntimeError):
+    """A stage worker died or cannot be reached: the requests in flight fail with 503."""
+
+    def __init__(self, stages: Sequence[int], cause: BaseException) -> None:
+        self.stages = list(stages)
+        names = ", ".join(str(s) for s in self.stages) or "?"
+        super().__init__(
+            f"pipeline stage {names} failed ({type(cause).__name__}); it is being restarted, retry shortly"
+        )
+
+
+@dataclass(frozen=True)
+class StageHealth:
+    index: int
+    node: str
+    layers: list[int]
+    state: str  # alive | restarting | dead
+
+
+class LocalPipeline(Pipeline):
+    """Every stage in this process, called in turn."""
+
+    def __init__(self, stages: list[Stage], chunk_size: int, device: torch.device) -> None:
+        self.stages = stages
+        self.chunk_size = chunk_size
+        self.device = device
+        self.cache_stages = LocalStages([s.cache for s in stages], [s.kvs for s in stages])
+
+    def _run(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
+        x = inp.x
+        for stage in self.stages:
+            x = stage.forward(StageInput(x, inp.spans, inp.decode, inp.logits), interrupt)
+        return x
 
     def truncate(self, n: int, slot: int = 0) -> None:
         for stage in self.stages:
-            stage.kvs[slot].truncate(n)
+            stage.truncate(n, slot)
+
+    def infos(self) -> list[StageInfo]:
+        return [s.info() for s in self.stages]
+
+    def kvs(self, slot: int) -> list[StageKV]:
+        """Every stage's KV of one slot."""
+        return [stage.kvs[slot] for stage in self.stages]

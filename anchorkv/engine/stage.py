@@ -1,21 +1,76 @@
-"""A pipeline stage: a contiguous layer range and its KV pool, one StageKV per sequence slot."""
+"""A pipeline stage: a contiguous layer range, its KV pool (one StageKV per sequence slot) and its own
+prefix cache. The same object runs in the head's process or in a stage worker elsewhere; what reaches
+it is a message (`StageInput`, or a cache order), never another stage's state.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
+from anchorkv.cache.keys import Namespace
+from anchorkv.cache.prefix_cache import CacheConfig, stage_cache
+from anchorkv.cache.stage_cache import CacheStats, Coverage, Fetch, Lookup, Record, Restored, StageCache
+from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
-from anchorkv.model.transformer import Rows, StageModel
+from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.kernels import load_kernel
+from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
+from anchorkv.model.softmax import AttentionSoftmax
+from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
+
+log = logging.getLogger("anchorkv.engine")
+
+MAX_DEFAULT_CTX = 8192
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    index: int
+    layers: tuple[int, int]  # [start, stop)
+    namespace: Namespace
+    kv_bytes: int
+    decode_kinds: tuple[str, ...]  # each linear's decode weights: int4, int8 or dense
+    batch_rows: bool
+    linear_kind: str
+    softmax: str
+    decode_attention: str
+    node: str  # host name and process id
+
+
+def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every decode linear gives each row the same bits whatever the number of rows (1 to `rows`)
+    beside it. Kernels pick their blocking by M, so this is measured, not assumed."""
+    gen = torch.Generator().manual_seed(0)
+    seen: set[tuple[Any, ...]] = set()
+    for lin in linears:
+        n_in = lin.weight.shape[0] if lin.transposed else lin.weight.shape[1]
+        key = (tuple(lin.weight.shape), lin.transposed, lin.decode_kind, lin.bias is not None)
+        if key in seen:
+            continue
+        seen.add(key)
+        x = torch.randn(rows, n_in, generator=gen).to(dtype=dtype, device=device)
+        full = lin(x, True)
+        if not all(torch.equal(lin(x[:m], True), full[:m]) for m in range(1, rows)):
+            return False
+    return True
 
 
 class Stage:
-    def __init__(self, index: int, model: StageModel, kvs: list[StageKV]) -> None:
+    def __init__(self, index: int, model: StageModel, kvs: list[StageKV], cache: StageCache, linear_kind: str) -> None:
         self.index = index
         self.model = model
         self.kvs = kvs
+        self.cache = cache
+        self.linear_kind = linear_kind
 
     @property
     def kv(self) -> StageKV:
@@ -29,6 +84,14 @@ class Stage:
     @property
     def kv_bytes(self) -> int:
         return sum(kv.k.nbytes + kv.v.nbytes for kv in self.kvs)
+
+    def info(self) -> StageInfo:
+        r = self.layer_range
+        return StageInfo(
+            self.index, (r.start, r.stop), self.cache.namespace, self.kv_bytes,
+            tuple(lin.decode_kind for lin in self.model.linears), self.model.batch_rows, self.linear_kind,
+            self.model.softmax.kind, self.model.decode_attention.kind, f"{socket.gethostname()}:{os.getpid()}",
+        )  # fmt: skip
 
     def forward(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
         """Hidden states [T, D] out, or logits on the last stage. Each span's KV is written (and counted
@@ -45,3 +108,61 @@ class Stage:
         for sp in inp.spans:
             self.kvs[sp.slot].filled = sp.start + sp.length
         return out
+
+    def truncate(self, n: int, slot: int) -> None:
+        self.kvs[slot].truncate(n)
+
+    # -- the cache's orders ----------------------------------------------------------------------------
+    def lookup(self, q: Lookup) -> Coverage:
+        return self.cache.lookup(q)
+
+    def restore(self, slot: int, f: Fetch) -> Restored:
+        return self.cache.restore(f, self.kvs[slot])
+
+    def record(self, slot: int, r: Record) -> None:
+        self.cache.record(r, self.kvs[slot])
+
+    def cache_stats(self) -> CacheStats:
+        return self.cache.stats()
+
+
+def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = None) -> list[Stage]:
+    """Load the model's stages (or only stage `only`), each with its KV pool and prefix cache. The
+    namespace is computed here, where the stage runs: everything that changes its KV values, and in exact
+    mode their bits (this host's torch, kernels and threads)."""
+    torch.set_num_threads(cfg.threads)
+    files = resolve_model(cfg.model, cfg.cache_home)
+    mc = load_config(files.folder)
+    dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
+    ctx = cfg.ctx or min(mc.max_ctx, MAX_DEFAULT_CTX)
+    weights = prepared_weights(files, mc, dtype, cfg.decode_quant, cfg.cache_home)
+    kernel = load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if device.type == "cpu" else None
+    softmax = AttentionSoftmax(kernel, dtype)
+    decode_attention = DecodeAttention(kernel, dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
+    models = load_stages(weights, mc, cfg.stages, device, softmax, decode_attention)
+    indices = range(len(models)) if only is None else [only]
+    linears = [lin for i in indices for lin in models[i].linears]
+    linear_kind = pack_linears(linears, cfg.chunk_size)
+    batch_rows = cfg.parallel == 1 or rows_invariant(linears, cfg.parallel, dtype, device)
+    if not batch_rows:
+        log.info("the decode linears' rows depend on the batch here: a decode step runs them a row at a time")
+    base: dict[str, Any] = {
+        "model": files.fingerprint,
+        "dtype": cfg.dtype,
+        "kv": mc.kv_params(),
+        "exact": cache_cfg.exact,
+    }
+    if cache_cfg.exact:
+        base |= {"chunk": cfg.chunk_size, "threads": cfg.threads, "device": cfg.device}
+        base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": softmax.kind}
+        base |= {"linear": linear_kind}
+    else:  # decoded KV is reused too, so the decode weights matter
+        base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": decode_attention.kind}
+    out = []
+    for i in indices:
+        m = models[i]
+        m.batch_rows = batch_rows
+        ns = Namespace.of(**base, layers=[m.layer_range.start, m.layer_range.stop])
+        kvs = [StageKV(len(m.layer_range), mc.n_kv_heads, ctx, mc.head_dim, dtype, device) for _ in range(cfg.parallel)]
+        out.append(Stage(i, m, kvs, stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages), linear_kind))
+    return out

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -84,7 +84,15 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queue": worker.waiting, "running": worker.running, "busy": worker.busy}
+        stages = [asdict(h) for h in await asyncio.to_thread(engine.pipeline.health)]
+        status = "ok" if all(h["state"] == "alive" for h in stages) else "degraded"
+        return {
+            "status": status,
+            "queue": worker.waiting,
+            "running": worker.running,
+            "busy": worker.busy,
+            "stages": stages,
+        }
 
     @app.get("/v1/models", dependencies=[Depends(auth)])
     async def models() -> dict[str, Any]:
@@ -114,13 +122,11 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "threads": engine.cfg.threads,
             "chunk_size": engine.cfg.chunk_size,
             "decode_weights": engine.decode_weights,
-            "attention_softmax": engine.softmax.kind,
-            "decode_attention": engine.decode_attention.kind,
+            "attention_softmax": engine.softmax_kind,
+            "decode_attention": engine.decode_attention_kind,
             "linear_kernel": engine.linear_kind,
-            "stages": [
-                {"index": s.index, "layers": [s.layer_range.start, s.layer_range.stop], "kv_bytes": s.kv_bytes}
-                for s in engine.pipeline.stages
-            ],
+            "distributed": engine.pipeline.kind,
+            "stages": await asyncio.to_thread(engine.stages_report),
             "parallel": engine.cfg.parallel,
             "decode_rows": "batched" if engine.batch_rows else "one at a time",
             "kv_pool": {"slots": engine.cfg.parallel, "positions_per_slot": engine.ctx, "bytes": engine.kv_bytes},
@@ -128,14 +134,14 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "default_generation_settings": {"n_ctx": engine.ctx},
             "total_slots": engine.cfg.parallel,
             "max_queue": cfg.max_queue,
-            "full_cache": engine.cache.stats(),
+            "full_cache": await asyncio.to_thread(engine.cache.stats),
             "version": __version__,
         }
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.queue_depth.set(worker.waiting)
-        metrics.observe_cache(engine.cache.stats())
+        metrics.observe_cache(await asyncio.to_thread(engine.cache.stats))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     def _check_size(value: Any, param: str) -> None:
@@ -563,10 +569,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         try:
             while True:
                 event = await job.events.get()
-                if isinstance(event, JobFailed) and event.shutting_down:
-                    raise APIError(
-                        503, "the server is shutting down", type_="server_busy", headers={"Retry-After": "5"}
-                    )
+                if isinstance(event, JobFailed) and event.unavailable:
+                    raise APIError(503, str(event.error), type_="server_busy", headers={"Retry-After": "5"})
                 if isinstance(event, JobFailed) and event.client_error:
                     raise APIError(400, f"the grammar failed while generating: {event.error}")
                 if isinstance(event, JobFailed):

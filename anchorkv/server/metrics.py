@@ -36,6 +36,13 @@ class Metrics:
         self.cache_corrupt = Gauge(
             "anchorkv_cache_corrupt_files_dropped", "Disk cache files dropped as corrupt since start", registry=r
         )
+        self.redis_up = Gauge(
+            "anchorkv_cache_redis_up", "1 while the Redis tier answers, 0 while it is off", registry=r
+        )
+        self.redis_errors = Gauge("anchorkv_cache_redis_errors", "Failed Redis calls since start", registry=r)
+        self.redis_written = Gauge(
+            "anchorkv_cache_redis_written_bytes", "Bytes written to Redis since start", registry=r
+        )
         self.queue_depth = Gauge("anchorkv_queue_depth", "Requests waiting for the engine", registry=r)
         self.ttft = Histogram(
             "anchorkv_time_to_first_token_seconds",
@@ -54,3 +61,7 @@ class Metrics:
             self.cache_bytes_evicted.labels("disk").set(disk["evicted_bytes"])
             self.cache_bytes_written.set(disk["written_bytes"])
             self.cache_corrupt.set(disk["corrupt_dropped"])
+        if redis := stats.get("redis"):
+            self.redis_up.set(1 if redis["up"] else 0)
+            self.redis_errors.set(redis["errors"])
+            self.redis_written.set(redis["written_bytes"])

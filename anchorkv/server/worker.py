@@ -23,6 +23,7 @@ import uvicorn
 from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.engine.constraint import GrammarError
 from anchorkv.engine.engine import Delta, Engine, Failed, Finished
+from anchorkv.engine.pipeline import StageFailed
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.sequence import Event
 
@@ -51,6 +52,11 @@ class JobFailed(Exception):
     @property
     def shutting_down(self) -> bool:
         return isinstance(self.error, ShuttingDown)
+
+    @property
+    def unavailable(self) -> bool:
+        """Not the request's fault, and a retry may succeed: shutting down, or a stage being restarted."""
+        return isinstance(self.error, (ShuttingDown, StageFailed))
 
     @property
     def client_error(self) -> bool:

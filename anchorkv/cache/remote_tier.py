@@ -1,0 +1,158 @@
+"""The remote tier: chunks in a Redis server that several replicas share.
+
+A value is a chunk file's bytes, as on disk (header, checksum, tokens), under `akv:<namespace>:<key>`;
+`akv:<namespace>:t:<parent>` is the set of chunk ends under a parent, for tails. Every read checks the
+value in full, so a foreign, corrupt or vanished value is a miss (and a corrupt one is deleted). Writes
+go through a background thread and never delay a response. Eviction is Redis's own (`maxmemory` with an
+LRU policy). A server that is down or full turns the tier off for RETRY_S seconds at a time, with one
+warning, while serving goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.disk_tier import decode, encode
+from anchorkv.cache.keys import Namespace
+
+log = logging.getLogger("anchorkv.cache")
+
+RETRY_S = 5.0
+TIMEOUT_S = 0.5
+MAX_QUEUED = 64  # writes waiting; more are dropped (the chunk stays in RAM and on disk)
+
+T = TypeVar("T")
+
+
+class RemoteTier:
+    def __init__(self, url: str, namespace: Namespace, on_corrupt: Callable[[], None] = lambda: None) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.prefix = f"akv:{namespace.id}:"
+        self.client = redis.Redis.from_url(url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S)
+        self.on_corrupt = on_corrupt
+        self.down_since: float | None = None
+        self.errors = 0  # failed calls since start
+        self.hits = 0
+        self.written_bytes = 0
+        self.dropped_writes = 0
+        self.dropped_bad = 0  # foreign or damaged values found and deleted
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="anchorkv-redis-writer", daemon=True)
+        self._thread.start()
+
+    def _key(self, key: bytes) -> str:
+        return self.prefix + key.hex()
+
+    def _call(self, op: Callable[[], T], default: T) -> T:
+        """Run one Redis call; a failure marks the tier down (said once) and gives `default`."""
+        if self.down_since is not None:
+            if time.monotonic() - self.down_since < RETRY_S:
+                return default
+        try:
+            out = op()
+        except redis.RedisError as e:
+            self.errors += 1
+            if self.down_since is None:
+                log.warning("[cache] redis failed (%s): the remote tier is off, retried every %gs", e, RETRY_S)
+            self.down_since = time.monotonic()
+            return default
+        if self.down_since is not None:
+            log.info("[cache] redis answers again: the remote tier is back")
+            self.down_since = None
+        return out
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    # -- read ----------------------------------------------------------------------------------------
+    def __contains__(self, key: bytes) -> bool:
+        return bool(self._call(lambda: self.client.exists(self._key(key)), 0))
+
+    def tail_ends(self, parent: bytes) -> set[int]:
+        members: Any = self._call(lambda: self.client.smembers(self.prefix + "t:" + parent.hex()), set())
+        out = set()
+        for m in members:
+            try:
+                out.add(int(m))
+            except ValueError:
+                continue
+        return out
+
+    def has_logits(self, key: bytes) -> bool:
+        return bool(self._call(lambda: self.client.exists(self._key(key) + ":L"), 0))
+
+    def load(self, key: bytes) -> Chunk | None:
+        data: Any = self._call(lambda: self.client.get(self._key(key)), None)
+        if data is None:
+            return None
+        try:
+            chunk = decode(data, self.namespace.id, key)
+        except Exception as e:  # noqa: BLE001 - foreign or damaged: a miss
+            log.warning("[cache] dropping a bad redis value %s: %s", self._key(key), e)
+            self.dropped_bad += 1
+            self.on_corrupt()
+            self._call(lambda: self.client.delete(self._key(key)), 0)
+            return None
+        self.hits += 1
+        return chunk
+
+    # -- write ---------------------------------------------------------------------------------------
+    def save(self, chunk: Chunk) -> None:
+        """Queue a write; dropped when the queue is long or the server is down."""
+        if not self.up and time.monotonic() - (self.down_since or 0) < RETRY_S:
+            return
+        if self._q.qsize() >= MAX_QUEUED:
+            self.dropped_writes += 1
+            return
+        self._q.put(lambda: self._write(chunk))
+
+    def _write(self, c: Chunk) -> None:
+        data = encode(c, self.namespace.id)
+
+        def put() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._key(c.key), data)
+            pipe.sadd(self.prefix + "t:" + c.parent.hex(), str(c.end))
+            if c.logits is not None:
+                pipe.set(self._key(c.key) + ":L", b"1")
+            pipe.execute()
+            return True
+
+        if self._call(put, False):
+            self.written_bytes += len(data)
+
+    def flush(self) -> None:
+        done = threading.Event()
+        self._q.put(done.set)
+        done.wait()
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            try:
+                job()
+            except Exception:
+                log.exception("redis write failed")
+
+    def stats(self) -> dict[str, object]:
+        parts = urlsplit(self.url)
+        shown = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]) if "@" in parts.netloc else parts
+        return {
+            "url": urlunsplit(shown),  # without the password
+            "up": self.up,
+            "errors": self.errors,
+            "hits": self.hits,
+            "written_bytes": self.written_bytes,
+            "dropped_writes": self.dropped_writes,
+            "dropped_bad": self.dropped_bad,
+        }

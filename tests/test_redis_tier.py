@@ -1,0 +1,119 @@
+"""The Redis tier on a real redis-server: replicas share prefixes, exactly; salts and namespaces keep
+them apart; foreign, corrupt and vanished values are misses; a Redis that stops never stops serving."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.config import EngineConfig
+from anchorkv.engine.engine import Engine
+from conftest import start_redis
+from test_prefix_cache import answer, chat
+
+
+def replica(tmp: Path, url: str, chunk_size: int = 128) -> Engine:
+    """A server of its own (its own RAM and disk tiers) on the shared Redis. Redis takes what the disk policy
+    writes; "full" writes every prompt."""
+    return Engine(
+        EngineConfig(threads=2, parallel=2, chunk_size=chunk_size),
+        CacheConfig(ram_mb=256, cache_dir=tmp, scope="full", redis=url),
+    )
+
+
+@pytest.fixture(scope="module")
+def replica_a(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Engine:
+    return replica(tmp_path_factory.mktemp("a"), redis_url)
+
+
+@pytest.fixture(scope="module")
+def replica_b(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Engine:
+    return replica(tmp_path_factory.mktemp("b"), redis_url)
+
+
+def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_exact(
+    replica_a: Engine, replica_b: Engine, engine: Engine
+) -> None:
+    prompt, req = chat(replica_a, "Which code goes with shipment class 11?")
+    replica_a.prompt_logits(prompt, req)
+    replica_a.cache.flush()  # writes are in the background
+    logits, plan = replica_b.prompt_logits(prompt, req)
+    assert plan.tier == "redis" and plan.restore_to > 0
+    cold, _ = engine.prompt_logits(prompt)
+    assert torch.equal(logits, cold)
+    stats = replica_b.cache.stats()["redis"]
+    assert stats["up"] and stats["hits"] > 0  # type: ignore[index]
+
+
+def test_salts_are_isolated_in_redis(replica_a: Engine, replica_b: Engine) -> None:
+    prompt, req = chat(replica_a, "Which code goes with shipment class 12?")
+    replica_a.prompt_logits(prompt, CacheRequest(req.chat_ends, salt="tenant-1"))
+    replica_a.cache.flush()
+    _, other = replica_b.prompt_logits(prompt, CacheRequest(req.chat_ends, salt="tenant-2"))
+    assert other.restore_to == 0
+    _, same = replica_b.prompt_logits(prompt, CacheRequest(req.chat_ends, salt="tenant-1"))
+    assert same.restore_to > 0 and same.tier == "redis"
+
+
+def test_the_namespace_keeps_other_configurations_apart(tmp_path: Path, replica_a: Engine, redis_url: str) -> None:
+    prompt, req = chat(replica_a, "Which code goes with shipment class 13?")
+    replica_a.prompt_logits(prompt, req)
+    replica_a.cache.flush()
+    other = replica(tmp_path, redis_url, chunk_size=64)  # other prefill cuts: other bits, another namespace
+    _, plan = other.prompt_logits(prompt, req)
+    assert plan.restore_to == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "flipped", "foreign"])
+def test_foreign_and_corrupt_values_are_misses(
+    tmp_path: Path, replica_a: Engine, redis_url: str, engine: Engine, damage: str
+) -> None:
+    """Every chunk this prompt added is damaged (or replaced by another chunk's valid value): a replica
+    that finds them prefills cold, exactly, and drops them."""
+    prompt, req = chat(
+        replica_a, f"Which code goes with shipment class {16 + ['garbage', 'flipped', 'foreign'].index(damage)}?"
+    )
+    r = redis.Redis.from_url(redis_url)
+    before = {k for k in r.keys("akv:*") if k.count(b":") == 2}
+    replica_a.prompt_logits(prompt, req)
+    replica_a.cache.flush()
+    added = {k for k in r.keys("akv:*") if k.count(b":") == 2} - before
+    assert added and before
+    donor = r.get(next(iter(before)))
+    for key in added:
+        value = r.get(key)
+        assert value is not None and donor is not None
+        bad = {"garbage": b"not a chunk", "flipped": value[:-1] + bytes([value[-1] ^ 0xFF]), "foreign": donor}
+        r.set(key, bad[damage])
+    fresh = replica(tmp_path, redis_url)
+    logits, plan = fresh.prompt_logits(prompt, req)
+    cold, _ = engine.prompt_logits(prompt)
+    assert torch.equal(logits, cold)
+    assert plan.restore_to == 0  # the restore met a bad value and fell back to a cold prefill
+    assert fresh.cache.stats()["redis"]["dropped_bad"] >= 1  # type: ignore[index]
+
+
+def test_serving_goes_on_when_redis_stops(tmp_path: Path) -> None:
+    proc, url = start_redis()
+    e = replica(tmp_path, url)
+    try:
+        prompt, req = chat(e, "Which code goes with shipment class 20?")
+        first = answer(e, prompt, req)
+        e.cache.flush()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    t = time.monotonic()
+    p2, r2 = chat(e, "Which code goes with shipment class 21?")
+    done = answer(e, p2, r2)  # the RAM tier still serves; Redis calls fail fast
+    assert done.cached_tokens > 0 and done.completion_tokens > 0
+    assert answer(e, prompt, req).token_ids == first.token_ids
+    assert time.monotonic() - t < 60
+    e.cache.flush()
+    stats = e.cache.stats()["redis"]
+    assert stats["up"] is False and stats["errors"] > 0  # type: ignore[index]
