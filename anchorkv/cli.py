@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,43 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache-min-tokens", type=int, default=c.min_tokens, help="nothing shorter is saved to disk (default 0)"
     )
+    p.add_argument(
+        "--cache-redis",
+        default=None,
+        metavar="redis://HOST:PORT/DB",
+        help="a third tier on a Redis server, shared by every replica that names it (default: none)",
+    )
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--distributed",
+        default="none",
+        choices=["none", "ray"],
+        help="none: every stage in this process; ray: each stage a Ray actor (default none)",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray instance)")
+    p.add_argument(
+        "--stage-resources",
+        default=None,
+        metavar="R0,R1,...",
+        help="a custom Ray resource per stage: stage i runs on a node offering one unit of Ri (empty: anywhere)",
+    )
+
+
+def _pipeline(p: argparse.ArgumentParser, a: argparse.Namespace, ecfg: EngineConfig, ccfg: CacheConfig) -> Any:
+    """The stages as --distributed says: None (in this process) or a RayPipeline."""
+    if a.distributed == "none":
+        for flag, v in (("--ray-address", a.ray_address), ("--stage-resources", a.stage_resources)):
+            if v is not None:
+                p.error(f"{flag} needs --distributed ray")
+        return None
+    resources = [r.strip() or None for r in a.stage_resources.split(",")] if a.stage_resources else []
+    if resources and len(resources) != ecfg.stages:
+        p.error(f"--stage-resources names {len(resources)} resources for {ecfg.stages} stages")
+    from anchorkv.engine.ray_pipeline import RayPipeline
+
+    return RayPipeline(ecfg, ccfg, a.ray_address, resources)
 
 
 def _cache_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> CacheConfig:
@@ -121,6 +159,7 @@ def _cache_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> CacheCon
             exact=a.cache_exact == "on", stride=a.cache_stride, ram_mb=a.cache_ram_mb,
             cache_dir=None if a.disk_prefix_cache.strip().lower() == "off" else a.cache_dir or (a.cache_home or default_cache_home()) / "kv",
             disk_budget_mb=a.disk_budget_mb, scope=a.disk_prefix_cache, min_tokens=a.cache_min_tokens,
+            redis=a.cache_redis,
         )  # fmt: skip
     except ValueError as e:
         flag = "--disk-prefix-cache" if isinstance(e, PolicyError) else ""
@@ -146,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server")
     _engine_args(serve)
     _cache_args(serve)
+    _stage_args(serve)
     s = ServerConfig()
     serve.add_argument("--host", default=s.host, help=f"address to bind (default {s.host})")
     serve.add_argument("--port", type=int, default=s.port, help=f"port (default {s.port})")
@@ -241,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--turns", type=int, default=12, help="agent session turns (default 12)")
     cb.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     cb.add_argument("--system-tokens", type=int, default=1500, help="system prompt size in tokens (default 1500)")
+    st = bench_sub.add_parser(
+        "stages", help="stages in one process against stages on Ray, and two replicas on one Redis, side by side"
+    )
+    _engine_args(st)
+    _cache_args(st)
+    st.set_defaults(stages=3)
+    st.add_argument("--repeats", type=int, default=5, help="runs per measurement; medians are shown (default 5)")
+    st.add_argument("--system-tokens", type=int, default=1500, help="the shared prefix in tokens (default 1500)")
+    st.add_argument("--decode-steps", type=int, default=32, help="decode steps measured per run (default 32)")
+    st.add_argument("--redis-tokens", type=int, default=2048, help="the replicas' shared prompt (default 2048)")
+    st.add_argument("--out", type=Path, default=Path("out/stages"), help="folder for stages.md and stages.json")
     sim = sub.add_parser(
         "simulate",
         help="replay traces through the cache policy code (no model runs) and compare policies",
@@ -284,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_compare(parser, args)
     if args.bench == "soak":
         return _bench_soak(parser, args)
+    if args.bench == "stages":
+        return _bench_stages(parser, args)
     return _bench_engine(parser, args)
 
 
@@ -349,6 +402,15 @@ def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     loop = _loop(args)
     print(compare.run(chosen, model, workloads, args.out, args.threads, args.port, args.max_tokens or 16, **loop))
     print(f"\nwrote {args.out}/compare.md, compare.json and a replay.png per workload")
+    return 0
+
+
+def _bench_stages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from anchorkv.bench import stages
+
+    ecfg, ccfg = _engine_config(parser, args), _cache_config(parser, args)
+    print(stages.run(ecfg, replace(ccfg, redis=None), args.system_tokens, args.repeats, args.decode_steps,
+                     ccfg.redis, args.redis_tokens, args.out))  # fmt: skip
     return 0
 
 
@@ -442,7 +504,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(e))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = Engine(ecfg, ccfg)
+        engine = Engine(ecfg, ccfg, _pipeline(parser, args, ecfg, ccfg))
     except ValueError as e:  # e.g. a stride that is not a multiple of the chunk size
         parser.error(str(e))
     logging.getLogger("anchorkv").info(

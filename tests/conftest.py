@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +23,9 @@ from anchorkv.engine.engine import Engine
 from anchorkv.server.app import create_app
 
 THREADS = 2
+# Ray's head turns token auth on by default; a node or driver that joins must say so to send the token. Set
+# before Ray is imported: it reads the mode once.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session")
@@ -124,11 +128,13 @@ class RayCluster:
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[RayCluster]:
     """Two Ray nodes on this machine (`ray start --head` and `ray start --address`), each offering its own
-    custom resource, listening on loopback only. Shared by every test that needs Ray."""
+    custom resource. Shared by every test that needs Ray. (On Linux Ray resolves 127.0.0.1 to the host's
+    address and its gRPC servers listen on every interface; token auth guards them.)"""
     import ray
 
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = free_port()
+
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     subprocess.run(
         [ray_bin, "start", "--head", "--port", str(port), "--include-dashboard", "false",
@@ -141,7 +147,7 @@ def ray_cluster() -> Iterator[RayCluster]:
             [ray_bin, "start", "--address", address, "--resources", json.dumps({"node_b": 4}), *common],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, _node_ip_address="127.0.0.1")
         yield RayCluster(address, ("node_a", "node_b"))
     finally:
         ray.shutdown()

@@ -44,6 +44,7 @@ class StageInfo:
     softmax: str
     decode_attention: str
     node: str  # host name and process id
+    ray_node: str | None = None  # the Ray node's id, on Ray
 
 
 def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device) -> bool:

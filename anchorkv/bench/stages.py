@@ -1,0 +1,181 @@
+"""`anchorkv bench stages`: the same stages in one process and as Ray actors, and two replicas on Redis,
+side by side in one run.
+
+- Skippy's shape: a shared prefix with a changed suffix, cold then warm TTFT, in-process against Ray.
+- Decode tokens/s of one sequence, and the per-hop cost of a decode step on Ray: (Ray - in-process)
+  divided by the messages a step sends (head to stage 0, stage to stage, last stage to head).
+- Redis: a second replica's first request on a prefix the first one computed, against a cold prefill.
+
+TTFT is measured in process (plan, restore, prefill, first sample), not over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import redis
+from tqdm import tqdm
+
+from anchorkv.bench.cache_bench import system_prompt
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.config import EngineConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.engine.sampling import SamplingParams
+
+
+@dataclass
+class StagesResult:
+    transport: str
+    cold_ttft_ms: float
+    warm_ttft_ms: float
+    decode_tok_s: float
+    decode_step_ms: float
+
+
+@dataclass
+class RedisResult:
+    prompt_tokens: int
+    cold_ms: float
+    replica_hit_ms: float
+    restored_tokens: int
+    tier: str | None
+
+
+def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, int]:
+    t = time.perf_counter()
+    _, plan = engine.prompt_logits(prompt, req)
+    return (time.perf_counter() - t) * 1000, plan.restore_to
+
+
+def _decode_ms(engine: Engine, prompt: list[int], steps: int) -> float:
+    """Mean time of a decode step: from the first token to the last."""
+    params = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+    first: float | None = None
+    for _ in engine.generate(prompt, params, background=True):
+        first = first or time.perf_counter()
+    assert first is not None
+    return (time.perf_counter() - first) * 1000 / max(1, steps - 1)
+
+
+def measure(engine: Engine, label: str, system: str, repeats: int, decode_steps: int) -> StagesResult:
+    colds, warms, steps = [], [], []
+    for r in tqdm(range(repeats), desc=label, leave=False):
+        salt = f"{label}-{r}-{time.time()}"  # each repeat starts cold
+        prompts = []
+        for q in ("Which rule covers a refund for a delayed order?", "Which rule covers an urgent invoice?"):
+            rp = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
+            prompts.append((rp.token_ids, CacheRequest(rp.boundaries, salt=salt, turn_starts=rp.turn_starts)))
+        cold, restored = _ttft(engine, *prompts[0])
+        assert restored == 0
+        warm, restored = _ttft(engine, *prompts[1])
+        assert restored > 0, "the changed suffix found nothing to restore"
+        colds.append(cold)
+        warms.append(warm)
+        steps.append(_decode_ms(engine, prompts[1][0], decode_steps))
+    step = statistics.median(steps)
+    return StagesResult(label, statistics.median(colds), statistics.median(warms), 1000 / step, step)
+
+
+def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_tokens: int, repeats: int) -> RedisResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url))
+        b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url))
+        tokens = a.tokenizer.encode(system_prompt(prompt_tokens + 64, a))[:prompt_tokens]
+        colds, hits, plan_b = [], [], None
+        for r in tqdm(range(repeats), desc="redis", leave=False):
+            req = CacheRequest(anchors=[len(tokens)], has_key=True, salt=f"redis-{r}-{time.time()}")
+            t = time.perf_counter()
+            a.prompt_logits(tokens, req)
+            colds.append((time.perf_counter() - t) * 1000)
+            a.cache.flush()
+            t = time.perf_counter()
+            _, plan_b = b.prompt_logits(tokens, req)
+            hits.append((time.perf_counter() - t) * 1000)
+        assert plan_b is not None
+        return RedisResult(
+            len(tokens), statistics.median(colds), statistics.median(hits), plan_b.restore_to, plan_b.tier
+        )
+
+
+def start_redis(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def run(
+    ecfg: EngineConfig,
+    ccfg: CacheConfig,
+    system_tokens: int,
+    repeats: int,
+    decode_steps: int,
+    redis_url: str | None,
+    redis_tokens: int,
+    out: Path,
+) -> str:
+    from anchorkv.engine.ray_pipeline import RayPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ccfg = replace(ccfg, cache_dir=Path(tmp) / "kv")
+        local = Engine(ecfg, ccfg)
+        system = system_prompt(system_tokens, local)
+        results = [measure(local, "in-process", system, repeats, decode_steps)]
+        del local
+        pipe = RayPipeline(ecfg, replace(ccfg, cache_dir=Path(tmp) / "kv-ray"))
+        try:
+            results.append(measure(Engine(ecfg, ccfg, pipe), "ray", system, repeats, decode_steps))
+        finally:
+            pipe.close()
+    proc = None
+    if redis_url is None:
+        proc = start_redis(6390)
+        redis_url = "redis://127.0.0.1:6390/0"
+    try:
+        rr = redis_replicas(replace(ecfg, stages=1), ccfg, redis_url, redis_tokens, repeats)
+    finally:
+        if proc is not None:
+            proc.terminate()
+    local_r, ray_r = results
+    hops = ecfg.stages + 1
+    lines = [
+        f"stages {ecfg.stages}, threads {ecfg.threads}, system prompt {system_tokens} tokens, medians of {repeats}",
+        "",
+        "| transport | cold TTFT | warm TTFT (changed suffix) | decode tok/s | decode step |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {r.transport} | {r.cold_ttft_ms:.0f} ms | {r.warm_ttft_ms:.0f} ms | {r.decode_tok_s:.1f} | {r.decode_step_ms:.1f} ms |"
+            for r in results
+        ),
+        "",
+        f"Ray / in-process: warm TTFT {ray_r.warm_ttft_ms / local_r.warm_ttft_ms:.2f}x, cold TTFT "
+        f"{ray_r.cold_ttft_ms / local_r.cold_ttft_ms:.2f}x; per hop per decode step "
+        f"{(ray_r.decode_step_ms - local_r.decode_step_ms) / hops:.2f} ms ({hops} messages a step)",
+        "",
+        f"Redis, one stage: replica B's first request on {rr.prompt_tokens} tokens that replica A computed: "
+        f"{rr.replica_hit_ms:.0f} ms (restored {rr.restored_tokens}, tier {rr.tier}) against A's cold "
+        f"{rr.cold_ms:.0f} ms: {rr.cold_ms / rr.replica_hit_ms:.1f}x",
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stages.json").write_text(
+        json.dumps({"stages": [asdict(r) for r in results], "redis": asdict(rr)}, indent=1)
+    )
+    text = "\n".join(lines)
+    (out / "stages.md").write_text(text + "\n")
+    return text

@@ -1,0 +1,208 @@
+"""Stages as Ray actors, on this host or across a cluster: the same `Stage` behind a Ray transport.
+
+The head holds an actor handle per stage. A forward is a chain of actor calls, each taking the previous
+call's result by reference, so hidden states go from stage to stage through Ray's object store and only
+the last stage's output comes back to the head. Cache orders (lookup, restore, record) go to every
+stage at once. An actor that dies fails the work in flight with `StageFailed` (a 503 naming the stage);
+Ray restarts it (`max_restarts`), it finds its disk tier again, and later calls reach the new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayError, GetTimeoutError
+from torch import Tensor
+
+from anchorkv.cache.prefix_cache import CacheConfig
+from anchorkv.cache.stage_cache import CacheStats, Chain, Coverage, Fetch, Lookup, Record, Restored
+from anchorkv.config import EngineConfig
+from anchorkv.engine.pipeline import Pipeline, StageFailed, StageHealth
+from anchorkv.engine.plan import Span, StageInput
+from anchorkv.engine.stage import Stage, StageInfo, build_stages
+from anchorkv.model.transformer import Logits
+
+log = logging.getLogger("anchorkv.engine")
+
+MAX_RESTARTS = 8
+PING_S = 2.0  # how long /health waits for a stage
+# idle OpenMP threads sleep at once instead of spinning: stages on one host take turns on its cores
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+class StageWorker:
+    """One stage in its own process. Each method is one message from the head."""
+
+    def __init__(self, cfg: EngineConfig, cache_cfg: CacheConfig, index: int) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        self.stage: Stage = build_stages(cfg, cache_cfg, only=index)[0]
+
+    def info(self) -> StageInfo:
+        return replace(self.stage.info(), ray_node=ray.get_runtime_context().get_node_id())
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor, spans: tuple[Span, ...], decode: bool, logits: Logits) -> Tensor:
+        return self.stage.forward(StageInput(x, spans, decode, logits))
+
+    def truncate(self, n: int, slot: int) -> None:
+        self.stage.truncate(n, slot)
+
+    def lookup(self, q: Lookup) -> Coverage:
+        return self.stage.lookup(q)
+
+    def restore(self, slot: int, f: Fetch) -> Restored:
+        return self.stage.restore(slot, f)
+
+    def record(self, slot: int, r: Record) -> None:
+        self.stage.record(slot, r)
+
+    def latest_chain(self) -> Chain:
+        return self.stage.cache.latest_chain()
+
+    def cache_stats(self) -> CacheStats:
+        return self.stage.cache_stats()
+
+    def flush(self) -> None:
+        self.stage.cache.flush()
+
+    def clear_cache(self) -> None:
+        """Forget every chunk this stage holds, in RAM and on disk."""
+        self.stage.cache.clear()
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start a local Ray instance whose listeners stay on loopback."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            include_dashboard=False, num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", log_to_driver=True
+        )
+
+
+class RayPipeline(Pipeline):
+    kind = "ray"
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        cache_cfg: CacheConfig,
+        address: str | None = None,
+        resources: Sequence[str | None] = (),
+    ) -> None:
+        """`resources[i]`: a custom resource that stage i's node offers (one unit is taken), or None."""
+        connect(address)
+        self.chunk_size = cfg.chunk_size
+        self.device = torch.device("cpu")  # where the head keeps token ids and logits
+        actor = ray.remote(StageWorker)
+        self.workers = []
+        for i in range(cfg.stages):
+            res = resources[i] if i < len(resources) else None
+            opts: dict[str, Any] = {
+                "num_cpus": 0,
+                "max_restarts": MAX_RESTARTS,
+                "max_task_retries": 0,
+                "runtime_env": {"env_vars": WORKER_ENV},
+                "name": None,
+            }
+            if res:
+                opts["resources"] = {res: 1}
+            self.workers.append(actor.options(**opts).remote(cfg, cache_cfg, i))  # type: ignore[attr-defined]
+        self._infos = self._get([w.info.remote() for w in self.workers])
+        self.cache_stages = RayCacheStages(self)
+
+    def _get(self, refs: Any, timeout: float | None = None) -> Any:
+        """ray.get, with a dead or unreachable stage turned into StageFailed naming it."""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except (RayError, GetTimeoutError) as e:
+            raise StageFailed(self._down(), e) from e
+
+    def _down(self) -> list[int]:
+        out = []
+        for i, w in enumerate(self.workers):
+            try:
+                ray.get(w.ping.remote(), timeout=PING_S)
+            except (RayError, GetTimeoutError):
+                out.append(i)
+        return out
+
+    def _run(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
+        x: Any = inp.x
+        for w in self.workers:
+            x = w.forward.remote(x, inp.spans, inp.decode, inp.logits)
+        out: Tensor = self._get(x)
+        return out
+
+    def truncate(self, n: int, slot: int = 0) -> None:
+        self._get([w.truncate.remote(n, slot) for w in self.workers])
+
+    def infos(self) -> list[StageInfo]:
+        return list(self._infos)
+
+    def health(self) -> list[StageHealth]:
+        refs = [w.ping.remote() for w in self.workers]
+        out = []
+        for info, ref in zip(self._infos, refs, strict=True):
+            try:
+                ray.get(ref, timeout=PING_S)
+                state = "alive"
+            except GetTimeoutError:
+                state = "restarting"
+            except RayError:
+                state = "restarting"
+            out.append(StageHealth(info.index, info.node, list(info.layers), state))
+        return out
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+
+class RayCacheStages:
+    """The stages' caches, each order sent to every actor at once."""
+
+    def __init__(self, pipe: RayPipeline) -> None:
+        self.pipe = pipe
+
+    def lookup(self, q: Lookup) -> list[Coverage]:
+        out: list[Coverage] = self.pipe._get([w.lookup.remote(q) for w in self.pipe.workers])
+        return out
+
+    def restore(self, slot: int, f: Fetch) -> list[Restored]:
+        out: list[Restored] = self.pipe._get([w.restore.remote(slot, f) for w in self.pipe.workers])
+        return out
+
+    def record(self, slot: int, r: Record) -> None:
+        ws = self.pipe.workers
+        no_logits = Record(r.tokens, r.chat, r.salt, r.labelled, r.keep_from, r.disk_upto)
+        self.pipe._get([w.record.remote(slot, r if i == len(ws) - 1 else no_logits) for i, w in enumerate(ws)])
+
+    def latest_chain(self) -> Chain:
+        out: Chain = self.pipe._get(self.pipe.workers[0].latest_chain.remote())
+        return out
+
+    def cache_stats(self) -> list[CacheStats]:
+        refs = [w.cache_stats.remote() for w in self.pipe.workers]
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref, timeout=PING_S))
+            except (RayError, GetTimeoutError):
+                out.append(CacheStats())  # a stage that is restarting reports nothing
+        return out
+
+    def flush(self) -> None:
+        self.pipe._get([w.flush.remote() for w in self.pipe.workers])

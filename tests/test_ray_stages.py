@@ -1,0 +1,156 @@
+"""Stages as Ray actors on a two-node Ray cluster on this machine: exact logits against one stage in one
+process (cold, restored, batched), each stage recording its own chunks, the veto, /health and /props,
+and a stage killed mid-run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import ray
+import torch
+from fastapi.testclient import TestClient
+
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.engine.ray_pipeline import RayPipeline
+from anchorkv.engine.sampling import SamplingParams
+from anchorkv.server.app import create_app
+from conftest import LiveServer, RayCluster, serve_in_thread
+from test_prefix_cache import C, chat
+
+
+@pytest.fixture(scope="module")
+def ray_engine(ray_cluster: RayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """3 stages: stage 0 on one node, stages 1 and 2 on the other."""
+    a, b = ray_cluster.resources
+    ecfg = EngineConfig(threads=2, stages=3, parallel=2)
+    ccfg = CacheConfig(ram_mb=256, cache_dir=tmp_path_factory.mktemp("kv"))
+    pipe = RayPipeline(ecfg, ccfg, ray_cluster.address, [a, b, b])
+    yield Engine(ecfg, ccfg, pipe)
+    pipe.close()
+
+
+def test_stages_run_where_their_resources_are(ray_engine: Engine) -> None:
+    nodes = [i.node for i in ray_engine.stage_infos]
+    assert len({n.split(":")[1] for n in nodes}) == 3  # three processes
+    offering = {
+        res: n["NodeID"] for n in ray.nodes() if n["Alive"] for res in n["Resources"] if res.startswith("node_")
+    }
+    assert [i.ray_node for i in ray_engine.stage_infos] == [offering["node_a"], offering["node_b"], offering["node_b"]]
+    assert [i.layers for i in ray_engine.stage_infos] == [(0, 10), (10, 20), (20, 30)]
+
+
+def test_logits_equal_one_stage_in_one_process_cold_and_restored(ray_engine: Engine, engine: Engine) -> None:
+    prompt, req = chat(ray_engine, "Which code goes with shipment class 4?")
+    cold, _ = engine.prompt_logits(prompt)
+    first, plan1 = ray_engine.prompt_logits(prompt, req)
+    assert plan1.restore_to == 0 and torch.equal(first, cold)
+    p2, r2 = chat(ray_engine, "Which code goes with shipment class 5?")
+    warm, plan2 = ray_engine.prompt_logits(p2, r2)
+    assert plan2.restore_to > 0 and plan2.tier == "ram"
+    assert torch.equal(warm, engine.prompt_logits(p2)[0])
+
+
+def test_a_batch_of_two_across_processes_equals_lone_runs(ray_engine: Engine, engine: Engine) -> None:
+    prompts = [chat(ray_engine, f"List {n} colours.")[0] for n in ("three", "five")]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    lone = [[e.token_ids for e in engine.generate(p, params) if hasattr(e, "token_ids")][-1] for p in prompts]
+    got: list[list[int]] = [[], []]
+    with ray_engine.lock:
+        seqs = [ray_engine.submit(p, params, lambda _: None, keep_reply=False) for p in prompts]
+        while not all(s.done for s in seqs):
+            ray_engine.step()
+    got = [s.out for s in seqs]
+    assert got == lone
+
+
+def test_an_anchor_is_recorded_by_every_stage(ray_engine: Engine) -> None:
+    tokens = ray_engine.tokenizer.encode("Section 9 of the operating manual. " * 90)
+    anchor = 3 * C
+    before = [s["cache"]["entries"] for s in ray_engine.stages_report()]  # type: ignore[index]
+    ray_engine.prompt_logits(tokens, CacheRequest(anchors=[anchor], has_key=True, scope=None))
+    after = [s["cache"]["entries"] for s in ray_engine.stages_report()]  # type: ignore[index]
+    assert all(b > a for a, b in zip(before, after, strict=True))
+    _, plan = ray_engine.prompt_logits(tokens[:anchor] + ray_engine.tokenizer.encode(" A different ending."))
+    assert plan.restore_to == anchor and plan.kind == "anchor"
+
+
+def test_a_stage_that_lost_chunks_vetoes_longer_restores(ray_engine: Engine, engine: Engine) -> None:
+    """Stage 2 forgets everything, then sees only a shorter prompt: the longer one restores only as far
+    as that one reaches, in every stage."""
+    long_p, long_r = chat(ray_engine, "Which code goes with shipment class 7, and why?")
+    ray_engine.prompt_logits(long_p, long_r)
+    pipe = ray_engine.pipeline
+    assert isinstance(pipe, RayPipeline)
+    ray.get(pipe.workers[2].clear_cache.remote())
+    short = long_p[: 2 * C]
+    ray_engine.prompt_logits(short, CacheRequest(anchors=[2 * C], has_key=True))
+    logits, plan = ray_engine.prompt_logits(long_p, long_r)
+    assert plan.restore_to == 2 * C
+    assert torch.equal(logits, engine.prompt_logits(long_p)[0])
+
+
+def test_health_and_props_show_each_stage(ray_engine: Engine) -> None:
+    with TestClient(create_app(ray_engine, ServerConfig())) as client:
+        health = client.get("/health").json()
+        props = client.get("/props").json()
+    assert health["status"] == "ok"
+    assert [s["state"] for s in health["stages"]] == ["alive"] * 3
+    assert props["distributed"] == "ray"
+    for s in props["stages"]:
+        assert s["node"] and s["layers"] and s["kv_bytes"] > 0 and "ram_bytes" in s["cache"]
+
+
+def test_a_killed_stage_fails_requests_in_flight_with_503_and_comes_back(ray_engine: Engine) -> None:
+    pipe = ray_engine.pipeline
+    assert isinstance(pipe, RayPipeline)
+    live: LiveServer
+    gen = serve_in_thread(create_app(ray_engine, ServerConfig()))
+    live = next(gen)
+    try:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0)
+        messages = [{"role": "user", "content": "Write a long story about a lighthouse."}]
+        errors: list[Exception] = []
+
+        def slow() -> None:
+            try:
+                client.chat.completions.create(model="m", messages=messages, max_tokens=400, temperature=0)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        t = threading.Thread(target=slow)
+        t.start()
+        time.sleep(3)  # decoding by now
+        ray.kill(pipe.workers[1], no_restart=False)
+        t.join(timeout=60)
+        assert not t.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], openai.APIStatusError)
+        assert errors[0].status_code == 503 and "stage 1" in str(errors[0])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all(s.state == "alive" for s in pipe.health()):
+                break
+            time.sleep(1)
+        done = client.chat.completions.create(model="m", messages=messages, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+        assert done.choices[0].message.content
+    finally:
+        next(gen, None)
+
+
+def test_the_cli_refuses_stage_flags_that_do_not_fit() -> None:
+    from anchorkv.cli import _cache_config, _engine_config, _pipeline, build_parser
+
+    p = build_parser()
+    for argv in (
+        ["serve", "--stages", "3", "--distributed", "ray", "--stage-resources", "node_a,node_b"],
+        ["serve", "--stages", "3", "--ray-address", "127.0.0.1:1"],
+        ["serve", "--cache-redis", "localhost:6379"],
+    ):
+        args = p.parse_args(argv)
+        with pytest.raises(SystemExit):
+            _pipeline(p, args, _engine_config(p, args), _cache_config(p, args))
