@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import redis
+import torch
 from tqdm import tqdm
 
 from anchorkv.bench.cache_bench import system_prompt
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.ray_pipeline import RayPipeline
 from anchorkv.engine.sampling import SamplingParams
 
 
@@ -36,6 +38,7 @@ class StagesResult:
     warm_ttft_ms: float
     decode_tok_s: float
     decode_step_ms: float
+    hop_ms: float | None = None  # a decode step's message through the stages, no compute, per message
 
 
 @dataclass
@@ -78,18 +81,31 @@ def measure(engine: Engine, label: str, system: str, repeats: int, decode_steps:
         colds.append(cold)
         warms.append(warm)
         steps.append(_decode_ms(engine, prompts[1][0], decode_steps))
+    engine.cache.flush()  # no write left running when the folder goes
     step = statistics.median(steps)
     return StagesResult(label, statistics.median(colds), statistics.median(warms), 1000 / step, step)
 
 
+def hop_ms(pipe: RayPipeline, engine: Engine, n: int = 200) -> float:
+    """Median time of a decode step's hidden state sent through every stage and back, per message."""
+    x = torch.zeros(1, engine.model_cfg.hidden_size, dtype=engine.dtype)
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        pipe.echo_chain(x)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times) / (len(pipe.workers) + 1)
+
+
 def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_tokens: int, repeats: int) -> RedisResult:
     with tempfile.TemporaryDirectory() as tmp:
-        a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url))
-        b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url))
+        # "full": Redis takes what the disk policy writes, and auto writes a prefix only once it recurs
+        a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url, scope="full"))
+        b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url, scope="full"))
         tokens = a.tokenizer.encode(system_prompt(prompt_tokens + 64, a))[:prompt_tokens]
         colds, hits, plan_b = [], [], None
         for r in tqdm(range(repeats), desc="redis", leave=False):
-            req = CacheRequest(anchors=[len(tokens)], has_key=True, salt=f"redis-{r}-{time.time()}")
+            req = CacheRequest(salt=f"redis-{r}-{time.time()}")
             t = time.perf_counter()
             a.prompt_logits(tokens, req)
             colds.append((time.perf_counter() - t) * 1000)
@@ -98,6 +114,8 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
             _, plan_b = b.prompt_logits(tokens, req)
             hits.append((time.perf_counter() - t) * 1000)
         assert plan_b is not None
+        a.cache.flush()
+        b.cache.flush()
         return RedisResult(
             len(tokens), statistics.median(colds), statistics.median(hits), plan_b.restore_to, plan_b.tier
         )
@@ -130,8 +148,6 @@ def run(
     redis_tokens: int,
     out: Path,
 ) -> str:
-    from anchorkv.engine.ray_pipeline import RayPipeline
-
     with tempfile.TemporaryDirectory() as tmp:
         ccfg = replace(ccfg, cache_dir=Path(tmp) / "kv")
         local = Engine(ecfg, ccfg)
@@ -140,7 +156,9 @@ def run(
         del local
         pipe = RayPipeline(ecfg, replace(ccfg, cache_dir=Path(tmp) / "kv-ray"))
         try:
-            results.append(measure(Engine(ecfg, ccfg, pipe), "ray", system, repeats, decode_steps))
+            engine = Engine(ecfg, ccfg, pipe)
+            results.append(measure(engine, "ray", system, repeats, decode_steps))
+            results[-1].hop_ms = hop_ms(pipe, engine)
         finally:
             pipe.close()
     proc = None
@@ -166,7 +184,8 @@ def run(
         "",
         f"Ray / in-process: warm TTFT {ray_r.warm_ttft_ms / local_r.warm_ttft_ms:.2f}x, cold TTFT "
         f"{ray_r.cold_ttft_ms / local_r.cold_ttft_ms:.2f}x; per hop per decode step "
-        f"{(ray_r.decode_step_ms - local_r.decode_step_ms) / hops:.2f} ms ({hops} messages a step)",
+        f"{(ray_r.decode_step_ms - local_r.decode_step_ms) / hops:.2f} ms ({hops} messages a step); "
+        f"the messages alone (a decode step's hidden state through every stage, no compute): {ray_r.hop_ms:.2f} ms a hop",
         "",
         f"Redis, one stage: replica B's first request on {rr.prompt_tokens} tokens that replica A computed: "
         f"{rr.replica_hit_ms:.0f} ms (restored {rr.restored_tokens}, tier {rr.tier}) against A's cold "
