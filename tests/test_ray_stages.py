@@ -4,10 +4,15 @@ and a stage killed mid-run."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import ray
@@ -20,7 +25,7 @@ from anchorkv.engine.engine import Engine
 from anchorkv.engine.ray_pipeline import RayPipeline
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.server.app import create_app
-from conftest import LiveServer, RayCluster, serve_in_thread
+from conftest import LiveServer, RayCluster, free_port, serve_in_thread
 from test_prefix_cache import C, chat
 
 
@@ -154,3 +159,37 @@ def test_the_cli_refuses_stage_flags_that_do_not_fit() -> None:
         args = p.parse_args(argv)
         with pytest.raises(SystemExit):
             _pipeline(p, args, _engine_config(p, args), _cache_config(p, args))
+
+
+def test_serve_with_stages_on_a_local_ray_instance(tmp_path: Path, client: TestClient) -> None:
+    """`anchorkv serve --distributed ray` without an address starts Ray itself; its replies are the
+    in-process server's."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anchorkv", "serve", "--threads", "2", "--port", str(port), "--cache-dir",
+         str(tmp_path), "--stages", "2", "--parallel", "1", "--distributed", "ray"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "serve --distributed ray did not start"
+            time.sleep(0.5)
+        body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
+        got = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        want = client.post("/v1/chat/completions", json=body).json()
+        assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
+        props = httpx.get(f"{url}/props", timeout=10).json()
+        assert props["distributed"] == "ray" and len(props["stages"]) == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -95,9 +95,8 @@ def connect(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(
-            include_dashboard=False, num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", log_to_driver=True
-        )
+        # "local": a new instance of its own, even where `ray start` left a cluster running on this host
+        ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1, log_to_driver=True)
 
 
 class RayPipeline(Pipeline):
