@@ -12,20 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 import uvicorn
+
+# Ray's head turns token auth on by default; a node or driver that joins must say so to send the token. Set
+# before Ray is imported: it reads the mode once.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
 from anchorkv.server.app import create_app
 
 THREADS = 2
-# Ray's head turns token auth on by default; a node or driver that joins must say so to send the token. Set
-# before Ray is imported: it reads the mode once.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(scope="session")
@@ -89,25 +91,9 @@ def cached_server(tmp_path_factory: pytest.TempPathFactory, cfg: ServerConfig) -
 
 
 def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    """A real redis-server on a free loopback port, memory only, evicting least recently used keys."""
+    """A real redis-server on a free loopback port."""
     port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", "512mb", "--maxmemory-policy", "allkeys-lru"],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise
-            time.sleep(0.05)
-    return proc, f"redis://127.0.0.1:{port}/0"
+    return stages_bench.start_redis(port, "512mb"), f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="session")

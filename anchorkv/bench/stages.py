@@ -121,21 +121,24 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
         )
 
 
-def start_redis(port: int) -> subprocess.Popen[bytes]:
+def start_redis(port: int, maxmemory: str = "1gb") -> subprocess.Popen[bytes]:
+    """A real redis-server on a loopback port, memory only, evicting the least recently used keys."""
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru"],
+         "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     client = redis.Redis(port=port)
-    for _ in range(100):
+    deadline = time.monotonic() + 10
+    while True:
         try:
             client.ping()
             return proc
         except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start") from None
             time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 def run(

@@ -125,7 +125,7 @@ def read_verified(path: Path, namespace_id: str, key: bytes, retention: int | No
 
 
 class DiskWriter:
-    """One background thread that runs file writes in order; `flush()` waits for those queued so far."""
+    """One background thread that runs writes (files, Redis) in order; `flush()` waits for those queued so far."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
@@ -134,6 +134,10 @@ class DiskWriter:
 
     def submit(self, job: Callable[[], None]) -> None:
         self._q.put(job)
+
+    @property
+    def pending(self) -> int:
+        return self._q.qsize()
 
     def flush(self) -> None:
         done = threading.Event()

@@ -309,11 +309,8 @@ class PrefixCache:
         keep_from = [max(RETENTION.get(k, 0) for k in labelled[p]) if labelled[p] else 0 for p in ends]
         for k in range(len(ends) - 2, -1, -1):
             keep_from[k] = max(keep_from[k], keep_from[k + 1])
-        kept = {
-            p: x
-            for p, x in (logits or {}).items()
-            if p in labelled or p in cuts(ends[-1], self.stride, chat, self.tail)
-        }
+        walked = set(cuts(ends[-1], self.stride, chat, self.tail)) | labelled.keys()  # the chunk ends recorded
+        kept = {p: x for p, x in (logits or {}).items() if p in walked}
         self._st.record(
             slot,
             Record(

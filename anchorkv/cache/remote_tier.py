@@ -11,8 +11,6 @@ warning, while serving goes on.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.disk_tier import decode, encode
+from anchorkv.cache.disk_tier import DiskWriter, decode, encode
 from anchorkv.cache.keys import Namespace
 
 log = logging.getLogger("anchorkv.cache")
@@ -46,9 +44,7 @@ class RemoteTier:
         self.written_bytes = 0
         self.dropped_writes = 0
         self.dropped_bad = 0  # foreign or damaged values found and deleted
-        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="anchorkv-redis-writer", daemon=True)
-        self._thread.start()
+        self.writer = DiskWriter()
 
     def _key(self, key: bytes) -> str:
         return self.prefix + key.hex()
@@ -112,10 +108,10 @@ class RemoteTier:
         """Queue a write; dropped when the queue is long or the server is down."""
         if not self.up and time.monotonic() - (self.down_since or 0) < RETRY_S:
             return
-        if self._q.qsize() >= MAX_QUEUED:
+        if self.writer.pending >= MAX_QUEUED:
             self.dropped_writes += 1
             return
-        self._q.put(lambda: self._write(chunk))
+        self.writer.submit(lambda: self._write(chunk))
 
     def _write(self, c: Chunk) -> None:
         data = encode(c, self.namespace.id)
@@ -133,16 +129,7 @@ class RemoteTier:
             self.written_bytes += len(data)
 
     def flush(self) -> None:
-        done = threading.Event()
-        self._q.put(done.set)
-        done.wait()
-
-    def _run(self) -> None:
-        while (job := self._q.get()) is not None:
-            try:
-                job()
-            except Exception:
-                log.exception("redis write failed")
+        self.writer.flush()
 
     def stats(self) -> dict[str, object]:
         parts = urlsplit(self.url)
