@@ -140,7 +140,7 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
         texts = [b for b in m.content if b.type == "text"]
         if texts or not results:
             add({"role": "user", "content": _text(texts)}, any(b.cache_control for b in texts))
-    if req.cache_control is not None and "cache_control" not in messages[-1] and marks < MAX_BREAKPOINTS:
+    if req.cache_control is not None and messages and "cache_control" not in messages[-1] and marks < MAX_BREAKPOINTS:
         messages[-1]["cache_control"] = {"type": "ephemeral"}
         marks += 1
     tools = [
