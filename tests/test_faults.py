@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -137,20 +138,35 @@ def test_cache_verify_finds_damaged_files_and_repair_removes_them(tmp_path: Path
     assert ", 0 bad" in again.stdout
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MiB tmpfs, where this runs as root and may mount; skipped elsewhere, saying so."""
-    folder = tmp_path / "small"
+@contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on folder, where this runs as root and may mount; skipped elsewhere, saying so."""
     folder.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
     try:
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """3 MiB."""
+    with tmpfs(tmp_path / "small", "size=3m") as folder:
+        yield folder
+
+
+def test_a_read_only_file_system_turns_the_disk_tier_off(tmp_path: Path) -> None:
+    """Read-only even for root: the engine starts, serves, and says why the disk tier is off."""
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
+        e = make(folder)
+        assert not e.cache.has_disk
+        assert "Read-only file system" in str(e.cache.stats()["disk_error"])
+        assert serve_one(e).completion_tokens == 4
 
 
 def test_a_full_disk_stops_writes_once_and_serving_goes_on(small_disk: Path, caplog: pytest.LogCaptureFixture) -> None:
