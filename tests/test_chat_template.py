@@ -217,3 +217,20 @@ def test_control_tokens_typed_in_content_are_text_and_forge_no_turn(engine: Engi
     assert plain == ChatTemplate(engine.tokenizer, parse_content_specials=True).render(
         [{"role": "user", "content": "Hi there."}]
     )  # content without control tokens' text renders as before
+
+
+def test_the_piece_memo_keeps_to_its_token_budget(engine: Engine, tmp_path, monkeypatch) -> None:
+    from anchorkv.model import tokenizer as tokenizer_module
+
+    monkeypatch.setattr(tokenizer_module, "SEGMENT_MEMO_TOKENS", 500)
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(engine.tokenizer.to_json())
+    fresh = tokenizer_module.TextTokenizer(folder)
+    texts = [f"<|im_start|>user\n{'word ' * 40}{i}<|im_end|>\n" for i in range(50)]
+    for text in texts:
+        fresh.encode(text)
+    held = sum(len(piece) for piece in fresh._memo.values())
+    assert held == fresh._memo_tokens
+    assert 0 < held <= 500
+    assert fresh.encode(texts[-1]) == engine.tokenizer.encode(texts[-1])  # a remembered piece, read back

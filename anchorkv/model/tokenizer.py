@@ -11,9 +11,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer, decoders
 
-SEGMENT_MEMO = 4096  # texts between special tokens whose encoding is kept (a chat's messages, its tools)
+# texts between special tokens whose encoding is kept (a chat's messages, its tools), up to this many tokens
+# in all: 12 bytes a token as an int32 array (as Python lists of ints and offset tuples, ~150)
+SEGMENT_MEMO_TOKENS = 1 << 21
 Encoding = tuple[list[int], list[tuple[int, int]]]
 
 
@@ -41,7 +44,8 @@ class TextTokenizer:
         self._marks = {t: chr(MARK_BASE + i) for i, t in enumerate(sorted(self._added))} if self._split else {}
         self._unmarks = {m: t for t, m in self._marks.items()}
         self._mark_split = re.compile("([" + "".join(self._unmarks) + "])") if self._marks else None
-        self._memo: OrderedDict[str, Encoding] = OrderedDict()
+        self._memo: OrderedDict[str, np.ndarray] = OrderedDict()  # piece -> [n, 3] int32: id, start, end
+        self._memo_tokens = 0
         self._memo_lock = threading.Lock()
 
     @property
@@ -79,9 +83,9 @@ class TextTokenizer:
         marked = [p for p in new if self._mark_split is not None and self._mark_split.search(p)]
         plain = [p for p in new if p not in set(marked)]
         for p, e in zip(plain, self._tok.encode_batch(plain, add_special_tokens=False), strict=True):
-            known[p] = (list(e.ids), list(e.offsets))
+            known[p] = _packed(e.ids, e.offsets)
         for p in marked:
-            known[p] = self._encode_piece(p)
+            known[p] = _packed(*self._encode_piece(p))
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         at = 0
@@ -90,15 +94,18 @@ class TextTokenizer:
                 ids.append(self._added[part])
                 offsets.append((at, at + len(part)))
             elif part:
-                ids += known[part][0]
-                offsets += [(at + a, at + b) for a, b in known[part][1]]
+                piece = known[part]
+                ids += piece[:, 0].tolist()
+                offsets += zip((piece[:, 1] + at).tolist(), (piece[:, 2] + at).tolist(), strict=True)
             at += len(part)
         with self._memo_lock:
             for p in pieces:
+                if p not in self._memo:
+                    self._memo_tokens += len(known[p])
                 self._memo[p] = known[p]
                 self._memo.move_to_end(p)
-            while len(self._memo) > SEGMENT_MEMO:
-                self._memo.popitem(last=False)
+            while self._memo_tokens > SEGMENT_MEMO_TOKENS:
+                self._memo_tokens -= len(self._memo.popitem(last=False)[1])
         return ids, offsets
 
     def mark_specials(self, text: str) -> str:
@@ -186,3 +193,12 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 _BYTE_OF_CHAR = _byte_level_alphabet()
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _packed(ids: list[int], offsets: list[tuple[int, int]]) -> np.ndarray:
+    """A piece's encoding as one [n, 3] int32 array: id, start, end."""
+    out = np.empty((len(ids), 3), dtype=np.int32)
+    if ids:
+        out[:, 0] = ids
+        out[:, 1:] = offsets
+    return out
