@@ -174,3 +174,43 @@ def test_claude_codes_empty_system_message_in_the_list_is_accepted(server: LiveS
     r = httpx.post(f"{server.url}/v1/messages", json=body, headers={"x-api-key": "sekret"}, timeout=60)
     assert r.status_code == 200
     assert r.json()["content"]
+
+
+def test_a_breakpoint_on_an_earlier_system_block_anchors_at_that_block(client: anthropic.Anthropic) -> None:
+    """The block's end, rounded down to the prefill cut before it: the next request with another block
+    after it restores exactly there, short of the system message's end."""
+
+    def ask(extra: str) -> anthropic.types.Usage:
+        return client.messages.create(
+            model="any", max_tokens=4, extra_body={"temperature": 0},
+            system=[{"type": "text", "text": "Block test. " + FLIGHTS, "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": f" Today: {extra}."}],
+            messages=[{"role": "user", "content": "Which gate serves city 3?"}],
+        ).usage  # fmt: skip
+
+    first = ask("rain expected in the north, delays likely at the eastern gates")
+    anchored = first.cache_creation_input_tokens or 0
+    assert anchored > 0 and anchored % 128 == 0  # a prefill cut inside the system message
+    second = ask("clear skies")
+    assert second.cache_read_input_tokens == anchored
+    whole_message = client.messages.count_tokens(
+        model="any",
+        system="Block test. " + FLIGHTS,
+        messages=[{"role": "user", "content": "Which gate serves city 3?"}],
+    ).input_tokens
+    assert anchored < whole_message
+
+
+def test_a_breakpoint_before_the_last_block_stays_on_its_part() -> None:
+    req = MessagesRequest.model_validate(
+        {"model": "m", "max_tokens": 4,
+         "system": [{"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}}, {"type": "text", "text": "B"}],
+         "messages": [{"role": "user", "content": [{"type": "text", "text": "C"},
+                                                   {"type": "text", "text": "D", "cache_control": {"type": "ephemeral"}}]}]}
+    )  # fmt: skip
+    chat, marks = to_chat(req)
+    system, user = chat.messages
+    assert marks == 2
+    assert system.cache_control is None and isinstance(system.content, list)
+    assert system.content[0].cache_control is not None and system.marked_parts == [0]
+    assert user.content == "CD" and user.cache_control is not None  # the last block: the message's end

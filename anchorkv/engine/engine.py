@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import asdict
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence as Seq
 from typing import Any
 
 import torch
@@ -122,8 +122,9 @@ class Engine:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        part_breaks: Seq[tuple[int, int]] = (),
     ) -> RenderedPrompt:
-        return self.template.render(messages, tools, add_generation_prompt)
+        return self.template.render(messages, tools, add_generation_prompt, part_breaks)
 
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max_tokens to use; raises PromptTooLong when the prompt leaves no room to generate."""

@@ -13,11 +13,13 @@ render in one pass over its text.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +49,10 @@ class RenderedPrompt:
     # follows it; a system message we added to describe tools counts too
     boundaries: list[int]
     turn_starts: list[int]  # the boundaries past an assistant header: where a prompt can end
+    part_ends: list[int] = field(default_factory=list)  # per asked (message, part): tokens up to that part's end
+
+
+TEXT_PARTS = ("text", "input_text")
 
 
 def _raise(message: str) -> None:
@@ -79,7 +85,11 @@ class ChatTemplate:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        part_breaks: Sequence[tuple[int, int]] = (),
     ) -> RenderedPrompt:
+        """`part_breaks`: (message, content part) pairs whose end to locate in tokens (`part_ends`), rounded
+        down to a token boundary; one the template does not render verbatim is left out."""
+        raw = messages
         messages = [self._normalize(m) for m in messages]
         added = 0
         if tools and not self.knows_tools:
@@ -110,9 +120,24 @@ class ChatTemplate:
         ends = [offset(at) for at in ends_at]
         turns = [offset((i + 1, True)) for i in range(n)]
         boundaries = [t or e for t, e in zip(turns, ends, strict=True)]
+        token_ends = [e for _, e in offsets]
+        part_ends = []
+        for i, j in part_breaks:
+            starts_at = lengths.get((i + added, False)) if i + added else 0
+            content = messages[i + added]["content"]
+            found = text.find(content, starts_at or 0) if content else -1
+            if found >= 0:
+                upto = self._text_upto(raw[i]["content"], j)
+                part_ends.append(bisect.bisect_right(token_ends, found + upto))
         return RenderedPrompt(
-            self.tokenizer.unmark(text), ids, ends[added:], [b for b in boundaries if b], [t for t in turns if t]
-        )
+            self.tokenizer.unmark(text), ids, ends[added:], [b for b in boundaries if b], [t for t in turns if t],
+            part_ends,
+        )  # fmt: skip
+
+    def _text_upto(self, parts: list[dict[str, Any]], j: int) -> int:
+        """Characters of a message's rendered content up to the end of its part j."""
+        text = "".join(p.get("text") or "" for p in parts[: j + 1] if p.get("type") in TEXT_PARTS)
+        return len(text if self.parse_content_specials else self.tokenizer.mark_specials(text))
 
     def _prefix_lengths(
         self,
@@ -173,7 +198,7 @@ class ChatTemplate:
             m["tool_calls"] = [dict(c) for c in m["tool_calls"]]
         content = m.get("content")
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            m["content"] = "".join(p.get("text", "") for p in content if p.get("type") == "text")
+            m["content"] = "".join(p.get("text") or "" for p in content if p.get("type") in TEXT_PARTS)
         elif content is None:
             m["content"] = ""
         calls = m.get("tool_calls") or []

@@ -105,10 +105,28 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
             marks += 1
         messages.append(message)
 
+    def text_content(blocks: list[Any]) -> tuple[str | list[dict[str, Any]], bool]:
+        """The text blocks' content, and whether the last one is a breakpoint (at the message's end). A
+        breakpoint on an earlier block stays on that part: it anchors at the block's own end."""
+        nonlocal marks
+        texts = [b for b in blocks if _kind(b) == "text"]
+        inner = [k for k, b in enumerate(texts[:-1]) if b.cache_control]
+        last = bool(texts and texts[-1].cache_control)
+        if not inner:
+            return _text(texts), last
+        parts: list[dict[str, Any]] = []
+        for k, b in enumerate(texts):
+            parts.append({"type": "text", "text": b.text or ""})
+            if k in inner and marks < MAX_BREAKPOINTS:
+                parts[-1]["cache_control"] = {"type": "ephemeral"}
+                marks += 1
+        return parts, last
+
     if isinstance(req.system, str) and req.system:
         add({"role": "system", "content": req.system}, False)
     elif isinstance(req.system, list) and req.system:
-        add({"role": "system", "content": _text(req.system)}, any(b.cache_control for b in req.system))
+        content, last = text_content(req.system)
+        add({"role": "system", "content": content}, last)
     if any(t.cache_control for t in req.tools or []) and messages and "cache_control" not in messages[0]:
         messages[0]["cache_control"] = {"type": "ephemeral"}  # the tools render into the system turn
         marks += 1
@@ -139,7 +157,8 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
             )
         texts = [b for b in m.content if b.type == "text"]
         if texts or not results:
-            add({"role": "user", "content": _text(texts)}, any(b.cache_control for b in texts))
+            content, last = text_content(texts)
+            add({"role": "user", "content": content}, last)
     if req.cache_control is not None and messages and "cache_control" not in messages[-1] and marks < MAX_BREAKPOINTS:
         messages[-1]["cache_control"] = {"type": "ephemeral"}
         marks += 1

@@ -200,15 +200,17 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
 
     async def _chat_prompt(req: ChatCompletionRequest) -> tuple[list[int], CacheRequest]:
         messages = _dicts(req.messages)
-        rendered = await _render(messages, req.tools)
+        breaks = [(i, j) for i, m in enumerate(req.messages) for j in m.marked_parts]
+        rendered = await _render(messages, req.tools, part_breaks=breaks)
         # a marked message anchors at its chat boundary: its end, or past the assistant's header when that
-        # turn follows it (the prompt is cut there, not at the end; for the last message, the whole prompt)
+        # turn follows it (the prompt is cut there, not at the end; for the last message, the whole prompt);
+        # a marked part before a message's last anchors at its own end (recorded at the cut before it)
         ends = rendered.message_ends
         marked = [
             min(b for b in rendered.boundaries if b >= e)
             for m, e in zip(req.messages, ends, strict=True)
             if m.marked and e is not None
-        ]
+        ] + rendered.part_ends
         creq = _cache_request(req, rendered, marked, next_turn_renderer(engine, messages, req.tools, req.calls_allowed))
         return rendered.token_ids, creq
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
 from anchorkv.engine.sampling import MAX_TOP_LOGPROBS
+from anchorkv.model.chat_template import TEXT_PARTS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_CHOICES = 8  # n: each choice after the first restores the whole prompt, so it costs its decode only
@@ -49,12 +50,12 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
-    cache_control: CacheControl | None = None  # anchors at the end of the message holding the part
+    cache_control: CacheControl | None = None  # anchors at the end of this part (rounded down to a prefill cut)
 
     @field_validator("type")
     @classmethod
     def _text_only(cls, kind: str) -> str:
-        if kind not in ("text", "input_text"):
+        if kind not in TEXT_PARTS:
             raise ValueError(f"this model reads text only, not {kind!r} parts")
         return kind
 
@@ -82,9 +83,16 @@ class ChatMessage(BaseModel):
 
     @property
     def marked(self) -> bool:
-        """cache_control on the message or on one of its parts."""
+        """cache_control on the message or on its last text part: an anchor at the message's end."""
+        texts = [p for p in self.content if p.type in TEXT_PARTS] if isinstance(self.content, list) else []
+        return self.cache_control is not None or bool(texts and texts[-1].cache_control is not None)
+
+    @property
+    def marked_parts(self) -> list[int]:
+        """The text parts before the last that carry cache_control: anchors at their own ends."""
         parts = self.content if isinstance(self.content, list) else []
-        return self.cache_control is not None or any(p.cache_control is not None for p in parts)
+        texts = [j for j, p in enumerate(parts) if p.type in TEXT_PARTS]
+        return [j for j in texts[:-1] if parts[j].cache_control is not None]
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
