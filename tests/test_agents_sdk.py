@@ -52,7 +52,7 @@ def test_an_agent_with_a_tool_runs_two_turns_and_the_second_hits_the_cache(serve
         instructions="You answer questions about the weather. Always call get_weather.",
         tools=[get_weather],
         model=_model(kind, server.url),
-        model_settings=ModelSettings(temperature=0, max_tokens=48, tool_choice="required"),
+        model_settings=ModelSettings(temperature=0, max_tokens=160, tool_choice="required", parallel_tool_calls=False),
         tool_use_behavior="stop_on_first_tool",  # the tool's answer ends the turn: the model is too small to
     )
     CITIES.clear()
