@@ -28,6 +28,8 @@ class SoakResult:
     clients: int
     seconds: float
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, MiB)
+    # (seconds since start, RAM tier MiB, chunks queued for the disk writer), from /props every 10 s
+    cache: list[tuple[float, float, int]] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
     errors: int = 0
@@ -35,6 +37,10 @@ class SoakResult:
 
     def rss_at(self, second: float) -> float | None:
         before = [mb for t, mb in self.rss_mb if t <= second]
+        return before[-1] if before else None
+
+    def cache_at(self, second: float, column: int) -> float | None:
+        before = [row[column] for row in self.cache if row[0] <= second]
         return before[-1] if before else None
 
 
@@ -103,9 +109,13 @@ def run(
         ]
         for w in workers:
             w.start()
+        tick = 0
         while any(w.is_alive() for w in workers):
             if (mb := rss_mb(server.proc.pid)) is not None:
                 result.rss_mb.append((time.monotonic() - start, mb))
+            if tick % 10 == 0 and (held := _cache_held(server.base_url)) is not None:
+                result.cache.append((time.monotonic() - start, *held))
+            tick += 1
             time.sleep(1)
         for w in workers:
             w.join()
@@ -115,6 +125,16 @@ def run(
     md = markdown(result)
     (out / "soak.md").write_text(md + "\n")
     return md
+
+
+def _cache_held(url: str) -> tuple[float, int] | None:
+    """The RAM tier's MiB and the disk writer's queue, as /props reports them."""
+    try:
+        cache = httpx.get(f"{url}/props", timeout=5).json()["full_cache"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    disk = cache.get("disk") or {}
+    return cache["ram"]["bytes"] / 2**20, int(disk.get("pending_writes", 0))
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -134,6 +154,8 @@ def markdown(r: SoakResult) -> str:
         "| RSS MiB at minute | " + " | ".join(str(int(t // 60)) for t in minutes) + " |",
         "|---|" + "---:|" * len(minutes),
         f"| server | {rss} |",
+        f"| RAM tier | {' | '.join(f(r.cache_at(max(t, 1), 1)) for t in minutes)} |",
+        f"| disk writes queued | {' | '.join(f(r.cache_at(max(t, 1), 2)) for t in minutes)} |",
         "",
         "| ms | p50 | p95 | p99 |",
         "|---|---:|---:|---:|",

@@ -366,6 +366,7 @@ class PrefixCache:
                 "evicted_bytes": sum(s.disk_evicted_bytes for s in disks),
                 "corrupt_dropped": sum(s.corrupt_dropped for s in per),
                 "full": any(s.disk_full for s in disks),
+                "pending_writes": sum(s.disk_pending_writes for s in disks),
             },
             "redis": None
             if not remotes

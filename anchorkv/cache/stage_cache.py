@@ -117,6 +117,7 @@ class CacheStats:
     disk_written_bytes: int = 0
     disk_evicted_bytes: int = 0
     disk_full: bool = False
+    disk_pending_writes: int = 0  # chunks queued for the disk writer
     disk_error: str | None = None
     corrupt_dropped: int = 0
     remote: dict[str, object] | None = None
@@ -352,6 +353,7 @@ class StageCache:
             disk_written_bytes=d.written_bytes if d is not None else 0,
             disk_evicted_bytes=d.evicted_bytes if d is not None else 0,
             disk_full=getattr(d, "full_since", None) is not None,
+            disk_pending_writes=self.writer.pending if self.writer is not None else 0,
             disk_error=self.disk_error,
             corrupt_dropped=self.corrupt_dropped,
             remote=self.remote.stats() if self.remote is not None else None,
