@@ -28,8 +28,9 @@ class SoakResult:
     clients: int
     seconds: float
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, MiB)
-    # (seconds since start, RAM tier MiB, chunks queued for the disk writer), from /props every 10 s
-    cache: list[tuple[float, float, int]] = field(default_factory=list)
+    # (seconds since start, RAM tier MiB, chunks queued for the disk writer, KV pool MiB written), from
+    # /props every 10 s
+    cache: list[tuple[float, float, int, float]] = field(default_factory=list)
     ttft_ms: list[float] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
     errors: int = 0
@@ -127,14 +128,15 @@ def run(
     return md
 
 
-def _cache_held(url: str) -> tuple[float, int] | None:
-    """The RAM tier's MiB and the disk writer's queue, as /props reports them."""
+def _cache_held(url: str) -> tuple[float, int, float] | None:
+    """The RAM tier's MiB, the disk writer's queue and the KV pool's MiB written, as /props reports them."""
     try:
-        cache = httpx.get(f"{url}/props", timeout=5).json()["full_cache"]
+        props = httpx.get(f"{url}/props", timeout=5).json()
+        cache, pool = props["full_cache"], props["kv_pool"]
     except (httpx.HTTPError, KeyError, ValueError):
         return None
     disk = cache.get("disk") or {}
-    return cache["ram"]["bytes"] / 2**20, int(disk.get("pending_writes", 0))
+    return cache["ram"]["bytes"] / 2**20, int(disk.get("pending_writes", 0)), pool.get("touched_bytes", 0) / 2**20
 
 
 def _pct(values: list[float], p: float) -> float | None:
@@ -156,6 +158,7 @@ def markdown(r: SoakResult) -> str:
         f"| server | {rss} |",
         f"| RAM tier | {' | '.join(f(r.cache_at(max(t, 1), 1)) for t in minutes)} |",
         f"| disk writes queued | {' | '.join(f(r.cache_at(max(t, 1), 2)) for t in minutes)} |",
+        f"| KV pool written | {' | '.join(f(r.cache_at(max(t, 1), 3)) for t in minutes)} |",
         "",
         "| ms | p50 | p95 | p99 |",
         "|---|---:|---:|---:|",

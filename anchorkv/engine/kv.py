@@ -23,6 +23,7 @@ class StageKV:
         self.k = torch.empty(n_layers, n_kv_heads, ctx, head_dim, dtype=dtype, device=device)
         self.v = torch.empty_like(self.k)
         self.filled = 0
+        self.high = 0  # the furthest position ever written: pages up to it are resident
 
     @property
     def ctx(self) -> int:
@@ -40,6 +41,12 @@ class StageKV:
         self.k[:, :, piece.start : piece.end] = piece.k
         self.v[:, :, piece.start : piece.end] = piece.v
         self.filled = piece.end
+        self.high = max(self.high, self.filled)
+
+    @property
+    def touched_bytes(self) -> int:
+        """Bytes of the KV written so far (untouched pages of the pool take no memory)."""
+        return (self.k.nbytes + self.v.nbytes) * self.high // self.ctx
 
     def truncate(self, n: int) -> None:
         self.filled = min(self.filled, n)

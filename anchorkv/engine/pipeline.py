@@ -59,6 +59,10 @@ class Pipeline:
     def health(self) -> list[StageHealth]:
         return [StageHealth(i.index, i.node, list(i.layers), "alive") for i in self.infos()]
 
+    def kv_touched(self) -> list[int]:
+        """Each stage's KV pool bytes written so far (resident memory; the rest of the pool is not)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -156,6 +160,9 @@ class LocalPipeline(Pipeline):
 
     def infos(self) -> list[StageInfo]:
         return [s.info() for s in self.stages]
+
+    def kv_touched(self) -> list[int]:
+        return [s.kv_touched_bytes for s in self.stages]
 
     def kvs(self, slot: int) -> list[StageKV]:
         """Every stage's KV of one slot."""

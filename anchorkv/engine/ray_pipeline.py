@@ -65,6 +65,9 @@ class StageWorker:
     def truncate(self, n: int, slot: int) -> None:
         self.stage.truncate(n, slot)
 
+    def kv_touched(self) -> int:
+        return self.stage.kv_touched_bytes
+
     def lookup(self, q: Lookup) -> Coverage:
         return self.stage.lookup(q)
 
@@ -166,6 +169,16 @@ class RayPipeline(Pipeline):
 
     def infos(self) -> list[StageInfo]:
         return list(self._infos)
+
+    def kv_touched(self) -> list[int]:
+        refs = [w.kv_touched.remote() for w in self.workers]
+        out = []
+        for ref in refs:
+            try:
+                out.append(int(ray.get(ref, timeout=PING_S)))
+            except (RayError, GetTimeoutError):
+                out.append(0)  # restarting: nothing written yet
+        return out
 
     def health(self) -> list[StageHealth]:
         refs = [w.ping.remote() for w in self.workers]

@@ -86,6 +86,10 @@ class Stage:
     def kv_bytes(self) -> int:
         return sum(kv.k.nbytes + kv.v.nbytes for kv in self.kvs)
 
+    @property
+    def kv_touched_bytes(self) -> int:
+        return sum(kv.touched_bytes for kv in self.kvs)
+
     def info(self) -> StageInfo:
         r = self.layer_range
         return StageInfo(
@@ -107,7 +111,9 @@ class Stage:
             rows.append(Rows(sp.start, sp.length, kv.k, kv.v))
         out = self.model.forward(inp.x, rows, inp.logits, inp.decode, interrupt)
         for sp in inp.spans:
-            self.kvs[sp.slot].filled = sp.start + sp.length
+            kv = self.kvs[sp.slot]
+            kv.filled = sp.start + sp.length
+            kv.high = max(kv.high, kv.filled)
         return out
 
     def truncate(self, n: int, slot: int) -> None:

@@ -129,7 +129,12 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "stages": await asyncio.to_thread(engine.stages_report),
             "parallel": engine.cfg.parallel,
             "decode_rows": "batched" if engine.batch_rows else "one at a time",
-            "kv_pool": {"slots": engine.cfg.parallel, "positions_per_slot": engine.ctx, "bytes": engine.kv_bytes},
+            "kv_pool": {
+                "slots": engine.cfg.parallel,
+                "positions_per_slot": engine.ctx,
+                "bytes": engine.kv_bytes,
+                "touched_bytes": sum(await asyncio.to_thread(engine.pipeline.kv_touched)),
+            },  # fmt: skip
             "chat_template": engine.template.source,
             "default_generation_settings": {"n_ctx": engine.ctx},
             "total_slots": engine.cfg.parallel,
