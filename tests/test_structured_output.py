@@ -73,7 +73,8 @@ def test_a_named_tool_choice_always_calls_that_tool(client: TestClient) -> None:
     deltas = [e["choices"][0]["delta"] for e in events]
     assert "".join(d.get("content") or "" for d in deltas) == ""
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert [c["function"] for c in calls] == [call["function"]]
+    assert calls[0]["function"]["name"] == "get_weather" and {c["index"] for c in calls} == {0}
+    assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 

@@ -76,3 +76,49 @@ def test_a_reply_cut_mid_call_finishes_with_length(client: TestClient) -> None:
     choice = r["choices"][0]
     assert choice["finish_reason"] == "length"
     assert "<tool_call" not in (choice["message"]["content"] or "")
+
+
+def test_arguments_stream_piece_by_piece_and_add_up_to_the_call() -> None:
+    text = (
+        TEXT
+        + '\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "a \\"}\\" b", "n": [1, {"x": 2}]}}\n</tool_call>'
+    )
+    s = ToolCallStream()
+    pieces = []
+    for i in range(0, len(text), 4):
+        s.push(text[i : i + 4])
+        pieces += s.pieces()
+    _, calls = s.finish()
+    assert calls is not None and len(calls) == 2
+    for i, call in enumerate(calls):
+        mine = [p for p in pieces if p.index == i]
+        assert len(mine) > 1 and mine[0].name == call["function"]["name"] and all(p.name is None for p in mine[1:])
+        assert {p.id for p in mine} == {call["id"]} and s.streamed(i)
+        assert "".join(p.arguments for p in mine) == call["function"]["arguments"]
+        json.loads(call["function"]["arguments"])
+
+
+def test_a_call_whose_json_does_not_start_with_its_name_comes_whole() -> None:
+    s = ToolCallStream()
+    s.push('<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>')
+    assert s.pieces() == []
+    _, calls = s.finish()
+    assert calls is not None and not s.streamed(0) and calls[0]["function"]["name"] == "get_weather"
+
+
+def test_streamed_tool_call_deltas_add_up_to_the_non_streamed_call(client: TestClient) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+              "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools,
+            "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 64, "temperature": 0}  # fmt: skip
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
+    deltas = [d[0] for d in deltas if d]
+    assert len(deltas) > 1  # piece by piece
+    assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"]
+    arguments = "".join(d["function"]["arguments"] for d in deltas)
+    assert arguments == whole["message"]["tool_calls"][0]["function"]["arguments"]  # the very text
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes == ["tool_calls"]

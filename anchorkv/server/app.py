@@ -42,7 +42,7 @@ from anchorkv.server.schemas import (
     SamplingFields,
     TokenizeRequest,
 )
-from anchorkv.server.tool_calls import ToolCallStream, assistant_message
+from anchorkv.server.tool_calls import CallPiece, ToolCallStream, assistant_message
 from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
 log = logging.getLogger("anchorkv.server")
@@ -654,12 +654,17 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
         unsent: list[TokenLogprob] | None = None  # sampled, not yet in a chunk
         offset = 0  # characters of this choice's completion text sent so far
 
-        def chunk(delta: str | None, finish: str | None = None, **extra: Any) -> str:
+        def chunk(
+            delta: str | None, finish: str | None = None, tool_calls: list[dict[str, Any]] | None = None, **extra: Any
+        ) -> str:
+            """One SSE chunk: content text or tool-call deltas, the finish reason, extras (usage, timings)."""
             nonlocal unsent, offset
             lps = _logprobs(kind, unsent, offset) if unsent else None
             unsent, offset = ([] if logprobs else None), offset + len(delta or "")
             if kind == "chat":
                 d: dict[str, Any] = {} if delta is None else {"content": delta}
+                if tool_calls is not None:
+                    d["tool_calls"] = tool_calls
                 choice: dict[str, Any] = {"index": index, "delta": d, "finish_reason": finish, "logprobs": lps}
             else:
                 choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lps}
@@ -685,6 +690,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                             unsent.extend(event.logprobs)
                         if text := calls_stream.push(event.text) if calls_stream else event.text:
                             yield chunk(text)
+                        for piece in calls_stream.pieces() if calls_stream else ():
+                            yield chunk(None, tool_calls=[_call_delta(piece)])
                         continue
                     _account(kind, event, t0, ttft, first=index == 0)
                     dones.append(event)
@@ -695,11 +702,9 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
                             yield chunk(rest)
                         if calls and finish != "length":
                             finish = "tool_calls"
-                            body = json.loads(chunk(None)[6:])
-                            body["choices"][0]["delta"] = {
-                                "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]
-                            }
-                            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                            whole = [{"index": i, **c} for i, c in enumerate(calls) if not calls_stream.streamed(i)]
+                            if whole:  # calls whose arguments could not stream come in one piece
+                                yield chunk(None, tool_calls=whole)
                     yield chunk(None, finish, timings=event.timings(), prefix_cache=event.cache)
             if include_usage:
                 body = {
@@ -736,6 +741,14 @@ def text_chars(value: Any) -> int:
     if isinstance(value, list):
         return sum(text_chars(v) for v in value)
     return 0
+
+
+def _call_delta(piece: CallPiece) -> dict[str, Any]:
+    """A streamed tool call's piece as OpenAI's delta: the first names the call, the rest add arguments."""
+    if piece.name is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    return {"index": piece.index, "id": piece.id, "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments}}  # fmt: skip
 
 
 def next_turn_renderer(
