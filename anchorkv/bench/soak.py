@@ -132,7 +132,7 @@ def _cache_held(url: str) -> tuple[float, int, float] | None:
     """The RAM tier's MiB, the disk writer's queue and the KV pool's MiB written, as /props reports them."""
     try:
         props = httpx.get(f"{url}/props", timeout=5).json()
-        cache, pool = props["full_cache"], props["kv_pool"]
+        cache, pool = props["prefix_cache"], props["kv_pool"]
     except (httpx.HTTPError, KeyError, ValueError):
         return None
     disk = cache.get("disk") or {}

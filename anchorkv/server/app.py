@@ -139,7 +139,8 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "default_generation_settings": {"n_ctx": engine.ctx},
             "total_slots": engine.cfg.parallel,
             "max_queue": cfg.max_queue,
-            "full_cache": await asyncio.to_thread(engine.cache.stats),
+            "prefix_cache": (cache := await asyncio.to_thread(engine.cache.stats)),
+            "full_cache": cache,  # the name lucebox's clients read
             "version": __version__,
         }
 
