@@ -1,8 +1,8 @@
 """Recent prompts per namespace, for the auto scope. Kept on disk so auto survives a restart.
 
 The file is rewritten after every prompt, so it is binary and each prompt is packed once, when added:
-a snapshot is then a join of bytes, not a serialization of every token of the window (a window of long
-prompts as JSON took 25-75 ms of the engine thread per request).
+a snapshot is then a join of bytes, not a serialization of every token of the window on the engine's
+thread.
 
 Layout: MAGIC, a 16-byte blake2b checksum of the rest, then per namespace: u16 name length, name (a
 namespace id, hex), u32 prompt count, and per prompt: u32 token count, that many little-endian u32 token ids.

@@ -33,8 +33,8 @@ log = logging.getLogger("anchorkv.engine")
 MAX_RESTARTS = 8
 PING_S = 2.0  # how long /health waits for a stage
 # stages sharing one host's cores: idle OpenMP threads sleep at once instead of spinning, or each stage's
-# spinning threads steal the cores the next stage computes on (measured here: a 3-stage decode step took
-# 35 ms passive, 50 ms spinning); a stage alone on its host computes faster spinning (9 ms against 24)
+# spinning threads steal the cores the next stage computes on; a stage alone on its host computes faster
+# spinning (docs/distributed.md has both measurements)
 SHARED_HOST_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -1,11 +1,11 @@
 """The attention softmax over bfloat16 score blocks: a small C kernel (csrc/softmax.c, built by
 kernels.load_kernel), else torch's softmax.
 
-torch's softmax spends most of a long-context prefill's non-GEMM time (27 of 146 ms for 129 tokens after 3k):
-its exp is accurate to an ulp of float32 and its bfloat16 reductions are slow, while the result is rounded
-to bfloat16's 8 bits. The kernel's exp is good to about 2e-7 and it masks the chunk's own future keys itself,
-2.6x faster than torch's softmax on a [167, 3129] block. Its results differ from torch's in the last bit of
-some probabilities, so which one ran is part of the exact cache's namespace.
+torch's softmax is most of a long-context prefill's non-GEMM time: its exp is accurate to an ulp of
+float32 and its bfloat16 reductions are slow, while the result is rounded to bfloat16's 8 bits. The
+kernel's exp is good to about 2e-7 and it masks the chunk's own future keys itself (speed: docs/
+benchmarks.md). Its results differ from torch's in the last bit of some probabilities, so which one ran
+is part of the exact cache's namespace.
 """
 
 from __future__ import annotations

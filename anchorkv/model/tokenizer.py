@@ -73,8 +73,7 @@ class TextTokenizer:
 
     def _encode_segments(self, split: re.Pattern[str], text: str) -> Encoding:
         """The library cuts text at added tokens and encodes each piece between them on its own, so the
-        pieces can be encoded apart and remembered: a chat that grows by a turn encodes only the new turn
-        (a 6.4k-token agent prompt took 11 ms whole, 1 ms in pieces)."""
+        pieces can be encoded apart and remembered: a chat that grows by a turn encodes only the new turn."""
         parts = split.split(text)  # odd indices: added tokens
         pieces = {p for p in parts[::2] if p}
         with self._memo_lock:

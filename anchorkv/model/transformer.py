@@ -26,11 +26,9 @@ log = logging.getLogger("anchorkv.model")
 Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
 # Bump when the prefill's arithmetic or cuts change: it is part of the exact cache's namespace, so KV saved
 # by an older forward is never mixed with a newer one (exact mode never reuses decoded KV).
-# 3: the prefill grid restarts at every chat boundary; 4: a message's short tail joins its last piece;
-# 5: score blocks of 2^21
 FORWARD_VERSION = 5
-# A decode step attends through torch's fused SDPA kernel up to this many keys (1.2x faster whole steps at
-# 256-2k keys on the 2-core CPU) and through the per-KV-head matmuls past it, which read long caches faster.
+# A decode step attends through torch's fused SDPA kernel up to this many keys (faster on short caches) and
+# through the per-KV-head matmuls past it, which read long caches faster (docs/benchmarks.md).
 DECODE_SDPA_KEYS = 4096
 SCORE_BLOCK = 2**21  # attention scores computed at once (4 MiB in bfloat16), see StageModel._attention
 INT4_GROUP = 32  # inputs sharing one scale and zero in int4 decode weights, as in Q4_0 / Q4_1 blocks
@@ -348,10 +346,9 @@ class StageModel:
         None for a single query. Returns [T, H * hd].
 
         The G = H / Hkv query heads that share a KV head are stacked into the rows of one matmul, so GQA
-        needs no repeated KV (on CPU about 1.8x faster than the flash SDPA kernel at 2k tokens). Rows go in
-        blocks of at most SCORE_BLOCK scores, which bounds the score buffer at long context; at 4k keys a
-        128-token piece is one block per KV head, whose bigger matmuls ran 1.16x faster than 2^19-score
-        blocks (1.10x with torch's softmax). Per KV head, plain mm on the cache view
+        needs no repeated KV (faster here than the flash SDPA kernel). Rows go in blocks of at most
+        SCORE_BLOCK scores, which bounds the score buffer at long context while keeping the matmuls big
+        (a 128-token piece is one block per KV head up to about 4k keys). Per KV head, plain mm on the cache view
         (bmm would first copy the strided view). Blocks depend on T and L only, so a position is always
         computed the same way. A decode step over at most decode_sdpa_keys keys goes through SDPA instead.
         """

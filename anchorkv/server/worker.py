@@ -2,9 +2,8 @@
 the event loop.
 
 `anchorkv serve` runs the engine on the process's main thread and HTTP on another (serve_on_main_thread):
-libgomp, PyTorch's OpenMP, wakes the thread team of the initial thread within microseconds but takes about
-50 us per parallel region for a team started by any later thread, and a decode step runs a few hundred
-small parallel regions.
+libgomp, PyTorch's OpenMP, wakes the thread team of the initial thread within microseconds but far slower
+for a team started by any later thread, and a decode step runs a few hundred small parallel regions.
 """
 
 from __future__ import annotations
