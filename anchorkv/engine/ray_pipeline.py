@@ -31,6 +31,8 @@ from anchorkv.model.transformer import Logits
 log = logging.getLogger("anchorkv.engine")
 
 MAX_RESTARTS = 8
+# a prefill piece's hidden states (C + 63 rows) go inline in the call's reply, not through the object store
+INLINE_BYTES = 2**20
 PING_S = 2.0  # how long /health waits for a stage
 # stages sharing one host's cores: idle OpenMP threads sleep at once instead of spinning, or each stage's
 # spinning threads steal the cores the next stage computes on; a stage alone on its host computes faster
@@ -99,7 +101,10 @@ def connect(address: str | None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # "local": a new instance of its own, even where `ray start` left a cluster running on this host
-        ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1, log_to_driver=True)
+        ray.init(
+            address="local", include_dashboard=False, num_cpus=os.cpu_count() or 1, log_to_driver=True,
+            _system_config={"max_direct_call_object_size": INLINE_BYTES},
+        )  # fmt: skip
 
 
 class RayPipeline(Pipeline):
