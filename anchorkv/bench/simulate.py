@@ -88,6 +88,9 @@ class SimKV:
     def restore(self, piece: KVSlice) -> None:
         pass
 
+    def truncate(self, n: int) -> None:
+        pass
+
 
 def sim_cache(cfg: CacheConfig, chunk: int, model: ModelConfig, disk: MemoryDiskTier) -> tuple[PrefixCache, SimKV]:
     """The server's PrefixCache over one simulated stage (one KV slot) with an in-memory disk tier."""

@@ -34,6 +34,8 @@ class KVStore(Protocol):
 
     def restore(self, piece: KVSlice) -> None: ...
 
+    def truncate(self, n: int) -> None: ...
+
 
 @dataclass
 class Chunk:

@@ -237,13 +237,15 @@ class StageCache:
 
     # -- restore ---------------------------------------------------------------------------------------
     def restore(self, f: Fetch, kv: KVStore) -> Restored:
-        """Write the chain [0, f.upto) into kv. Raises CacheMiss when a chunk vanished since the lookup."""
+        """Write the chain [0, f.upto) into kv, keeping the [0, f.skip_upto) it holds (one order, one round
+        trip to a remote stage). Raises CacheMiss when a chunk vanished since the lookup."""
         root = self.namespace.salted(f.salt).root
         with self.lock:
             keys = self.chain_to(root, f.prompt, f.upto, f.chat, True) if f.upto else []
             if keys is None:
                 raise CacheMiss(f"{self.namespace.id[:8]}: no chain to {f.upto} any more")
             tier, labels, logits = 0, frozenset[str](), None
+            kv.truncate(f.skip_upto)
             for key in keys:
                 c, t = self._fetch(key)
                 if c is None:  # vanished or corrupt since the lookup: stop here

@@ -295,14 +295,14 @@ class Engine:
         if slot.salt == creq.salt:
             keep = shared_cut(prompt[: cplan.restore_to], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
         slot.clear()
-        self.pipeline.truncate(keep, slot.index)
         try:
-            self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)
+            self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)  # each stage keeps [0, keep) of it
         except CacheMiss as e:
             log.warning("restore failed, prefilling cold: %s", e)
             cplan.restore_to, cplan.kind, cplan.tier, cplan.logits = 0, None, None, None
         r = cplan.restore_to
-        self.pipeline.truncate(r, slot.index)
+        if not r:
+            self.pipeline.truncate(0, slot.index)
         seq.plan = RequestPlan(seq.id, len(prompt), restore_to=r)
         seq.sampler = Sampler(seq.params, prompt, self._constraint(seq.params.grammar))
         seq.stream = TextStream(self.tokenizer, seq.params.stop)
