@@ -176,7 +176,7 @@ class PrefixCache:
         anchors = [v.tokens for v in verdicts if v.accepted]
         chat = sorted({e for e in req.chat_ends if e and e <= len(prompt)})
         limit = restorable_limit(len(prompt), self.unit, chat, self.tail)
-        found = self._st.lookup(Lookup(prompt, chat, limit, req.salt, scope.mode != "off"))
+        found = self._st.lookup(Lookup(prompt, chat, limit, req.salt, scope.mode != "off", whole=self.cfg.exact))
         # the longest boundary that every stage has: a stage that misses vetoes longer ones
         restore = max(frozenset.intersection(*(f.ends for f in found)))
         if self.cfg.exact and all(f.whole for f in found) and found[-1].whole_logits:

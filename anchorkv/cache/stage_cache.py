@@ -56,6 +56,7 @@ class Lookup:
     limit: int  # the furthest a restore may reach
     salt: str | None
     disk_ok: bool  # slower tiers may be used (the request's prefix_cache is not "off")
+    whole: bool = False  # also say whether the whole prompt, with its logits, is there (exact mode)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class StageCache:
                         ends.add(end)
             n = len(prompt)
             whole = whole_logits = False
-            if n and cut_floor(n, g_.unit, chat, g_.tail) == n:
+            if q.whole and n and cut_floor(n, g_.unit, chat, g_.tail) == n:
                 chain = self.chain_to(root, prompt, n, chat, q.disk_ok)
                 whole = chain is not None
                 if chain is not None:

@@ -14,9 +14,9 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence as Seq
+from dataclasses import asdict
 from typing import Any
 
 import torch

@@ -192,9 +192,7 @@ class RayPipeline(Pipeline):
             try:
                 ray.get(ref, timeout=PING_S)
                 state = "alive"
-            except GetTimeoutError:
-                state = "restarting"
-            except RayError:
+            except (RayError, GetTimeoutError):
                 state = "restarting"
             out.append(StageHealth(info.index, info.node, list(info.layers), state))
         return out
@@ -221,7 +219,7 @@ class RayCacheStages:
 
     def record(self, slot: int, r: Record) -> None:
         ws = self.pipe.workers
-        no_logits = Record(r.tokens, r.chat, r.salt, r.labelled, r.keep_from, r.disk_upto)
+        no_logits = replace(r, logits={})  # only the last stage keeps logits
         self.pipe._get([w.record.remote(slot, r if i == len(ws) - 1 else no_logits) for i, w in enumerate(ws)])
 
     def latest_chain(self) -> Chain:

@@ -110,6 +110,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     @app.get("/props", dependencies=[Depends(auth)])
     async def props() -> dict[str, Any]:
         mc = engine.model_cfg
+        stages = await asyncio.to_thread(engine.stages_report)
         return {
             "model": model_id,
             "model_path": str(engine.files.source),
@@ -126,14 +127,14 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
             "decode_attention": engine.decode_attention_kind,
             "linear_kernel": engine.linear_kind,
             "distributed": engine.pipeline.kind,
-            "stages": await asyncio.to_thread(engine.stages_report),
+            "stages": stages,
             "parallel": engine.cfg.parallel,
             "decode_rows": "batched" if engine.batch_rows else "one at a time",
             "kv_pool": {
                 "slots": engine.cfg.parallel,
                 "positions_per_slot": engine.ctx,
                 "bytes": engine.kv_bytes,
-                "touched_bytes": sum(await asyncio.to_thread(engine.pipeline.kv_touched)),
+                "touched_bytes": sum(int(s["kv_touched_bytes"]) for s in stages),  # type: ignore[call-overload]
             },  # fmt: skip
             "chat_template": engine.template.source,
             "default_generation_settings": {"n_ctx": engine.ctx},
