@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayError, GetTimeoutError
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from torch import Tensor
 
 from anchorkv.cache.prefix_cache import CacheConfig
@@ -52,6 +52,9 @@ class StageWorker:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def actor_id(self) -> str:
+        return ray.get_runtime_context().get_actor_id() or ""
 
     def echo(self, x: Tensor) -> Tensor:
         """x back: the transport without the compute (`bench stages`)."""
@@ -123,6 +126,7 @@ class RayPipeline(Pipeline):
         self.device = torch.device("cpu")  # where the head keeps token ids and logits
         actor = ray.remote(StageWorker)
         self.workers = []
+        self._actor_ids: list[str] = []
         for i in range(cfg.stages):
             res = resources[i] if i < len(resources) else None
             opts: dict[str, Any] = {
@@ -136,6 +140,7 @@ class RayPipeline(Pipeline):
                 opts["resources"] = {res: 1}
             self.workers.append(actor.options(**opts).remote(cfg, cache_cfg, i))  # type: ignore[attr-defined]
         self._infos = self._get([w.info.remote() for w in self.workers])
+        self._actor_ids = self._get([w.actor_id.remote() for w in self.workers])
         self.cache_stages = RayCacheStages(self)
 
     def _get(self, refs: Any, timeout: float | None = None) -> Any:
@@ -143,7 +148,14 @@ class RayPipeline(Pipeline):
         try:
             return ray.get(refs, timeout=timeout)
         except (RayError, GetTimeoutError) as e:
-            raise StageFailed(self._down(), e) from e
+            raise StageFailed(self._named(e) or self._down(), e) from e
+
+    def _named(self, e: BaseException) -> list[int]:
+        """The stage whose actor failed, from the error: a restart can be over before a ping would see it."""
+        while isinstance(e, RayTaskError) and e.cause is not None:
+            e = e.cause  # a task error names the stage that ran it; its cause names the one that failed
+        actor = getattr(e, "actor_id", None)
+        return [self._actor_ids.index(actor)] if actor in self._actor_ids else []
 
     def _down(self) -> list[int]:
         out = []
