@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,14 +100,26 @@ def test_tool_use_and_tool_result_round_trip(client: anthropic.Anthropic) -> Non
     assert follow.usage.cache_read_input_tokens and follow.usage.cache_read_input_tokens > 0  # the turn before
 
 
-def test_streamed_tool_use_arrives_as_input_json(client: anthropic.Anthropic) -> None:
-    with client.messages.stream(
-        model="any", max_tokens=48, extra_body={"temperature": 0}, tools=[WEATHER], tool_choice={"type": "any"},  # type: ignore[list-item]
-        messages=[{"role": "user", "content": "Weather in Rome?"}],
-    ) as stream:  # fmt: skip
+def test_streamed_tool_input_arrives_in_pieces_and_equals_the_whole(client: anthropic.Anthropic) -> None:
+    kw: Any = {"model": "any", "max_tokens": 48, "extra_body": {"temperature": 0}, "tools": [WEATHER],
+               "tool_choice": {"type": "any"}, "messages": [{"role": "user", "content": "Weather in Rome?"}]}  # fmt: skip
+    whole = client.messages.create(**kw)
+    events = list(client.messages.create(**kw, stream=True))
+    pieces = [
+        e.delta.partial_json for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+    ]
+    assert len(pieces) > 1  # as generated, not in one piece at the end
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds.count("content_block_start") == kinds.count("content_block_stop")
+    call = next(b for b in whole.content if b.type == "tool_use")
+    assert json.loads("".join(pieces)) == call.input
+    with client.messages.stream(**kw) as stream:
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use"
-    assert [b.type for b in final.content][-1] == "tool_use"
+    assert [(b.type, getattr(b, "input", None)) for b in final.content] == [
+        (b.type, getattr(b, "input", None)) for b in whole.content
+    ]
 
 
 def test_thinking_and_metadata_are_ignored(client: anthropic.Anthropic) -> None:

@@ -100,20 +100,27 @@ def test_function_tools_round_trip(client: OpenAI) -> None:
     assert follow.usage is not None and follow.usage.input_tokens_details.cached_tokens > 0
 
 
-def test_streamed_function_call_arguments(client: OpenAI) -> None:
-    kinds = [
-        e.type
-        for e in client.responses.create(
-            model="any",
-            input="Find the book Emma.",
-            tools=[LOOKUP],
-            tool_choice="required",
-            temperature=0,  # type: ignore[list-item]
-            max_output_tokens=48,
-            stream=True,
-        )  # fmt: skip
-    ]
-    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+def test_streamed_function_call_arguments_arrive_in_pieces_and_end_in_the_same_calls(client: OpenAI) -> None:
+    kw: Any = {"model": "any", "input": "Find the book Emma.", "tools": [LOOKUP], "tool_choice": "required",
+               "temperature": 0, "max_output_tokens": 128}  # fmt: skip
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(**kw, stream=True))
+    pieces: dict[str, list[str]] = {}
+    for e in events:
+        if e.type == "response.function_call_arguments.delta":
+            pieces.setdefault(e.item_id, []).append(e.delta)
+    assert max(len(p) for p in pieces.values()) > 1  # as generated, not in one piece at the end
+    done = {e.item_id: e.arguments for e in events if e.type == "response.function_call_arguments.done"}
+    final = events[-1]
+    assert final.type in ("response.completed", "response.incomplete")
+    calls = [o for o in final.response.output if o.type == "function_call"]
+    assert calls and [c.id for c in calls] == list(pieces) == list(done)
+    assert all(done[c.id] == "".join(pieces[c.id]) == c.arguments for c in calls)
+    expected = [o for o in whole.output if o.type == "function_call"]
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = [e.output_index for e in events if e.type == "response.output_item.added"]
+    assert added == list(range(len(final.response.output)))
 
 
 def test_codex_style_fields_are_accepted_and_ignored(server: LiveServer) -> None:

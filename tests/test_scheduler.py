@@ -19,7 +19,8 @@ from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.scheduler import pick_slot, schedule, should_wait
 from anchorkv.engine.sequence import Sequence, Status
 from anchorkv.engine.slot import Slot
-from anchorkv.server.app import create_app, next_turn_renderer
+from anchorkv.server.app import create_app
+from anchorkv.server.service import next_turn_renderer
 from conftest import LiveServer, serve_in_thread
 
 TOPICS = ["cats", "the sea", "a robot", "bread", "a king", "rain", "maps", "bees"]

@@ -22,7 +22,7 @@ from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Delta, Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
-from anchorkv.server.app import next_turn_renderer
+from anchorkv.server.service import next_turn_renderer
 from anchorkv.server.tool_calls import assistant_message
 
 TOOLS = [

@@ -189,6 +189,14 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
     return ChatCompletionRequest.model_validate(body), marks
 
 
+def message(
+    mid: str, model: str, content: list[dict[str, Any]], stop: str | None, usage: dict[str, int]
+) -> dict[str, Any]:
+    """The message object: the non-streamed reply, and (empty, with no stop reason yet) message_start's."""
+    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": stop, "stop_sequence": None, "usage": usage}  # fmt: skip
+
+
 def stop_reason(finish: str, tool_calls: bool) -> str:
     """Anthropic's stop_reason for an engine finish reason."""
     if tool_calls:

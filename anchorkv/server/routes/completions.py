@@ -1,0 +1,219 @@
+"""OpenAI's two completion APIs, which share their envelope and stream: /v1/chat/completions and
+/v1/completions (and both without /v1, as llama.cpp's server answers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from anchorkv.cache.prefix_cache import CacheRequest
+from anchorkv.engine.engine import Delta, Finished
+from anchorkv.engine.sampling import TokenLogprob
+from anchorkv.model.tokenizer import TextTokenizer
+from anchorkv.server import errors
+from anchorkv.server.errors import APIError
+from anchorkv.server.logprobs import chat_logprobs, completion_logprobs
+from anchorkv.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from anchorkv.server.service import Service
+from anchorkv.server.tool_calls import CallPiece, ToolCallStream, assistant_message
+from anchorkv.server.worker import Job, JobFailed
+
+Kind = Literal["chat", "completion"]
+
+
+def router(svc: Service) -> APIRouter:
+    r = APIRouter(dependencies=[Depends(svc.auth)])
+
+    @r.post("/v1/chat/completions", response_model=None)
+    @r.post("/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+        prompt, creq = await svc.chat_prompt(req)
+        return await _serve(svc, "chat", req, prompt, request, "messages", creq)
+
+    @r.post("/v1/completions", response_model=None)
+    @r.post("/completions", response_model=None)
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        if isinstance(req.prompt, str):
+            svc.check_size(req.prompt, "prompt")
+            prompt = await asyncio.to_thread(svc.engine.tokenizer.encode, req.prompt)
+        else:
+            prompt = list(req.prompt)
+            svc.check_vocab(prompt, "prompt")
+        return await _serve(svc, "completion", req, prompt, request, "prompt", svc.cache_request(req, None, []))
+
+    return r
+
+
+async def _serve(
+    svc: Service, kind: Kind, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str,
+    creq: CacheRequest,
+) -> Response:  # fmt: skip
+    t0 = time.perf_counter()
+    params = await svc.params(req, prompt, prompt_param)
+
+    def submit(i: int) -> Job:
+        """Choice i, generated after choice i - 1: with the prefix cache on, its prompt then restores whole,
+        so n choices cost one prefill. A seed gives choice i the seed + i."""
+        seed = None if params.seed is None else params.seed + i
+        return svc.submit(kind, prompt, replace(params, seed=seed), creq)
+
+    first = submit(0)
+    tools = req.calls_allowed if isinstance(req, ChatCompletionRequest) else 0
+    env = Envelope(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24], svc.model_id)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        stream = _stream(svc, env, first, submit, req.n, include_usage, t0, tools, params.logprobs is not None)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    dones: list[Finished] = []
+    for i in range(req.n):
+        done = await svc.final(first if i == 0 else submit(i), request)
+        if done is None:  # the client went away; nobody reads this
+            return Response(status_code=499)
+        svc.account(kind, done, t0, first=i == 0)
+        dones.append(done)
+    choices = [
+        _choice(env, i, d, tools, _logprobs(kind, d.logprobs, svc.engine.tokenizer)) for i, d in enumerate(dones)
+    ]
+    return JSONResponse(env.body(choices, stream=False, usage=_usage(dones), timings=dones[0].timings(),
+                                 prefix_cache=dones[0].cache))  # fmt: skip
+
+
+@dataclass
+class Envelope:
+    """The one place a response or a chunk is put together: id, object, created, model, choices, extras."""
+
+    kind: Kind
+    rid: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, choices: list[dict[str, Any]], stream: bool, **extra: Any) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if stream else "chat.completion"
+        if self.kind == "completion":
+            obj = "text_completion"
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                **extra}  # fmt: skip
+
+    def sse(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps(self.body(choices, stream=True, **extra), ensure_ascii=False)}\n\n"
+
+
+def _choice(env: Envelope, i: int, done: Finished, tools: int, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    """One generation as a non-streamed choice."""
+    choice: dict[str, Any] = {"index": i, "finish_reason": done.finish_reason, "logprobs": logprobs}
+    if env.kind == "completion":
+        return {**choice, "text": done.text}
+    choice["message"] = assistant_message(done.text, tools)
+    if "tool_calls" in choice["message"] and done.finish_reason != "length":
+        choice["finish_reason"] = "tool_calls"
+    return choice
+
+
+class _Choice:
+    """The chunks of one streamed choice; each takes the logprobs of the tokens sampled since the last."""
+
+    def __init__(self, svc: Service, env: Envelope, index: int, logprobs: bool) -> None:
+        self.tokenizer = svc.engine.tokenizer
+        self.env, self.index, self.logprobs = env, index, logprobs
+        self.unsent: list[TokenLogprob] | None = [] if logprobs else None
+        self.offset = 0  # characters of this choice's text sent so far
+
+    def chunk(
+        self, text: str | None, finish: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
+        opening: bool = False, **extra: Any,
+    ) -> str:  # fmt: skip
+        lps = _logprobs(self.env.kind, self.unsent, self.tokenizer, self.offset) if self.unsent else None
+        self.unsent, self.offset = ([] if self.logprobs else None), self.offset + len(text or "")
+        if self.env.kind == "completion":
+            choice = {"index": self.index, "text": text or "", "finish_reason": finish, "logprobs": lps}
+            return self.env.sse([choice], **extra)
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        if opening:
+            delta = {"role": "assistant", "content": ""}
+        if tool_calls is not None:
+            delta["tool_calls"] = tool_calls
+        return self.env.sse([{"index": self.index, "delta": delta, "finish_reason": finish, "logprobs": lps}], **extra)
+
+
+async def _stream(
+    svc: Service, env: Envelope, first: Job, submit: Callable[[int], Job], n: int, include_usage: bool, t0: float,
+    tools: int = 0, logprobs: bool = False,
+) -> AsyncIterator[str]:  # fmt: skip
+    """The choices one after another, each chunk naming its choice's index."""
+    dones: list[Finished] = []
+    ttft: float | None = None
+    try:
+        for index in range(n):
+            job = first if index == 0 else submit(index)
+            out = _Choice(svc, env, index, logprobs)
+            if env.kind == "chat":
+                yield out.chunk(None, opening=True)
+            calls_stream = ToolCallStream(tools) if tools else None
+            async for event in job.stream():
+                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                if isinstance(event, Delta):
+                    if out.unsent is not None:
+                        out.unsent.extend(event.logprobs)
+                    if text := calls_stream.push(event.text) if calls_stream else event.text:
+                        yield out.chunk(text)
+                    for piece in calls_stream.pieces() if calls_stream else ():
+                        yield out.chunk(None, tool_calls=[_call_delta(piece)])
+                    continue
+                svc.account(env.kind, event, t0, ttft, first=index == 0)
+                dones.append(event)
+                finish = event.finish_reason
+                if calls_stream is not None:
+                    rest, calls = calls_stream.finish()
+                    if rest:
+                        yield out.chunk(rest)
+                    if calls and finish != "length":
+                        finish = "tool_calls"
+                        whole = [{"index": i, **c} for i, c in enumerate(calls) if not calls_stream.streamed(i)]
+                        if whole:  # calls whose arguments could not stream come in one piece
+                            yield out.chunk(None, tool_calls=whole)
+                yield out.chunk(None, finish, timings=event.timings(), prefix_cache=event.cache)
+        if include_usage:
+            yield env.sse([], usage=_usage(dones), timings=dones[0].timings())
+    except JobFailed as e:
+        kind = "invalid_request_error" if e.client_error else "server_error"
+        yield f"data: {json.dumps(errors.error_body(f'generation failed: {e}', kind))}\n\n"
+    except APIError as e:  # the queue filled up before a later choice
+        yield f"data: {json.dumps(errors.error_body(e.message, e.type))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _logprobs(
+    kind: Kind, entries: Sequence[TokenLogprob] | None, tokenizer: TextTokenizer, offset: int = 0
+) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    if kind == "chat":
+        return chat_logprobs(entries, tokenizer)
+    return completion_logprobs(entries, tokenizer, offset)
+
+
+def _call_delta(piece: CallPiece) -> dict[str, Any]:
+    """A streamed tool call's piece as OpenAI's delta: the first names the call, the rest add arguments."""
+    if piece.name is None:
+        return {"index": piece.index, "function": {"arguments": piece.arguments}}
+    return {"index": piece.index, "id": piece.id, "type": "function",
+            "function": {"name": piece.name, "arguments": piece.arguments}}  # fmt: skip
+
+
+def _usage(dones: list[Finished]) -> dict[str, Any]:
+    """The prompt once (with the first choice's cached tokens), the completions of every choice."""
+    completion = sum(d.completion_tokens for d in dones)
+    return {
+        "prompt_tokens": dones[0].prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": dones[0].prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens},
+    }

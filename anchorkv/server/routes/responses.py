@@ -1,0 +1,179 @@
+"""OpenAI's Responses API: /v1/responses, through the same chat request (the translation is
+openai_responses.py); `previous_response_id` continues a kept conversation."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from anchorkv.engine.engine import Finished
+from anchorkv.server import openai_responses as oar
+from anchorkv.server.errors import APIError
+from anchorkv.server.openai_responses import ResponsesRequest, ResponseStore
+from anchorkv.server.service import Service, dicts, translated
+from anchorkv.server.tool_calls import CallPiece, assistant_message
+from anchorkv.server.worker import Job, JobFailed
+
+
+def router(svc: Service) -> APIRouter:
+    r = APIRouter(dependencies=[Depends(svc.auth)])
+    store = ResponseStore()
+
+    @r.post("/v1/responses", response_model=None)
+    @r.post("/responses", response_model=None)
+    async def responses(req: ResponsesRequest, request: Request) -> Response:
+        t0 = time.perf_counter()
+        tenant = f"{request.headers.get('authorization', '')}|{request.headers.get('x-api-key', '')}|{req.cache_salt}"
+        history: list[dict[str, Any]] = []
+        if req.previous_response_id is not None:
+            kept = store.get(tenant, req.previous_response_id)
+            if kept is None:
+                raise APIError(
+                    400, f"previous_response_id: no response {req.previous_response_id!r} is kept here",
+                    "previous_response_id",
+                )  # fmt: skip
+            history = kept
+        chat = translated(lambda: oar.to_chat(req, history), "input")
+        prompt, creq = await svc.chat_prompt(chat)
+        params = await svc.params(chat, prompt, "input", clamp=True)
+        job = svc.submit("responses", prompt, params, creq)
+        rid = f"resp_{uuid.uuid4().hex[:24]}"
+        said = dicts(chat.messages)[1 if req.instructions else 0 :]
+
+        def finished(done: Finished) -> dict[str, Any]:
+            reply = assistant_message(done.text, chat.calls_allowed)
+            if req.store:
+                store.put(tenant, rid, [*said, reply])
+            items = oar.output_items(reply)
+            return oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
+                                done.cached_tokens, done.completion_tokens)  # fmt: skip
+
+        if req.stream:
+            events = _events(svc, rid, req, job, chat.calls_allowed, t0, finished)
+            return StreamingResponse(events, media_type="text/event-stream")
+        done = await svc.final(job, request)
+        if done is None:
+            return Response(status_code=499)
+        svc.account("responses", done, t0)
+        return JSONResponse(finished(done))
+
+    return r
+
+
+class _Items:
+    """The output items of a streamed response, in order: the message (its text as it is generated), then
+    a function_call item per call, its arguments as they are generated; calls that could not stream come
+    whole at the end. Each event carries the next sequence number."""
+
+    def __init__(self) -> None:
+        self.number = 0
+        self.next = 0  # the next item's output_index
+        self.msg_id = f"msg_{uuid.uuid4().hex[:24]}"
+        self.msg_index = -1
+        self.text: str | None = None  # the message's text while it is open
+        self.calls: dict[int, tuple[int, dict[str, Any]]] = {}  # streamed calls: output_index, item so far
+
+    def event(self, kind: str, **body: Any) -> str:
+        data = {"type": kind, "sequence_number": self.number, **body}
+        self.number += 1
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    def delta(self, piece: str) -> Iterator[str]:
+        if self.calls:
+            return  # text after the calls: in the final response only
+        if self.text is None:
+            self.text, self.msg_index, self.next = "", self.next, self.next + 1
+            item = {"type": "message", "id": self.msg_id, "status": "in_progress", "role": "assistant", "content": []}
+            yield self.event("response.output_item.added", output_index=self.msg_index, item=item)
+            part = {"type": "output_text", "text": "", "annotations": []}
+            yield self.event("response.content_part.added", item_id=self.msg_id, output_index=self.msg_index,
+                             content_index=0, part=part)  # fmt: skip
+        self.text += piece
+        yield self.event("response.output_text.delta", item_id=self.msg_id, output_index=self.msg_index,
+                         content_index=0, delta=piece)  # fmt: skip
+
+    def close_message(self) -> Iterator[str]:
+        if self.text is None:
+            return
+        part = {"type": "output_text", "text": self.text, "annotations": []}
+        at = {"item_id": self.msg_id, "output_index": self.msg_index, "content_index": 0}
+        yield self.event("response.output_text.done", **at, text=self.text)
+        yield self.event("response.content_part.done", **at, part=part)
+        item = {"type": "message", "id": self.msg_id, "status": "completed", "role": "assistant", "content": [part]}
+        yield self.event("response.output_item.done", output_index=self.msg_index, item=item)
+        self.text = None
+
+    def call(self, piece: CallPiece) -> Iterator[str]:
+        if piece.name is not None:
+            yield from self.close_message()
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": piece.id,
+                    "name": piece.name, "arguments": "", "status": "in_progress"}  # fmt: skip
+            self.calls[piece.index] = (self.next, item)
+            self.next += 1
+            yield self.event("response.output_item.added", output_index=self.calls[piece.index][0], item=item)
+        at, item = self.calls[piece.index]
+        item["arguments"] += piece.arguments
+        yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=at,
+                         delta=piece.arguments)  # fmt: skip
+
+    def end(self, output: list[dict[str, Any]]) -> Iterator[str]:
+        """The final output's items, their streamed ids kept: the done events of what is still open, and
+        the whole of what never streamed."""
+        if self.text is not None:
+            self.text = next((i["content"][0]["text"] for i in output if i["type"] == "message"), self.text)
+        yield from self.close_message()
+        calls = 0
+        for n, item in enumerate(output):
+            if item["type"] == "message":
+                output[n] = {**item, "id": self.msg_id}
+                continue
+            calls += 1
+            if (sent := self.calls.get(calls - 1)) is not None:
+                at, item = sent[0], {**item, "id": sent[1]["id"]}
+            else:
+                at, self.next = self.next, self.next + 1
+                item = {**item}
+                pending = {**item, "arguments": "", "status": "in_progress"}
+                yield self.event("response.output_item.added", output_index=at, item=pending)
+                yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=at,
+                                 delta=item["arguments"])  # fmt: skip
+            output[n] = item
+            yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=at,
+                             arguments=item["arguments"])  # fmt: skip
+            yield self.event("response.output_item.done", output_index=at, item=item)
+
+
+async def _events(
+    svc: Service, rid: str, req: ResponsesRequest, job: Job, tools: int, t0: float,
+    finished: Callable[[Finished], dict[str, Any]],
+) -> AsyncIterator[str]:  # fmt: skip
+    """The Responses event sequence: response.created, in_progress, the message item's text deltas, each
+    function call's arguments as they are generated, then response.completed (or response.incomplete) with
+    the whole response."""
+    items = _Items()
+    pending = {**oar.response(rid, svc.model_id, req, [], "", 0, 0, 0), "status": "in_progress", "usage": None}
+    yield items.event("response.created", response=pending)
+    yield items.event("response.in_progress", response=pending)
+    try:
+        async for ev in svc.reply_pieces("responses", job, tools, t0):
+            if isinstance(ev, str):
+                for e in items.delta(ev):
+                    yield e
+            elif isinstance(ev, CallPiece):
+                for e in items.call(ev):
+                    yield e
+            else:
+                whole = finished(ev[0])
+                for e in items.end(whole["output"]):
+                    yield e
+                done = "response.completed" if whole["status"] == "completed" else "response.incomplete"
+                yield items.event(done, response=whole)
+    except JobFailed as e:
+        kind = "invalid_request_error" if e.client_error else "server_error"
+        yield items.event("error", code=kind, message=f"generation failed: {e}", param=None)
