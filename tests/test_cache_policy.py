@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
 import pytest
 import torch
 
 from anchorkv.cache.chunk import Chunk
+from anchorkv.cache.chunk_index import ChunkIndex
+from anchorkv.cache.disk_tier import DiskTier, DiskWriter
+from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
 from anchorkv.cache.policy import (
     TAIL_MERGE,
@@ -184,29 +192,91 @@ def test_auto_plus_writes_a_continuing_session_whole() -> None:
     assert (auto.disk_upto, auto.reply_to_disk) == (600, False)  # plain auto: the common prefix, to a chat end
 
 
-def _chunk(key: bytes, parent: bytes, start: int, retention: int = 0) -> Chunk:
-    kv = KVSlice(start, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))  # 64 bytes
-    return Chunk(key, parent, torch.arange(4).numpy(), kv, retention)
+class _Tier(Protocol):
+    index: ChunkIndex[Any]
+
+    def put(self, chunk: Chunk) -> None: ...
+
+    def use(self, key: bytes) -> None: ...
 
 
-def test_ram_eviction_takes_leaves_first_then_retention_then_lru() -> None:
-    ram = RamTier(budget_bytes=64 * 100)
-    root = b"r"
+class _Ram:
+    def __init__(self, tmp: Path) -> None:
+        self.tier = RamTier(2**20)
+        self.index = self.tier.index
+
+    def put(self, chunk: Chunk) -> None:
+        self.tier.put(chunk)
+
+    def use(self, key: bytes) -> None:
+        self.tier.get(key)
+
+
+class _Memory:
+    def __init__(self, tmp: Path) -> None:
+        self.tier = MemoryDiskTier(2**20)
+        self.index = self.tier.index
+
+    def put(self, chunk: Chunk) -> None:
+        self.tier.save(chunk)
+
+    def use(self, key: bytes) -> None:
+        self.tier.load(key)
+
+
+class _Disk:
+    def __init__(self, tmp: Path) -> None:
+        self.writer = DiskWriter()
+        self.tier = DiskTier(tmp, Namespace.of(test=1), 2**20, self.writer, on_corrupt=lambda: None)
+        self.index = self.tier.index
+
+    def put(self, chunk: Chunk) -> None:
+        self.tier.save(chunk)
+        self.writer.flush()
+
+    def use(self, key: bytes) -> None:
+        self.tier.load(key)
+
+
+@pytest.mark.parametrize("make", [_Ram, _Memory, _Disk], ids=["ram", "simulator-disk", "disk"])
+def test_every_tier_evicts_leaves_first_then_retention_then_lru(make: Callable[[Path], _Tier], tmp_path: Path) -> None:
+    tier = make(tmp_path)
+    root = b"r" * 16
+    keys: dict[str, bytes] = {}
+
+    def put(name: str, parent: str | None, retention: int = 0) -> None:
+        tokens = [ord(c) for c in name] + [0, 0]  # real keys: the disk tier checks them on every load
+        up = keys[parent] if parent else root
+        keys[name] = chunk_key(up, tokens)
+        start = 4 if parent else 0
+        kv = KVSlice(start, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2))  # 64 bytes
+        tier.put(Chunk(keys[name], up, np.asarray(tokens, dtype=np.int32), kv, retention))
+
     # chain a1 <- a2 (volatile tail), chain c1 (chat-protected leaf), anchored leaf n1, volatile leaf v1
-    ram.put(_chunk(b"a1", root, 0))
-    ram.put(_chunk(b"a2", b"a1", 4))
-    ram.put(_chunk(b"c1", root, 0, retention=1))
-    ram.put(_chunk(b"n1", root, 0, retention=2))
-    ram.put(_chunk(b"v1", root, 0))
-    ram.get(b"v1")  # v1 used after a2
-    assert ram.eviction_order() == [b"a2", b"v1", b"c1", b"n1"]  # a1 is not a leaf while a2 lives
-    ram.budget = 64 * 3
-    # once a2 is gone its parent a1 is a leaf, and older than v1
-    assert ram._evict() == [b"a2", b"a1"]
-    assert ram.eviction_order() == [b"v1", b"c1", b"n1"]
-    ram.budget = 64 * 1
-    assert ram._evict() == [b"v1", b"c1"]
-    assert list(ram.chunks) == [b"n1"] and ram.nbytes == 64
+    put("a1", None)
+    put("a2", "a1")
+    put("c1", None, retention=1)
+    put("n1", None, retention=2)
+    put("v1", None)
+    tier.use(keys["v1"])  # v1 used after a2
+    index = tier.index
+    names = {k: n for n, k in keys.items()}
+
+    def keep(*kept: str) -> None:
+        index.budget = sum(index.entries[keys[n]].nbytes for n in kept)
+
+    def evict() -> list[str]:
+        return [names[k] for k, _ in index.evict()]
+
+    assert [names[k] for k in index.eviction_order()] == ["a2", "v1", "c1", "n1"]  # a1 is no leaf while a2 lives
+    keep("v1", "c1", "n1")
+    assert evict() == ["a2", "a1"]  # once a2 is gone its parent a1 is a leaf, and older than v1
+    assert [names[k] for k in index.eviction_order()] == ["v1", "c1", "n1"]
+    keep("n1")
+    assert evict() == ["v1", "c1"]
+    assert list(index) == [keys["n1"]] and index.nbytes == index.entries[keys["n1"]].nbytes
+    # three chunks under the root ended at 4: the one left still counts
+    assert index.tail_ends(root) == {4} and not index.tail_ends(keys["a1"])
 
 
 def test_leaves_follow_the_index_in_any_order() -> None:

@@ -279,10 +279,10 @@ def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
     a = CacheRequest(r.chat_ends, salt="tenant-a")
     b = CacheRequest(r.chat_ends, salt="tenant-b")
     assert e.prompt_logits(p, a)[1].restore_to == 0
-    keys_a = set(e.pipeline.stages[0].cache.ram.chunks)
+    keys_a = set(e.pipeline.stages[0].cache.ram.keys())
     assert e.prompt_logits(p, b)[1].restore_to == 0
-    assert not keys_a & (set(e.pipeline.stages[0].cache.ram.chunks) - keys_a) and len(
-        e.pipeline.stages[0].cache.ram.chunks
+    assert not keys_a & (set(e.pipeline.stages[0].cache.ram.keys()) - keys_a) and len(
+        e.pipeline.stages[0].cache.ram.keys()
     ) == 2 * len(keys_a)
     assert e.prompt_logits(p, a)[1].restore_to > 0
 
@@ -321,13 +321,13 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
     answer(e, p1, r1)
     e.cache.flush()
     # stage 1 loses every chunk past position 384, in RAM and on disk
-    for key, chunk in list(e.pipeline.stages[1].cache.ram.chunks.items()):
-        if chunk.end > 384:
-            e.pipeline.stages[1].cache.ram.drop(key)
-    for key in [k for k, d in e.pipeline.stages[1].cache.disk.entries.items() if d.end > 384]:
-        entry = e.pipeline.stages[1].cache.disk._unindex(key)
-        assert entry is not None
-        entry.path.unlink()
+    cache = e.pipeline.stages[1].cache
+    for key in cache.ram.keys():
+        if (chunk := cache.ram.peek(key)) is not None and chunk.end > 384:
+            cache.ram.drop(key)
+    assert cache.disk is not None
+    for key in [k for k, d in cache.disk.index.entries.items() if d.end > 384]:
+        cache.disk.drop(key)
     done = answer(e, p1, r1)
     assert done.cached_tokens == 384
     assert done.token_ids == answer(cold, p1, r1).token_ids

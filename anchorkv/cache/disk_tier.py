@@ -28,9 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load, save
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.leaves import Leaves
+from anchorkv.cache.chunk_index import ChunkIndex
 from anchorkv.cache.keys import Namespace, chunk_key
-from anchorkv.cache.policy import EvictionCandidate, eviction_order
 from anchorkv.cache.chunk import KVSlice
 
 log = logging.getLogger("anchorkv.cache")
@@ -163,16 +162,11 @@ class DiskTier:
     ) -> None:
         self.namespace = namespace
         self.dir = root / namespace.id
-        self.budget = budget_bytes
         self.writer = writer
         self.on_corrupt = on_corrupt
         self.lock = threading.Lock()  # the index is read by the engine thread, written by the writer
-        self.entries: dict[bytes, DiskEntry] = {}
-        self.tails: dict[bytes, set[int]] = {}
-        self.nbytes = 0  # of the indexed files
-        self.leaves = Leaves()
+        self.index: ChunkIndex[DiskEntry] = ChunkIndex(budget_bytes)  # nbytes: of the indexed files
         self.written_bytes = 0
-        self.evicted_bytes = 0
         self.full_since: float | None = None  # when a write last found the disk full (writes wait for room)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_namespace()
@@ -217,26 +211,26 @@ class DiskTier:
             self._discard(path)
             return None
 
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes
+
+    @property
+    def evicted_bytes(self) -> int:
+        return self.index.evicted_bytes
+
     def _index(self, key: bytes, e: DiskEntry) -> None:
         with self.lock:
-            old = self.entries.get(key)
-            self.nbytes += e.nbytes - (old.nbytes if old else 0)
-            self.entries[key] = e
-            if old is None:
-                self.leaves.add(key, e.parent)
-            self.tails.setdefault(e.parent, set()).add(e.end)
+            self.index.add(key, e)
 
     def _unindex(self, key: bytes) -> DiskEntry | None:
         with self.lock:
-            e = self.entries.pop(key, None)
-            if e is not None:
-                self.nbytes -= e.nbytes
-                self.leaves.remove(key, e.parent, self.entries)
-            if e is not None and e.parent in self.tails:
-                self.tails[e.parent].discard(e.end)
-                if not self.tails[e.parent]:
-                    del self.tails[e.parent]
-            return e
+            return self.index.remove(key)
+
+    def drop(self, key: bytes) -> None:
+        """Forget the chunk and delete its file."""
+        if (e := self._unindex(key)) is not None:
+            e.path.unlink(missing_ok=True)
 
     def _discard(self, path: Path, corrupt: bool = True) -> None:
         if corrupt:
@@ -248,40 +242,41 @@ class DiskTier:
 
     def __contains__(self, key: bytes) -> bool:
         with self.lock:
-            return key in self.entries
+            return key in self.index
 
     def has_logits(self, key: bytes) -> bool:
         with self.lock:
-            e = self.entries.get(key)
+            e = self.index.get(key)
         return e is not None and e.logits
 
     def tail_ends(self, parent: bytes) -> set[int]:
         with self.lock:
-            return set(self.tails.get(parent, ()))
+            return self.index.tail_ends(parent)
 
     def latest_chain(self) -> tuple[bytes, list[bytes]]:
         """The chain that ends in the chunk used last: its root, and its keys from position 0 ([] when the
         chain is broken)."""
         with self.lock:
-            if not self.entries:
+            entries = self.index.entries
+            if not entries:
                 return b"", []
-            key = max(self.entries, key=lambda k: (self.entries[k].last_used, self.entries[k].end))
+            key = max(entries, key=lambda k: (entries[k].last_used, entries[k].end))
             chain = []
-            while key in self.entries:
+            while key in entries:
                 chain.append(key)
-                key = self.entries[key].parent
-            whole = self.entries[chain[-1]].start == 0
+                key = entries[key].parent
+            whole = entries[chain[-1]].start == 0
         return key, chain[::-1] if whole else []
 
     def __len__(self) -> int:
         with self.lock:
-            return len(self.entries)
+            return len(self.index)
 
     # -- read ----------------------------------------------------------------------------------------
     def load(self, key: bytes) -> Chunk | None:
         """The chunk, verified; None (and the file deleted) when anything does not check out."""
         with self.lock:
-            e = self.entries.get(key)
+            e = self.index.get(key)
         if e is None:
             return None
         try:
@@ -336,10 +331,7 @@ class DiskTier:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_namespace()
         with self.lock:
-            self.entries.clear()
-            self.tails.clear()
-            self.leaves = Leaves()
-            self.nbytes = 0
+            self.index.clear()
 
     def _write_namespace(self) -> None:
         # written beside, then renamed over: a link in its place is replaced, its target never written
@@ -373,23 +365,15 @@ class DiskTier:
         self._evict()
 
     def _evict(self, below: int = 0) -> None:
-        """Evict leaves until `below` bytes under budget; the newest chunk goes too when nothing else can."""
-        while self.nbytes > max(0, self.budget - below) and self.nbytes:
-            with self.lock:
-                leaves = [
-                    EvictionCandidate(k, self.entries[k].retention, self.entries[k].last_used) for k in self.leaves.keys
-                ]
-            order = eviction_order(leaves)
-            if not order:
-                return
-            e = self._unindex(order[0])
-            if e is not None:
-                self.evicted_bytes += e.nbytes
-                e.path.unlink(missing_ok=True)
+        """Evict until `below` bytes under budget, as every tier does (chunk_index.py)."""
+        with self.lock:
+            evicted = self.index.evict(below)
+        for _, e in evicted:
+            e.path.unlink(missing_ok=True)
 
     def clear(self) -> None:
         self.writer.flush()
-        for key in list(self.entries):
-            e = self._unindex(key)
-            if e is not None:
-                e.path.unlink(missing_ok=True)
+        with self.lock:
+            keys = list(self.index)
+        for key in keys:
+            self.drop(key)

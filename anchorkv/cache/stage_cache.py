@@ -169,7 +169,7 @@ class StageCache:
         return (self.disk is not None and key in self.disk) or (self.remote is not None and key in self.remote)
 
     def _tail_ends(self, parent: bytes, slow_ok: bool) -> set[int]:
-        ends = set(self.ram.tails.get(parent, ()))
+        ends = self.ram.tail_ends(parent)
         if slow_ok and self.disk is not None:
             ends |= self.disk.tail_ends(parent)
         if slow_ok and self.remote is not None:
@@ -227,7 +227,7 @@ class StageCache:
         return Coverage(frozenset(ends), whole, whole_logits)
 
     def _has_logits(self, key: bytes, slow_ok: bool) -> bool:
-        c = self.ram.chunks.get(key)  # RAM first, as restore fetches it
+        c = self.ram.peek(key)  # RAM first, as restore fetches it
         if c is not None:
             return c.logits is not None
         if not slow_ok:
@@ -347,10 +347,10 @@ class StageCache:
         d = self.disk
         return CacheStats(
             ram_bytes=self.ram.nbytes,
-            ram_entries=len(self.ram.chunks),
+            ram_entries=len(self.ram),
             ram_evicted_bytes=self.ram.evicted_bytes,
             disk=d is not None,
-            disk_budget_bytes=d.budget if d is not None else 0,
+            disk_budget_bytes=d.index.budget if d is not None else 0,
             disk_bytes=d.nbytes if d is not None else 0,
             disk_entries=len(d) if d is not None else 0,
             disk_written_bytes=d.written_bytes if d is not None else 0,
@@ -365,7 +365,7 @@ class StageCache:
     def clear(self) -> None:
         """Forget every chunk in RAM and on disk (for tests of the stage veto)."""
         with self.lock:
-            for key in list(self.ram.chunks):
+            for key in self.ram.keys():
                 self.ram.drop(key)
             if self.disk is not None:
                 self.disk.clear()
