@@ -22,7 +22,7 @@ from tqdm import tqdm
 from anchorkv.bench.traces import Request
 from anchorkv.cache.keys import Namespace
 from anchorkv.cache.memory_tier import MemoryDiskTier
-from anchorkv.cache.policy import Boundary, parse_scope
+from anchorkv.cache.policy import parse_scope
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, PrefixCache, stage_cache
 from anchorkv.cache.stage_cache import LocalStages
 from anchorkv.cache.chunk import KVSlice
@@ -161,12 +161,10 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
         # what a prefill leaves reusable: up to the last cut (record rounds down to it)
         # as the server: logits before every turn start it prefilled, and at the prompt's end
         kept = {e: kv.logits for e in [*p.turns, len(p.tokens)] if e > plan.restore_to}
-        cache.record(plan, p.tokens, 0, computed=len(p.tokens), logits=kept)
+        cache.record_prompt(plan, p.tokens, 0, len(p.tokens), kept)
         if p.reply is not None:
             tokens, ends = p.reply
-            full = (Boundary(len(tokens), "full"),)
-            cache.record(plan, tokens, 0, computed=len(tokens), extra=full, only_extra=True, chat_ends=ends)
-        cache.remember(plan, p.tokens)
+            cache.record_reply(plan, tokens, ends, 0, len(tokens))
     n = len(prepared)
     prompt_tokens = sum(len(p.tokens) for p in prepared)
     by_kind: dict[str, dict[str, float]] = {}

@@ -324,6 +324,22 @@ class PrefixCache:
             ),
         )
 
+    def record_prompt(
+        self, plan: CachePlan, prompt: list[int], slot: int, computed: int, logits: Mapping[int, Tensor]
+    ) -> None:
+        """What a request leaves once its prompt is prefilled: its boundaries recorded, and the prompt in
+        the auto window's history."""
+        self.record(plan, prompt, slot, computed, logits=logits)
+        self.remember(plan, prompt)
+
+    def record_reply(
+        self, plan: CachePlan, tokens: Sequence[int], chat_ends: Sequence[int], slot: int, computed: int
+    ) -> None:
+        """The conversation with its reply as the next turn will send it (`tokens`, cut at `chat_ends`):
+        recorded whole at its end, and at the chat boundaries inside it."""
+        full = (Boundary(len(tokens), "full"),)
+        self.record(plan, tokens, slot, computed=computed, extra=full, only_extra=True, chat_ends=chat_ends)
+
     def remember(self, plan: CachePlan, prompt: list[int]) -> None:
         """Add the prompt to the auto window's history (persisted in the background)."""
         with self.lock:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from llguidance import LLTokenizer
 
-from anchorkv.cache.policy import TAIL_MERGE, Boundary, common_prefix, cut_floor, shared_cut
+from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor, shared_cut
 from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
@@ -512,8 +512,7 @@ class Engine:
         computed = slot.valid if self.cache_cfg.exact else len(seq.prompt)
         # the head computes in the KV's dtype, so the logits keep in it losslessly (half the bytes in bf16)
         kept = {p: x.to(self.dtype) for p, x in seq.kept_logits.items()} if self.cache_cfg.exact else {}
-        self.cache.record(cplan, seq.prompt, slot.index, computed, logits=kept)
-        self.cache.remember(cplan, seq.prompt)
+        self.cache.record_prompt(cplan, seq.prompt, slot.index, computed, kept)
 
     def _keep_reply(self, seq: Sequence, slot: Slot) -> None:
         """Record the conversation with its reply so the next turn hits: as the next turn will render it when
@@ -532,11 +531,7 @@ class Engine:
             self._record_reply(reply, slot, min(common_prefix(reply.tokens, prompt + out), decoded))
 
     def _record_reply(self, reply: PendingReply, slot: Slot, computed: int) -> None:
-        full = (Boundary(len(reply.tokens), "full"),)
-        self.cache.record(
-            reply.plan, reply.tokens, slot.index, computed=computed, extra=full,
-            only_extra=True, chat_ends=reply.ends,
-        )  # fmt: skip
+        self.cache.record_reply(reply.plan, reply.tokens, reply.ends, slot.index, computed)
 
     def _reply_slot(self) -> Slot | None:
         """The free slot whose reply waits longest for its prefill."""
