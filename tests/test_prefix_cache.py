@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from anchorkv.cache.history import MAX_TOKENS, MAX_WINDOW, History
 from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor
 from anchorkv.engine.pipeline import aligned_chunks
-from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, Recorded
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
@@ -80,7 +80,7 @@ def test_changed_tail_hits_at_the_last_cut_of_the_shared_prefix(tmp_path: Path, 
     shared = common_prefix(p1, p2)
     system_end = r2.chat_ends[0]
     assert done.cached_tokens == cut_floor(shared, C, r2.chat_ends) == system_end and system_end % C != 0
-    assert done.cache["kind"] in ("chat", "generic") and done.cache["tier"] == "ram"
+    assert done.cache.kind in ("chat", "generic") and done.cache.tier == "ram"
     assert done.timings()["cache_n"] == done.cached_tokens
     assert done.token_ids == answer(cold, p2, r2).token_ids
 
@@ -107,7 +107,7 @@ def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
     first = answer(e, p, r)
     again = answer(e, p, r)
     # every token, the assistant header included: the first token comes from the logits kept with the KV
-    assert again.cached_tokens == len(p) and again.cache["kind"] == "exact"
+    assert again.cached_tokens == len(p) and again.cache.kind == "exact"
     assert again.token_ids == first.token_ids
     # a longer prompt through the same chunk does not take the logits: it prefills its own tail
     longer = p + engine_tokens(e, "Thanks")
@@ -143,7 +143,7 @@ def test_anchor_is_restored_where_the_grid_alone_stops(tmp_path: Path, engine: E
     assert e.prompt_logits(p2, plain)[1].restore_to == 512
     anchored = CacheRequest(anchors=[850], has_key=True, salt="anchored")
     _, plan = e.prompt_logits(p1, anchored)
-    assert plan.verdicts[0].accepted and {"kind": "anchor", "tokens": 850, "at": 768} in plan.recorded
+    assert plan.verdicts[0].accepted and Recorded("anchor", 850, 768) in plan.recorded
     _, plan2 = e.prompt_logits(p2, anchored)
     assert plan2.restore_to == 768 and plan2.kind == "anchor"
 
@@ -172,7 +172,7 @@ def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
     done3 = answer(restarted, p3, r3)
     # auto kept the prefix shared with the previous prompt, down to its chat boundary: the system message
     assert done3.cached_tokens == r3.chat_ends[0] > 0
-    assert done3.cache["tier"] == "disk"
+    assert done3.cache.tier == "disk"
 
 
 def _first_chunk_file(cache_dir: Path) -> Path:
@@ -455,7 +455,7 @@ def test_auto_plus_keeps_a_session_on_disk_up_to_its_last_reply(tmp_path: Path) 
     history.append({"role": "user", "content": "And class 5?"})
     reply_end = restarted.render_chat(history).boundaries[-2]
     done = turn(restarted, history)
-    assert done.cached_tokens == reply_end and done.cache["tier"] == "disk"
+    assert done.cached_tokens == reply_end and done.cache.tier == "disk"
 
 
 def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:

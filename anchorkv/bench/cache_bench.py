@@ -94,7 +94,7 @@ class Replayer:
                 done = ev
             assert isinstance(ev, Delta | Finished)
         assert done is not None and ttft is not None
-        turn = Turn(label, done.prompt_tokens, done.cached_tokens, ttft, done.cache.get("kind"), done.cache.get("tier"))
+        turn = Turn(label, done.prompt_tokens, done.cached_tokens, ttft, done.cache.kind, done.cache.tier)
         return turn, assistant_message(done.text, tools=True)
 
 

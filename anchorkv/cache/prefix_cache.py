@@ -13,7 +13,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,43 @@ class CacheRequest:
     turn_starts: Sequence[int] = ()
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """A boundary this request records: its kind, where it was asked for, and the chunk end it lands on
+    (rounded down to the last prefill cut)."""
+
+    kind: str
+    tokens: int
+    at: int
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """What a request's prompt got from the cache and leaves in it: a response's `prefix_cache` field."""
+
+    restored_tokens: int = 0
+    kind: str | None = None  # exact | full | chat | anchor | generic, when something was restored
+    tier: str | None = None  # ram | disk | redis: the slowest tier the restore read
+    scope: str | None = None
+    recorded: tuple[Recorded, ...] = ()
+    anchors: tuple[AnchorVerdict, ...] = ()
+
+    @property
+    def anchored(self) -> int:
+        """The furthest anchor recorded: where this request wrote at a breakpoint (0 if none)."""
+        return max((r.at for r in self.recorded if r.kind == "anchor"), default=0)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "restored_tokens": self.restored_tokens,
+            "kind": self.kind,
+            "tier": self.tier,
+            "scope": self.scope,
+            "recorded": [asdict(r) for r in self.recorded],
+            "anchors": [v.as_dict() for v in self.anchors],
+        }
+
+
 @dataclass
 class CachePlan:
     restore_to: int
@@ -111,18 +148,13 @@ class CachePlan:
     history_ns: str
     limit: int  # the furthest this prompt could restore
     chat_ends: list[int]  # the prompt's chat boundaries: chain points, and prefill cuts
-    recorded: list[dict[str, object]] = field(default_factory=list)
+    recorded: list[Recorded] = field(default_factory=list)
     logits: Tensor | None = None  # set by restore when restore_to is the whole prompt: its last logits
 
-    def report(self) -> dict[str, object]:
-        return {
-            "restored_tokens": self.restore_to,
-            "kind": self.kind,
-            "tier": self.tier,
-            "scope": str(self.scope),
-            "recorded": self.recorded,
-            "anchors": [v.as_dict() for v in self.verdicts],
-        }
+    def report(self) -> CacheReport:
+        return CacheReport(
+            self.restore_to, self.kind, self.tier, str(self.scope), tuple(self.recorded), tuple(self.verdicts)
+        )
 
 
 class PrefixCache:
@@ -188,11 +220,11 @@ class PrefixCache:
                 full_at=len(prompt) if self.cfg.exact else len(prompt) - 1,
             )  # fmt: skip
         computable = cut_floor(len(prompt), self.unit, chat, self.tail)  # KV a prefill of this prompt leaves reusable
-        recorded: list[dict[str, object]] = [
-            {"kind": b.kind, "tokens": b.pos, "at": min(cut_floor(b.pos, self.unit, chat, self.tail), computable)}
+        recorded = [
+            Recorded(b.kind, b.pos, min(cut_floor(b.pos, self.unit, chat, self.tail), computable))
             for b in records.boundaries
         ]
-        recorded = [d for d in recorded if d["at"]] if self.enabled else []
+        recorded = [r for r in recorded if r.at] if self.enabled else []
         return CachePlan(
             restore, None, None, records, verdicts, roots, req.salt, scope, history_ns, limit, chat, recorded
         )

@@ -23,7 +23,7 @@ import torch
 from llguidance import LLTokenizer
 
 from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor, shared_cut
-from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheRequest, PrefixCache
+from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheReport, CacheRequest, PrefixCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
 from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
@@ -467,7 +467,7 @@ class Engine:
                 prompt_ms=prompt_ms,
                 predicted_ms=(now - seq.prefilled) * 1000 if seq.prefilled else 0.0,
                 token_ids=seq.out,
-                cache=cplan.report() if cplan is not None else {},
+                cache=cplan.report() if cplan is not None else CacheReport(),
                 logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             )
         )
@@ -486,7 +486,7 @@ class Engine:
         assert cplan is not None
         log.info(
             "[cache] restore=%d kind=%s tier=%s recorded=%s",
-            cplan.restore_to, cplan.kind, cplan.tier, ",".join(f"{d['kind']}@{d['at']}" for d in cplan.recorded) or "-",
+            cplan.restore_to, cplan.kind, cplan.tier, ",".join(f"{r.kind}@{r.at}" for r in cplan.recorded) or "-",
         )  # fmt: skip
         if seq.out and reason != "cancelled" and seq.keep_reply and self.cache.enabled:
             self._keep_reply(seq, slot)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from anchorkv.cache.prefix_cache import CachePlan, CacheRequest
+from anchorkv.cache.prefix_cache import CachePlan, CacheReport, CacheRequest
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from anchorkv.engine.text_stream import TextStream
@@ -33,7 +33,7 @@ class Finished:
     prompt_ms: float
     predicted_ms: float
     token_ids: list[int] = field(default_factory=list)
-    cache: dict[str, Any] = field(default_factory=dict)  # the prefix_cache report
+    cache: CacheReport = field(default_factory=CacheReport)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
 
     def timings(self) -> dict[str, Any]:

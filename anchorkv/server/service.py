@@ -213,7 +213,7 @@ class Service:
         m.cached_tokens.inc(done.cached_tokens)
         m.generated_tokens.inc(done.completion_tokens)
         if done.cached_tokens:
-            m.cache_hits.labels(done.cache.get("kind"), done.cache.get("tier")).inc()
+            m.cache_hits.labels(done.cache.kind, done.cache.tier).inc()
         log.info(
             "[request] %s prompt=%d cached=%d generated=%d prompt_ms=%.1f predicted_ms=%.1f finish=%s total_ms=%.1f",
             kind, done.prompt_tokens, done.cached_tokens, done.completion_tokens,

@@ -83,7 +83,7 @@ async def _serve(
         _choice(env, i, d, tools, _logprobs(kind, d.logprobs, svc.engine.tokenizer)) for i, d in enumerate(dones)
     ]
     return JSONResponse(env.body(choices, stream=False, usage=_usage(dones), timings=dones[0].timings(),
-                                 prefix_cache=dones[0].cache))  # fmt: skip
+                                 prefix_cache=dones[0].cache.as_dict()))  # fmt: skip
 
 
 @dataclass
@@ -179,7 +179,7 @@ async def _stream(
                         whole = [{"index": i, **c} for i, c in enumerate(calls) if not calls_stream.streamed(i)]
                         if whole:  # calls whose arguments could not stream come in one piece
                             yield out.chunk(None, tool_calls=whole)
-                yield out.chunk(None, finish, timings=event.timings(), prefix_cache=event.cache)
+                yield out.chunk(None, finish, timings=event.timings(), prefix_cache=event.cache.as_dict())
         if include_usage:
             yield env.sse([], usage=_usage(dones), timings=dones[0].timings())
     except JobFailed as e:

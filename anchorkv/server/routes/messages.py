@@ -52,8 +52,7 @@ def router(svc: Service) -> APIRouter:
 
 
 def _usage(done: Finished) -> dict[str, int]:
-    anchored = max((int(d["at"]) for d in done.cache.get("recorded", []) if d.get("kind") == "anchor"), default=0)  # type: ignore[call-overload]
-    return am.usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens, anchored)
+    return am.usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens, done.cache.anchored)
 
 
 def _event(kind: str, **body: Any) -> str:
