@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-# Ray's head turns token auth on by default; a node or driver that joins must say so to send the token. Set
-# before Ray is imported: it reads the mode once.
+# Ray's head turns token auth on by default; a node or driver that joins must say so to send the token, and
+# `ray start` needs one to exist: the test cluster's own, not ~/.ray's (a fresh machine has none). Set before
+# Ray is imported: it reads both once.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
