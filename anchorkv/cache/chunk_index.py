@@ -9,6 +9,7 @@ RAM, a file on disk.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
@@ -108,3 +109,36 @@ class ChunkIndex(Generic[E]):
         self.leaves.clear()
         self.tails.clear()
         self.nbytes = 0
+
+
+class IndexedTier(Generic[E]):
+    """A tier's bookkeeping: its ChunkIndex, read under `lock` (a disk tier's writer thread writes it).
+    Subclasses store the chunks and keep the index in step."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.index: ChunkIndex[E] = ChunkIndex(budget_bytes)
+        self.lock = threading.Lock()
+
+    def __contains__(self, key: bytes) -> bool:
+        with self.lock:
+            return key in self.index
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.index)
+
+    @property
+    def nbytes(self) -> int:
+        return self.index.nbytes
+
+    @property
+    def evicted_bytes(self) -> int:
+        return self.index.evicted_bytes
+
+    def tail_ends(self, parent: bytes) -> set[int]:
+        with self.lock:
+            return self.index.tail_ends(parent)
+
+    def eviction_order(self) -> list[bytes]:
+        with self.lock:
+            return self.index.eviction_order()

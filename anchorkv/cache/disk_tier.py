@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load, save
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.chunk_index import ChunkIndex
+from anchorkv.cache.chunk_index import IndexedTier
 from anchorkv.cache.keys import Namespace, chunk_key
 from anchorkv.cache.chunk import KVSlice
 
@@ -156,7 +156,7 @@ class DiskWriter:
                 log.exception("cache write failed")
 
 
-class DiskTier:
+class DiskTier(IndexedTier[DiskEntry]):
     def __init__(
         self, root: Path, namespace: Namespace, budget_bytes: int, writer: DiskWriter, on_corrupt: Callable[[], None]
     ) -> None:
@@ -164,8 +164,7 @@ class DiskTier:
         self.dir = root / namespace.id
         self.writer = writer
         self.on_corrupt = on_corrupt
-        self.lock = threading.Lock()  # the index is read by the engine thread, written by the writer
-        self.index: ChunkIndex[DiskEntry] = ChunkIndex(budget_bytes)  # nbytes: of the indexed files
+        super().__init__(budget_bytes)  # the index's nbytes: of the indexed files
         self.written_bytes = 0
         self.full_since: float | None = None  # when a write last found the disk full (writes wait for room)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -211,14 +210,6 @@ class DiskTier:
             self._discard(path)
             return None
 
-    @property
-    def nbytes(self) -> int:
-        return self.index.nbytes
-
-    @property
-    def evicted_bytes(self) -> int:
-        return self.index.evicted_bytes
-
     def _index(self, key: bytes, e: DiskEntry) -> None:
         with self.lock:
             self.index.add(key, e)
@@ -240,18 +231,10 @@ class DiskTier:
         except OSError as e:  # e.g. a read-only folder: the file stays, unindexed, and is never read
             log.warning("[cache] cannot remove %s: %s", path, e)
 
-    def __contains__(self, key: bytes) -> bool:
-        with self.lock:
-            return key in self.index
-
     def has_logits(self, key: bytes) -> bool:
         with self.lock:
             e = self.index.get(key)
         return e is not None and e.logits
-
-    def tail_ends(self, parent: bytes) -> set[int]:
-        with self.lock:
-            return self.index.tail_ends(parent)
 
     def latest_chain(self) -> tuple[bytes, list[bytes]]:
         """The chain that ends in the chunk used last: its root, and its keys from position 0 ([] when the
@@ -267,10 +250,6 @@ class DiskTier:
                 key = entries[key].parent
             whole = entries[chain[-1]].start == 0
         return key, chain[::-1] if whole else []
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self.index)
 
     # -- read ----------------------------------------------------------------------------------------
     def load(self, key: bytes) -> Chunk | None:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.chunk_index import ChunkIndex
+from anchorkv.cache.chunk_index import IndexedTier
 
 
 @dataclass
@@ -31,31 +31,14 @@ class _Entry:
         return self.chunk.retention
 
 
-class MemoryDiskTier:
+class MemoryDiskTier(IndexedTier[_Entry]):
     def __init__(self, budget_bytes: int) -> None:
-        self.index: ChunkIndex[_Entry] = ChunkIndex(budget_bytes)
+        super().__init__(budget_bytes)
         self.written_bytes = 0
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self.index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def nbytes(self) -> int:
-        return self.index.nbytes
-
-    @property
-    def evicted_bytes(self) -> int:
-        return self.index.evicted_bytes
 
     def has_logits(self, key: bytes) -> bool:
         e = self.index.get(key)
         return e is not None and e.chunk.logits is not None
-
-    def tail_ends(self, parent: bytes) -> set[int]:
-        return self.index.tail_ends(parent)
 
     def load(self, key: bytes) -> Chunk | None:
         e = self.index.get(key)

@@ -7,27 +7,10 @@ import time
 from torch import Tensor
 
 from anchorkv.cache.chunk import Chunk
-from anchorkv.cache.chunk_index import ChunkIndex
+from anchorkv.cache.chunk_index import IndexedTier
 
 
-class RamTier:
-    def __init__(self, budget_bytes: int) -> None:
-        self.index: ChunkIndex[Chunk] = ChunkIndex(budget_bytes)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self.index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def nbytes(self) -> int:
-        return self.index.nbytes
-
-    @property
-    def evicted_bytes(self) -> int:
-        return self.index.evicted_bytes
-
+class RamTier(IndexedTier[Chunk]):
     def get(self, key: bytes) -> Chunk | None:
         c = self.index.get(key)
         if c is not None:
@@ -37,9 +20,6 @@ class RamTier:
     def peek(self, key: bytes) -> Chunk | None:
         """The chunk, without counting as a use."""
         return self.index.get(key)
-
-    def tail_ends(self, parent: bytes) -> set[int]:
-        return self.index.tail_ends(parent)
 
     def keys(self) -> list[bytes]:
         return list(self.index)
@@ -73,6 +53,3 @@ class RamTier:
 
     def drop(self, key: bytes) -> None:
         self.index.remove(key)
-
-    def eviction_order(self) -> list[bytes]:
-        return self.index.eviction_order()
