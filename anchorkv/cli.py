@@ -15,6 +15,8 @@ from anchorkv.cache.policy import PolicyError, parse_scope
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import DECODE_WEIGHTS, DEVICES, DTYPES, EngineConfig, ServerConfig
 
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+
 
 def _loop_args(p: argparse.ArgumentParser) -> None:
     """How `bench replay` and `bench compare` play a session: as recorded, or as a live client's loop."""
@@ -182,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="anchorkv", description="OpenAI-compatible server with an exact prefix KV cache"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _bench_parser(sub)
+    _simulate_parser(sub)
+    _cache_parser(sub)
+    return parser
+
+
+def _serve_parser(sub: Subparsers) -> None:
     serve = sub.add_parser("serve", help="start the HTTP server")
     _engine_args(serve)
     _cache_args(serve)
@@ -217,12 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--alias", default=None, help="model id shown to clients (default: the model file's name)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _bench_parser(sub: Subparsers) -> None:
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    eng = bench_sub.add_parser("engine", help="prefill and decode tokens/s of the loaded model")
+    _engine_bench_parser(bench_sub)
+    _replay_parser(bench_sub)
+    _compare_parser(bench_sub)
+    _soak_parser(bench_sub)
+    _cache_bench_parser(bench_sub)
+    _stages_parser(bench_sub)
+
+
+def _engine_bench_parser(sub: Subparsers) -> None:
+    eng = sub.add_parser("engine", help="prefill and decode tokens/s of the loaded model")
     _engine_args(eng)
     eng.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown (default 3)")
-    rp = bench_sub.add_parser("replay", help="replay a trace against any OpenAI-compatible server, streaming")
+
+
+def _replay_parser(sub: Subparsers) -> None:
+    rp = sub.add_parser("replay", help="replay a trace against any OpenAI-compatible server, streaming")
     rp.add_argument("trace", metavar="TRACE", help="as for `anchorkv simulate`")
     rp.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8080")
     rp.add_argument("--label", default="server", help="this run's name in the outputs (default: server)")
@@ -237,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--out", type=Path, default=Path("out/replay"), help="folder for replay.json, replay.md, replay.png"
     )
-    cmp = bench_sub.add_parser(
+
+
+def _compare_parser(sub: Subparsers) -> None:
+    cmp = sub.add_parser(
         "compare",
         help="the same workloads against anchorkv and its peers (llama-server, llama-cpp-python), side by side",
     )
@@ -270,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable: instead of the workloads, K agent sessions at once in a live loop (gen:sessions, "
         "48 tokens a turn unless --max-tokens is given), each server with K slots",
     )
-    soak = bench_sub.add_parser("soak", help="K clients for M minutes against a fresh server: RSS, errors, latency")
+
+
+def _soak_parser(sub: Subparsers) -> None:
+    soak = sub.add_parser("soak", help="K clients for M minutes against a fresh server: RSS, errors, latency")
     soak.add_argument("--clients", type=int, default=4, help="concurrent clients (default 4)")
     soak.add_argument("--minutes", type=float, default=3, help="how long (default 3)")
     soak.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="server threads (default: all cores)")
@@ -278,13 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     soak.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     soak.add_argument("--out", type=Path, default=Path("out/soak"), help="folder for soak.json, soak.md, soak.png")
     soak.add_argument("--cache-ram-mb", type=int, default=None, help="the server's RAM tier budget (default: its own)")
-    cb = bench_sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
+
+
+def _cache_bench_parser(sub: Subparsers) -> None:
+    cb = sub.add_parser("cache", help="replay agent workloads through the prefix cache: cold vs warm TTFT")
     _engine_args(cb)
     _cache_args(cb)
     cb.add_argument("--turns", type=int, default=12, help="agent session turns (default 12)")
     cb.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
     cb.add_argument("--system-tokens", type=int, default=1500, help="system prompt size in tokens (default 1500)")
-    st = bench_sub.add_parser(
+
+
+def _stages_parser(sub: Subparsers) -> None:
+    st = sub.add_parser(
         "stages", help="stages in one process against stages on Ray, and two replicas on one Redis, side by side"
     )
     _engine_args(st)
@@ -295,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--decode-steps", type=int, default=32, help="decode steps measured per run (default 32)")
     st.add_argument("--redis-tokens", type=int, default=2048, help="the replicas' shared prompt (default 2048)")
     st.add_argument("--out", type=Path, default=Path("out/stages"), help="folder for stages.md and stages.json")
+
+
+def _simulate_parser(sub: Subparsers) -> None:
     sim = sub.add_parser(
         "simulate",
         help="replay traces through the cache policy code (no model runs) and compare policies",
@@ -314,11 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--limit", type=int, default=None, help="replay only the first N requests of each trace")
     sim.add_argument("--json", action="store_true", help="print JSON, one object per policy and trace")
     sim.add_argument("--chart", type=Path, default=None, help="write a PNG of hit rate against restored tokens")
+
+
+def _cache_parser(sub: Subparsers) -> None:
     cache = sub.add_parser("cache", help="inspect, verify or empty a disk cache folder")
     cache.add_argument("action", choices=["ls", "stats", "clear", "verify"])
     cache.add_argument("--repair", action="store_true", help="verify: remove the bad files it finds")
     cache.add_argument("--cache-dir", type=Path, default=None, help="the folder (default: ~/.cache/anchorkv/kv)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,22 +93,26 @@ def _kind(block: Block | dict[str, Any]) -> str:
     return block.type if isinstance(block, Block) else str(block.get("type", ""))
 
 
-def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
-    """The internal chat request, and how many cache breakpoints it carries (at most 4 are honoured)."""
-    messages: list[dict[str, Any]] = []
-    marks = 0
+class _Conversation:
+    """The chat messages being built, and the cache breakpoints they carry (at most 4 are honoured)."""
 
-    def add(message: dict[str, Any], marked: bool) -> None:
-        nonlocal marks
-        if marked and marks < MAX_BREAKPOINTS:
-            message["cache_control"] = {"type": "ephemeral"}
-            marks += 1
-        messages.append(message)
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.marks = 0
 
-    def text_content(blocks: list[Any]) -> tuple[str | list[dict[str, Any]], bool]:
+    def mark(self, target: dict[str, Any]) -> None:
+        if self.marks < MAX_BREAKPOINTS and "cache_control" not in target:
+            target["cache_control"] = {"type": "ephemeral"}
+            self.marks += 1
+
+    def add(self, message: dict[str, Any], marked: bool) -> None:
+        if marked:
+            self.mark(message)
+        self.messages.append(message)
+
+    def text_content(self, blocks: list[Any]) -> tuple[str | list[dict[str, Any]], bool]:
         """The text blocks' content, and whether the last one is a breakpoint (at the message's end). A
         breakpoint on an earlier block stays on that part: it anchors at the block's own end."""
-        nonlocal marks
         texts = [b for b in blocks if _kind(b) == "text"]
         inner = [k for k, b in enumerate(texts[:-1]) if b.cache_control]
         last = bool(texts and texts[-1].cache_control)
@@ -117,28 +121,19 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
         parts: list[dict[str, Any]] = []
         for k, b in enumerate(texts):
             parts.append({"type": "text", "text": b.text or ""})
-            if k in inner and marks < MAX_BREAKPOINTS:
-                parts[-1]["cache_control"] = {"type": "ephemeral"}
-                marks += 1
+            if k in inner:
+                self.mark(parts[-1])
         return parts, last
 
-    if isinstance(req.system, str) and req.system:
-        add({"role": "system", "content": req.system}, False)
-    elif isinstance(req.system, list) and req.system:
-        content, last = text_content(req.system)
-        add({"role": "system", "content": content}, last)
-    if any(t.cache_control for t in req.tools or []) and messages and "cache_control" not in messages[0]:
-        messages[0]["cache_control"] = {"type": "ephemeral"}  # the tools render into the system turn
-        marks += 1
-    for m in req.messages:
+    def add_message(self, m: Message) -> None:
+        """tool_use blocks become the assistant's tool_calls; tool_result blocks, tool messages ahead of
+        the user's text."""
         if m.role == "system":
             if text := _text(m.content):
-                add({"role": "system", "content": text}, False)
-            continue
-        if isinstance(m.content, str):
-            add({"role": m.role, "content": m.content}, False)
-            continue
-        if m.role == "assistant":
+                self.add({"role": "system", "content": text}, False)
+        elif isinstance(m.content, str):
+            self.add({"role": m.role, "content": m.content}, False)
+        elif m.role == "assistant":
             calls = [
                 {"id": b.id or f"toolu_{uuid.uuid4().hex[:24]}", "type": "function",
                  "function": {"name": b.name or "", "arguments": json.dumps(b.input or {})}}
@@ -147,21 +142,36 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
             message: dict[str, Any] = {"role": "assistant", "content": _text(m.content) or None}
             if calls:
                 message["tool_calls"] = calls
-            add(message, any(b.cache_control for b in m.content))
-            continue
-        results = [b for b in m.content if b.type == "tool_result"]
-        for b in results:
-            add(
-                {"role": "tool", "tool_call_id": b.tool_use_id or "", "content": _text(b.content)},
-                bool(b.cache_control),
-            )
-        texts = [b for b in m.content if b.type == "text"]
-        if texts or not results:
-            content, last = text_content(texts)
-            add({"role": "user", "content": content}, last)
-    if req.cache_control is not None and messages and "cache_control" not in messages[-1] and marks < MAX_BREAKPOINTS:
-        messages[-1]["cache_control"] = {"type": "ephemeral"}
-        marks += 1
+            self.add(message, any(b.cache_control for b in m.content))
+        else:
+            results = [b for b in m.content if b.type == "tool_result"]
+            for b in results:
+                tool = {"role": "tool", "tool_call_id": b.tool_use_id or "", "content": _text(b.content)}
+                self.add(tool, bool(b.cache_control))
+            texts = [b for b in m.content if b.type == "text"]
+            if texts or not results:
+                content, last = self.text_content(texts)
+                self.add({"role": "user", "content": content}, last)
+
+
+def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
+    """The internal chat request, and how many cache breakpoints it carries (at most 4 are honoured)."""
+    conv = _Conversation()
+    if isinstance(req.system, str) and req.system:
+        conv.add({"role": "system", "content": req.system}, False)
+    elif isinstance(req.system, list) and req.system:
+        content, last = conv.text_content(req.system)
+        conv.add({"role": "system", "content": content}, last)
+    if any(t.cache_control for t in req.tools or []) and conv.messages:
+        conv.mark(conv.messages[0])  # the tools render into the system turn
+    for m in req.messages:
+        conv.add_message(m)
+    if req.cache_control is not None and conv.messages:
+        conv.mark(conv.messages[-1])
+    return ChatCompletionRequest.model_validate(_body(req, conv.messages)), conv.marks
+
+
+def _body(req: MessagesRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:
     tools = [
         {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
         for t in req.tools or []
@@ -186,7 +196,7 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
             "type": "function", "function": {"name": choice.name or ""}
         }  # fmt: skip
         body["parallel_tool_calls"] = not choice.disable_parallel_tool_use
-    return ChatCompletionRequest.model_validate(body), marks
+    return body
 
 
 def message(

@@ -40,42 +40,8 @@ def router(svc: Service) -> APIRouter:
 
     @r.get("/props", dependencies=keyed)
     async def props() -> dict[str, Any]:
-        mc, ecfg = engine.model_cfg, engine.cfg
         stages = await asyncio.to_thread(engine.stages_report)
-        cache = await asyncio.to_thread(engine.cache.stats)
-        return {
-            "model": svc.model_id,
-            "model_path": str(engine.files.source),
-            "model_fingerprint": engine.files.fingerprint,
-            "architecture": mc.arch,
-            "n_layers": mc.n_layers,
-            "n_ctx": engine.ctx,
-            "dtype": ecfg.dtype,
-            "device": ecfg.device,
-            "threads": ecfg.threads,
-            "chunk_size": ecfg.chunk_size,
-            "decode_weights": engine.decode_weights,
-            "attention_softmax": engine.softmax_kind,
-            "decode_attention": engine.decode_attention_kind,
-            "linear_kernel": engine.linear_kind,
-            "distributed": engine.pipeline.kind,
-            "stages": stages,
-            "parallel": ecfg.parallel,
-            "decode_rows": "batched" if engine.batch_rows else "one at a time",
-            "kv_pool": {
-                "slots": ecfg.parallel,
-                "positions_per_slot": engine.ctx,
-                "bytes": engine.kv_bytes,
-                "touched_bytes": sum(int(s["kv_touched_bytes"]) for s in stages),  # type: ignore[call-overload]
-            },
-            "chat_template": engine.template.source,
-            "default_generation_settings": {"n_ctx": engine.ctx},
-            "total_slots": ecfg.parallel,
-            "max_queue": svc.cfg.max_queue,
-            "prefix_cache": cache,
-            "full_cache": cache,  # the name lucebox's clients read
-            "version": __version__,
-        }
+        return _props(svc, stages, await asyncio.to_thread(engine.cache.stats))
 
     @r.get("/metrics")
     async def prometheus() -> Response:
@@ -88,3 +54,41 @@ def router(svc: Service) -> APIRouter:
 
 def _model(svc: Service) -> dict[str, Any]:
     return {"id": svc.model_id, "object": "model", "created": svc.started, "owned_by": "anchorkv"}
+
+
+def _props(svc: Service, stages: list[dict[str, object]], cache: dict[str, object]) -> dict[str, Any]:
+    engine = svc.engine
+    mc, ecfg = engine.model_cfg, engine.cfg
+    return {
+        "model": svc.model_id,
+        "model_path": str(engine.files.source),
+        "model_fingerprint": engine.files.fingerprint,
+        "architecture": mc.arch,
+        "n_layers": mc.n_layers,
+        "n_ctx": engine.ctx,
+        "dtype": ecfg.dtype,
+        "device": ecfg.device,
+        "threads": ecfg.threads,
+        "chunk_size": ecfg.chunk_size,
+        "decode_weights": engine.decode_weights,
+        "attention_softmax": engine.softmax_kind,
+        "decode_attention": engine.decode_attention_kind,
+        "linear_kernel": engine.linear_kind,
+        "distributed": engine.pipeline.kind,
+        "stages": stages,
+        "parallel": ecfg.parallel,
+        "decode_rows": "batched" if engine.batch_rows else "one at a time",
+        "kv_pool": {
+            "slots": ecfg.parallel,
+            "positions_per_slot": engine.ctx,
+            "bytes": engine.kv_bytes,
+            "touched_bytes": sum(int(s["kv_touched_bytes"]) for s in stages),  # type: ignore[call-overload]
+        },
+        "chat_template": engine.template.source,
+        "default_generation_settings": {"n_ctx": engine.ctx},
+        "total_slots": ecfg.parallel,
+        "max_queue": svc.cfg.max_queue,
+        "prefix_cache": cache,
+        "full_cache": cache,  # the name lucebox's clients read
+        "version": __version__,
+    }
