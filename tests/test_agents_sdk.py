@@ -57,10 +57,12 @@ def test_an_agent_with_a_tool_runs_two_turns_and_the_second_hits_the_cache(serve
     )
     CITIES.clear()
     first = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=2)
-    assert CITIES and first.final_output == f"It is sunny in {CITIES[0]}."
+    assert CITIES
+    assert first.final_output == f"It is sunny in {CITIES[0]}."
     follow_up = [*first.to_input_list(), {"role": "user", "content": "And in Rome?"}]
     second = Runner.run_sync(agent, follow_up, max_turns=2)  # type: ignore[arg-type]
-    assert len(CITIES) == 2 and second.final_output == f"It is sunny in {CITIES[1]}."
+    assert len(CITIES) == 2
+    assert second.final_output == f"It is sunny in {CITIES[1]}."
     usage = second.raw_responses[0].usage
     assert usage.input_tokens > 0
     assert usage.input_tokens_details.cached_tokens > 0  # the first turn's prefix, restored

@@ -44,10 +44,13 @@ def test_create_answers_with_text_blocks_and_usage(client: anthropic.Anthropic) 
         extra_body={"temperature": 0},
         messages=[{"role": "user", "content": "What is the capital of France?"}],
     )
-    assert m.role == "assistant" and m.type == "message"
-    assert m.content[0].type == "text" and "Paris" in m.content[0].text
+    assert m.role == "assistant"
+    assert m.type == "message"
+    assert m.content[0].type == "text"
+    assert "Paris" in m.content[0].text
     assert m.stop_reason in ("end_turn", "max_tokens")
-    assert m.usage.output_tokens > 0 and m.usage.input_tokens > 0
+    assert m.usage.output_tokens > 0
+    assert m.usage.input_tokens > 0
 
 
 def test_streamed_equals_not_streamed(client: anthropic.Anthropic) -> None:
@@ -58,8 +61,10 @@ def test_streamed_equals_not_streamed(client: anthropic.Anthropic) -> None:
         kinds = [e.type for e in stream]
         final = stream.get_final_message()
     assert final.content[0].text == whole.content[0].text  # type: ignore[union-attr]
-    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
-    assert "content_block_delta" in kinds and "message_delta" in kinds
+    assert kinds[0] == "message_start"
+    assert kinds[-1] == "message_stop"
+    assert "content_block_delta" in kinds
+    assert "message_delta" in kinds
     assert final.stop_reason == whole.stop_reason
     assert final.usage.output_tokens == whole.usage.output_tokens
 
@@ -75,9 +80,11 @@ def test_cache_control_on_the_system_prompt_is_read_back_and_changes_nothing(cli
     system: Any = [{"type": "text", "text": FLIGHTS, "cache_control": {"type": "ephemeral"}}]
     kw: dict[str, Any] = {"model": "any", "max_tokens": 12, "extra_body": {"temperature": 0}, "system": system}
     first = client.messages.create(messages=[{"role": "user", "content": "Which gate serves city 7?"}], **kw)
-    assert first.usage.cache_creation_input_tokens and first.usage.cache_creation_input_tokens > 0
+    assert first.usage.cache_creation_input_tokens
+    assert first.usage.cache_creation_input_tokens > 0
     second = client.messages.create(messages=[{"role": "user", "content": "Which gate serves city 7?"}], **kw)
-    assert second.usage.cache_read_input_tokens and second.usage.cache_read_input_tokens > 0
+    assert second.usage.cache_read_input_tokens
+    assert second.usage.cache_read_input_tokens > 0
     assert second.content == first.content
 
 
@@ -89,7 +96,8 @@ def test_tool_use_and_tool_result_round_trip(client: anthropic.Anthropic) -> Non
     )  # fmt: skip
     assert m.stop_reason == "tool_use"
     (call,) = [b for b in m.content if b.type == "tool_use"]
-    assert call.name == "get_weather" and isinstance(call.input, dict)
+    assert call.name == "get_weather"
+    assert isinstance(call.input, dict)
     follow = client.messages.create(
         model="any", max_tokens=64, extra_body={"temperature": 0}, tools=[WEATHER],
         messages=[*asked, {"role": "assistant", "content": m.content},
@@ -97,7 +105,8 @@ def test_tool_use_and_tool_result_round_trip(client: anthropic.Anthropic) -> Non
     )  # fmt: skip
     assert follow.stop_reason in ("end_turn", "max_tokens", "tool_use")
     assert all("<tool_call" not in getattr(b, "text", "") for b in follow.content)  # a cut call leaks no markup
-    assert follow.usage.cache_read_input_tokens and follow.usage.cache_read_input_tokens > 0  # the turn before
+    assert follow.usage.cache_read_input_tokens
+    assert follow.usage.cache_read_input_tokens > 0  # the turn before
 
 
 def test_streamed_tool_input_arrives_in_pieces_and_equals_the_whole(client: anthropic.Anthropic) -> None:
@@ -110,7 +119,8 @@ def test_streamed_tool_input_arrives_in_pieces_and_equals_the_whole(client: anth
     ]
     assert len(pieces) > 1  # as generated, not in one piece at the end
     kinds = [e.type for e in events]
-    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert kinds[0] == "message_start"
+    assert kinds[-2:] == ["message_delta", "message_stop"]
     assert kinds.count("content_block_start") == kinds.count("content_block_stop")
     call = next(b for b in whole.content if b.type == "tool_use")
     assert json.loads("".join(pieces)) == call.input
@@ -145,7 +155,8 @@ def test_bad_input_is_anthropics_400_naming_the_field(server: LiveServer, body: 
     )
     assert r.status_code == 400
     error = r.json()
-    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["type"] == "error"
+    assert error["error"]["type"] == "invalid_request_error"
     assert named in error["error"]["message"]
 
 
@@ -170,7 +181,8 @@ def test_translation_marks_the_message_holding_a_breakpoint() -> None:
     assert roles == ["system", "user", "assistant", "tool"]
     assert [m.cache_control is not None for m in chat.messages] == [True, True, False, False]
     assert marks == 2
-    assert chat.messages[2].tool_calls and chat.messages[2].tool_calls[0].function.arguments == '{"x": 1}'
+    assert chat.messages[2].tool_calls
+    assert chat.messages[2].tool_calls[0].function.arguments == '{"x": 1}'
     assert usage(100, 40, 5, 70) == {"input_tokens": 30, "cache_read_input_tokens": 40,
                                     "cache_creation_input_tokens": 30, "output_tokens": 5}  # fmt: skip
 
@@ -203,7 +215,8 @@ def test_a_breakpoint_on_an_earlier_system_block_anchors_at_that_block(client: a
 
     first = ask("rain expected in the north, delays likely at the eastern gates")
     anchored = first.cache_creation_input_tokens or 0
-    assert anchored > 0 and anchored % 128 == 0  # a prefill cut inside the system message
+    assert anchored > 0
+    assert anchored % 128 == 0  # a prefill cut inside the system message
     second = ask("clear skies")
     assert second.cache_read_input_tokens == anchored
     whole_message = client.messages.count_tokens(
@@ -224,6 +237,9 @@ def test_a_breakpoint_before_the_last_block_stays_on_its_part() -> None:
     chat, marks = to_chat(req)
     system, user = chat.messages
     assert marks == 2
-    assert system.cache_control is None and isinstance(system.content, list)
-    assert system.content[0].cache_control is not None and system.marked_parts == [0]
-    assert user.content == "CD" and user.cache_control is not None  # the last block: the message's end
+    assert system.cache_control is None
+    assert isinstance(system.content, list)
+    assert system.content[0].cache_control is not None
+    assert system.marked_parts == [0]
+    assert user.content == "CD"
+    assert user.cache_control is not None  # the last block: the message's end

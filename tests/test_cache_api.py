@@ -38,17 +38,21 @@ def ask(question: str, **extra: Any) -> dict[str, Any]:
 def test_second_request_reports_what_it_reused(cached: TestClient) -> None:
     first = cached.post("/v1/chat/completions", json=ask("Which code goes with class 3?")).json()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    assert first["prefix_cache"]["restored_tokens"] == 0 and first["prefix_cache"]["recorded"]
+    assert first["prefix_cache"]["restored_tokens"] == 0
+    assert first["prefix_cache"]["recorded"]
     second = cached.post("/v1/chat/completions", json=ask("Which code goes with class 4?")).json()
     cached_tokens = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     # the shared system message, whole: it ends on a chat boundary, which the first request recorded
     system_end = next(r["at"] for r in first["prefix_cache"]["recorded"] if r["kind"] == "chat")
-    assert cached_tokens == system_end > 0 and system_end % 128 != 0
+    assert cached_tokens == system_end > 0
+    assert system_end % 128 != 0
     assert second["timings"]["cache_n"] == cached_tokens
     assert second["timings"]["prompt_n"] == second["usage"]["prompt_tokens"] - cached_tokens
     report = second["prefix_cache"]
-    assert report["restored_tokens"] == cached_tokens and report["tier"] == "ram"
-    assert report["kind"] == "chat" and report["scope"] == "auto:30"
+    assert report["restored_tokens"] == cached_tokens
+    assert report["tier"] == "ram"
+    assert report["kind"] == "chat"
+    assert report["scope"] == "auto:30"
 
 
 def test_anchor_verdicts_come_back(cached: TestClient) -> None:
@@ -57,7 +61,8 @@ def test_anchor_verdicts_come_back(cached: TestClient) -> None:
     ).json()
     verdicts = body["prefix_cache"]["anchors"]
     assert [v["accepted"] for v in verdicts] == [True, False, False]
-    assert "zero" in verdicts[1]["reason"] and "strict prefix" in verdicts[2]["reason"]
+    assert "zero" in verdicts[1]["reason"]
+    assert "strict prefix" in verdicts[2]["reason"]
     assert {"kind": "anchor", "tokens": 300, "at": 256} in body["prefix_cache"]["recorded"]
     no_key = cached.post("/v1/chat/completions", json=ask("hi", prompt_cache_anchor_tokens=300)).json()
     assert no_key["prefix_cache"]["anchors"] == [
@@ -70,9 +75,8 @@ def test_cache_control_anchors_a_message_end(cached: TestClient) -> None:
     body["messages"][0]["cache_control"] = {"type": "ephemeral"}
     out = cached.post("/v1/chat/completions", json=body).json()
     (verdict,) = out["prefix_cache"]["anchors"]
-    assert verdict["accepted"] and any(
-        r["kind"] == "anchor" and r["tokens"] == verdict["tokens"] for r in out["prefix_cache"]["recorded"]
-    )
+    assert verdict["accepted"]
+    assert any(r["kind"] == "anchor" and r["tokens"] == verdict["tokens"] for r in out["prefix_cache"]["recorded"])
 
 
 def test_cache_control_on_a_message_the_assistant_answers_anchors_past_its_header(cached: TestClient) -> None:
@@ -86,7 +90,9 @@ def test_cache_control_on_a_message_the_assistant_answers_anchors_past_its_heade
     body["messages"][1]["cache_control"] = {"type": "ephemeral"}
     out = cached.post("/v1/chat/completions", json=body).json()
     first, last = out["prefix_cache"]["anchors"]
-    assert first["accepted"] and last["accepted"] and last["tokens"] == out["usage"]["prompt_tokens"]
+    assert first["accepted"]
+    assert last["accepted"]
+    assert last["tokens"] == out["usage"]["prompt_tokens"]
     anchored = [r for r in out["prefix_cache"]["recorded"] if r["kind"] == "anchor"]
     assert [(r["tokens"], r["at"]) for r in anchored] == [(first["tokens"], first["tokens"]), (last["tokens"],) * 2]
     # the next turn restores the whole marked conversation
@@ -98,9 +104,11 @@ def test_cache_control_on_a_message_the_assistant_answers_anchors_past_its_heade
 def test_scope_override_and_salt_isolation(cached: TestClient) -> None:
     q = ask("Which code goes with class 5?", cache_salt="tenant-x", prefix_cache={"scope": "off"})
     out = cached.post("/v1/chat/completions", json=q).json()
-    assert out["prefix_cache"]["scope"] == "off" and out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert out["prefix_cache"]["scope"] == "off"
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     again = cached.post("/v1/chat/completions", json={**q, "prefix_cache": {"scope": "auto", "window": 4}}).json()
-    assert again["prefix_cache"]["scope"] == "auto:4" and again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again["prefix_cache"]["scope"] == "auto:4"
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
 
 
 @pytest.mark.parametrize(
@@ -125,16 +133,22 @@ def test_stream_carries_the_report(cached: TestClient) -> None:
     with cached.stream("POST", "/v1/chat/completions", json=ask("Which code goes with class 3?", stream=True)) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     final = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]][0]
-    assert final["prefix_cache"]["restored_tokens"] > 0 and final["timings"]["cache_n"] > 0
+    assert final["prefix_cache"]["restored_tokens"] > 0
+    assert final["timings"]["cache_n"] > 0
 
 
 def test_props_and_metrics_show_the_cache(cached: TestClient) -> None:
     cached.post("/v1/chat/completions", json=ask("Which code goes with class 3?"))
     full = cached.get("/props").json()["full_cache"]
-    assert full["disk_policy"] == "auto:30" and full["stride"] == 128 and full["exact"] is True
-    assert full["ram"]["entries"] > 0 and full["ram"]["bytes"] > 0 and full["disk"]["budget_bytes"] > 0
+    assert full["disk_policy"] == "auto:30"
+    assert full["stride"] == 128
+    assert full["exact"] is True
+    assert full["ram"]["entries"] > 0
+    assert full["ram"]["bytes"] > 0
+    assert full["disk"]["budget_bytes"] > 0
     metrics = cached.get("/metrics").text
-    assert "anchorkv_cache_hits_total{" in metrics and 'anchorkv_cache_bytes{tier="ram"}' in metrics
+    assert "anchorkv_cache_hits_total{" in metrics
+    assert 'anchorkv_cache_bytes{tier="ram"}' in metrics
 
 
 def _prefilled(client: TestClient) -> float:
@@ -155,7 +169,8 @@ def test_n_choices_cost_one_prefill_and_each_is_its_own_seeded_sample(cached: Te
     assert len(set(texts)) > 1  # three samples, not one repeated
     alone = cached.post("/v1/chat/completions", json={**body, "n": 1, "seed": 8}).json()
     assert alone["choices"][0]["message"]["content"] == texts[1]
-    assert usage["completion_tokens"] <= 3 * 6 and usage["completion_tokens"] > alone["usage"]["completion_tokens"]
+    assert usage["completion_tokens"] <= 3 * 6
+    assert usage["completion_tokens"] > alone["usage"]["completion_tokens"]
     with cached.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
         lines = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
     streamed = [
@@ -200,4 +215,5 @@ def test_cache_control_on_a_content_part_anchors_its_message(tmp_path: Path) -> 
         )
         assert r.status_code == 200
         anchors = r.json()["prefix_cache"]["anchors"]
-        assert anchors and anchors[0]["accepted"]
+        assert anchors
+        assert anchors[0]["accepted"]

@@ -41,7 +41,8 @@ def test_scope_forms() -> None:
     assert parse_scope("auto:8") == Scope("auto", 8)
     assert parse_scope("auto:8", window=2) == Scope("auto", 2)
     assert parse_scope("1000") == Scope("fixed", tokens=1000)
-    assert str(parse_scope("auto")) == "auto:30" and str(parse_scope("1000")) == "1000"
+    assert str(parse_scope("auto")) == "auto:30"
+    assert str(parse_scope("1000")) == "1000"
 
 
 @pytest.mark.parametrize("bad", ["", "on", "auto:", "auto:0", "auto:-1", "auto+:0", "auto++", "0", "-5", "full:3"])
@@ -103,9 +104,12 @@ def test_grid_chain_keys_chain_parent_and_tokens() -> None:
     points = cuts(900, 128, [])
     keys = chain_keys(root, toks, points)
     assert points == [128 * i for i in range(1, 8)]  # chunks ending at 128, ..., 896
-    assert keys[0] == chunk_key(root, toks[:128]) and keys[1] == chunk_key(keys[0], toks[128:256])
+    assert keys[0] == chunk_key(root, toks[:128])
+    assert keys[1] == chunk_key(keys[0], toks[128:256])
     other = chain_keys(root, toks[:200] + [5] + toks[201:], points)
-    assert other[0] == keys[0] and other[1] != keys[1] and other[6] != keys[6]
+    assert other[0] == keys[0]
+    assert other[1] != keys[1]
+    assert other[6] != keys[6]
 
 
 def test_chat_boundaries_cut_the_chain_and_change_every_key_after_them() -> None:
@@ -127,7 +131,9 @@ def test_namespace_and_salt_change_every_key() -> None:
 
 def test_chat_boundaries_align_down() -> None:
     ends = [40, 300, 700]
-    assert chat_floor(699, ends) == 300 and chat_floor(700, ends) == 700 and chat_floor(10, ends) == 0
+    assert chat_floor(699, ends) == 300
+    assert chat_floor(700, ends) == 700
+    assert chat_floor(10, ends) == 0
     assert align_down(700, 128) == 640
 
 
@@ -148,7 +154,8 @@ def test_auto_takes_the_longest_common_prefix_over_the_window_aligned_to_chat() 
 def test_anchor_validation() -> None:
     v = judge_anchors([0, 50, 100, 150], has_key=True, n_prompt=100)
     assert [(x.accepted, x.reason is None) for x in v] == [(False, False), (True, True), (False, False), (False, False)]
-    assert "zero" in (v[0].reason or "") and "strict prefix" in (v[2].reason or "")
+    assert "zero" in (v[0].reason or "")
+    assert "strict prefix" in (v[2].reason or "")
     assert all(not x.accepted and "prompt_cache_key" in (x.reason or "") for x in judge_anchors([50], False, 100))
     # a cache_control mark on the last message anchors the whole prompt, never more
     assert [x.accepted for x in judge_anchors([100, 101], True, 100, whole=True)] == [True, False]
@@ -159,14 +166,17 @@ def test_record_plan_per_scope() -> None:
     ends = [300, 600]
     history = [prompt[:650] + [1] * 10]
     full = plan_records(prompt, ends, [], parse_scope("full"), history, 0)
-    assert full.disk_upto == 1000 and ("full", 1000) in {(b.kind, b.pos) for b in full.boundaries}
+    assert full.disk_upto == 1000
+    assert ("full", 1000) in {(b.kind, b.pos) for b in full.boundaries}
     auto = plan_records(prompt, ends, [], parse_scope("auto"), history, 0)
-    assert auto.scope_boundary == 600 and auto.disk_upto == 600
+    assert auto.scope_boundary == 600
+    assert auto.disk_upto == 600
     fixed = plan_records(prompt, ends, [], parse_scope("400"), history, 0)
     assert fixed.disk_upto == 400
     assert plan_records(prompt, ends, [], parse_scope("4000"), history, 0).disk_upto == 1000
     off = plan_records(prompt, ends, [700], parse_scope("off"), history, 0)
-    assert off.disk_upto == 0 and ("anchor", 700) in {(b.kind, b.pos) for b in off.boundaries}
+    assert off.disk_upto == 0
+    assert ("anchor", 700) in {(b.kind, b.pos) for b in off.boundaries}
     anchored = plan_records(prompt, ends, [700], parse_scope("400"), history, 0)
     assert anchored.disk_upto == 700  # an anchor goes to disk unless the scope is off
     assert plan_records(prompt, ends, [], parse_scope("400"), history, min_tokens=500).disk_upto == 0
@@ -179,7 +189,8 @@ def test_auto_plus_writes_a_continuing_session_whole() -> None:
     ends = [300, 600, 900]
     unrelated = [prompt[:650] + [1] * 10]
     plus = parse_scope("auto+")
-    assert plus == Scope("auto", 30, sessions=True) and str(plus) == "auto+:30"
+    assert plus == Scope("auto", 30, sessions=True)
+    assert str(plus) == "auto+:30"
     assert parse_scope("auto+:4") == Scope("auto", 4, sessions=True) == parse_scope("auto+", window=4)
     like_auto = plan_records(prompt, ends, [], plus, unrelated, 0)
     assert (like_auto.disk_upto, like_auto.reply_to_disk) == (600, False)
@@ -274,9 +285,11 @@ def test_every_tier_evicts_leaves_first_then_retention_then_lru(make: Callable[[
     assert [names[k] for k in index.eviction_order()] == ["v1", "c1", "n1"]
     keep("n1")
     assert evict() == ["v1", "c1"]
-    assert list(index) == [keys["n1"]] and index.nbytes == index.entries[keys["n1"]].nbytes
+    assert list(index) == [keys["n1"]]
+    assert index.nbytes == index.entries[keys["n1"]].nbytes
     # three chunks under the root ended at 4: the one left still counts
-    assert index.tail_ends(root) == {4} and not index.tail_ends(keys["a1"])
+    assert index.tail_ends(root) == {4}
+    assert not index.tail_ends(keys["a1"])
 
 
 def test_leaves_follow_the_index_in_any_order() -> None:
@@ -302,4 +315,5 @@ def test_leaves_follow_the_index_in_any_order() -> None:
     remove(b"d")
     assert leaves.keys == {b"b"}  # its last child went
     remove(b"b")
-    assert leaves.keys == {b"a"} and b"root" not in leaves.keys  # the namespace root is never a chunk
+    assert leaves.keys == {b"a"}
+    assert b"root" not in leaves.keys  # the namespace root is never a chunk

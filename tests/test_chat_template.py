@@ -33,7 +33,8 @@ def test_message_ends_fall_right_after_im_end_and_newline(engine: Engine) -> Non
     assert len(r.message_ends) == len(CONVERSATION)
     assert all(e is not None for e in r.message_ends)
     ends = [e for e in r.message_ends if e is not None]
-    assert ends == sorted(ends) and len(set(ends)) == len(ends)
+    assert ends == sorted(ends)
+    assert len(set(ends)) == len(ends)
     for end in ends:
         assert r.token_ids[end - 2 : end] == [im_end, newline]
         assert r.token_ids[end] == im_start  # the next message or the generation prompt starts here
@@ -47,7 +48,8 @@ def test_default_system_prompt_is_part_of_the_first_boundary(engine: Engine) -> 
     r = engine.render_chat([{"role": "user", "content": "hi"}])
     assert r.text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     (end,) = r.message_ends
-    assert end is not None and engine.tokenizer.decode(r.token_ids[:end]).endswith("user\nhi\n")
+    assert end is not None
+    assert engine.tokenizer.decode(r.token_ids[:end]).endswith("user\nhi\n")
 
 
 def test_tools_and_tool_messages_reach_the_prompt(engine: Engine) -> None:
@@ -63,8 +65,10 @@ def test_tools_and_tool_messages_reach_the_prompt(engine: Engine) -> None:
         {"role": "tool", "tool_call_id": "c1", "content": "18C and sunny"},
     ]
     r = engine.render_chat(messages, TOOLS)
-    assert '"name": "get_weather"' in r.text and "Weather for a city" in r.text
-    assert "<tool_call>" in r.text and '"city": "Paris"' in r.text
+    assert '"name": "get_weather"' in r.text
+    assert "Weather for a city" in r.text
+    assert "<tool_call>" in r.text
+    assert '"city": "Paris"' in r.text
     assert "<|im_start|>tool\n18C and sunny<|im_end|>" in r.text
     assert all(e is not None for e in r.message_ends)
 
@@ -78,9 +82,11 @@ def test_content_parts_are_joined(engine: Engine) -> None:
 def test_an_added_tools_system_message_keeps_ends_aligned_to_the_input(engine: Engine) -> None:
     r = engine.render_chat([{"role": "user", "content": "Weather in Paris?"}], TOOLS)
     assert r.text.startswith("<|im_start|>system\n# Tools")
-    assert len(r.message_ends) == 1 and r.message_ends[0] is not None
+    assert len(r.message_ends) == 1
+    assert r.message_ends[0] is not None
     # the tools block is a boundary too; the user message's sits past the generation prompt
-    assert len(r.boundaries) == 2 and r.boundaries[-1] == len(r.token_ids)
+    assert len(r.boundaries) == 2
+    assert r.boundaries[-1] == len(r.token_ids)
 
 
 def test_where_the_assistant_answers_the_boundary_is_past_its_header(engine: Engine) -> None:
@@ -136,7 +142,8 @@ def test_a_template_whose_prefixes_change_keeps_no_stale_boundary(engine: Engine
     for n in range(1, len(CONVERSATION) + 1):
         r = memo.render(CONVERSATION[:n], add_generation_prompt=False)
         assert r == ChatTemplate(engine.tokenizer, source).render(CONVERSATION[:n], add_generation_prompt=False)
-        assert r.message_ends[:-1] == [None] * (n - 1) and r.message_ends[-1] == len(r.token_ids)
+        assert r.message_ends[:-1] == [None] * (n - 1)
+        assert r.message_ends[-1] == len(r.token_ids)
 
 
 def test_a_conversation_grown_by_a_turn_renders_only_its_new_prefixes(engine: Engine, monkeypatch) -> None:

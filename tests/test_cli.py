@@ -28,7 +28,8 @@ from tests.conftest import free_port
 )
 def test_bad_flag_exits_2_naming_it(args: list[str], flag: str) -> None:
     r = subprocess.run([sys.executable, "-m", "anchorkv", *args], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and flag in r.stderr
+    assert r.returncode == 2
+    assert flag in r.stderr
 
 
 def test_help_lists_every_serve_flag() -> None:
@@ -57,7 +58,9 @@ def test_bad_disk_prefix_cache_exits_2_listing_the_forms(value: str) -> None:
         text=True,
         timeout=60,
     )
-    assert r.returncode == 2 and "--disk-prefix-cache" in r.stderr and "auto:N" in r.stderr
+    assert r.returncode == 2
+    assert "--disk-prefix-cache" in r.stderr
+    assert "auto:N" in r.stderr
 
 
 def _serve(port: int, folder: Path) -> list[str]:
@@ -85,7 +88,8 @@ def test_serve_finishes_the_request_in_hand_on_sigterm(tmp_path: Path) -> None:
             assert next(line for line in lines if line.startswith("data: {"))  # generating
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]" and any('"finish_reason": "length"' in line for line in rest)
+        assert rest[-1] == "data: [DONE]"
+        assert any('"finish_reason": "length"' in line for line in rest)
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()
@@ -112,7 +116,8 @@ def test_serve_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         r = subprocess.run(_serve(held.getsockname()[1], tmp_path), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "address already in use" in r.stderr
+    assert r.returncode == 1
+    assert "address already in use" in r.stderr
 
 
 def _started(folder: Path, *flags: str) -> tuple[subprocess.Popen[bytes], str]:

@@ -19,12 +19,17 @@ def test_compare_restarts_our_server_and_its_first_request_hits_the_disk(tmp_pat
         [peers.anchorkv()], bundled_model_path(), [str(trace)], out, THREADS, free_port(), 2, restart_after=str(trace)
     )
     runs = json.loads((out / "compare.json").read_text())["anchorkv"]
-    assert len(runs[str(trace)]) == 3 and runs[str(trace)][0]["cached_tokens"] == 0  # a fresh folder is cold
+    assert len(runs[str(trace)]) == 3
+    assert runs[str(trace)][0]["cached_tokens"] == 0  # a fresh folder is cold
     assert runs[str(trace)][2]["cached_tokens"] > 0
     after = runs["after restart"][0]
-    assert after["error"] is None and after["cached_tokens"] > 0 and after["ttft_ms"] is not None
-    assert "after restart" in md and (out / compare._slug(str(trace)) / "replay.png").is_file()
+    assert after["error"] is None
+    assert after["cached_tokens"] > 0
+    assert after["ttft_ms"] is not None
+    assert "after restart" in md
+    assert (out / compare._slug(str(trace)) / "replay.png").is_file()
     assert all(s["tail_ms"] is not None for samples in runs.values() for s in samples)  # every stream had text
     assert "| end of stream after the last text (ms) |" in md
     rates = [float(line.split("|")[2]) for line in md.splitlines() if line.startswith(f"| {trace} |")]
-    assert len(rates) == 1 and rates[0] > 0  # decode speed from the server's own timings
+    assert len(rates) == 1
+    assert rates[0] > 0  # decode speed from the server's own timings

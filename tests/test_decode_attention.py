@@ -29,12 +29,14 @@ def _case(L: int, ctx: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def test_the_kernel_is_attention_to_bfloat16_precision(L: int) -> None:
     q, k, v = _case(L)
     out = DecodeAttention(KERNEL)(q, k, v)
-    assert out is not None and out.shape == (1, 9 * 64)
+    assert out is not None
+    assert out.shape == (1, 9 * 64)
     qg = q.double().view(3, 3, 64)
     exact = (torch.softmax(qg @ k.double().transpose(1, 2) / 8, dim=-1) @ v.double()).reshape(1, -1)
     sdpa = F.scaled_dot_product_attention(q.view(1, 3, 3, 64), k[None], v[None]).reshape(1, -1).double()
     err = (out.double() - exact).abs().max()
-    assert err <= 1.25 * (sdpa - exact).abs().max() + 1e-3 and err < 0.02
+    assert err <= 1.25 * (sdpa - exact).abs().max() + 1e-3
+    assert err < 0.02
 
 
 def test_its_bits_do_not_depend_on_the_thread_count() -> None:
@@ -46,7 +48,9 @@ def test_its_bits_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     two = DecodeAttention(KERNEL)(q, k, v)
-    assert one is not None and two is not None and torch.equal(one, two)
+    assert one is not None
+    assert two is not None
+    assert torch.equal(one, two)
 
 
 def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) -> None:

@@ -61,7 +61,8 @@ def test_a_folder_named_like_a_chunk_file_is_left_alone(tmp_path: Path) -> None:
     odd = ns / ("0" * 32 + SUFFIX)
     odd.mkdir()
     e = make(tmp_path)
-    assert e.cache.has_disk and e.cache.stats()["disk_error"] is None
+    assert e.cache.has_disk
+    assert e.cache.stats()["disk_error"] is None
     assert serve_one(e).completion_tokens == 4
     assert odd.is_dir()
 
@@ -179,7 +180,8 @@ def test_a_full_disk_stops_writes_once_and_serving_goes_on(small_disk: Path, cap
         assert isinstance(done[-1], Finished)
     e.cache.flush()
     stats = e.cache.stats()["disk"]
-    assert stats is not None and stats["full"]  # type: ignore[index]
+    assert stats is not None
+    assert stats["full"]  # type: ignore[index]
     on_disk = list(small_disk.glob(f"*/*{SUFFIX}"))
     assert stats["entries"] == len(on_disk)  # type: ignore[index]
     full = sum("is full" in m for m in caplog.messages)

@@ -29,7 +29,8 @@ def generate(engine: Engine, prompt: list[int], **kw: object) -> tuple[str, list
 
 def test_names_paris(engine: Engine) -> None:
     text, _, finish = generate(engine, engine.render_chat(PROMPTS[0]).token_ids)
-    assert "Paris" in text and finish == "stop"
+    assert "Paris" in text
+    assert finish == "stop"
 
 
 def test_greedy_is_deterministic(engine: Engine) -> None:
@@ -53,29 +54,34 @@ def test_seed_makes_sampling_reproducible(engine: Engine) -> None:
     a = generate(engine, prompt, temperature=1.0, seed=7)[1]
     b = generate(engine, prompt, temperature=1.0, seed=7)[1]
     c = generate(engine, prompt, temperature=1.0, seed=8)[1]
-    assert a == b and a != c
+    assert a == b
+    assert a != c
 
 
 def test_stop_string_cuts_the_text(engine: Engine) -> None:
     prompt = engine.render_chat(PROMPTS[0]).token_ids
     full, _, _ = generate(engine, prompt)
     text, _, finish = generate(engine, prompt, stop=("Paris",))
-    assert finish == "stop" and text == full[: full.index("Paris")]
+    assert finish == "stop"
+    assert text == full[: full.index("Paris")]
 
 
 def test_max_tokens_gives_length(engine: Engine) -> None:
     prompt = engine.render_chat(PROMPTS[1]).token_ids
     _, ids, finish = generate(engine, prompt, max_tokens=3)
-    assert len(ids) == 3 and finish == "length"
+    assert len(ids) == 3
+    assert finish == "length"
 
 
 def test_text_stream_holds_back_a_possible_stop_string(engine: Engine) -> None:
     tok = engine.tokenizer
     stream = TextStream(tok, stop=("END!",))
     out = "".join(stream.push(t) for t in tok.encode("hello EN"))
-    assert out == "hello " and not stream.stopped
+    assert out == "hello "
+    assert not stream.stopped
     out += "".join(stream.push(t) for t in tok.encode("D! more"))
-    assert stream.stopped and out + stream.flush() == "hello "
+    assert stream.stopped
+    assert out + stream.flush() == "hello "
 
 
 def test_prefill_is_cut_every_c_tokens_restarting_at_each_chat_boundary() -> None:

@@ -43,7 +43,8 @@ def test_gguf_and_hf_folder_give_the_same_model(tmp_path: Path, arch: str) -> No
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     events = list(gg.generate(prompt, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)))
     done = events[-1]
-    assert isinstance(done, Finished) and done.completion_tokens == 5
+    assert isinstance(done, Finished)
+    assert done.completion_tokens == 5
 
 
 def _reference_logits(folder: Path, engine: Engine, ids: list[int]) -> torch.Tensor:
@@ -89,7 +90,8 @@ def test_forward_matches_a_plain_reference(tmp_path: Path, arch: str) -> None:
     engine = Engine(EngineConfig(model=folder, dtype="float32", threads=2, cache_home=tmp_path, chunk_size=16))
     text = "the quick brown fox jumps over the lazy dog, and then it runs back home to sleep"
     ids = engine.render_chat([{"role": "user", "content": text}]).token_ids
-    assert len(ids) > 32 and len(ids) % 16
+    assert len(ids) > 32
+    assert len(ids) % 16
     torch.testing.assert_close(_logits(engine, ids), _reference_logits(folder, engine, ids), rtol=1e-4, atol=1e-4)
     assert engine.linear_kind == ("onednn" if torch.backends.mkldnn.is_available() else "matmul")
 
@@ -227,7 +229,8 @@ def test_bundled_model_is_found_through_its_package() -> None:
     from anchorkv.model.loader import bundled_model_path
 
     p = bundled_model_path()
-    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.is_file()
+    assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert p.is_file()
 
 
 def test_second_load_reuses_the_imported_weights(tmp_path: Path) -> None:
@@ -236,4 +239,5 @@ def test_second_load_reuses_the_imported_weights(tmp_path: Path) -> None:
     marker = first.folder / "model.safetensors"
     mtime = marker.stat().st_mtime_ns
     second = resolve_model(path, tmp_path)
-    assert second == first and marker.stat().st_mtime_ns == mtime
+    assert second == first
+    assert marker.stat().st_mtime_ns == mtime

@@ -79,8 +79,10 @@ def test_changed_tail_hits_at_the_last_cut_of_the_shared_prefix(tmp_path: Path, 
     done = answer(e, p2, r2)
     shared = common_prefix(p1, p2)
     system_end = r2.chat_ends[0]
-    assert done.cached_tokens == cut_floor(shared, C, r2.chat_ends) == system_end and system_end % C != 0
-    assert done.cache.kind in ("chat", "generic") and done.cache.tier == "ram"
+    assert done.cached_tokens == cut_floor(shared, C, r2.chat_ends) == system_end
+    assert system_end % C != 0
+    assert done.cache.kind in ("chat", "generic")
+    assert done.cache.tier == "ram"
     assert done.timings()["cache_n"] == done.cached_tokens
     assert done.token_ids == answer(cold, p2, r2).token_ids
 
@@ -97,7 +99,7 @@ def test_a_prompt_sharing_part_of_a_merged_piece_restores_before_it(tmp_path: Pa
     answer(e, p1, r1)
     reference = cold.prompt_logits(p2, r2)[0]
     warm, plan = e.prompt_logits(p2, r2)
-    assert plan.restore_to == 512
+    assert plan.restored_tokens == 512
     assert torch.equal(warm, reference)
 
 
@@ -107,12 +109,14 @@ def test_same_prompt_again_is_an_exact_hit(tmp_path: Path) -> None:
     first = answer(e, p, r)
     again = answer(e, p, r)
     # every token, the assistant header included: the first token comes from the logits kept with the KV
-    assert again.cached_tokens == len(p) and again.cache.kind == "exact"
+    assert again.cached_tokens == len(p)
+    assert again.cache.kind == "exact"
     assert again.token_ids == first.token_ids
     # a longer prompt through the same chunk does not take the logits: it prefills its own tail
     longer = p + engine_tokens(e, "Thanks")
     _, plan = e.prompt_logits(longer, CacheRequest([*r.chat_ends, len(longer)]))
-    assert plan.restore_to == len(p) and plan.logits is None
+    assert plan.restored_tokens == len(p)
+    assert plan.kind == "full"  # not "exact": the whole earlier prompt is only a prefix of this one
 
 
 def test_a_prompt_met_inside_a_longer_one_is_a_whole_hit_after_a_restart(tmp_path: Path, cold: Engine) -> None:
@@ -126,9 +130,11 @@ def test_a_prompt_met_inside_a_longer_one_is_a_whole_hit_after_a_restart(tmp_pat
     restarted = make(tmp_path)
     first = restarted.render_chat(history)
     n = len(first.token_ids)
-    assert first.token_ids == later.token_ids[:n] and n in later.boundaries
+    assert first.token_ids == later.token_ids[:n]
+    assert n in later.boundaries
     logits, plan = restarted.prompt_logits(first.token_ids, CacheRequest(first.boundaries))
-    assert plan.restore_to == n and plan.tier == "disk"
+    assert plan.restored_tokens == n
+    assert plan.tier == "disk"
     assert torch.equal(logits, cold.prompt_logits(first.token_ids, CacheRequest(first.boundaries))[0])
 
 
@@ -140,21 +146,23 @@ def test_anchor_is_restored_where_the_grid_alone_stops(tmp_path: Path, engine: E
     e = make(tmp_path, stride=512)
     plain = CacheRequest(salt="plain")
     e.prompt_logits(p1, plain)
-    assert e.prompt_logits(p2, plain)[1].restore_to == 512
+    assert e.prompt_logits(p2, plain)[1].restored_tokens == 512
     anchored = CacheRequest(anchors=[850], has_key=True, salt="anchored")
     _, plan = e.prompt_logits(p1, anchored)
-    assert plan.verdicts[0].accepted and Recorded("anchor", 850, 768) in plan.recorded
+    assert plan.anchors[0].accepted
+    assert Recorded("anchor", 850, 768) in plan.recorded
     _, plan2 = e.prompt_logits(p2, anchored)
-    assert plan2.restore_to == 768 and plan2.kind == "anchor"
+    assert plan2.restored_tokens == 768
+    assert plan2.kind == "anchor"
 
 
 def test_ignored_anchors_say_why(tmp_path: Path, engine: Engine) -> None:
     e = make(tmp_path)
     p, _ = chat(e, "hello")
     _, plan = e.prompt_logits(p, CacheRequest(anchors=[0, 10, len(p)], has_key=True))
-    assert [v.accepted for v in plan.verdicts] == [False, True, False]
+    assert [v.accepted for v in plan.anchors] == [False, True, False]
     _, plan = e.prompt_logits(p, CacheRequest(anchors=[10], has_key=False))
-    assert "prompt_cache_key" in (plan.verdicts[0].reason or "")
+    assert "prompt_cache_key" in (plan.anchors[0].reason or "")
 
 
 def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
@@ -230,10 +238,12 @@ def test_a_restarted_engine_brings_back_the_last_chain_while_idle(tmp_path: Path
     while restarted.idle_work():
         pass
     system_end = r1.chat_ends[0]
-    assert restarted.slots[0].valid >= len(p1) and restarted.slots[0].tokens[:system_end] == p1[:system_end]
+    assert restarted.slots[0].valid >= len(p1)
+    assert restarted.slots[0].tokens[:system_end] == p1[:system_end]
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     warm, plan = restarted.prompt_logits(p2, r2)
-    assert plan.restore_to == system_end and plan.tier == "ram"  # not "disk": the warm start loaded it
+    assert plan.restored_tokens == system_end
+    assert plan.tier == "ram"  # not "disk": the warm start loaded it
     cold = Engine(EngineConfig(threads=2, stages=stages))
     assert torch.equal(warm, cold.prompt_logits(p2, r2)[0])
 
@@ -247,11 +257,13 @@ def test_a_warm_start_stops_between_chunks_when_a_request_arrives(tmp_path: Path
     restarted = make(tmp_path)
     asked: list[int] = []
     assert not restarted.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 2)
-    assert len(asked) == 3 and 0 < restarted.slots[0].valid < len(p1)  # two chunks loaded, the rest left
+    assert len(asked) == 3
+    assert 0 < restarted.slots[0].valid < len(p1)  # two chunks loaded, the rest left
     assert restarted.slots[0].tokens[: restarted.slots[0].valid] == p1[: restarted.slots[0].valid]
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
     warm, plan = restarted.prompt_logits(p2, r2)
-    assert plan.restore_to == r1.chat_ends[0] and plan.tier == "disk"  # the rest of the way came from disk
+    assert plan.restored_tokens == r1.chat_ends[0]
+    assert plan.tier == "disk"  # the rest of the way came from disk
     assert torch.equal(warm, cold.prompt_logits(p2, r2)[0])
 
 
@@ -266,7 +278,7 @@ def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: 
     damaged = victim.read_bytes()
     restarted = make(tmp_path)
     logits, plan = restarted.prompt_logits(p, r)
-    assert plan.restore_to == 0
+    assert plan.restored_tokens == 0
     restarted.cache.flush()  # the request recorded the chunk again: a fresh, valid file
     assert not victim.exists() or victim.read_bytes() != damaged
     assert restarted.cache.stats()["disk"]["corrupt_dropped"] >= 1  # type: ignore[index]
@@ -278,13 +290,12 @@ def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
     p, r = chat(e, "Which code goes with shipment class 3?")
     a = CacheRequest(r.chat_ends, salt="tenant-a")
     b = CacheRequest(r.chat_ends, salt="tenant-b")
-    assert e.prompt_logits(p, a)[1].restore_to == 0
+    assert e.prompt_logits(p, a)[1].restored_tokens == 0
     keys_a = set(e.pipeline.stages[0].cache.ram.keys())
-    assert e.prompt_logits(p, b)[1].restore_to == 0
-    assert not keys_a & (set(e.pipeline.stages[0].cache.ram.keys()) - keys_a) and len(
-        e.pipeline.stages[0].cache.ram.keys()
-    ) == 2 * len(keys_a)
-    assert e.prompt_logits(p, a)[1].restore_to > 0
+    assert e.prompt_logits(p, b)[1].restored_tokens == 0
+    assert not keys_a & (set(e.pipeline.stages[0].cache.ram.keys()) - keys_a)
+    assert len(e.pipeline.stages[0].cache.ram.keys()) == 2 * len(keys_a)
+    assert e.prompt_logits(p, a)[1].restored_tokens > 0
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -304,14 +315,17 @@ def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(
     reference = cold.prompt_logits(p2, r2)[0]  # cold: no cache, the same cuts
     e.prompt_logits(p1, r1)
     warm, plan = e.prompt_logits(p2, r2)
-    assert 0 < plan.restore_to < len(p2) and plan.tier == "ram"
+    assert 0 < plan.restored_tokens < len(p2)
+    assert plan.tier == "ram"
     assert torch.equal(warm, reference)
     again, plan = e.prompt_logits(p2, r2)  # the same prompt: nothing prefilled, the logits kept
-    assert plan.restore_to == len(p2) and torch.equal(again, reference)
+    assert plan.restored_tokens == len(p2)
+    assert torch.equal(again, reference)
     e.cache.flush()
     restarted = make(tmp_path, dtype=dtype, stages=stages)
     from_disk, plan = restarted.prompt_logits(p2, r2)
-    assert plan.restore_to == len(p2) and plan.tier == "disk"
+    assert plan.restored_tokens == len(p2)
+    assert plan.tier == "disk"
     assert torch.equal(from_disk, reference)
 
 
@@ -352,10 +366,11 @@ def test_the_next_turn_hits_on_the_previous_reply(tmp_path: Path, cold: Engine, 
     warm, plan = e.prompt_logits(rendered.token_ids, req)
     reply_end = rendered.boundaries[-2]
     if rendered_reply:
-        assert plan.restore_to == reply_end and plan.kind == "full"
+        assert plan.restored_tokens == reply_end
+        assert plan.kind == "full"
     else:
         # the grid restarted at the previous prompt's end: the reply's tokens hit every C tokens after it
-        assert cut_floor(reply_end - 1, C, rendered.boundaries) <= plan.restore_to < reply_end
+        assert cut_floor(reply_end - 1, C, rendered.boundaries) <= plan.restored_tokens < reply_end
     assert torch.equal(warm, cold.prompt_logits(rendered.token_ids, req)[0])
 
 
@@ -369,18 +384,22 @@ def test_an_interrupted_background_piece_is_given_up_and_done_again_exactly(
     e = make(tmp_path, scope="off", stages=stages)
     history, p1, r1 = story(e)
     first = list(e.generate(p1, SamplingParams(max_tokens=60, temperature=0), cache_req=r1, background=True))[-1]
-    assert isinstance(first, Finished) and e.has_idle_work
+    assert isinstance(first, Finished)
+    assert e.has_idle_work
     assert e.idle_work()  # renders the next turn: no forward yet
     valid, filled = e.slots[0].valid, [s.kvs[0].filled for s in e.pipeline.stages]
     asked: list[int] = []
     assert e.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 12)  # gives up at layer 12
-    assert len(asked) == 13 and e.slots[0].valid == valid and [s.kvs[0].filled for s in e.pipeline.stages] == filled
+    assert len(asked) == 13
+    assert e.slots[0].valid == valid
+    assert [s.kvs[0].filled for s in e.pipeline.stages] == filled
     while e.idle_work():
         pass
     rendered = e.render_chat(next_messages(history, first.text))
     req = CacheRequest(rendered.boundaries)
     warm, plan = e.prompt_logits(rendered.token_ids, req)
-    assert plan.restore_to == rendered.boundaries[-2] and plan.kind == "full"
+    assert plan.restored_tokens == rendered.boundaries[-2]
+    assert plan.kind == "full"
     assert torch.equal(warm, cold.prompt_logits(rendered.token_ids, req)[0])
 
 
@@ -398,10 +417,12 @@ def test_cache_cli_lists_and_clears(tmp_path: Path) -> None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
     ls = run("ls")
-    assert ls.returncode == 0 and "[0, 128)" in ls.stdout
+    assert ls.returncode == 0
+    assert "[0, 128)" in ls.stdout
     assert "chunks" in run("stats").stdout
     assert (tmp_path / "history.bin").exists()
-    assert "removed" in run("clear").stdout and not list(tmp_path.glob("*/*.kv"))
+    assert "removed" in run("clear").stdout
+    assert not list(tmp_path.glob("*/*.kv"))
     assert not (tmp_path / "history.bin").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
@@ -415,7 +436,8 @@ def test_exact_off_reuses_unaligned_boundaries_and_decoded_kv_with_the_same_floa
     first = answer(e, p1, r1, max_tokens=20)
     done = answer(e, p2, r2)
     system_end = r2.chat_ends[0]
-    assert done.cached_tokens >= system_end and done.cached_tokens % C != 0  # not rounded down to C
+    assert done.cached_tokens >= system_end
+    assert done.cached_tokens % C != 0  # not rounded down to C
     assert done.token_ids == answer(cold, p2, r2).token_ids
     # the next turn of p1 restores past the prompt, into the KV that decode wrote
     turn2 = e.render_chat([
@@ -455,19 +477,20 @@ def test_auto_plus_keeps_a_session_on_disk_up_to_its_last_reply(tmp_path: Path) 
     history.append({"role": "user", "content": "And class 5?"})
     reply_end = restarted.render_chat(history).boundaries[-2]
     done = turn(restarted, history)
-    assert done.cached_tokens == reply_end and done.cache.tier == "disk"
+    assert done.cached_tokens == reply_end
+    assert done.cache.tier == "disk"
 
 
 def test_history_for_auto_survives_a_restart(tmp_path: Path) -> None:
     e = make(tmp_path, scope="auto")
     p1, r1 = chat(e, "Which code goes with shipment class 3?")
-    _, plan = e.prompt_logits(p1, r1)
-    assert plan.records.disk_upto == 0  # auto has no history yet: nothing goes to disk
+    assert e.cache.plan(p1, r1).records.disk_upto == 0  # auto has no history yet: nothing goes to disk
+    e.prompt_logits(p1, r1)
     e.cache.flush()
     restarted = make(tmp_path, scope="auto")
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
-    _, plan = restarted.prompt_logits(p2, r2)
-    assert plan.records.scope_boundary == r2.chat_ends[0]  # LCP with p1, aligned down to the system end
+    # the LCP with p1, aligned down to the system prompt's end
+    assert restarted.cache.plan(p2, r2).records.scope_boundary == r2.chat_ends[0]
 
 
 def test_history_file_round_trips_and_a_damaged_one_starts_empty(tmp_path: Path) -> None:
@@ -481,10 +504,13 @@ def test_history_file_round_trips_and_a_damaged_one_starts_empty(tmp_path: Path)
     good = path.read_bytes()
     back = History(path, vocab_size=50_000)
     assert back.namespaces() == [aa, bb]
-    assert back.recent(aa) == h.recent(aa) and len(back.recent(aa)) == MAX_WINDOW
-    assert back.recent(aa)[0][:2] == [3, 40_003] and back.recent(bb) == [list(range(MAX_TOKENS))]
+    assert back.recent(aa) == h.recent(aa)
+    assert len(back.recent(aa)) == MAX_WINDOW
+    assert back.recent(aa)[0][:2] == [3, 40_003]
+    assert back.recent(bb) == [list(range(MAX_TOKENS))]
     assert History(path, vocab_size=40_000).namespaces() == []  # ids past this vocabulary: set aside
-    assert (tmp_path / "history.bin.bad").exists() and not path.exists()
+    assert (tmp_path / "history.bin.bad").exists()
+    assert not path.exists()
     for damaged in (
         good[:-1],  # truncated
         good[: len(good) // 2] + b"\xff" * 8 + good[len(good) // 2 + 8 :],  # overwritten in the middle
@@ -528,7 +554,5 @@ def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Pat
     p2, r2 = chat(small, "Something else entirely about rule 9.")
     answer(small, p2, r2)
     small.cache.flush()
-    assert (
-        small.pipeline.stages[0].cache.disk.nbytes <= 2**20
-        and small.pipeline.stages[0].cache.disk.evicted_bytes >= one_chunk
-    )
+    assert small.pipeline.stages[0].cache.disk.nbytes <= 2**20
+    assert small.pipeline.stages[0].cache.disk.evicted_bytes >= one_chunk

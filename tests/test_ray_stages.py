@@ -54,10 +54,12 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(ray_engine: Eng
     prompt, req = chat(ray_engine, "Which code goes with shipment class 4?")
     cold, _ = engine.prompt_logits(prompt)
     first, plan1 = ray_engine.prompt_logits(prompt, req)
-    assert plan1.restore_to == 0 and torch.equal(first, cold)
+    assert plan1.restored_tokens == 0
+    assert torch.equal(first, cold)
     p2, r2 = chat(ray_engine, "Which code goes with shipment class 5?")
     warm, plan2 = ray_engine.prompt_logits(p2, r2)
-    assert plan2.restore_to > 0 and plan2.tier == "ram"
+    assert plan2.restored_tokens > 0
+    assert plan2.tier == "ram"
     assert torch.equal(warm, engine.prompt_logits(p2)[0])
 
 
@@ -82,7 +84,8 @@ def test_an_anchor_is_recorded_by_every_stage(ray_engine: Engine) -> None:
     after = [s["cache"]["entries"] for s in ray_engine.stages_report()]  # type: ignore[index]
     assert all(b > a for a, b in zip(before, after, strict=True))
     _, plan = ray_engine.prompt_logits(tokens[:anchor] + ray_engine.tokenizer.encode(" A different ending."))
-    assert plan.restore_to == anchor and plan.kind == "anchor"
+    assert plan.restored_tokens == anchor
+    assert plan.kind == "anchor"
 
 
 def test_a_stage_that_lost_chunks_vetoes_longer_restores(ray_engine: Engine, engine: Engine) -> None:
@@ -96,7 +99,7 @@ def test_a_stage_that_lost_chunks_vetoes_longer_restores(ray_engine: Engine, eng
     short = long_p[: 2 * C]
     ray_engine.prompt_logits(short, CacheRequest(anchors=[2 * C], has_key=True))
     logits, plan = ray_engine.prompt_logits(long_p, long_r)
-    assert plan.restore_to == 2 * C
+    assert plan.restored_tokens == 2 * C
     assert torch.equal(logits, engine.prompt_logits(long_p)[0])
 
 
@@ -108,7 +111,10 @@ def test_health_and_props_show_each_stage(ray_engine: Engine) -> None:
     assert [s["state"] for s in health["stages"]] == ["alive"] * 3
     assert props["distributed"] == "ray"
     for s in props["stages"]:
-        assert s["node"] and s["layers"] and s["kv_bytes"] > 0 and "ram_bytes" in s["cache"]
+        assert s["node"]
+        assert s["layers"]
+        assert s["kv_bytes"] > 0
+        assert "ram_bytes" in s["cache"]
 
 
 def test_a_killed_stage_fails_requests_in_flight_with_503_and_comes_back(ray_engine: Engine) -> None:
@@ -134,8 +140,10 @@ def test_a_killed_stage_fails_requests_in_flight_with_503_and_comes_back(ray_eng
         ray.kill(pipe.workers[1], no_restart=False)
         t.join(timeout=60)
         assert not t.is_alive()
-        assert len(errors) == 1 and isinstance(errors[0], openai.APIStatusError)
-        assert errors[0].status_code == 503 and "stage 1" in str(errors[0])
+        assert len(errors) == 1
+        assert isinstance(errors[0], openai.APIStatusError)
+        assert errors[0].status_code == 503
+        assert "stage 1" in str(errors[0])
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if all(s.state == "alive" for s in pipe.health()):
@@ -179,14 +187,16 @@ def test_serve_with_stages_on_a_local_ray_instance(tmp_path: Path, client: TestC
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None and time.monotonic() < deadline, "serve --distributed ray did not start"
+            assert proc.poll() is None, "serve --distributed ray did not start"
+            assert time.monotonic() < deadline, "serve --distributed ray did not start"
             time.sleep(0.5)
         body = {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0}
         got = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
         want = client.post("/v1/chat/completions", json=body).json()
         assert got["choices"][0]["message"]["content"] == want["choices"][0]["message"]["content"]
         props = httpx.get(f"{url}/props", timeout=10).json()
-        assert props["distributed"] == "ray" and len(props["stages"]) == 2
+        assert props["distributed"] == "ray"
+        assert len(props["stages"]) == 2
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

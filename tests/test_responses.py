@@ -41,7 +41,9 @@ def test_create_answers_with_an_output_message_and_usage(client: OpenAI) -> None
     assert r.status in ("completed", "incomplete")
     assert "Paris" in r.output_text
     assert r.output[0].type == "message"
-    assert r.usage is not None and r.usage.input_tokens > 0 and r.usage.output_tokens > 0
+    assert r.usage is not None
+    assert r.usage.input_tokens > 0
+    assert r.usage.output_tokens > 0
 
 
 def test_streamed_events_end_in_the_same_response(client: OpenAI) -> None:
@@ -71,7 +73,8 @@ def test_previous_response_id_continues_and_restores_the_conversation(client: Op
         model="any", instructions=INSTRUCTIONS, input="And subject 6?", previous_response_id=first.id,
         temperature=0, max_output_tokens=12,
     )  # fmt: skip
-    assert second.usage is not None and first.usage is not None
+    assert second.usage is not None
+    assert first.usage is not None
     assert second.usage.input_tokens > first.usage.input_tokens  # the first turn is in the prompt
     assert second.usage.input_tokens_details.cached_tokens > first.usage.input_tokens // 2
 
@@ -81,7 +84,8 @@ def test_prompt_cache_key_is_accepted_and_cached_tokens_reported(client: OpenAI)
                           "prompt_cache_key": "library"}  # fmt: skip
     a = client.responses.create(input="Subject 11?", **kw)
     b = client.responses.create(input="Subject 11?", **kw)
-    assert b.usage is not None and b.usage.input_tokens_details.cached_tokens > 0
+    assert b.usage is not None
+    assert b.usage.input_tokens_details.cached_tokens > 0
     assert a.output_text == b.output_text
 
 
@@ -91,13 +95,15 @@ def test_function_tools_round_trip(client: OpenAI) -> None:
         max_output_tokens=48,
     )  # fmt: skip
     calls = [o for o in r.output if o.type == "function_call"]
-    assert calls and calls[0].name == "find_book"
+    assert calls
+    assert calls[0].name == "find_book"
     follow = client.responses.create(
         model="any", previous_response_id=r.id, tools=[LOOKUP], temperature=0, max_output_tokens=12,  # type: ignore[list-item]
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Shelf 3"}],
     )  # fmt: skip
     assert follow.status in ("completed", "incomplete")
-    assert follow.usage is not None and follow.usage.input_tokens_details.cached_tokens > 0
+    assert follow.usage is not None
+    assert follow.usage.input_tokens_details.cached_tokens > 0
 
 
 def test_streamed_function_call_arguments_arrive_in_pieces_and_end_in_the_same_calls(client: OpenAI) -> None:
@@ -114,7 +120,8 @@ def test_streamed_function_call_arguments_arrive_in_pieces_and_end_in_the_same_c
     final = events[-1]
     assert final.type in ("response.completed", "response.incomplete")
     calls = [o for o in final.response.output if o.type == "function_call"]
-    assert calls and [c.id for c in calls] == list(pieces) == list(done)
+    assert calls
+    assert [c.id for c in calls] == list(pieces) == list(done)
     assert all(done[c.id] == "".join(pieces[c.id]) == c.arguments for c in calls)
     expected = [o for o in whole.output if o.type == "function_call"]
     assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in expected]
@@ -130,7 +137,8 @@ def test_codex_style_fields_are_accepted_and_ignored(server: LiveServer) -> None
         "include": ["reasoning.encrypted_content"], "store": False, "max_output_tokens": 4,
     }  # fmt: skip
     r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
-    assert r.status_code == 200 and r.json()["output"]
+    assert r.status_code == 200
+    assert r.json()["output"]
 
 
 def test_unknown_previous_response_id_is_a_400_naming_it(client: OpenAI) -> None:

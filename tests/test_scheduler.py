@@ -170,7 +170,7 @@ def test_a_sessions_next_turn_restores_while_others_decode(tmp_path: Path) -> No
     )  # fmt: skip
     second = run.submit(turn2.token_ids, cache_req=CacheRequest(turn2.boundaries))
     run.step()
-    assert second.cplan is not None and second.cplan.restore_to >= turn1.boundaries[0]
+    assert second.restored.tokens >= turn1.boundaries[0]
     assert all(s.status is Status.DECODING for s in others)  # they kept decoding meanwhile
     run.finish()
     cold = Engine(EngineConfig(threads=2, parallel=1))
@@ -186,9 +186,10 @@ def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_and_restores_i
     first = run.submit(a.token_ids, cache_req=CacheRequest(a.boundaries))
     second = run.submit(b.token_ids, cache_req=CacheRequest(b.boundaries))
     run.step()
-    assert first.status is Status.PREFILLING and second.status is Status.WAITING
+    assert first.status is Status.PREFILLING
+    assert second.status is Status.WAITING
     run.finish()
-    assert second.cplan is not None and second.cplan.restore_to == b.boundaries[0]  # the system prompt
+    assert second.restored.tokens == b.boundaries[0]  # the system prompt
     assert_same(alone(Engine(EngineConfig(threads=2, parallel=1)), b.token_ids), second, run)
 
 
@@ -209,7 +210,8 @@ def test_schedule_takes_every_decode_row_and_prefill_pieces_oldest_first_up_to_t
     small = schedule([p2, d1], budget=128)
     assert small.prefill == [(p2, (0, 50))]
     big = schedule([seq([5] * 400, Status.PREFILLING, [(0, 190)])], budget=128)
-    assert big.prefill and big.prefill[0][1] == (0, 190)  # one piece always runs, even past the budget
+    assert big.prefill
+    assert big.prefill[0][1] == (0, 190)  # one piece always runs, even past the budget
 
 
 def test_pick_slot_prefers_the_slot_holding_the_prompts_prefix_then_the_least_recently_used() -> None:

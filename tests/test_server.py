@@ -36,8 +36,10 @@ def test_chat_answers_paris_with_usage_and_timings(client: TestClient) -> None:
     usage, timings = body["usage"], body["timings"]
     assert usage["prompt_tokens_details"]["cached_tokens"] == 0
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert timings["prompt_n"] == usage["prompt_tokens"] and timings["cache_n"] == 0
-    assert timings["predicted_n"] == usage["completion_tokens"] and timings["prompt_ms"] > 0
+    assert timings["prompt_n"] == usage["prompt_tokens"]
+    assert timings["cache_n"] == 0
+    assert timings["predicted_n"] == usage["completion_tokens"]
+    assert timings["prompt_ms"] > 0
 
 
 def test_streamed_equals_non_streamed(client: TestClient) -> None:
@@ -52,13 +54,15 @@ def test_streamed_equals_non_streamed(client: TestClient) -> None:
     assert text == whole["choices"][0]["message"]["content"]
     finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert [f["choices"][0]["finish_reason"] for f in finals] == ["stop"]
-    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert events[-1]["choices"] == []
+    assert events[-1]["usage"] == whole["usage"]
 
 
 def test_completions_streamed_and_not(client: TestClient) -> None:
     req = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0}
     whole = client.post("/v1/completions", json=req).json()
-    assert whole["object"] == "text_completion" and "Paris" in whole["choices"][0]["text"]
+    assert whole["object"] == "text_completion"
+    assert "Paris" in whole["choices"][0]["text"]
     with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
         events = sse_events(list(r.iter_lines()))
     assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
@@ -73,8 +77,11 @@ def test_chat_logprobs_are_the_models_own_distribution(client: TestClient, engin
     assert bytes(b for e in content for b in e["bytes"]).decode() == choice["message"]["content"]
     for e in content:  # greedy: each token is its own best alternative
         top = [t["logprob"] for t in e["top_logprobs"]]
-        assert len(top) == 3 and top == sorted(top, reverse=True) and math.fsum(math.exp(t) for t in top) <= 1
-        assert e["top_logprobs"][0]["token"] == e["token"] and top[0] == e["logprob"]
+        assert len(top) == 3
+        assert top == sorted(top, reverse=True)
+        assert math.fsum(math.exp(t) for t in top) <= 1
+        assert e["top_logprobs"][0]["token"] == e["token"]
+        assert top[0] == e["logprob"]
     prompt = engine.render_chat(CHAT["messages"]).token_ids
     with torch.inference_mode():
         first = torch.log_softmax(engine.prompt_logits(prompt)[0].float(), -1)
@@ -84,14 +91,16 @@ def test_chat_logprobs_are_the_models_own_distribution(client: TestClient, engin
     streamed = [e for ev in events if (lp := ev["choices"][0]["logprobs"]) for e in lp["content"]]
     assert streamed == content
     plain = client.post("/v1/chat/completions", json=CHAT).json()
-    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["message"] == choice["message"]
+    assert plain["choices"][0]["logprobs"] is None
+    assert plain["choices"][0]["message"] == choice["message"]
 
 
 def test_completion_logprobs_streamed_and_not(client: TestClient) -> None:
     req = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
     whole = client.post("/v1/completions", json=req).json()["choices"][0]
     lp = whole["logprobs"]
-    assert "".join(lp["tokens"]) == whole["text"] and len(lp["token_logprobs"]) == 6
+    assert "".join(lp["tokens"]) == whole["text"]
+    assert len(lp["token_logprobs"]) == 6
     assert lp["text_offset"] == [len("".join(lp["tokens"][:i])) for i in range(6)]
     assert all(len(top) <= 2 and max(top.values()) == t for top, t in zip(lp["top_logprobs"], lp["token_logprobs"]))
     with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as r:
@@ -128,7 +137,8 @@ def test_tokenize_gives_the_token_counts_anchors_take(client: TestClient, engine
         ("/detokenize", {"tokens": [10**9]}, "tokens"),
     ]:
         r = client.post(path, json=body)
-        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param, r.text
 
 
 def test_models_health_props(client: TestClient, engine: Engine) -> None:
@@ -136,11 +146,14 @@ def test_models_health_props(client: TestClient, engine: Engine) -> None:
     assert models["data"][0]["id"] == "SmolLM2-135M-Instruct.Q4_1"
     assert client.get("/health").json()["status"] == "ok"
     props = client.get("/props").json()
-    assert props["architecture"] == "llama" and props["n_layers"] == 30
-    assert props["n_ctx"] == engine.ctx and props["dtype"] == "bfloat16"
+    assert props["architecture"] == "llama"
+    assert props["n_layers"] == 30
+    assert props["n_ctx"] == engine.ctx
+    assert props["dtype"] == "bfloat16"
     assert [(s["index"], s["layers"]) for s in props["stages"]] == [(0, [0, 30])]
     # 8 slots of K and V: 30 layers x 3 KV heads x ctx x 64 dims in bfloat16
-    assert props["parallel"] == 8 and props["decode_rows"] == "batched"
+    assert props["parallel"] == 8
+    assert props["decode_rows"] == "batched"
     assert props["kv_pool"]["bytes"] == props["stages"][0]["kv_bytes"] == 8 * 2 * 30 * 3 * engine.ctx * 64 * 2
 
 
@@ -180,7 +193,8 @@ def test_bad_chat_input_is_a_400_naming_the_field(client: TestClient, body: dict
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param
     assert param.split("[")[0] in err["message"] or "context" in err["message"]
 
 
@@ -196,12 +210,14 @@ def test_bad_chat_input_is_a_400_naming_the_field(client: TestClient, body: dict
 )
 def test_bad_completion_input_is_a_400(client: TestClient, body: dict[str, Any], param: str) -> None:
     r = client.post("/v1/completions", json=body)
-    assert r.status_code == 400 and r.json()["error"]["param"] == param
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == param
 
 
 def test_malformed_json_is_a_400(client: TestClient) -> None:
     r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    assert r.status_code == 400
+    assert "JSON" in r.json()["error"]["message"]
 
 
 def test_api_key_is_required_when_set(engine: Engine) -> None:
@@ -224,7 +240,8 @@ def test_client_disconnect_stops_generation(live: LiveServer) -> None:
     t0 = time.monotonic()
     while (worker.busy or metrics.cancelled._value.get() == before) and time.monotonic() - t0 < 20:
         time.sleep(0.05)
-    assert metrics.cancelled._value.get() == before + 1 and not worker.busy
+    assert metrics.cancelled._value.get() == before + 1
+    assert not worker.busy
     assert time.monotonic() - t0 < 20  # 4000 tokens would take minutes
 
 
@@ -272,9 +289,11 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
         top_logprobs=2,
     )
     assert "Paris" in (r.choices[0].message.content or "")
-    assert r.choices[0].logprobs is not None and r.choices[0].logprobs.content is not None
+    assert r.choices[0].logprobs is not None
+    assert r.choices[0].logprobs.content is not None
     assert "".join(t.token for t in r.choices[0].logprobs.content) == r.choices[0].message.content
-    assert r.usage is not None and r.usage.prompt_tokens_details is not None
+    assert r.usage is not None
+    assert r.usage.prompt_tokens_details is not None
     assert r.usage.prompt_tokens_details.cached_tokens == 0
     stream = client.chat.completions.create(
         model="any", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
@@ -283,7 +302,8 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     comp = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in comp.choices[0].text
     with pytest.raises(openai.BadRequestError):
@@ -294,7 +314,8 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
 
 def test_without_a_cache_nothing_is_reported_as_recorded(client: TestClient) -> None:
     body = client.post("/v1/chat/completions", json=CHAT).json()
-    assert body["prefix_cache"]["recorded"] == [] and body["prefix_cache"]["restored_tokens"] == 0
+    assert body["prefix_cache"]["recorded"] == []
+    assert body["prefix_cache"]["restored_tokens"] == 0
 
 
 def test_tools_without_a_system_message_and_tool_calls_come_back(client: TestClient) -> None:

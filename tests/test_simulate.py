@@ -56,14 +56,17 @@ def test_transcript_readers_make_one_request_per_assistant_message(
     per_session = 1 if name == "fastchat.json" else 2
     assert len(reqs) == sessions * per_session
     for r in reqs:
-        assert r.messages and r.messages[-1]["role"] != "assistant" and r.reply_index == len(r.messages)
+        assert r.messages
+        assert r.messages[-1]["role"] != "assistant"
+        assert r.reply_index == len(r.messages)
 
 
 def test_jsonl_sessions_oasst_trees_and_mooncake(tmp_path: Path) -> None:
     jl = tmp_path / "s.jsonl"
     jl.write_text("\n".join(json.dumps(x) for x in [SESSION, {"messages": SESSION}]))
     assert len(traces.read_trace(str(jl))) == 4
-    assert len(traces.read_trace(str(jl), limit=3)) == 3 and len(traces.read_trace(str(tmp_path), limit=1)) == 1
+    assert len(traces.read_trace(str(jl), limit=3)) == 3
+    assert len(traces.read_trace(str(tmp_path), limit=1)) == 1
     tree = {"message_tree_id": "t", "prompt": {"role": "prompter", "text": "q", "replies": [
         {"role": "assistant", "text": "a", "replies": []}, {"role": "assistant", "text": "b", "replies": [
             {"role": "prompter", "text": "q2", "replies": [{"role": "assistant", "text": "c", "replies": []}]}]}]}}  # fmt: skip
@@ -77,10 +80,13 @@ def test_jsonl_sessions_oasst_trees_and_mooncake(tmp_path: Path) -> None:
         {"timestamp": 2, "input_length": 600, "hash_ids": [0, 3]},
     ]))  # fmt: skip
     a, b, c = (r.tokens for r in traces.read_trace(str(mc)))
-    assert a is not None and b is not None and c is not None
+    assert a is not None
+    assert b is not None
+    assert c is not None
     assert (len(a), len(b), len(c)) == (1000, 1500, 600)
     assert b[:1000] == a  # equal id prefixes give equal token prefixes
-    assert c[:512] == a[:512] and c[512:600] != a[512:600]
+    assert c[:512] == a[:512]
+    assert c[512:600] != a[512:600]
 
 
 def test_generators() -> None:
@@ -99,10 +105,12 @@ def test_simulate_cli_json_has_every_policy_and_field(tmp_path: Path) -> None:
     rows = json.loads(r.stdout)
     assert [x["policy"] for x in rows] == simulate.STANDARD
     for x in rows:
-        assert x["requests"] == 12 and 0 <= x["hit_rate"] <= 1
+        assert x["requests"] == 12
+        assert 0 <= x["hit_rate"] <= 1
         assert {"mean_restored_tokens", "restored_fraction", "bytes_written", "by_kind"} <= x.keys()
     off = next(x for x in rows if x["policy"] == "off")
-    assert off["hit_rate"] == 0 and off["bytes_written"] == 0
+    assert off["hit_rate"] == 0
+    assert off["bytes_written"] == 0
     full = next(x for x in rows if x["policy"] == "full")
     auto2 = next(x for x in rows if x["policy"] == "auto:2")
     assert full["bytes_written"] >= auto2["bytes_written"] > 0
@@ -135,7 +143,8 @@ def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> Non
             ["usage"]["prompt_tokens_details"]["cached_tokens"]
             for r in requests
         ]  # fmt: skip
-    assert served == predicted and sum(served) > 0
+    assert served == predicted
+    assert sum(served) > 0
 
 
 def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: Path) -> None:
@@ -148,21 +157,23 @@ def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: P
     try:
         requests = traces.generate("gen:interleaved")[:4]
         samples = replay.replay(live.url, requests, max_tokens=2, concurrency=2)
-        assert [s.index for s in samples] == [0, 1, 2, 3] and not any(s.error for s in samples)
+        assert [s.index for s in samples] == [0, 1, 2, 3]
+        assert not any(s.error for s in samples)
         assert all(s.ttft_ms is not None and s.e2e_ms >= s.ttft_ms for s in samples)
         assert all(s.prompt_tokens and s.timings for s in samples)
         assert sum(s.cached_tokens or 0 for s in samples) > 0  # four sessions share one system prompt
         summaries = replay.write(tmp_path, {"anchorkv": samples})
-        assert summaries[0]["requests"] == 4 and summaries[0]["errors"] == 0
-        assert (tmp_path / "replay.png").stat().st_size > 1000 and "p50" in (tmp_path / "replay.md").read_text()
+        assert summaries[0]["requests"] == 4
+        assert summaries[0]["errors"] == 0
+        assert (tmp_path / "replay.png").stat().st_size > 1000
+        assert "p50" in (tmp_path / "replay.md").read_text()
         # the CLI's second pass after --restart-cmd ("true": the server stays up, so the pass is all warm)
         out = tmp_path / "cli"
         argv = ["bench", "replay", "gen:interleaved", "--base-url", live.url, "--limit", "2", "--max-tokens", "1"]
         assert main([*argv, "--restart-cmd", "true", "--label", "ours", "--out", str(out)]) == 0
         runs = json.loads((out / "replay.json").read_text())["samples"]
-        assert list(runs) == ["ours", "ours after restart"] and all(
-            s["cached_tokens"] for s in runs["ours after restart"]
-        )
+        assert list(runs) == ["ours", "ours after restart"]
+        assert all(s["cached_tokens"] for s in runs["ours after restart"])
         with pytest.raises(subprocess.CalledProcessError):
             replay.restart("false", live.url)
     finally:
@@ -180,22 +191,26 @@ def test_a_live_replay_sends_the_servers_replies_back_and_the_next_turn_restores
         requests = traces.generate("gen:agent")[:3]
         scripted = replay.replay(live.url, requests[:2], max_tokens=4)
         # the recorded assistant message is not what the server said: the turn restores at most the last prompt
-        assert scripted[1].cached_tokens is not None and scripted[0].prompt_tokens is not None
+        assert scripted[1].cached_tokens is not None
+        assert scripted[0].prompt_tokens is not None
         assert scripted[1].cached_tokens <= scripted[0].prompt_tokens
         # a client loop with a second between turns: the reply, prefilled again while the server was idle, hits
         samples = replay.replay(live.url, requests, max_tokens=4, live=True, think_s=1.0)
-        assert not any(s.error for s in samples) and all(s.text for s in samples)
+        assert not any(s.error for s in samples)
+        assert all(s.text for s in samples)
         sent = replay.with_replies(requests[2], replay.replies(requests, samples, "agent"))
         assert [m["content"] for m in sent.messages if m["role"] == "assistant"] == [s.text for s in samples[:2]]
         for before, after in zip(samples, samples[1:]):
-            assert before.prompt_tokens is not None and after.cached_tokens is not None
+            assert before.prompt_tokens is not None
+            assert after.cached_tokens is not None
             assert after.cached_tokens > before.prompt_tokens
         # sessions that take turns in the trace take turns at the server, each sending back its own replies
         requests = traces.generate("gen:interleaved")[:8]
         samples = replay.replay(live.url, requests, max_tokens=4, live=True)
         assert [s.index for s in sorted(samples, key=lambda s: s.started_s)] == list(range(8))
         for first, second in zip(samples[:4], samples[4:]):
-            assert first.session == second.session and first.text
+            assert first.session == second.session
+            assert first.text
             sent = replay.with_replies(requests[second.index], replay.replies(requests, samples, first.session))
             assert [m["content"] for m in sent.messages if m["role"] == "assistant"] == [first.text]
     finally:

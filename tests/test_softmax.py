@@ -34,7 +34,8 @@ def test_the_kernel_is_torchs_softmax_within_a_bfloat16_step_and_hides_later_key
     exact = torch.softmax(scores.double().masked_fill(hidden, float("-inf")), dim=-1)
     # bfloat16 keeps 8 significant bits: both are the exact value rounded, give or take one step
     step = exact.abs() * 2**-7 + 1e-30
-    assert ((kernel_probs - exact).abs() <= step).all() and ((torch_probs - exact).abs() <= step).all()
+    assert ((kernel_probs - exact).abs() <= step).all()
+    assert ((torch_probs - exact).abs() <= step).all()
     assert (kernel_probs == torch_probs).float().mean() > 0.99
 
 

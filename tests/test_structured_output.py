@@ -41,9 +41,12 @@ def test_a_json_schema_holds_the_answer_the_model_would_not_give_as_json(client:
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     held = chat(client, SCIENTIST, response_format=fmt)
     answer = json.loads(held["choices"][0]["message"]["content"])
-    assert set(answer) == {"name", "age"} and isinstance(answer["name"], str) and isinstance(answer["age"], int)
+    assert set(answer) == {"name", "age"}
+    assert isinstance(answer["name"], str)
+    assert isinstance(answer["age"], int)
     # the grammar ends the reply once the object is closed, well before max_tokens
-    assert held["choices"][0]["finish_reason"] == "stop" and held["usage"]["completion_tokens"] < 60
+    assert held["choices"][0]["finish_reason"] == "stop"
+    assert held["usage"]["completion_tokens"] < 60
 
 
 def test_json_object_json_schema_and_gbnf_grammar(client: TestClient) -> None:
@@ -55,13 +58,15 @@ def test_json_object_json_schema_and_gbnf_grammar(client: TestClient) -> None:
     answer = chat(client, WEATHER, grammar='root ::= "yes" | "no"')["choices"][0]["message"]["content"]
     assert answer in yes_no
     r = client.post("/v1/completions", json={"prompt": "Is Paris in France?", "grammar": 'root ::= "yes" | "no"'})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] in yes_no
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] in yes_no
 
 
 def test_a_named_tool_choice_always_calls_that_tool(client: TestClient) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
     body = chat(client, WEATHER, tools=TOOLS, tool_choice=choice)["choices"][0]
-    assert body["finish_reason"] == "tool_calls" and body["message"]["content"] is None
+    assert body["finish_reason"] == "tool_calls"
+    assert body["message"]["content"] is None
     (call,) = body["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert set(json.loads(call["function"]["arguments"])) == {"city"}
@@ -73,7 +78,8 @@ def test_a_named_tool_choice_always_calls_that_tool(client: TestClient) -> None:
     deltas = [e["choices"][0]["delta"] for e in events]
     assert "".join(d.get("content") or "" for d in deltas) == ""
     calls = [c for d in deltas for c in d.get("tool_calls", [])]
-    assert calls[0]["function"]["name"] == "get_weather" and {c["index"] for c in calls} == {0}
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert {c["index"] for c in calls} == {0}
     assert "".join(c["function"]["arguments"] for c in calls) == call["function"]["arguments"]
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
@@ -91,7 +97,8 @@ def test_tool_choice_none_leaves_a_written_call_as_text(client: TestClient) -> N
     auto = chat(client, WEATHER, tools=TOOLS, grammar=grammar)["choices"][0]
     assert auto["message"]["tool_calls"][0]["function"]["name"] == "get_time"
     none = chat(client, WEATHER, tools=TOOLS, grammar=grammar, tool_choice="none")["choices"][0]
-    assert none["finish_reason"] == "stop" and "tool_calls" not in none["message"]
+    assert none["finish_reason"] == "stop"
+    assert "tool_calls" not in none["message"]
     assert none["message"]["content"] == FORCED_CALL
 
 

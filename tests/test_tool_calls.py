@@ -16,7 +16,8 @@ def test_parse_splits_content_and_calls() -> None:
     assert parsed is not None
     content, calls = parsed
     assert content == "Let me check."
-    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["type"] == "function"
+    assert calls[0]["id"].startswith("call_")
     assert calls[0]["function"]["name"] == "get_weather"
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
 
@@ -32,7 +33,9 @@ def test_stream_holds_back_the_call_and_returns_it_at_the_end() -> None:
     sent = "".join(s.push(TEXT[i : i + 3]) for i in range(0, len(TEXT), 3))
     assert sent == "Let me check.\n"
     rest, calls = s.finish()
-    assert rest == "" and calls is not None and calls[0]["function"]["name"] == "get_weather"
+    assert rest == ""
+    assert calls is not None
+    assert calls[0]["function"]["name"] == "get_weather"
 
 
 def test_stream_of_plain_text_loses_nothing() -> None:
@@ -40,7 +43,8 @@ def test_stream_of_plain_text_loses_nothing() -> None:
     text = "a < b and <tool is not a call"
     sent = "".join(s.push(ch) for ch in text)
     rest, calls = s.finish()
-    assert calls is None and sent + rest == text
+    assert calls is None
+    assert sent + rest == text
 
 
 def test_a_call_cut_by_max_tokens_leaks_no_markup() -> None:
@@ -52,7 +56,8 @@ def test_a_call_cut_by_max_tokens_leaks_no_markup() -> None:
     sent = "".join(s.push(cut[i : i + 5]) for i in range(0, len(cut), 5))
     rest, calls = s.finish()
     assert "<tool_call>" not in sent + rest
-    assert calls is not None and len(calls) == 1
+    assert calls is not None
+    assert len(calls) == 1
     alone = assistant_message('Sure.\n<tool_call>\n{"name": "get_w', 2**31)
     assert alone == {"role": "assistant", "content": "Sure."}
 
@@ -89,11 +94,15 @@ def test_arguments_stream_piece_by_piece_and_add_up_to_the_call() -> None:
         s.push(text[i : i + 4])
         pieces += s.pieces()
     _, calls = s.finish()
-    assert calls is not None and len(calls) == 2
+    assert calls is not None
+    assert len(calls) == 2
     for i, call in enumerate(calls):
         mine = [p for p in pieces if p.index == i]
-        assert len(mine) > 1 and mine[0].name == call["function"]["name"] and all(p.name is None for p in mine[1:])
-        assert {p.id for p in mine} == {call["id"]} and s.streamed(i)
+        assert len(mine) > 1
+        assert mine[0].name == call["function"]["name"]
+        assert all(p.name is None for p in mine[1:])
+        assert {p.id for p in mine} == {call["id"]}
+        assert s.streamed(i)
         assert "".join(p.arguments for p in mine) == call["function"]["arguments"]
         json.loads(call["function"]["arguments"])
 
@@ -103,7 +112,9 @@ def test_a_call_whose_json_does_not_start_with_its_name_comes_whole() -> None:
     s.push('<tool_call>{"arguments": {"city": "Paris"}, "name": "get_weather"}</tool_call>')
     assert s.pieces() == []
     _, calls = s.finish()
-    assert calls is not None and not s.streamed(0) and calls[0]["function"]["name"] == "get_weather"
+    assert calls is not None
+    assert not s.streamed(0)
+    assert calls[0]["function"]["name"] == "get_weather"
 
 
 def test_streamed_tool_call_deltas_add_up_to_the_non_streamed_call(client: TestClient) -> None:
@@ -117,7 +128,8 @@ def test_streamed_tool_call_deltas_add_up_to_the_non_streamed_call(client: TestC
     deltas = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
     deltas = [d[0] for d in deltas if d]
     assert len(deltas) > 1  # piece by piece
-    assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"]
+    assert deltas[0]["function"]["name"] == "get_weather"
+    assert deltas[0]["id"]
     arguments = "".join(d["function"]["arguments"] for d in deltas)
     assert arguments == whole["message"]["tool_calls"][0]["function"]["arguments"]  # the very text
     finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]

@@ -155,12 +155,12 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
     for p in prepared:
         req = CacheRequest(p.ends, marked=p.ends[:1] if policy.anchors else ())
         plan = cache.plan(p.tokens, req)
-        cache.restore(plan, p.tokens, 0)
-        restored.append(plan.restore_to)
-        kinds.append(plan.kind)
+        got = cache.restore(plan, p.tokens, 0)
+        restored.append(got.tokens)
+        kinds.append(got.kind)
         # what a prefill leaves reusable: up to the last cut (record rounds down to it)
         # as the server: logits before every turn start it prefilled, and at the prompt's end
-        kept = {e: kv.logits for e in [*p.turns, len(p.tokens)] if e > plan.restore_to}
+        kept = {e: kv.logits for e in [*p.turns, len(p.tokens)] if e > got.tokens}
         cache.record_prompt(plan, p.tokens, 0, len(p.tokens), kept)
         if p.reply is not None:
             tokens, ends = p.reply

@@ -52,8 +52,8 @@ class RedisResult:
 
 def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, int]:
     t = time.perf_counter()
-    _, plan = engine.prompt_logits(prompt, req)
-    return (time.perf_counter() - t) * 1000, plan.restore_to
+    _, report = engine.prompt_logits(prompt, req)
+    return (time.perf_counter() - t) * 1000, report.restored_tokens
 
 
 def _decode_ms(engine: Engine, prompt: list[int], steps: int) -> float:

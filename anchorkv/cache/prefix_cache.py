@@ -135,11 +135,22 @@ class CacheReport:
         }
 
 
-@dataclass
+@dataclass(frozen=True)
+class Restore:
+    """What a restore brought back into a slot: [0, tokens) of the prompt, and when that is the whole
+    prompt, the logits its last position gives."""
+
+    tokens: int = 0
+    kind: str | None = None  # exact | full | chat | anchor | generic
+    tier: str | None = None  # the slowest tier read
+    logits: Tensor | None = None  # [vocab]
+
+
+@dataclass(frozen=True)
 class CachePlan:
+    """What the cache will do for a prompt: restore [0, restore_to), record `recorded`."""
+
     restore_to: int
-    kind: str | None
-    tier: str | None
     records: RecordPlan
     verdicts: list[AnchorVerdict]
     roots: list[bytes]
@@ -149,11 +160,10 @@ class CachePlan:
     limit: int  # the furthest this prompt could restore
     chat_ends: list[int]  # the prompt's chat boundaries: chain points, and prefill cuts
     recorded: list[Recorded] = field(default_factory=list)
-    logits: Tensor | None = None  # set by restore when restore_to is the whole prompt: its last logits
 
-    def report(self) -> CacheReport:
+    def report(self, restored: Restore) -> CacheReport:
         return CacheReport(
-            self.restore_to, self.kind, self.tier, str(self.scope), tuple(self.recorded), tuple(self.verdicts)
+            restored.tokens, restored.kind, restored.tier, str(self.scope), tuple(self.recorded), tuple(self.verdicts)
         )
 
 
@@ -225,15 +235,11 @@ class PrefixCache:
             for b in records.boundaries
         ]
         recorded = [r for r in recorded if r.at] if self.enabled else []
-        return CachePlan(
-            restore, None, None, records, verdicts, roots, req.salt, scope, history_ns, limit, chat, recorded
-        )
+        return CachePlan(restore, records, verdicts, roots, req.salt, scope, history_ns, limit, chat, recorded)
 
-    def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: frozenset[str]) -> str | None:
+    def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: frozenset[str]) -> str:
         """exact: this very prompt was seen; full: a whole earlier prompt (or prompt + reply) is a prefix
         of it; otherwise the strongest label recorded at the restored boundary."""
-        if not plan.restore_to:
-            return None
         root = plan.roots[0]
         lengths = sorted(m for m in self.full_lengths.get(root, ()) if plan.restore_to <= m < len(prompt))
         seen = self._seen_prefixes(root, prompt, [*lengths, len(prompt)])
@@ -262,19 +268,20 @@ class PrefixCache:
             self.full_prompts.popitem(last=False)
 
     # -- restore ---------------------------------------------------------------------------------------
-    def restore(self, plan: CachePlan, prompt: Sequence[int], slot: int, skip_upto: int = 0) -> None:
+    def restore(self, plan: CachePlan, prompt: Sequence[int], slot: int, skip_upto: int = 0) -> Restore:
         """Have every stage write its chunks of [0, plan.restore_to) into the slot's KV. Chunks ending at or
-        before skip_upto are already there (the previous request left them). Sets plan.tier and plan.kind,
-        and plan.logits when the whole prompt was restored; raises CacheMiss when a stage lost a chunk."""
+        before skip_upto are already there (the previous request left them). Raises CacheMiss when a stage
+        lost a chunk."""
         if not plan.restore_to:
-            return
+            return Restore()
         got = self._st.restore(slot, Fetch(prompt, plan.chat_ends, plan.restore_to, plan.salt, skip_upto))
+        logits = None
         if plan.restore_to == len(prompt):
             if got[-1].logits is None:
                 raise CacheMiss("the last stage lost the prompt's logits")
-            plan.logits = got[-1].logits.float()
-        plan.tier = max((r.tier for r in got if r.tier), key=TIER_ORDER.index, default=None)
-        plan.kind = self._kind(plan, prompt, got[0].labels)
+            logits = got[-1].logits.float()
+        tier = max((r.tier for r in got if r.tier), key=TIER_ORDER.index, default=None)
+        return Restore(plan.restore_to, self._kind(plan, prompt, got[0].labels), tier, logits)
 
     def warm_start(self, slot: int, limit: int, interrupt: Callable[[], bool] | None = None) -> Chain:
         """After a restart: load the chain the last run used last (if an unsalted request's) from disk into

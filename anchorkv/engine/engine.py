@@ -23,7 +23,15 @@ import torch
 from llguidance import LLTokenizer
 
 from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor, shared_cut
-from anchorkv.cache.prefix_cache import CacheConfig, CacheMiss, CachePlan, CacheReport, CacheRequest, PrefixCache
+from anchorkv.cache.prefix_cache import (
+    CacheConfig,
+    CacheMiss,
+    CachePlan,
+    CacheReport,
+    CacheRequest,
+    PrefixCache,
+    Restore,
+)
 from anchorkv.config import EngineConfig
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
 from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
@@ -213,15 +221,19 @@ class Engine:
                     pass
 
     @torch.inference_mode()
-    def prompt_logits(self, prompt: list[int], cache_req: CacheRequest | None = None) -> tuple[torch.Tensor, CachePlan]:
-        """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]."""
+    def prompt_logits(
+        self, prompt: list[int], cache_req: CacheRequest | None = None
+    ) -> tuple[torch.Tensor, CacheReport]:
+        """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]
+        and what the cache did."""
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         with self.lock:
             seq = self.submit(prompt, params, lambda _: None, cache_req=cache_req, keep_reply=False)
             while not seq.done:
                 self.step()
-        assert seq.first_logits is not None and seq.cplan is not None
-        return seq.first_logits, seq.cplan
+        assert seq.first_logits is not None
+        assert seq.cplan is not None
+        return seq.first_logits, seq.cplan.report(seq.restored)
 
     @torch.inference_mode()
     def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
@@ -296,19 +308,19 @@ class Engine:
             keep = shared_cut(prompt[: cplan.restore_to], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
         slot.clear()
         try:
-            self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)  # each stage keeps [0, keep) of it
+            seq.restored = self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)  # stages keep [0, keep)
         except CacheMiss as e:
             log.warning("restore failed, prefilling cold: %s", e)
-            cplan.restore_to, cplan.kind, cplan.tier, cplan.logits = 0, None, None, None
-        r = cplan.restore_to
+            seq.restored = Restore()
+        r = seq.restored.tokens
         if not r:
             self.pipeline.truncate(0, slot.index)
         seq.plan = RequestPlan(seq.id, len(prompt), restore_to=r)
         seq.sampler = Sampler(seq.params, prompt, self._constraint(seq.params.grammar))
         seq.stream = TextStream(self.tokenizer, seq.params.stop)
         seq.pos = len(prompt)
-        if r == len(prompt) and cplan.logits is not None:
-            seq.logits = cplan.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
+        if r == len(prompt) and seq.restored.logits is not None:
+            seq.logits = seq.restored.logits  # the same prompt, cut the same way, was prefilled before: nothing to do
         else:
             seq.pieces = deque(aligned_chunks(r, len(prompt), c, cplan.chat_ends))
         seq.status = Status.PREFILLING
@@ -463,11 +475,11 @@ class Engine:
                 finish_reason=reason,
                 prompt_tokens=len(seq.prompt),
                 completion_tokens=len(seq.out),
-                cached_tokens=cplan.restore_to if cplan is not None else 0,
+                cached_tokens=seq.restored.tokens,
                 prompt_ms=prompt_ms,
                 predicted_ms=(now - seq.prefilled) * 1000 if seq.prefilled else 0.0,
                 token_ids=seq.out,
-                cache=cplan.report() if cplan is not None else CacheReport(),
+                cache=cplan.report(seq.restored) if cplan is not None else CacheReport(),
                 logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             )
         )
@@ -486,7 +498,7 @@ class Engine:
         assert cplan is not None
         log.info(
             "[cache] restore=%d kind=%s tier=%s recorded=%s",
-            cplan.restore_to, cplan.kind, cplan.tier, ",".join(f"{r.kind}@{r.at}" for r in cplan.recorded) or "-",
+            seq.restored.tokens, seq.restored.kind, seq.restored.tier, ",".join(f"{r.kind}@{r.at}" for r in cplan.recorded) or "-",
         )  # fmt: skip
         if seq.out and reason != "cancelled" and seq.keep_reply and self.cache.enabled:
             self._keep_reply(seq, slot)

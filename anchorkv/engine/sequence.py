@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from anchorkv.cache.prefix_cache import CachePlan, CacheReport, CacheRequest
+from anchorkv.cache.prefix_cache import CachePlan, CacheReport, CacheRequest, Restore
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import Sampler, SamplingParams, TokenLogprob
 from anchorkv.engine.text_stream import TextStream
@@ -82,6 +82,7 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     cplan: CachePlan | None = None
+    restored: Restore = field(default_factory=Restore)
     plan: RequestPlan | None = None
     pieces: deque[tuple[int, int]] = field(default_factory=deque)  # prefill pieces [a, b) still to run
     kept_logits: dict[int, Tensor] = field(default_factory=dict)  # before each turn start prefilled, for the cache
