@@ -225,6 +225,12 @@ def _serve_parser(sub: Subparsers) -> None:
         help="seconds a SIGTERM leaves requests in hand to finish; those still running 1.5 s before get an error "
         "event and the stream's end, or a 503 (default 10)",
     )
+    serve.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature of requests that set none, 0 for greedy (default: each API's own, 1.0)",
+    )
     serve.add_argument("--alias", default=None, help="model id shown to clients (default: the model file's name)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -546,6 +552,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             model_alias=args.alias,
             max_body_mb=args.max_body_mb,
             metrics_public=None if args.metrics_public is None else args.metrics_public == "on",
+            temperature=args.temperature,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -65,6 +65,7 @@ class ServerConfig:
     model_alias: str | None = None  # the model id clients see; None: the model file's name
     max_body_mb: float = 8.0  # a larger request body gets 413 before it is parsed
     metrics_public: bool | None = None  # /metrics and the API docs without the key; None: only when no key is set
+    temperature: float | None = None  # for requests that set none; None: each API's default, 1.0
 
     @property
     def pages_public(self) -> bool:
@@ -75,5 +76,7 @@ class ServerConfig:
             raise ValueError(f"--port must be between 0 and 65535, got {self.port}")
         if not 0 < self.max_body_mb <= 1024:
             raise ValueError(f"--max-body-mb must be between 0 and 1024, got {self.max_body_mb}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ValueError(f"--temperature must be between 0 and 2, got {self.temperature}")
         if self.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")

@@ -23,6 +23,7 @@ from tests.conftest import free_port
         (["serve", "--threads", "0"], "--threads"),
         (["serve", "--chunk-size", "3"], "--chunk-size"),
         (["serve", "--port", "70000"], "--port"),
+        (["serve", "--temperature", "3"], "--temperature"),
         (["bench", "engine", "--device", "tpu"], "--device"),
     ],
 )

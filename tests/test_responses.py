@@ -10,8 +10,10 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from anchorkv.config import ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
 from anchorkv.server.openai_responses import ResponsesRequest, input_messages, to_chat
-from conftest import LiveServer, cached_server
+from conftest import LiveServer, cached_server, serve_in_thread
 
 INSTRUCTIONS = "You are a terse assistant for a library. " + " ".join(
     f"Shelf {i} holds books on subject {i}; answer with its code L-{i}." for i in range(40)
@@ -175,3 +177,16 @@ def test_translation_groups_function_calls_and_keeps_instructions_out_of_history
     assert [c["id"] for c in msgs[1]["tool_calls"]] == ["c1", "c2"]
     chat = to_chat(ResponsesRequest.model_validate({"input": "b", "instructions": "sys"}), msgs)
     assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool", "user"]
+
+
+def test_the_servers_temperature_applies_where_a_request_sets_none(engine: Engine) -> None:
+    """Codex sends no temperature: `--temperature 0` makes its requests greedy; one that sets its own keeps it."""
+    for server in serve_in_thread(create_app(engine, ServerConfig(temperature=0))):
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+        kw: dict[str, Any] = {"model": "any", "input": "Write a poem about the sea.", "max_output_tokens": 24}
+        greedy = client.responses.create(temperature=0, **kw)
+        unset = [client.responses.create(**kw) for _ in range(2)]
+        assert [r.output_text for r in unset] == [greedy.output_text] * 2
+        assert unset[0].temperature == 0
+        hot = client.responses.create(temperature=2, **kw)
+        assert hot.output_text != greedy.output_text

@@ -176,12 +176,9 @@ def _body(req: MessagesRequest, messages: list[dict[str, Any]]) -> dict[str, Any
         {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
         for t in req.tools or []
     ]  # fmt: skip
-    body: dict[str, Any] = {
-        "messages": messages,
-        "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-        "stream": req.stream,
-    }
+    body: dict[str, Any] = {"messages": messages, "max_tokens": req.max_tokens, "stream": req.stream}
+    if "temperature" in req.model_fields_set:  # else the server's default
+        body["temperature"] = req.temperature
     if tools:
         body["tools"] = tools
     if req.top_p is not None:

@@ -91,8 +91,10 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatComplet
                                           "parameters": t.get("parameters") or {"type": "object"}}}
         for t in req.tools or [] if t.get("type") == "function" and isinstance(t.get("name"), str)
     ]  # fmt: skip
-    body: dict[str, Any] = {"messages": messages, "temperature": req.temperature, "top_p": req.top_p,
-                            "stream": req.stream, "parallel_tool_calls": req.parallel_tool_calls}  # fmt: skip
+    body: dict[str, Any] = {"messages": messages, "top_p": req.top_p, "stream": req.stream,
+                            "parallel_tool_calls": req.parallel_tool_calls}  # fmt: skip
+    if "temperature" in req.model_fields_set:  # else the server's default
+        body["temperature"] = req.temperature
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
     if tools:

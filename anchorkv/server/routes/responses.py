@@ -42,6 +42,7 @@ def router(svc: Service) -> APIRouter:
         chat = translated(lambda: oar.to_chat(req, history), "input")
         prompt, creq = await svc.chat_prompt(chat)
         params = await svc.params(chat, prompt, "input", clamp=True)
+        req = req.model_copy(update={"temperature": params.temperature})  # echoed as run: the server's default
         job = svc.submit("responses", prompt, params, creq)
         rid = f"resp_{uuid.uuid4().hex[:24]}"
         said = dicts(chat.messages)[1 if req.instructions else 0 :]
