@@ -79,6 +79,9 @@ class _Blocks:
         self.open = kind
         yield _event("content_block_start", index=self.index, content_block=block)
 
+    def piece(self, piece: str | CallPiece) -> Iterator[str]:
+        return self.text(piece) if isinstance(piece, str) else self.call(piece)
+
     def text(self, text: str) -> Iterator[str]:
         if self.open != "text":
             yield from self.start("text", {"type": "text", "text": ""})
@@ -116,11 +119,8 @@ async def _events(svc: Service, mid: str, job: Job, prompt_len: int, tools: int,
     blocks = _Blocks()
     try:
         async for ev in svc.reply_pieces("messages", job, tools, t0):
-            if isinstance(ev, str):
-                for e in blocks.text(ev):
-                    yield e
-            elif isinstance(ev, CallPiece):
-                for e in blocks.call(ev):
+            if not isinstance(ev, tuple):
+                for e in blocks.piece(ev):
                     yield e
             else:
                 done, calls = ev

@@ -85,6 +85,9 @@ class _Items:
         self.number += 1
         return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
+    def piece(self, piece: str | CallPiece) -> Iterator[str]:
+        return self.delta(piece) if isinstance(piece, str) else self.call(piece)
+
     def delta(self, piece: str) -> Iterator[str]:
         if self.calls:
             return  # text after the calls: in the final response only
@@ -163,11 +166,8 @@ async def _events(
     yield items.event("response.in_progress", response=pending)
     try:
         async for ev in svc.reply_pieces("responses", job, tools, t0):
-            if isinstance(ev, str):
-                for e in items.delta(ev):
-                    yield e
-            elif isinstance(ev, CallPiece):
-                for e in items.call(ev):
+            if not isinstance(ev, tuple):
+                for e in items.piece(ev):
                     yield e
             else:
                 whole = finished(ev[0])
