@@ -10,6 +10,7 @@ import pytest
 import redis
 import torch
 
+from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine
@@ -124,3 +125,9 @@ def test_serving_goes_on_when_redis_stops(tmp_path: Path) -> None:
     stats = e.cache.stats()["redis"]
     assert stats["up"] is False  # type: ignore[index]
     assert stats["errors"] > 0  # type: ignore[index]
+
+
+def test_bench_stages_second_replica_restores_from_redis(redis_url: str) -> None:
+    r = stages_bench.redis_replicas(EngineConfig(threads=2), CacheConfig(ram_mb=64), redis_url, 256, repeats=1)
+    assert r.tier == "redis"
+    assert r.restored_tokens > 0

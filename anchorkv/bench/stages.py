@@ -103,7 +103,7 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
         a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url, scope="full"))
         b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url, scope="full"))
         tokens = a.tokenizer.encode(system_prompt(prompt_tokens + 64, a))[:prompt_tokens]
-        colds, hits, plan_b = [], [], None
+        colds, hits, report = [], [], None
         for r in tqdm(range(repeats), desc="redis", leave=False):
             req = CacheRequest(salt=f"redis-{r}-{time.time()}")
             t = time.perf_counter()
@@ -111,13 +111,13 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
             colds.append((time.perf_counter() - t) * 1000)
             a.cache.flush()
             t = time.perf_counter()
-            _, plan_b = b.prompt_logits(tokens, req)
+            _, report = b.prompt_logits(tokens, req)
             hits.append((time.perf_counter() - t) * 1000)
-        assert plan_b is not None
+        assert report is not None
         a.cache.flush()
         b.cache.flush()
         return RedisResult(
-            len(tokens), statistics.median(colds), statistics.median(hits), plan_b.restore_to, plan_b.tier
+            len(tokens), statistics.median(colds), statistics.median(hits), report.restored_tokens, report.tier
         )
 
 
