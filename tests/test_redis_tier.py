@@ -53,6 +53,20 @@ def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_ex
     assert stats["hits"] > 0  # type: ignore[index]
 
 
+def test_a_lookup_asks_redis_in_two_round_trips_however_long_the_chain(replica_a: Engine, replica_b: Engine) -> None:
+    system = {"role": "system", "content": " ".join(f"Rule {i}: parcels of class {i} go by road." for i in range(150))}
+    r = replica_a.render_chat([system, {"role": "user", "content": "Which class goes by sea?"}])
+    req = CacheRequest(r.boundaries, turn_starts=r.turn_starts)
+    replica_a.prompt_logits(r.token_ids, req)
+    replica_a.cache.flush()
+    before = replica_b.cache.stats()["redis"]["lookup_round_trips"]  # type: ignore[index]
+    plan = replica_b.cache.plan(r.token_ids, req)
+    asked = replica_b.cache.stats()["redis"]["lookup_round_trips"] - before  # type: ignore[index]
+    assert plan.restore_to == len(r.token_ids)  # every one of its chunks, from Redis
+    assert len(r.token_ids) // 128 >= 12
+    assert asked <= 3  # the chain and its tail lists, the tails, the whole prompt's last chunk
+
+
 def test_salts_are_isolated_in_redis(replica_a: Engine, replica_b: Engine) -> None:
     prompt, req = chat(replica_a, "Which code goes with shipment class 12?")
     replica_a.prompt_logits(prompt, CacheRequest(req.chat_ends, salt="tenant-1"))

@@ -430,7 +430,7 @@ class PrefixCache:
                 "up": all(bool(r["up"]) for r in remotes),
                 **{
                     k: sum(int(r[k]) for r in remotes)
-                    for k in ("errors", "hits", "written_bytes", "dropped_writes", "dropped_bad")
+                    for k in ("errors", "hits", "lookup_round_trips", "written_bytes", "dropped_writes", "dropped_bad")
                 },  # type: ignore[call-overload]
             },
         }

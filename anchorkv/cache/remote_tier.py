@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +44,7 @@ class RemoteTier:
         self.written_bytes = 0
         self.dropped_writes = 0
         self.dropped_bad = 0  # foreign or damaged values found and deleted
+        self.round_trips = 0  # lookups' calls to the server
         self.writer = DiskWriter()
 
     def _key(self, key: bytes) -> str:
@@ -73,17 +74,32 @@ class RemoteTier:
 
     # -- read ----------------------------------------------------------------------------------------
     def __contains__(self, key: bytes) -> bool:
-        return bool(self._call(lambda: self.client.exists(self._key(key)), 0))
+        return key in self.probe([key], [])[0]
 
     def tail_ends(self, parent: bytes) -> set[int]:
-        members: Any = self._call(lambda: self.client.smembers(self.prefix + "t:" + parent.hex()), set())
-        out = set()
-        for m in members:
-            try:
-                out.add(int(m))
-            except ValueError:
-                continue
-        return out
+        return self.probe([], [parent])[1].get(parent, set())
+
+    def probe(self, keys: Sequence[bytes], parents: Sequence[bytes]) -> tuple[set[bytes], dict[bytes, set[int]]]:
+        """Which of `keys` the server holds, and the chunk ends under each of `parents`, in one round trip
+        (none when there is nothing to ask)."""
+        if not keys and not parents:
+            return set(), {}
+
+        def ask() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._key(k))
+            for p in parents:
+                pipe.smembers(self.prefix + "t:" + p.hex())
+            self.round_trips += 1
+            return list(pipe.execute())
+
+        out = self._call(ask, [])
+        if not out:
+            return set(), {}
+        held = {k for k, n in zip(keys, out, strict=False) if n}
+        tails = {p: {int(m) for m in ms if m.isdigit()} for p, ms in zip(parents, out[len(keys) :], strict=True)}
+        return held, tails
 
     def has_logits(self, key: bytes) -> bool:
         return bool(self._call(lambda: self.client.exists(self._key(key) + ":L"), 0))
@@ -139,6 +155,7 @@ class RemoteTier:
             "up": self.up,
             "errors": self.errors,
             "hits": self.hits,
+            "lookup_round_trips": self.round_trips,
             "written_bytes": self.written_bytes,
             "dropped_writes": self.dropped_writes,
             "dropped_bad": self.dropped_bad,

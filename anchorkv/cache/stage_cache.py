@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -124,6 +124,34 @@ class CacheStats:
     remote: dict[str, object] | None = None
 
 
+class _RemoteView:
+    """The remote tier's answers during one lookup: asked in batches, one round trip each, not key by key."""
+
+    def __init__(self, tier: RemoteTier) -> None:
+        self.tier = tier
+        self.asked: set[bytes] = set()
+        self.held: set[bytes] = set()
+        self.tails: dict[bytes, set[int]] = {}
+
+    def ask(self, keys: Iterable[bytes], parents: Iterable[bytes] = ()) -> None:
+        new = [k for k in dict.fromkeys(keys) if k not in self.asked]
+        todo = [p for p in dict.fromkeys(parents) if p not in self.tails]
+        held, tails = self.tier.probe(new, todo)
+        self.asked.update(new)
+        self.held |= held
+        self.tails |= {p: tails.get(p, set()) for p in todo}
+
+    def has(self, key: bytes) -> bool:
+        if key not in self.asked:
+            self.ask([key])
+        return key in self.held
+
+    def tail_ends(self, parent: bytes) -> set[int]:
+        if parent not in self.tails:
+            self.ask([], [parent])
+        return self.tails[parent]
+
+
 class StageCache:
     def __init__(
         self,
@@ -161,34 +189,45 @@ class StageCache:
         self.corrupt_dropped += 1
 
     # -- lookup ----------------------------------------------------------------------------------------
-    def _has(self, key: bytes, slow_ok: bool) -> bool:
-        if key in self.ram:
-            return True
-        if not slow_ok:
-            return False
-        return (self.disk is not None and key in self.disk) or (self.remote is not None and key in self.remote)
+    def _local(self, key: bytes, slow_ok: bool) -> bool:
+        return key in self.ram or (slow_ok and self.disk is not None and key in self.disk)
 
-    def _tail_ends(self, parent: bytes, slow_ok: bool) -> set[int]:
+    def _has(self, key: bytes, slow_ok: bool, remote: _RemoteView | None = None) -> bool:
+        if self._local(key, slow_ok):
+            return True
+        if not slow_ok or self.remote is None:
+            return False
+        return remote.has(key) if remote is not None else key in self.remote
+
+    def _tail_ends(self, parent: bytes, slow_ok: bool, remote: _RemoteView | None) -> set[int]:
         ends = self.ram.tail_ends(parent)
         if slow_ok and self.disk is not None:
             ends |= self.disk.tail_ends(parent)
-        if slow_ok and self.remote is not None:
-            ends |= self.remote.tail_ends(parent)
+        if slow_ok and remote is not None:
+            ends |= remote.tail_ends(parent)
         return ends
 
     def chain_to(
-        self, root: bytes, prompt: Sequence[int], pos: int, chat: Sequence[int], slow_ok: bool
+        self,
+        root: bytes,
+        prompt: Sequence[int],
+        pos: int,
+        chat: Sequence[int],
+        slow_ok: bool,
+        remote: _RemoteView | None = None,
     ) -> list[bytes] | None:
         """Keys of the chunks covering exactly [0, pos), if all are cached."""
         g_ = self.grid
         points = cuts(pos, g_.stride, chat, g_.tail)
         keys = chain_keys(root, prompt, points)
-        if not all(self._has(k, slow_ok) for k in keys):
+        if remote is not None:
+            remote.ask([k for k in keys if not self._local(k, slow_ok)])
+        if not all(self._has(k, slow_ok, remote) for k in keys):
             return None
         g = points[-1] if points else 0
         if g < pos:
             tail = chunk_key(keys[-1] if keys else root, prompt[g:pos])
-            if not self._has(tail, slow_ok):
+            if not self._has(tail, slow_ok, remote):
                 return None
             keys.append(tail)
         return keys
@@ -200,27 +239,30 @@ class StageCache:
         with self.lock:
             points = cuts(q.limit, g_.stride, chat, g_.tail)
             keys = chain_keys(root, prompt, points)
+            remote = _RemoteView(self.remote) if q.disk_ok and self.remote is not None else None
+            if remote is not None:  # the chain and every tail list in one round trip
+                remote.ask([k for k in keys if not self._local(k, True)], [root, *keys])
             ends = {0}
             j = 0
-            while j < len(keys) and self._has(keys[j], q.disk_ok):
+            while j < len(keys) and self._has(keys[j], q.disk_ok, remote):
                 ends.add(points[j])
                 j += 1
             # tails off each chain point reached, ending before the prompt's next one (one that spans it was
             # cut differently) at a position a prefill of this prompt also cuts at
+            tails: list[tuple[int, bytes]] = []
             for i in range(j + 1):
                 g, parent = (points[i - 1], keys[i - 1]) if i else (0, root)
                 stop = points[i] if i < len(points) else q.limit + 1
-                for end in self._tail_ends(parent, q.disk_ok):
-                    if (
-                        g < end < stop
-                        and cut_floor(end, g_.unit, chat, g_.tail) == end
-                        and self._has(chunk_key(parent, prompt[g:end]), q.disk_ok)
-                    ):
-                        ends.add(end)
+                for end in self._tail_ends(parent, q.disk_ok, remote):
+                    if g < end < stop and cut_floor(end, g_.unit, chat, g_.tail) == end:
+                        tails.append((end, chunk_key(parent, prompt[g:end])))
+            if remote is not None:  # the tails in a second round trip
+                remote.ask([k for _, k in tails if not self._local(k, True)])
+            ends |= {end for end, key in tails if self._has(key, q.disk_ok, remote)}
             n = len(prompt)
             whole = whole_logits = False
             if q.whole and n and cut_floor(n, g_.unit, chat, g_.tail) == n:
-                chain = self.chain_to(root, prompt, n, chat, q.disk_ok)
+                chain = self.chain_to(root, prompt, n, chat, q.disk_ok, remote)
                 whole = chain is not None
                 if chain is not None:
                     whole_logits = self._has_logits(chain[-1], q.disk_ok)
@@ -242,7 +284,8 @@ class StageCache:
         trip to a remote stage). Raises CacheMiss when a chunk vanished since the lookup."""
         root = self.namespace.salted(f.salt).root
         with self.lock:
-            keys = self.chain_to(root, f.prompt, f.upto, f.chat, True) if f.upto else []
+            remote = _RemoteView(self.remote) if self.remote is not None else None
+            keys = self.chain_to(root, f.prompt, f.upto, f.chat, True, remote) if f.upto else []
             if keys is None:
                 raise CacheMiss(f"{self.namespace.id[:8]}: no chain to {f.upto} any more")
             tier, labels, logits = 0, frozenset[str](), None
