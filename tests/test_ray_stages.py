@@ -23,8 +23,10 @@ from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.ray_pipeline import RayPipeline
 from anchorkv.engine.sampling import SamplingParams
+from anchorkv.model.transformer import Interrupted
 from anchorkv.server.app import create_app
 from conftest import LiveServer, RayCluster, free_port, serve_in_thread
 from test_prefix_cache import C, chat
@@ -211,3 +213,23 @@ def test_bench_stages_measures_a_cold_and_a_restored_prompt_on_ray(ray_engine: E
     r = stages_bench.measure(ray_engine, "ray", system, repeats=1, decode_steps=4)  # asserts the warm one restored
     assert r.cold_ttft_ms > 0
     assert r.decode_step_ms > 0
+
+
+def test_a_background_forward_on_ray_gives_way_between_stages_and_runs_again_exactly(
+    ray_engine: Engine, engine: Engine
+) -> None:
+    tokens = ray_engine.tokenizer.encode(" ".join(f"Note {i} is filed under tag {i}." for i in range(12)))
+    plan = RequestPlan("background", len(tokens))
+    asked: list[int] = []
+    try:
+        with pytest.raises(Interrupted):
+            ray_engine.pipeline.forward(
+                tokens, 0, plan, "last", interrupt=lambda: asked.append(1) is None and len(asked) > 1, slot=1
+            )
+        assert len(asked) == 2  # before stage 0, then before stage 1, which never ran
+        ray_engine.pipeline.truncate(0, 1)
+        again = ray_engine.pipeline.forward(tokens, 0, plan, "last", slot=1)
+        assert torch.equal(again, engine.prompt_logits(tokens)[0])
+    finally:
+        ray_engine.slots[1].clear()  # its KV was written behind the scheduler's back
+        ray_engine.pipeline.truncate(0, 1)

@@ -26,7 +26,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.pipeline import Pipeline, StageFailed, StageHealth
 from anchorkv.engine.plan import Span, StageInput
 from anchorkv.engine.stage import Stage, StageInfo, build_stages
-from anchorkv.model.transformer import Logits
+from anchorkv.model.transformer import Interrupted, Logits
 
 log = logging.getLogger("anchorkv.engine")
 
@@ -167,8 +167,16 @@ class RayPipeline(Pipeline):
         return out
 
     def _run(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
+        """The stages chained: each passes its output to the next without the head. With `interrupt` (the
+        background prefill's), the head waits for each stage and asks before starting the next, so a request
+        waits for one stage's share of a piece, not the whole piece: a running actor call cannot be stopped."""
         x: Any = inp.x
         for w in self.workers:
+            if interrupt is not None:
+                if x is not inp.x:
+                    ray.wait([x], fetch_local=False)
+                if interrupt():
+                    raise Interrupted
             x = w.forward.remote(x, inp.spans, inp.decode, inp.logits)
         out: Tensor = self._get(x)
         return out.float() if inp.logits != "none" else out
