@@ -406,7 +406,7 @@ class StageCache:
         )
 
     def clear(self) -> None:
-        """Forget every chunk in RAM and on disk (for tests of the stage veto)."""
+        """Forget every chunk in RAM and on disk."""
         with self.lock:
             for key in self.ram.keys():
                 self.ram.drop(key)

@@ -120,7 +120,8 @@ class EngineWorker:
         return bool(self.engine.running)
 
     def start(self) -> None:
-        """Run the engine on a thread of its own (in tests; `serve` runs it on the main thread)."""
+        """Run the engine on a thread of its own, for an app served by someone else's uvicorn (`serve` runs it
+        on the main thread, where PyTorch's OpenMP runs faster)."""
         self._thread = threading.Thread(target=self.run, name="anchorkv-engine", daemon=True)
         self._thread.start()
 
