@@ -2,14 +2,23 @@
 
 The server and the simulator call these same functions on plain token lists.
 
-Positions are token counts: boundary b means the KV of tokens [0, b). Prefill is cut at the prompt's chat
-boundaries and every C tokens between them, counted from the last chat boundary (from 0 before the
-first), except the grid points less than TAIL_MERGE tokens before the next chat boundary: those are the
-"cuts". A message's short remainder thus joins the piece before it, instead of costing a forward of its
-own (a forward reads every weight: a 1-token piece took 40 ms at 5k tokens of context). Which cuts lie at
-or before a position depends only on the chat boundaries at or before it and the one after it, the end
-of the message it falls in. In exact mode every restorable boundary is a cut, and the grid stride S is a
-multiple of C, so rounding a boundary down to a cut lands on a chunk end of the chain.
+Positions, the words used for them everywhere:
+- a position p is a token count: "KV at p" is the KV of tokens [0, p);
+- chat boundaries (`chat_ends`): where a rendered message ends, or past the assistant's header where that
+  turn follows; turn starts (`turn_starts`) are those past an assistant header, where a prompt can end;
+- cuts (`cuts`): where prefill cuts a prompt: its chat boundaries, and every C tokens after each (counted
+  from 0 before the first), except a grid point less than TAIL_MERGE tokens before the next boundary, so
+  a message's short remainder joins the piece before it;
+- a chunk covers [start, end) between two cuts; chain points (every S tokens after each chat boundary, S a
+  multiple of C) chain chunks by key, and a chunk ending anywhere else is a tail hanging off the last
+  chain point before it;
+- boundaries (`Boundary`): positions a request asks to record (chat boundaries, anchors, the scope's
+  boundary, the whole prompt), each rounded down to the last cut (`cut_floor`) when recorded.
+
+Which cuts lie at or before a position depends only on the chat boundaries at or before it and the one
+after it, the end of the message it falls in. In exact mode every restorable boundary is a cut, so
+rounding a boundary down to a cut lands on a chunk end of the chain. (A forward reads every weight,
+however few its rows: that is why short remainders merge.)
 """
 
 from __future__ import annotations

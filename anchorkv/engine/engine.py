@@ -129,9 +129,9 @@ class Engine:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
-        part_breaks: Seq[tuple[int, int]] = (),
+        marked_parts: Seq[tuple[int, int]] = (),
     ) -> RenderedPrompt:
-        return self.template.render(messages, tools, add_generation_prompt, part_breaks)
+        return self.template.render(messages, tools, add_generation_prompt, marked_parts)
 
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         """The max_tokens to use; raises PromptTooLong when the prompt leaves no room to generate."""

@@ -1,17 +1,17 @@
 """Stages chained in one process, and prefill in chunks aligned to the prompt's structure.
 
 Exactness rests on the chunking: prefill of [start, n) is cut at the prompt's chat boundaries e1, e2, ...
-("breaks") and every C tokens between them, counted from the last break (from 0 before the first), except
-a grid point less than TAIL_MERGE tokens before the next break (policy.cuts):
+(`chat_ends`) and every C tokens between them, counted from the last boundary (from 0 before the first),
+except a grid point less than TAIL_MERGE tokens before the next boundary (policy.cuts):
 
     |<- C ->|<- C ->|<- e1 ->|<- C ->|<-  C + r  ->|<- e2 ->|<- C ->|<- n ->|
     0       C       2C       e1      e1+C          e2       e2+C     n        (r < TAIL_MERGE)
 
-Which piece a position falls in depends only on the positions, the breaks before it and the end of its own
-message, so a position before the last cut is computed with the same tensor shapes by every request that
-shares the tokens and those breaks. KV restored at a cut and followed by prefill cut the same way is
+Which piece a position falls in depends only on the positions, the boundaries before it and the end of its
+own message, so a position before the last cut is computed with the same tensor shapes by every request
+that shares the tokens and those boundaries. KV restored at a cut and followed by prefill cut the same way is
 therefore bit-identical to a cold run. (The cache's chain keys fix the boundaries they were cut at.)
-Restarting the grid at each break means a message shorter than C is one piece, however it falls, and the
+Restarting the grid at each boundary means a message shorter than C is one piece, however it falls, and the
 merge means no piece of a message is shorter than TAIL_MERGE unless the message is.
 """
 
@@ -32,9 +32,9 @@ from anchorkv.engine.stage import Stage, StageInfo
 from anchorkv.model.transformer import Logits
 
 
-def aligned_chunks(start: int, end: int, chunk: int, breaks: Sequence[int] = ()) -> list[tuple[int, int]]:
+def aligned_chunks(start: int, end: int, chunk: int, chat_ends: Sequence[int] = ()) -> list[tuple[int, int]]:
     """[a, b) pieces of [start, end) whose inner boundaries are the cuts (see above) after start."""
-    edges = [start, *(p for p in cuts(end - 1, chunk, breaks) if p > start), end] if start < end else []
+    edges = [start, *(p for p in cuts(end - 1, chunk, chat_ends) if p > start), end] if start < end else []
     return list(itertools.pairwise(edges))
 
 
@@ -96,17 +96,17 @@ class Pipeline:
         tokens: list[int],
         start: int,
         plan: RequestPlan,
-        breaks: Sequence[int] = (),
+        chat_ends: Sequence[int] = (),
         all_logits: bool = False,
         logits_at: Collection[int] = (),
         kept: dict[int, Tensor] | None = None,
         slot: int = 0,
     ) -> Tensor:
-        """Prefill tokens at positions [start, start + len(tokens)), cut at the breaks and every C tokens after each.
+        """Prefill tokens at positions [start, start + len(tokens)), cut at the chat boundaries and every C tokens after each.
         Returns the last position's logits [vocab], or with all_logits those of every position [T, vocab].
-        Given `kept`, also fills it with the logits [vocab] before each of the breaks in logits_at that it
-        reaches (keyed by the break): what a prompt ending there would start from."""
-        chunks = aligned_chunks(start, start + len(tokens), self.chunk_size, breaks)
+        Given `kept`, also fills it with the logits [vocab] before each of the boundaries in logits_at that it
+        reaches (keyed by the boundary): what a prompt ending there would start from."""
+        chunks = aligned_chunks(start, start + len(tokens), self.chunk_size, chat_ends)
         stops = set(logits_at) if kept is not None else set()
         outs = []
         for i, (a, b) in enumerate(chunks):

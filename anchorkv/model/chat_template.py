@@ -5,7 +5,7 @@ or, when the assistant's turn comes next, right after its `<|im_start|>assistant
 when rendering the messages up to it gives a string prefix of the whole render that also falls on a token
 boundary; otherwise that message has no boundary.
 
-Rendering every prefix costs O(n^2) in the number of messages (135 ms for 241 messages), so each prefix's
+Rendering every prefix costs O(n^2) in the number of messages, so each prefix's
 render is remembered as its length and digest under a chain hash of the messages it covers: a conversation
 that grows by a turn renders only the new prefixes, and the remembered ones are checked against the new
 render in one pass over its text.
@@ -85,9 +85,9 @@ class ChatTemplate:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
-        part_breaks: Sequence[tuple[int, int]] = (),
+        marked_parts: Sequence[tuple[int, int]] = (),
     ) -> RenderedPrompt:
-        """`part_breaks`: (message, content part) pairs whose end to locate in tokens (`part_ends`), rounded
+        """`marked_parts`: (message, content part) pairs whose end to locate in tokens (`part_ends`), rounded
         down to a token boundary; one the template does not render verbatim is left out."""
         raw = messages
         messages = [self._normalize(m) for m in messages]
@@ -122,7 +122,7 @@ class ChatTemplate:
         boundaries = [t or e for t, e in zip(turns, ends, strict=True)]
         token_ends = [e for _, e in offsets]
         part_ends = []
-        for i, j in part_breaks:
+        for i, j in marked_parts:
             starts_at = lengths.get((i + added, False)) if i + added else 0
             content = messages[i + added]["content"]
             found = text.find(content, starts_at or 0) if content else -1

@@ -1,9 +1,9 @@
 """A decode step's attention: one query position over a layer's cached keys, through a C kernel
 (csrc/decode_attention.c, built by kernels.load_kernel) in bfloat16, else through torch.
 
-For one query torch's flash SDPA is bound by its per-block overhead (94 us for 1369 keys of 3 KV heads,
-where reading them takes about 20); the kernel reads each key and value once, in blocks merged in a fixed
-order, 5x faster, with the same error against a float64 reference."""
+For one query torch's flash SDPA is bound by its per-block overhead, not by reading the keys; the kernel
+reads each key and value once, in blocks merged in a fixed order (so its bits do not depend on the thread
+count), with the same error against a float64 reference (docs/benchmarks.md has the figures)."""
 
 from __future__ import annotations
 
