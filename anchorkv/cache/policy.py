@@ -86,22 +86,22 @@ def align_down(pos: int, unit: int) -> int:
     return pos - pos % unit
 
 
-def cut_floor(pos: int, unit: int, chat_ends: Sequence[int] = (), tail: int = TAIL_MERGE) -> int:
-    """The last cut at or before pos: the last chat boundary, plus whole units that keep `tail` tokens
+def cut_floor(pos: int, unit: int, chat_ends: Sequence[int] = (), merge: int = TAIL_MERGE) -> int:
+    """The last cut at or before pos: the last chat boundary, plus whole units that keep `merge` tokens
     before the next one."""
     c = chat_floor(pos, chat_ends)
     end = min((e for e in chat_ends if e > c), default=None)
-    limit = pos if end is None else min(pos, end - tail)
+    limit = pos if end is None else min(pos, end - merge)
     return c + align_down(max(limit - c, 0), unit)
 
 
-def cuts(upto: int, unit: int, chat_ends: Sequence[int] = (), tail: int = TAIL_MERGE) -> list[int]:
+def cuts(upto: int, unit: int, chat_ends: Sequence[int] = (), merge: int = TAIL_MERGE) -> list[int]:
     """Every cut in (0, upto], in order: each chat boundary, and every `unit` tokens after the last one
-    up to `tail` tokens before the next one (all of them after the last)."""
+    up to `merge` tokens before the next one (all of them after the last)."""
     out: list[int] = []
     a = 0
     for e in sorted({e for e in chat_ends if e > 0}):
-        out += range(a + unit, min(e - tail, upto) + 1, unit)
+        out += range(a + unit, min(e - merge, upto) + 1, unit)
         if e > upto:
             return out
         out.append(e)
@@ -109,10 +109,10 @@ def cuts(upto: int, unit: int, chat_ends: Sequence[int] = (), tail: int = TAIL_M
     return out + list(range(a + unit, upto + 1, unit))
 
 
-def restorable_limit(n_prompt: int, unit: int, chat_ends: Sequence[int] = (), tail: int = TAIL_MERGE) -> int:
+def restorable_limit(n_prompt: int, unit: int, chat_ends: Sequence[int] = (), merge: int = TAIL_MERGE) -> int:
     """The furthest restore for an n-token prompt: n - 1 (the last token is always prefilled for its
     logits), rounded down to a cut."""
-    return cut_floor(max(n_prompt - 1, 0), unit, chat_ends, tail)
+    return cut_floor(max(n_prompt - 1, 0), unit, chat_ends, merge)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], block: int = 256) -> int:

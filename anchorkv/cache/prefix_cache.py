@@ -173,7 +173,7 @@ class PrefixCache:
         self.cfg = cfg
         self.namespaces = namespaces
         self.grid = grid_of(cfg, chunk_size)
-        self.stride, self.unit, self.tail = self.grid.stride, self.grid.unit, self.grid.tail
+        self.stride, self.unit, self.merge = self.grid.stride, self.grid.unit, self.grid.merge
         self.default_scope = parse_scope(cfg.scope)
         self.stages: CacheStages | None = None
         self.history = History(None)
@@ -217,7 +217,7 @@ class PrefixCache:
         )
         anchors = [v.tokens for v in verdicts if v.accepted]
         chat = sorted({e for e in req.chat_ends if e and e <= len(prompt)})
-        limit = restorable_limit(len(prompt), self.unit, chat, self.tail)
+        limit = restorable_limit(len(prompt), self.unit, chat, self.merge)
         found = self._st.lookup(Lookup(prompt, chat, limit, req.salt, scope.mode != "off", whole=self.cfg.exact))
         # the longest boundary that every stage has: a stage that misses vetoes longer ones
         restore = max(frozenset.intersection(*(f.ends for f in found)))
@@ -229,9 +229,9 @@ class PrefixCache:
                 # the whole prompt: an identical prompt can restore only up to n - 1
                 full_at=len(prompt) if self.cfg.exact else len(prompt) - 1,
             )  # fmt: skip
-        computable = cut_floor(len(prompt), self.unit, chat, self.tail)  # KV a prefill of this prompt leaves reusable
+        computable = cut_floor(len(prompt), self.unit, chat, self.merge)  # KV a prefill of this prompt leaves reusable
         recorded = [
-            Recorded(b.kind, b.pos, min(cut_floor(b.pos, self.unit, chat, self.tail), computable))
+            Recorded(b.kind, b.pos, min(cut_floor(b.pos, self.unit, chat, self.merge), computable))
             for b in records.boundaries
         ]
         recorded = [r for r in recorded if r.at] if self.enabled else []
@@ -327,11 +327,11 @@ class PrefixCache:
         if not self.enabled:
             return
         chat = plan.chat_ends if chat_ends is None else sorted(chat_ends)
-        top = cut_floor(computed, self.unit, chat, self.tail)
+        top = cut_floor(computed, self.unit, chat, self.merge)
         bounds = (*(() if only_extra else plan.records.boundaries), *extra)
         labelled: dict[int, set[str]] = {}
         for b in bounds:
-            pos = min(cut_floor(b.pos, self.unit, chat, self.tail), top)
+            pos = min(cut_floor(b.pos, self.unit, chat, self.merge), top)
             if pos > 0:
                 labelled.setdefault(pos, set()).add(b.kind)
         if any(b.kind == "full" for b in bounds):
@@ -348,7 +348,7 @@ class PrefixCache:
         keep_from = [max(RETENTION.get(k, 0) for k in labelled[p]) if labelled[p] else 0 for p in ends]
         for k in range(len(ends) - 2, -1, -1):
             keep_from[k] = max(keep_from[k], keep_from[k + 1])
-        walked = set(cuts(ends[-1], self.stride, chat, self.tail)) | labelled.keys()  # the chunk ends recorded
+        walked = set(cuts(ends[-1], self.stride, chat, self.merge)) | labelled.keys()  # the chunk ends recorded
         kept = {p: x for p, x in (logits or {}).items() if p in walked}
         self._st.record(
             slot,

@@ -44,7 +44,7 @@ class Grid:
 
     stride: int  # S
     unit: int  # restores and boundaries align to this (C in exact mode, else 1)
-    tail: int  # ... except a grid point this close to a chat boundary
+    merge: int  # ... except a grid point this close to a chat boundary (TAIL_MERGE)
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class StageCache:
     ) -> list[bytes] | None:
         """Keys of the chunks covering exactly [0, pos), if all are cached."""
         g_ = self.grid
-        points = cuts(pos, g_.stride, chat, g_.tail)
+        points = cuts(pos, g_.stride, chat, g_.merge)
         keys = chain_keys(root, prompt, points)
         if remote is not None:
             remote.ask([k for k in keys if not self._local(k, slow_ok)])
@@ -237,7 +237,7 @@ class StageCache:
         root = self.namespace.salted(q.salt).root
         prompt, chat = q.prompt, q.chat
         with self.lock:
-            points = cuts(q.limit, g_.stride, chat, g_.tail)
+            points = cuts(q.limit, g_.stride, chat, g_.merge)
             keys = chain_keys(root, prompt, points)
             remote = _RemoteView(self.remote) if q.disk_ok and self.remote is not None else None
             if remote is not None:  # the chain and every tail list in one round trip
@@ -254,14 +254,14 @@ class StageCache:
                 g, parent = (points[i - 1], keys[i - 1]) if i else (0, root)
                 stop = points[i] if i < len(points) else q.limit + 1
                 for end in self._tail_ends(parent, q.disk_ok, remote):
-                    if g < end < stop and cut_floor(end, g_.unit, chat, g_.tail) == end:
+                    if g < end < stop and cut_floor(end, g_.unit, chat, g_.merge) == end:
                         tails.append((end, chunk_key(parent, prompt[g:end])))
             if remote is not None:  # the tails in a second round trip
                 remote.ask([k for _, k in tails if not self._local(k, True)])
             ends |= {end for end, key in tails if self._has(key, q.disk_ok, remote)}
             n = len(prompt)
             whole = whole_logits = False
-            if q.whole and n and cut_floor(n, g_.unit, chat, g_.tail) == n:
+            if q.whole and n and cut_floor(n, g_.unit, chat, g_.merge) == n:
                 chain = self.chain_to(root, prompt, n, chat, q.disk_ok, remote)
                 whole = chain is not None
                 if chain is not None:
@@ -345,7 +345,7 @@ class StageCache:
         def keep(end: int) -> int:
             return r.keep_from[bisect.bisect_left(ends, end)]
 
-        points = cuts(ends[-1], g_.stride, r.chat, g_.tail)
+        points = cuts(ends[-1], g_.stride, r.chat, g_.merge)
         with self.lock:
             at = {0: root}  # chain point -> key of the chunk ending there
             a = 0
