@@ -89,10 +89,10 @@ def align_down(pos: int, unit: int) -> int:
 def cut_floor(pos: int, unit: int, chat_ends: Sequence[int] = (), merge: int = TAIL_MERGE) -> int:
     """The last cut at or before pos: the last chat boundary, plus whole units that keep `merge` tokens
     before the next one."""
-    c = chat_floor(pos, chat_ends)
-    end = min((e for e in chat_ends if e > c), default=None)
+    last = chat_floor(pos, chat_ends)
+    end = min((e for e in chat_ends if e > last), default=None)
     limit = pos if end is None else min(pos, end - merge)
-    return c + align_down(max(limit - c, 0), unit)
+    return last + align_down(max(limit - last, 0), unit)
 
 
 def cuts(upto: int, unit: int, chat_ends: Sequence[int] = (), merge: int = TAIL_MERGE) -> list[int]:
@@ -248,4 +248,4 @@ class EvictionCandidate:
 
 def eviction_order(leaves: Sequence[EvictionCandidate]) -> list[bytes]:
     """Leaves in the order they are evicted: lowest retention class first, then least recently used."""
-    return [c.key for c in sorted(leaves, key=lambda c: (c.retention, c.last_used))]
+    return [leaf.key for leaf in sorted(leaves, key=lambda leaf: (leaf.retention, leaf.last_used))]

@@ -120,8 +120,8 @@ class Engine:
         touched = self.pipeline.kv_touched()
         return [
             {**asdict(h), "kv_bytes": i.kv_bytes, "kv_touched_bytes": t,
-             "cache": {"ram_bytes": c.ram_bytes, "disk_bytes": c.disk_bytes, "entries": c.ram_entries}}
-            for h, i, c, t in zip(self.pipeline.health(), self.stage_infos, stats, touched, strict=True)
+             "cache": {"ram_bytes": s.ram_bytes, "disk_bytes": s.disk_bytes, "entries": s.ram_entries}}
+            for h, i, s, t in zip(self.pipeline.health(), self.stage_infos, stats, touched, strict=True)
         ]  # fmt: skip
 
     def render_chat(
