@@ -109,7 +109,7 @@ class Service:
             turn_starts=rendered.turn_starts if rendered else (),
         )
 
-    def temperature(self, req: SamplingFields) -> float:
+    def _temperature(self, req: SamplingFields) -> float:
         """The request's temperature, or where it sets none the server's `--temperature`."""
         if "temperature" in req.model_fields_set or self.cfg.temperature is None:
             return req.temperature
@@ -138,7 +138,7 @@ class Service:
             raise APIError(400, f"{found[1]}: {error}", found[1])
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.temperature(req),
+            temperature=self._temperature(req),
             top_p=req.top_p,
             top_k=req.top_k,
             seed=req.seed,
