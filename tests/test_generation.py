@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Delta, Engine, Finished
 from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.engine.plan import RequestPlan
@@ -96,8 +97,6 @@ def test_prefill_is_cut_every_c_tokens_restarting_at_each_chat_boundary() -> Non
 def test_quantized_decode_weights_leave_prefill_untouched(engine: Engine) -> None:
     """Prefill, whose KV the cache reuses, reads the dense weights whatever --decode-weights says. Decode
     reads the Q4_1 layers as int4 and the Q8_0 embedding, which is also the head, as two int4 parts."""
-    from anchorkv.config import EngineConfig
-
     assert engine.decode_weights == {"int4": 120, "int4x2": 1}
     dense = Engine(EngineConfig(threads=engine.cfg.threads, decode_weights="dense"))
     prompt = engine.render_chat(PROMPTS[0]).token_ids
@@ -106,6 +105,26 @@ def test_quantized_decode_weights_leave_prefill_untouched(engine: Engine) -> Non
         b = dense.pipeline.prefill(prompt, 0, RequestPlan("b", len(prompt)), all_logits=True)
     assert torch.equal(a, b)
     assert "Paris" in generate(dense, prompt)[0]
+
+
+def test_logits_do_not_depend_on_the_thread_count(engine: Engine) -> None:
+    """Stages sharing a host on a local Ray instance split its cores (one thread each here), and must
+    still give the logits of one stage in one process on every core: prefill and decode."""
+    prompt = engine.render_chat(PROMPTS[0]).token_ids
+    runs = []
+    one = Engine(EngineConfig(threads=1, parallel=1))  # torch's thread count is the process's
+    try:
+        for e, threads in ((one, 1), (engine, engine.cfg.threads)):
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                plan = RequestPlan("t", len(prompt) + 4)
+                logits = [e.pipeline.prefill(prompt, 0, plan, all_logits=True)]
+                logits += [e.pipeline.decode(t, len(prompt) + i, plan) for i, t in enumerate(prompt[:4])]
+            runs.append(logits)
+    finally:
+        torch.set_num_threads(engine.cfg.threads)
+    assert engine.cfg.threads > 1
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_token_bytes_spell_the_text_even_inside_a_character(engine: Engine) -> None:

@@ -150,7 +150,7 @@ def test_models_health_props(client: TestClient, engine: Engine) -> None:
     assert props["n_layers"] == 30
     assert props["n_ctx"] == engine.ctx
     assert props["dtype"] == "bfloat16"
-    assert [(s["index"], s["layers"]) for s in props["stages"]] == [(0, [0, 30])]
+    assert [(s["index"], s["layers"], s["threads"]) for s in props["stages"]] == [(0, [0, 30], engine.cfg.threads)]
     # 8 slots of K and V: 30 layers x 3 KV heads x ctx x 64 dims in bfloat16
     assert props["parallel"] == 8
     assert props["decode_rows"] == "batched"

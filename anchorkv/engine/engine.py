@@ -114,12 +114,12 @@ class Engine:
         return sum(i.kv_bytes for i in self.stage_infos)
 
     def stages_report(self) -> list[dict[str, object]]:
-        """Each stage: where it runs, its layers, whether it is alive, its KV pool (whole and written) and
-        its cache's bytes."""
+        """Each stage: where it runs, its layers, whether it is alive, its threads, its KV pool (whole and
+        written) and its cache's bytes."""
         stats = self.pipeline.cache_stages.cache_stats()
         touched = self.pipeline.kv_touched()
         return [
-            {**asdict(h), "kv_bytes": i.kv_bytes, "kv_touched_bytes": t,
+            {**asdict(h), "threads": i.threads, "kv_bytes": i.kv_bytes, "kv_touched_bytes": t,
              "cache": {"ram_bytes": s.ram_bytes, "disk_bytes": s.disk_bytes, "entries": s.ram_entries}}
             for h, i, s, t in zip(self.pipeline.health(), self.stage_infos, stats, touched, strict=True)
         ]  # fmt: skip

@@ -40,6 +40,13 @@ PING_S = 2.0  # how long /health waits for a stage
 SHARED_HOST_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def shared_host_threads(threads: int, stages: int) -> int:
+    """Threads for each of `stages` stages on one host of `threads` cores: a share each, at least one. Three
+    stages on two cores compute faster one thread each than two each, waking each other's sleeping teams
+    (docs/distributed.md); the kernels give the same bits whatever the thread count."""
+    return max(1, threads // stages)
+
+
 class StageWorker:
     """One stage in its own process. Each method is one message from the head."""
 
@@ -125,6 +132,8 @@ class RayPipeline(Pipeline):
         self.chunk_size = cfg.chunk_size
         self.device = torch.device("cpu")  # where the head keeps token ids and logits
         actor = ray.remote(StageWorker)
+        if address is None:
+            cfg = replace(cfg, threads=shared_host_threads(cfg.threads, cfg.stages))
         self.workers = []
         self._actor_ids: list[str] = []
         for i in range(cfg.stages):

@@ -44,6 +44,7 @@ class StageInfo:
     softmax: str
     decode_attention: str
     node: str  # host name and process id
+    threads: int  # this stage's CPU threads
     ray_node: str | None = None  # the Ray node's id, on Ray
 
 
@@ -96,6 +97,7 @@ class Stage:
             self.index, (r.start, r.stop), self.cache.namespace, self.kv_bytes,
             tuple(lin.decode_kind for lin in self.model.linears), self.model.batch_rows, self.linear_kind,
             self.model.softmax.kind, self.model.decode_attention.kind, f"{socket.gethostname()}:{os.getpid()}",
+            torch.get_num_threads(),
         )  # fmt: skip
 
     def forward(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
