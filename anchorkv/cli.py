@@ -462,6 +462,9 @@ def _bench_stages(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     from anchorkv.bench import stages
 
     ecfg, ccfg = _engine_config(parser, args), _cache_config(parser, args)
+    for flag in ("repeats", "system_tokens", "decode_steps", "redis_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     print(stages.run(ecfg, replace(ccfg, redis=None), args.system_tokens, args.repeats, args.decode_steps,
                      ccfg.redis, args.redis_tokens, args.out))  # fmt: skip
     return 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from anchorkv.config import EngineConfig
-from anchorkv.engine.engine import Delta, Engine, Finished
+from anchorkv.engine.engine import Delta, Engine, Finished, PromptTooLong
 from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import Sampler, SamplingParams
@@ -125,6 +125,12 @@ def test_logits_do_not_depend_on_the_thread_count(engine: Engine) -> None:
         torch.set_num_threads(engine.cfg.threads)
     assert engine.cfg.threads > 1
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_an_empty_prompt_is_refused_not_run(engine: Engine) -> None:
+    with pytest.raises(PromptTooLong, match="empty"):
+        engine.prompt_logits([])
+    assert not engine.has_work
 
 
 def test_token_bytes_spell_the_text_even_inside_a_character(engine: Engine) -> None:

@@ -226,6 +226,8 @@ class Engine:
     ) -> tuple[torch.Tensor, CacheReport]:
         """Restore what the cache has, prefill the rest, record; return the last position's logits [vocab]
         and what the cache did."""
+        if not prompt:
+            raise PromptTooLong("the prompt is empty")
         params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
         with self.lock:
             seq = self.submit(prompt, params, lambda _: None, cache_req=cache_req, keep_reply=False)
