@@ -210,7 +210,7 @@ def test_serve_with_stages_on_a_local_ray_instance(tmp_path: Path, client: TestC
 
 def test_bench_stages_measures_a_cold_and_a_restored_prompt_on_ray(ray_engine: Engine) -> None:
     system = " ".join(f"Rule {i}: refunds for case {i} take {i} days." for i in range(40))
-    r = stages_bench.measure(ray_engine, "ray", system, repeats=1, decode_steps=4)  # asserts the warm one restored
+    (r,) = stages_bench.measure({"ray": ray_engine}, system, repeats=1, decode_steps=4)  # asserts the warm one restored
     assert r.cold_ttft_ms > 0
     assert r.decode_step_ms > 0
 

@@ -1,5 +1,5 @@
 """`anchorkv bench stages`: the same stages in one process and as Ray actors, and two replicas on Redis,
-side by side in one run.
+side by side in one run (the two transports take turns, a repeat each).
 
 - Skippy's shape: a shared prefix with a changed suffix, cold then warm TTFT, in-process against Ray.
 - Decode tokens/s of one sequence, and the per-hop cost of a decode step on Ray: (Ray - in-process)
@@ -66,24 +66,33 @@ def _decode_ms(engine: Engine, prompt: list[int], steps: int) -> float:
     return (time.perf_counter() - first) * 1000 / max(1, steps - 1)
 
 
-def measure(engine: Engine, label: str, system: str, repeats: int, decode_steps: int) -> StagesResult:
-    colds, warms, steps = [], [], []
-    for r in tqdm(range(repeats), desc=label, leave=False):
-        salt = f"{label}-{r}-{time.time()}"  # each repeat starts cold
-        prompts = []
-        for q in ("Which rule covers a refund for a delayed order?", "Which rule covers an urgent invoice?"):
-            rp = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
-            prompts.append((rp.token_ids, CacheRequest(rp.boundaries, salt=salt, turn_starts=rp.turn_starts)))
-        cold, restored = _ttft(engine, *prompts[0])
-        assert restored == 0
-        warm, restored = _ttft(engine, *prompts[1])
-        assert restored > 0, "the changed suffix found nothing to restore"
-        colds.append(cold)
-        warms.append(warm)
-        steps.append(_decode_ms(engine, prompts[1][0], decode_steps))
-    engine.cache.flush()  # no write left running when the folder goes
-    step = statistics.median(steps)
-    return StagesResult(label, statistics.median(colds), statistics.median(warms), 1000 / step, step)
+def _once(engine: Engine, salt: str, system: str, decode_steps: int) -> tuple[float, float, float]:
+    """Cold TTFT, warm TTFT (the changed suffix) and a decode step's time, under a salt of their own."""
+    prompts = []
+    for q in ("Which rule covers a refund for a delayed order?", "Which rule covers an urgent invoice?"):
+        rp = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
+        prompts.append((rp.token_ids, CacheRequest(rp.boundaries, salt=salt, turn_starts=rp.turn_starts)))
+    cold, restored = _ttft(engine, *prompts[0])
+    assert restored == 0
+    warm, restored = _ttft(engine, *prompts[1])
+    assert restored > 0, "the changed suffix found nothing to restore"
+    return cold, warm, _decode_ms(engine, prompts[1][0], decode_steps)
+
+
+def measure(engines: dict[str, Engine], system: str, repeats: int, decode_steps: int) -> list[StagesResult]:
+    """Each engine in turn, a repeat at a time, so that on a shared, noisy host they see the same minutes."""
+    runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in engines}
+    for r in tqdm(range(repeats), desc="repeats", leave=False):
+        for label, engine in engines.items():
+            runs[label].append(_once(engine, f"{label}-{r}-{time.time()}", system, decode_steps))  # each starts cold
+    for engine in engines.values():
+        engine.cache.flush()  # no write left running when the folder goes
+    out = []
+    for label, rs in runs.items():
+        step = statistics.median(s for _, _, s in rs)
+        cold, warm = statistics.median(c for c, _, _ in rs), statistics.median(w for _, w, _ in rs)
+        out.append(StagesResult(label, cold, warm, 1000 / step, step))
+    return out
 
 
 def hop_ms(pipe: RayPipeline, engine: Engine, n: int = 200) -> float:
@@ -155,15 +164,14 @@ def run(
         ccfg = replace(ccfg, cache_dir=Path(tmp) / "kv")
         local = Engine(ecfg, ccfg)
         system = system_prompt(system_tokens, local)
-        results = [measure(local, "in-process", system, repeats, decode_steps)]
-        del local
         pipe = RayPipeline(ecfg, replace(ccfg, cache_dir=Path(tmp) / "kv-ray"))
         try:
-            engine = Engine(ecfg, ccfg, pipe)
-            results.append(measure(engine, "ray", system, repeats, decode_steps))
-            results[-1].hop_ms = hop_ms(pipe, engine)
+            on_ray = Engine(ecfg, ccfg, pipe)
+            results = measure({"in-process": local, "ray": on_ray}, system, repeats, decode_steps)
+            results[-1].hop_ms = hop_ms(pipe, on_ray)
         finally:
             pipe.close()
+        del local
     proc = None
     if redis_url is None:
         proc = start_redis(6390)
