@@ -177,6 +177,35 @@ def test_a_sessions_next_turn_restores_while_others_decode(tmp_path: Path) -> No
     assert_same(alone(cold, turn2.token_ids), second, run)
 
 
+def test_background_work_beside_decoding_gives_way_to_an_arriving_request(tmp_path: Path) -> None:
+    """A finished turn's reply is prefilled again beside the others' decode steps; a request arriving
+    meanwhile stops that piece between two layers instead of waiting for it, and the piece runs later."""
+    engine = Engine(EngineConfig(threads=2, parallel=4), CacheConfig(ram_mb=256, cache_dir=tmp_path, scope="full"))
+    run = Run(engine)
+    messages = [{"role": "user", "content": "Tell me a story about cats."}]
+    rendered = engine.render_chat(messages)
+    req = CacheRequest(rendered.boundaries, next_turn=next_turn_renderer(engine, messages, None, 0))
+    short = run.submit(rendered.token_ids, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), cache_req=req)
+    other = run.submit(prompt(engine, "bees"), SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    while not short.done:
+        run.step()
+    assert short.slot is not None
+    slot = engine.slots[short.slot]
+    assert slot.reply is not None
+    while slot.reply.began is None:  # the next turn rendered: its prefill comes next
+        run.step()
+    valid, decoded = slot.valid, len(other.out)
+    asked: list[int] = []
+    assert engine.step(interrupt=lambda: asked.append(1) is None and len(asked) > 5)
+    assert len(asked) == 6  # given up at the sixth layer
+    assert slot.valid == valid
+    assert slot.reply is not None
+    assert len(other.out) == decoded + 1  # the decode step itself ran
+    run.step()
+    assert slot.valid > valid
+    run.finish()
+
+
 def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_and_restores_it(tmp_path: Path) -> None:
     engine = Engine(EngineConfig(threads=2, parallel=4), CacheConfig(ram_mb=256, scope="off"))
     system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about topic {i}." for i in range(60))}

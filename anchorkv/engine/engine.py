@@ -173,8 +173,9 @@ class Engine:
         return self._warm or self._reply_slot() is not None
 
     @torch.inference_mode()
-    def step(self) -> bool:
-        """Admit, run one batch, post-process. Returns whether anything ran."""
+    def step(self, interrupt: Callable[[], bool] | None = None) -> bool:
+        """Admit, run one batch, post-process. Returns whether anything ran. `interrupt` says whether a
+        request has arrived: background work beside the batch then gives way between two layers."""
         try:
             self._admit()
             plan = schedule(self.running, self.prefill_budget)
@@ -186,7 +187,7 @@ class Engine:
             self._stage_lost(e)
             return True
         if self.running and not plan.prefill and not self.waiting and (slot := self._reply_slot()) is not None:
-            self._background(slot)  # beside decoding sequences, the budget left: background work
+            self._background(slot, interrupt)  # beside decoding sequences, the budget left: background work
         return True
 
     @torch.inference_mode()

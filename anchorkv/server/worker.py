@@ -181,6 +181,10 @@ class EngineWorker:
             else:
                 self._add(job)
 
+    def _arrived(self) -> bool:
+        """A request is queued that the scheduler has not seen yet."""
+        return not self._queue.empty()
+
     def _next(self) -> Job | None:
         """The next job, while nothing runs. Meanwhile, once the queue has been empty for IDLE_GRACE_S, the
         engine's background work runs a step at a time, and gives a step up between two layers when a
@@ -190,7 +194,7 @@ class EngineWorker:
                 return self._queue.get(timeout=IDLE_GRACE_S)
             except queue.Empty:
                 try:
-                    self.engine.idle_work(interrupt=lambda: not self._queue.empty())
+                    self.engine.idle_work(interrupt=self._arrived)
                 except Exception:  # background work never takes the engine down
                     log.exception("background work failed")
         return self._queue.get()
@@ -208,7 +212,7 @@ class EngineWorker:
             stopping |= self._drain()
             try:
                 with self.engine.lock:
-                    self.engine.step()
+                    self.engine.step(interrupt=self._arrived)
             except Exception as e:  # a fault in the scheduler itself: fail what it holds, keep serving
                 log.exception("scheduler step failed")
                 with self.engine.lock:
