@@ -171,7 +171,6 @@ def run(
             results[-1].hop_ms = hop_ms(pipe, on_ray)
         finally:
             pipe.close()
-        del local
     proc = None
     if redis_url is None:
         proc = start_redis(6390)
