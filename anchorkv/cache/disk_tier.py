@@ -269,6 +269,20 @@ class DiskTier(IndexedTier[DiskEntry]):
         os.utime(e.path)
         return chunk
 
+    def tokens(self, key: bytes) -> list[int] | None:
+        """The chunk's token ids, read alone and checked against its key; the restore that reads the KV
+        checks the rest. None when the file is gone or its tokens do not hash to the key."""
+        with self.lock:
+            e = self.index.get(key)
+        if e is None:
+            return None
+        try:
+            with safe_open(str(e.path), "np") as f:
+                tokens = f.get_tensor("tokens").astype(np.int64).tolist()
+        except Exception:
+            return None
+        return tokens if chunk_key(e.parent, tokens) == key else None
+
     # -- write ---------------------------------------------------------------------------------------
     def save(self, chunk: Chunk) -> None:
         """Queue a write; the file appears atomically, in the background."""

@@ -326,11 +326,12 @@ class StageCache:
         ends: list[int] = []
         with self.lock:
             for key in keys:
-                c = self.ram.get(key) or self.disk.load(key)  # read, not kept: the restore brings in what it uses
-                if c is None:
+                c = self.ram.peek(key)
+                part = c.tokens.tolist() if c is not None else self.disk.tokens(key)
+                if part is None:
                     break
-                tokens += c.tokens.tolist()
-                ends.append(c.end)
+                tokens += part
+                ends.append(len(tokens))
         return Chain(tokens, ends)
 
     # -- record ----------------------------------------------------------------------------------------
