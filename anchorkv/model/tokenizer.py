@@ -47,6 +47,10 @@ class TextTokenizer:
         self._memo: OrderedDict[str, np.ndarray] = OrderedDict()  # piece -> [n, 3] int32: id, start, end
         self._memo_tokens = 0
         self._memo_lock = threading.Lock()
+        # the most characters one token stands for (a piece's length bounds it: one character per byte in a
+        # byte-level vocabulary, more for a <0xNN> byte), so a text longer than ctx times this cannot fit;
+        # found here, not on the first request, which it delayed by some 150 ms
+        self.longest_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1)
 
     @property
     def vocab_size(self) -> int:
@@ -149,11 +153,6 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
-
-    @functools.cached_property
-    def longest_token_chars(self) -> int:
-        """The most characters one token stands for: a text longer than ctx times this cannot fit."""
-        return max(len(self.token_bytes(t)) for t in range(self.vocab_size))
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for; a byte-level token can hold part of a UTF-8 character."""
