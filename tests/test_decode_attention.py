@@ -17,20 +17,29 @@ KERNEL = load_kernel(default_cache_home() / "kernels")
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 with bfloat16, or gcc is missing")
 
 
-def _case(L: int, ctx: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(L)
+def _case(L: int, ctx: int = 2048, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """A query [1, 9, 64] (3 KV heads of 3), its new key and value [1, 3, 64], and caches [3, ctx, 64]."""
+    g = torch.Generator().manual_seed(L + 7919 * seed)
     k_cache = torch.randn(3, ctx, 64, generator=g).to(torch.bfloat16)
     v_cache = torch.randn(3, ctx, 64, generator=g).to(torch.bfloat16)
-    q = (torch.randn(9, 1, 64, generator=g) * 3).to(torch.bfloat16)
-    return q, k_cache[:, :L], v_cache[:, :L]  # views of a longer cache, as a layer's KV is
+    q = (torch.randn(1, 9, 64, generator=g) * 3).to(torch.bfloat16)
+    k_new, v_new = (torch.randn(1, 3, 64, generator=g).to(torch.bfloat16) for _ in range(2))
+    return q, k_new, v_new, k_cache, v_cache
+
+
+def _step(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, caches: list, ends: list[int]) -> torch.Tensor:
+    out = DecodeAttention(KERNEL).step(q, k_new, v_new, caches, ends)
+    assert out is not None
+    return out
 
 
 @pytest.mark.parametrize("L", [1, 17, 256, 257, 1369])
-def test_the_kernel_is_attention_to_bfloat16_precision(L: int) -> None:
-    q, k, v = _case(L)
-    out = DecodeAttention(KERNEL)(q, k, v)
-    assert out is not None
+def test_the_kernel_writes_the_new_kv_and_is_attention_to_bfloat16_precision(L: int) -> None:
+    q, k_new, v_new, k_cache, v_cache = _case(L)
+    out = _step(q, k_new, v_new, [(k_cache, v_cache)], [L])
     assert out.shape == (1, 9 * 64)
+    assert torch.equal(k_cache[:, L - 1], k_new[0]) and torch.equal(v_cache[:, L - 1], v_new[0])
+    k, v = k_cache[:, :L], v_cache[:, :L]
     qg = q.double().view(3, 3, 64)
     exact = (torch.softmax(qg @ k.double().transpose(1, 2) / 8, dim=-1) @ v.double()).reshape(1, -1)
     sdpa = F.scaled_dot_product_attention(q.view(1, 3, 3, 64), k[None], v[None]).reshape(1, -1).double()
@@ -40,17 +49,26 @@ def test_the_kernel_is_attention_to_bfloat16_precision(L: int) -> None:
 
 
 def test_its_bits_do_not_depend_on_the_thread_count() -> None:
-    q, k, v = _case(1000)
+    q, k_new, v_new, k_cache, v_cache = _case(1000)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = DecodeAttention(KERNEL)(q, k, v)
+        one = _step(q, k_new, v_new, [(k_cache, v_cache)], [1000])
     finally:
         torch.set_num_threads(threads)
-    two = DecodeAttention(KERNEL)(q, k, v)
-    assert one is not None
-    assert two is not None
+    two = _step(q, k_new, v_new, [(k_cache, v_cache)], [1000])
     assert torch.equal(one, two)
+
+
+def test_each_row_of_a_batch_gets_the_bits_it_gets_alone() -> None:
+    lengths = [1000, 1, 257, 3000]
+    cases = [_case(L, ctx=4096, seed=b) for b, L in enumerate(lengths)]
+    alone = [_step(q, kn, vn, [(kc.clone(), vc.clone())], [L]) for (q, kn, vn, kc, vc), L in zip(cases, lengths)]
+    q, k_new, v_new = (torch.cat([c[i] for c in cases]) for i in range(3))
+    batch = _step(q, k_new, v_new, [(c[3], c[4]) for c in cases], lengths)
+    for b, (L, c) in enumerate(zip(lengths, cases, strict=True)):
+        assert torch.equal(batch[b : b + 1], alone[b])
+        assert torch.equal(c[3][:, L - 1], k_new[b])
 
 
 def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) -> None:

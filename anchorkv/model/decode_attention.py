@@ -1,13 +1,14 @@
-"""A decode step's attention: one query position over a layer's cached keys, through a C kernel
-(csrc/decode_attention.c, built by kernels.load_kernel) in bfloat16, else through torch.
+"""A decode step's attention: each row's query over its own sequence's cached keys, all rows in one call to a
+C kernel (csrc/decode_attention.c, built by kernels.load_kernel) in bfloat16, else through torch.
 
 For one query torch's flash SDPA is bound by its per-block overhead, not by reading the keys; the kernel
-reads each key and value once, in blocks merged in a fixed order (so its bits do not depend on the thread
-count), with the same error against a float64 reference (docs/benchmarks.md has the figures)."""
+reads each key and value once, in blocks merged in a fixed order (so a row's bits depend neither on the thread
+count nor on the other rows), with the same error against a float64 reference (docs/benchmarks.md has the figures)."""
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -33,10 +34,15 @@ class DecodeAttention:
     def kind(self) -> str:
         return "kernel" if self._kernel is not None else "torch"
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
-        """q: [H, 1, hd]; k, v: [Hkv, L, hd] views of a layer's cache [Hkv, ctx, hd]. Returns [1, H * hd],
-        or None where the kernel cannot take these shapes (then torch computes it)."""
-        H, hd, (Hkv, L) = q.shape[0], q.shape[2], k.shape[:2]
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, caches: Sequence[tuple[Tensor, Tensor]], ends: Sequence[int]
+    ) -> Tensor | None:
+        """A decode step's attention for all its rows in one call. Row b writes its new key and value k[b], v[b]
+        ([Hkv, hd]) into its layer's caches[b] ([Hkv, ctx, hd] each) at position ends[b] - 1, then its query
+        q[b] ([H, hd]) attends over keys [0, ends[b]). Returns [B, H * hd], or None, having written nothing,
+        where the kernel cannot take these shapes (then torch computes it)."""
+        B, H, hd = q.shape
+        Hkv = k.shape[1]
         if (
             self._kernel is None
             or hd != HEAD_DIM
@@ -44,15 +50,20 @@ class DecodeAttention:
             or H // Hkv > MAX_GROUP
             or q.dtype != torch.bfloat16
             or q.device.type != "cpu"
-            or q.stride(0) != hd
-            or q.stride(2) != 1
-            or any(t.stride(1) != hd or t.stride(2) != 1 or t.stride(0) % hd for t in (k, v))
-            or k.stride(0) != v.stride(0)
+            or any(t.dtype != q.dtype or t.shape[0] != B or t.stride(1) != hd or t.stride(2) != 1 for t in (q, k, v))
+            or len(caches) != B
+            or len(ends) != B
         ):
             return None
-        out = q.new_empty(1, H * hd)
-        ctx = k.stride(0) // hd
+        ctx = caches[0][0].shape[1]
+        shape, strides = (Hkv, ctx, hd), (ctx * hd, hd, 1)
+        if any(c.shape != shape or c.stride() != strides or c.dtype != q.dtype for kv in caches for c in kv):
+            return None
+        out = q.new_empty(B, H * hd)
         err = self._kernel.decode_attention_bf16(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), H, Hkv, L, ctx, hd**-0.5, torch.get_num_threads()
-        )
+            B, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+            (ctypes.c_void_p * B)(*(kc.data_ptr() for kc, _ in caches)),
+            (ctypes.c_void_p * B)(*(vc.data_ptr() for _, vc in caches)),
+            (ctypes.c_int64 * B)(*ends), ctx, out.data_ptr(), H, Hkv, hd**-0.5, torch.get_num_threads(),
+        )  # fmt: skip
         return out if err == 0 else None

@@ -62,8 +62,13 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
     kernel.softmax_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
     kernel.softmax_bf16.restype = None
     kernel.decode_attention_bf16.argtypes = [
-        *[ctypes.c_void_p] * 4,
-        *[ctypes.c_int64] * 4,
+        ctypes.c_int64,
+        *[ctypes.c_void_p, ctypes.c_int64] * 3,  # q, the new keys, the new values: each with its row stride
+        *[ctypes.c_void_p] * 3,  # each row's key cache, value cache and key count
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
         ctypes.c_float,
         ctypes.c_int,
     ]

@@ -354,8 +354,6 @@ class StageModel:
         """
         H, T, hd = q.shape
         Hkv, L = k.shape[0], k.shape[1]
-        if decode and (out := self.decode_attention(q, k, v)) is not None:
-            return out
         if decode and L <= self.decode_sdpa_keys:  # T == 1; the G query heads of a KV head are its G query rows
             return F.scaled_dot_product_attention(q.view(1, Hkv, H // Hkv, hd), k[None], v[None]).view(1, H * hd)
         rows = (H // Hkv) * T
@@ -388,17 +386,21 @@ class StageModel:
         if w.q_norm is not None and w.k_norm is not None:
             qk = torch.cat([rms_norm(qk[:, :H], w.q_norm, cfg.rms_eps), rms_norm(qk[:, H:], w.k_norm, cfg.rms_eps)], 1)
         qk = apply_rope(qk, cos, sin)  # q and k in one pass: [T, H + Hkv, hd]
-        outs = []
-        r0 = 0
-        for r in rows:
-            k_cache, v_cache = r.k[layer], r.v[layer]
-            mine = slice(r0, r0 + r.length)
-            k_cache[:, r.start : r.end] = qk[mine, H:].transpose(0, 1)
-            v_cache[:, r.start : r.end] = v[mine].transpose(0, 1)
-            q = qk[mine, :H].transpose(0, 1)
-            outs.append(self._attention(q, k_cache[:, : r.end], v_cache[:, : r.end], bias, decode))
-            r0 += r.length
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+        caches = [(r.k[layer], r.v[layer]) for r in rows]
+        attn = None
+        if decode:  # one row a sequence: KV written and attended for all rows in one call
+            attn = self.decode_attention.step(qk[:, :H], qk[:, H:], v, caches, [r.end for r in rows])
+        if attn is None:
+            outs = []
+            r0 = 0
+            for r, (k_cache, v_cache) in zip(rows, caches, strict=True):
+                mine = slice(r0, r0 + r.length)
+                k_cache[:, r.start : r.end] = qk[mine, H:].transpose(0, 1)
+                v_cache[:, r.start : r.end] = v[mine].transpose(0, 1)
+                q = qk[mine, :H].transpose(0, 1)
+                outs.append(self._attention(q, k_cache[:, : r.end], v_cache[:, : r.end], bias, decode))
+                r0 += r.length
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + self._linear(w.wo, attn, decode)
         gate, up = self._linear(w.w13, rms_norm(x, w.ffn_norm, cfg.rms_eps), decode).chunk(2, dim=-1)
         return x + self._linear(w.w2, F.silu(gate) * up, decode)

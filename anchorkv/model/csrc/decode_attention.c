@@ -1,12 +1,15 @@
-/* Attention of one query position over a layer's cached keys (a decode step), bfloat16 in and out.
+/* A decode step's attention for B rows at once, bfloat16 in and out: each row (one sequence) writes its new
+   key and value into its own cache at position L - 1, then its query attends over that cache's keys [0, L).
 
-   q: [H, 64], the G = H / Hkv query heads of a KV head consecutive; k, v: [Hkv, ctx, 64] (the layer's
-   cache, keys [0, L) used); out: [H, 64]. Keys go in blocks of BLOCK; each (KV head, block) is one unit of
-   work computing, for its G heads, the block's maximum score, its sum of exp and its exp-weighted sum of
-   values in float. The blocks of a head are then merged in order, so the result's bits depend on L alone,
-   not on the thread count. */
+   q: row b at q + b * q_stride, [H, 64], the G = H / Hkv query heads of a KV head consecutive; the new keys
+   and values likewise [Hkv, 64] (or NULL: nothing is written); caches: row b's at kc[b] and vc[b], each
+   [Hkv, ctx, 64]; out: [B, H, 64]. Keys go in blocks of BLOCK; each (row, KV head, block) is one unit of work
+   computing, for its G heads, the block's maximum score, its sum of exp and its exp-weighted sum of values in
+   float. A row's blocks are then merged in order, so its bits depend on its L alone: not on the thread count,
+   nor on the other rows. */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bf16_math.h"
 
@@ -14,14 +17,13 @@
 #define BLOCK 256
 #define GMAX 16
 
-typedef struct {
-    float max[GMAX], sum[GMAX];
-    float acc[GMAX][HD];
-} Part;
+/* one unit's result for G heads: max[G], sum[G], acc[G][HD] */
+#define PART_FLOATS(G) ((G) * (2 + HD))
 
 /* keys [a, b) of one KV head for its G query heads qg (bf16 pairs, pre-scaled) */
-static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int64_t a, int64_t b, int G, Part *out) {
+static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int64_t a, int64_t b, int G, float *part) {
     float s[GMAX][BLOCK];
+    float *max = part, *sums = part + G, *accs = part + 2 * G;
     int64_t n = b - a;
     for (int g = 0; g < G; g++) {
         __m512bh q0 = (__m512bh)_mm512_loadu_si512(qg + g * HD), q1 = (__m512bh)_mm512_loadu_si512(qg + g * HD + 32);
@@ -47,8 +49,8 @@ static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int6
             _mm512_mask_storeu_ps(s[g] + j, m, e);
             sum = _mm512_add_ps(sum, e);
         }
-        out->max[g] = top;
-        out->sum[g] = _mm512_reduce_add_ps(sum);
+        max[g] = top;
+        sums[g] = _mm512_reduce_add_ps(sum);
     }
     __m512 acc[GMAX][4];
     for (int g = 0; g < G; g++)
@@ -66,42 +68,80 @@ static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int6
         }
     }
     for (int g = 0; g < G; g++)
-        for (int c = 0; c < 4; c++) _mm512_storeu_ps(out->acc[g] + 16 * c, acc[g][c]);
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(accs + g * HD + 16 * c, acc[g][c]);
 }
 
-int decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t H,
-                          int64_t Hkv, int64_t L, int64_t ctx, float scale, int threads) {
+/* scratch kept by the calling thread between calls: a step's units, their rows and parts, the scaled queries */
+static __thread void *scratch;
+static __thread size_t scratch_bytes;
+
+static void *grow(size_t bytes) {
+    if (bytes > scratch_bytes) {
+        free(scratch);
+        scratch = malloc(bytes);
+        scratch_bytes = scratch ? bytes : 0;
+    }
+    return scratch;
+}
+
+int decode_attention_bf16(int64_t B, const uint16_t *q, int64_t q_stride, const uint16_t *knew, int64_t knew_stride,
+                          const uint16_t *vnew, int64_t vnew_stride, uint16_t *const *kc, uint16_t *const *vc,
+                          const int64_t *L, int64_t ctx, uint16_t *out, int64_t H, int64_t Hkv, float scale,
+                          int threads) {
     int G = (int)(H / Hkv);
-    if (G > GMAX || L < 1) return -1;
-    int64_t nb = (L + BLOCK - 1) / BLOCK;
-    Part *parts = (Part *)malloc(sizeof(Part) * (size_t)(Hkv * nb));
-    uint16_t *qs = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(H * HD));
-    if (!parts || !qs) { free(parts); free(qs); return -1; }
-    for (int64_t i = 0; i < H * HD; i += 16) {  /* q * scale, rounded back to bf16 as torch's q * scale is */
-        __m512 x = _mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(q + i))), _mm512_set1_ps(scale));
-        _mm256_storeu_si256((__m256i *)(qs + i), (__m256i)_mm512_cvtneps_pbh(x));
+    if (G > GMAX || B < 1) return -1;
+    int64_t units = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (L[b] < 1 || L[b] > ctx) return -1;
+        units += Hkv * ((L[b] + BLOCK - 1) / BLOCK);
+    }
+    size_t part_bytes = sizeof(float) * (size_t)PART_FLOATS(G), q_bytes = sizeof(uint16_t) * (size_t)(B * H * HD);
+    char *mem = grow(sizeof(int64_t) * (size_t)(B + 1) + part_bytes * (size_t)units + q_bytes);
+    if (!mem) return -1;
+    int64_t *first = (int64_t *)mem;  /* row b's units are [first[b], first[b + 1]) */
+    float *parts = (float *)(mem + sizeof(int64_t) * (size_t)(B + 1));
+    uint16_t *qs = (uint16_t *)((char *)parts + part_bytes * (size_t)units);
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) {
+        first[b + 1] = first[b] + Hkv * ((L[b] + BLOCK - 1) / BLOCK);
+        if (knew)
+            for (int64_t h = 0; h < Hkv; h++) {
+                memcpy(kc[b] + (h * ctx + L[b] - 1) * HD, knew + b * knew_stride + h * HD, HD * sizeof(uint16_t));
+                memcpy(vc[b] + (h * ctx + L[b] - 1) * HD, vnew + b * vnew_stride + h * HD, HD * sizeof(uint16_t));
+            }
+        for (int64_t i = 0; i < H * HD; i += 16) {  /* q * scale, rounded back to bf16 as torch's q * scale is */
+            __m512 x = _mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(q + b * q_stride + i))), _mm512_set1_ps(scale));
+            _mm256_storeu_si256((__m256i *)(qs + b * H * HD + i), (__m256i)_mm512_cvtneps_pbh(x));
+        }
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t u = 0; u < Hkv * nb; u++) {
-        int64_t h = u / nb, i = u % nb, a = i * BLOCK, b = a + BLOCK < L ? a + BLOCK : L;
-        block(qs + h * G * HD, k + h * ctx * HD, v + h * ctx * HD, a, b, G, &parts[u]);
+    for (int64_t u = 0; u < units; u++) {
+        int64_t b = 0;
+        while (u >= first[b + 1]) b++;
+        int64_t nb = (L[b] + BLOCK - 1) / BLOCK, r = u - first[b], h = r / nb, i = r % nb;
+        int64_t a = i * BLOCK, e = a + BLOCK < L[b] ? a + BLOCK : L[b];
+        block(qs + (b * H + h * G) * HD, kc[b] + h * ctx * HD, vc[b] + h * ctx * HD, a, e, G, parts + u * PART_FLOATS(G));
     }
-    for (int64_t h = 0; h < Hkv; h++)
-        for (int g = 0; g < G; g++) {
-            float top = -INFINITY, sum = 0.0f;
-            for (int64_t i = 0; i < nb; i++) top = fmaxf(top, parts[h * nb + i].max[g]);
-            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t i = 0; i < nb; i++) {
-                Part *p = &parts[h * nb + i];
-                float w = expf(p->max[g] - top);
-                sum += w * p->sum[g];
-                for (int c = 0; c < 4; c++) acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(p->acc[g] + 16 * c), acc[c]);
+    for (int64_t b = 0; b < B; b++) {
+        int64_t nb = (L[b] + BLOCK - 1) / BLOCK;
+        for (int64_t h = 0; h < Hkv; h++)
+            for (int g = 0; g < G; g++) {
+                const float *p0 = parts + (first[b] + h * nb) * PART_FLOATS(G);
+                float top = -INFINITY, sum = 0.0f;
+                for (int64_t i = 0; i < nb; i++) top = fmaxf(top, p0[i * PART_FLOATS(G) + g]);
+                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t i = 0; i < nb; i++) {
+                    const float *p = p0 + i * PART_FLOATS(G);
+                    float w = expf(p[g] - top);
+                    sum += w * p[G + g];
+                    for (int c = 0; c < 4; c++)
+                        acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w), _mm512_loadu_ps(p + 2 * G + g * HD + 16 * c), acc[c]);
+                }
+                __m512 inv = _mm512_set1_ps(1.0f / sum);
+                uint16_t *o = out + (b * H + h * G + g) * HD;
+                for (int c = 0; c < 4; c++)
+                    _mm256_storeu_si256((__m256i *)(o + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], inv)));
             }
-            __m512 inv = _mm512_set1_ps(1.0f / sum);
-            uint16_t *o = out + (h * G + g) * HD;
-            for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(o + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], inv)));
-        }
-    free(parts);
-    free(qs);
+    }
     return 0;
 }
