@@ -20,6 +20,19 @@
 /* one unit's result for G heads: max[G], sum[G], acc[G][HD] */
 #define PART_FLOATS(G) ((G) * (2 + HD))
 
+/* the lane sums of 16 vectors, as one vector (lane j: the sum of d[j]'s lanes), by a tree of shuffles and
+   adds: a horizontal sum per key cost several times the dot product itself */
+static inline __m512 sum16(const __m512 d[16]) {
+    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 8; i++)  /* per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] */
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane: the 4 vectors' sums over that lane */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    for (int i = 0; i < 2; i++)
+        v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xDD));
+}
+
 /* keys [a, b) of one KV head for its G query heads qg (bf16 pairs, pre-scaled) */
 static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int64_t a, int64_t b, int G, float *part) {
     float s[GMAX][BLOCK];
@@ -27,11 +40,27 @@ static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int6
     int64_t n = b - a;
     for (int g = 0; g < G; g++) {
         __m512bh q0 = (__m512bh)_mm512_loadu_si512(qg + g * HD), q1 = (__m512bh)_mm512_loadu_si512(qg + g * HD + 32);
-        for (int64_t j = 0; j < n; j++) {
-            const uint16_t *kj = k + (a + j) * HD;
-            __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kj));
-            d = _mm512_dpbf16_ps(d, q1, (__m512bh)_mm512_loadu_si512(kj + 32));
-            s[g][j] = _mm512_reduce_add_ps(d);
+        for (int64_t j0 = 0; j0 < n; j0 += 16) {
+            __m512 d[16];
+            if (g == 0)  /* the values these keys weigh, and the next keys, on their way while these are scored */
+                for (int64_t j = j0; j < j0 + 16 && j < n; j++) {
+                    _mm_prefetch((const char *)(v + (a + j) * HD), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v + (a + j) * HD + 32), _MM_HINT_T0);
+                    if (j + 16 < n) {
+                        _mm_prefetch((const char *)(k + (a + j + 16) * HD), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(k + (a + j + 16) * HD + 32), _MM_HINT_T0);
+                    }
+                }
+            for (int64_t j = 0; j < 16; j++) {
+                if (j0 + j >= n) {
+                    d[j] = _mm512_setzero_ps();
+                    continue;
+                }
+                const uint16_t *kj = k + (a + j0 + j) * HD;
+                d[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), q0, (__m512bh)_mm512_loadu_si512(kj));
+                d[j] = _mm512_dpbf16_ps(d[j], q1, (__m512bh)_mm512_loadu_si512(kj + 32));
+            }
+            _mm512_mask_storeu_ps(s[g] + j0, lanes(n - j0), sum16(d));
         }
     }
     for (int g = 0; g < G; g++) {
