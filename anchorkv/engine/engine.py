@@ -74,11 +74,8 @@ class Engine:
         self.pipeline = pipeline or LocalPipeline(build_stages(cfg, self.cache_cfg), cfg.chunk_size, self.device)
         self.stage_infos = self.pipeline.infos()
         first = self.stage_infos[0]
-        self.linear_kind, self.softmax_kind, self.decode_attention_kind = (
-            first.linear_kind,
-            first.softmax,
-            first.decode_attention,
-        )
+        self.linear_kind, self.softmax_kind = first.linear_kind, first.softmax
+        self.decode_attention_kind, self.decode_int4_kind = first.decode_attention, first.decode_int4
         self.batch_rows = all(i.batch_rows for i in self.stage_infos)
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name
         self.lock = threading.RLock()  # held by whoever steps the scheduler

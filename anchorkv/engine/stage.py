@@ -22,6 +22,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.int4_matmul import Int4Matmul
 from anchorkv.model.kernels import load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.softmax import AttentionSoftmax
@@ -43,6 +44,7 @@ class StageInfo:
     linear_kind: str
     softmax: str
     decode_attention: str
+    decode_int4: str  # kernel: the int4 linears read through the C kernel; torch: through torch's
     node: str  # host name and process id
     threads: int  # this stage's CPU threads
     ray_node: str | None = None  # the Ray node's id, on Ray
@@ -96,8 +98,9 @@ class Stage:
         return StageInfo(
             self.index, (r.start, r.stop), self.cache.namespace, self.kv_bytes,
             tuple(lin.decode_kind for lin in self.model.linears), self.model.batch_rows, self.linear_kind,
-            self.model.softmax.kind, self.model.decode_attention.kind, f"{socket.gethostname()}:{os.getpid()}",
-            torch.get_num_threads(),
+            self.model.softmax.kind, self.model.decode_attention.kind,
+            "kernel" if any(lin.tiles is not None for lin in self.model.linears) else "torch",
+            f"{socket.gethostname()}:{os.getpid()}", torch.get_num_threads(),
         )  # fmt: skip
 
     def forward(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
@@ -148,7 +151,8 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     kernel = load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if device.type == "cpu" else None
     softmax = AttentionSoftmax(kernel, dtype)
     decode_attention = DecodeAttention(kernel, dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
-    models = load_stages(weights, mc, cfg.stages, device, softmax, decode_attention)
+    int4_matmul = Int4Matmul(kernel, dtype)
+    models = load_stages(weights, mc, cfg.stages, device, softmax, decode_attention, int4_matmul)
     indices = range(len(models)) if only is None else [only]
     linears = [lin for i in indices for lin in models[i].linears]
     linear_kind = pack_linears(linears, cfg.chunk_size)
@@ -167,6 +171,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         base |= {"linear": linear_kind}
     else:  # decoded KV is reused too, so the decode weights matter
         base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": decode_attention.kind}
+        base |= {"decode_int4": int4_matmul.kind}
     out = []
     for i in indices:
         m = models[i]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.int4_matmul import Int4Matmul
 from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
@@ -183,6 +184,7 @@ def load_stages(
     device: torch.device | str = "cpu",
     softmax: AttentionSoftmax | None = None,
     decode_attention: DecodeAttention | None = None,
+    int4_matmul: Int4Matmul | None = None,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
     if not 1 <= n_stages <= cfg.n_layers:
@@ -191,10 +193,13 @@ def load_stages(
 
     def linear(name: str, weight: torch.Tensor | None = None) -> Linear:
         w = t[name] if weight is None else weight
-        int4 = pack_int4(t[name + ".int4"]) if name + ".int4" in t else None
+        int4, scale_zero, tiles = None, t.get(name + ".scale_zero"), None
+        if name + ".int4" in t and scale_zero is not None:
+            tiles = int4_matmul.pack(t[name + ".int4"], scale_zero) if int4_matmul is not None else None
+            int4 = pack_int4(t[name + ".int4"]) if tiles is None else None
         return Linear(
             w, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale"), name != "lm_head",
-            int4=int4, scale_zero=t.get(name + ".scale_zero"),
+            int4=int4, scale_zero=scale_zero if int4 is not None else None, tiles=tiles, int4_matmul=int4_matmul,
         )  # fmt: skip
 
     def layer(i: int) -> LayerWeights:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.int4_matmul import Int4Matmul, Int4Tiles
 from anchorkv.model.softmax import AttentionSoftmax
 
 log = logging.getLogger("anchorkv.model")
@@ -130,7 +131,7 @@ def pack_int4(nibbles: Tensor) -> list[Tensor]:
 
 class Linear:
     """y = x W^T (+ b). Given a quantized copy of W, decode steps read that instead: int4 parts that sum
-    to W (packed, with scale_zero) or int8 (q, scale).
+    to W (packed for torch's kernel, with scale_zero, or as tiles for int4_matmul's) or int8 (q, scale).
 
     Decode reads every weight once per token, so it is bound by how fast the kernel streams them: int8
     reads half the bytes of bf16, int4 a quarter. Prefill keeps the dense weights, so KV computed by
@@ -153,6 +154,8 @@ class Linear:
         transposed: bool = False,
         int4: list[Tensor] | None = None,
         scale_zero: Tensor | None = None,
+        tiles: Int4Tiles | None = None,
+        int4_matmul: Int4Matmul | None = None,
     ) -> None:
         self.weight = weight  # [out, in], or [in, out] when transposed
         self.bias = bias
@@ -161,15 +164,21 @@ class Linear:
         self.transposed = transposed
         self.int4 = int4  # P parts in pack_int4's layout
         self.scale_zero = scale_zero  # [P, in / INT4_GROUP, out, 2], in the activations' dtype
+        self.tiles = tiles  # or the parts laid out for int4_matmul's kernel, which then reads them instead
+        self.int4_matmul = int4_matmul
         self.packed: Tensor | None = None  # an opaque oneDNN tensor holding W
 
     @property
     def decode_kind(self) -> str:
-        if self.int4 is not None:
-            return "int4" if len(self.int4) == 1 else f"int4x{len(self.int4)}"
+        parts = self.tiles.parts if self.tiles is not None else len(self.int4) if self.int4 is not None else 0
+        if parts:
+            return "int4" if parts == 1 else f"int4x{parts}"
         return "int8" if self.q is not None else "dense"
 
     def __call__(self, x: Tensor, decode: bool = False) -> Tensor:
+        if decode and self.tiles is not None and self.int4_matmul is not None:
+            y = self.int4_matmul(x, self.tiles)
+            return y if self.bias is None else y + self.bias
         if decode and self.int4 is not None and self.scale_zero is not None:
             parts = [
                 torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, INT4_GROUP, sz)
