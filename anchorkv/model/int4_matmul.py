@@ -2,9 +2,9 @@
 bfloat16, else through torch's int4 kernel.
 
 torch's kernel widens the weights again for every few rows, so a step of 8 rows cost 3.4x one row; this one
-widens each weight once for up to 8 rows and sums in bfloat16 pairs, as the dense weight would (2x torch's
-speed at 8 rows, 1.3x at one, on this project's CPU). A row's sums run in one order whatever the number of
-rows, so rows never depend on each other."""
+widens each weight once for up to 8 rows, to bfloat16 pairs summed by dot products into float (2x torch's
+speed at 8 rows, 1.3x at one, on this project's CPU: docs/benchmarks.md). A row's sums run in one order
+whatever the number of rows, so rows never depend on each other."""
 
 from __future__ import annotations
 

@@ -4,16 +4,13 @@
    x: [M, K]; nib: [P, N / 16, K / 2, 16], byte i of pair j of tile t holding inputs 2j (low nibble) and 2j + 1
    (high) of output 16t + i; sz: [P, N / 16, K / 32, 2, 16], each group's 16 scales then 16 zeros; y: [M, N].
 
-   A tile of 16 outputs is one unit of work. Its weights are widened once for up to ROWS rows: to float, then
-   to bfloat16 pairs (the bits of the dense bfloat16 weight they stand for), each pair a dot product with the
-   row's two inputs into float accumulators, even and odd pairs apart, summed at the end. That order is the
-   same for any M, so a row's bits never depend on the other rows. */
-#include <stdlib.h>
-
+   A tile of 16 outputs is one unit of work. Its weights are widened once for up to ROWS rows: to float
+   (q * scale + (zero - 8 scale)), then rounded to bfloat16 pairs, each pair a dot product with the row's
+   two inputs into float accumulators, even and odd pairs apart, summed at the end. That order is the same
+   for any M, so a row's bits never depend on the other rows. */
 #include "bf16_math.h"
 
 #define ROWS 8
-
 
 static const short PAIRS[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
