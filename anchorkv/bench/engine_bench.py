@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.plan import RequestPlan
+from anchorkv.engine.plan import RequestPlan, Span
 from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.softmax import AttentionSoftmax
 
@@ -18,6 +18,8 @@ PREFILL_LENGTHS = (512, 2048, 4096)
 DECODE_CONTEXTS = (512, 2048, 6144)
 TURN_TOKENS = 128  # a warm turn's new tokens (a tool result), prefilled after a restored context
 TURN_CONTEXTS = (2048, 4096)
+BATCH_ROWS = 8  # a decode step of this many sequences at once (each in its own slot), at BATCH_CONTEXT
+BATCH_CONTEXT = 2048
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,34 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
         for m in models:
             m.decode_attention, m.decode_sdpa_keys = kernel, sdpa_keys
         out += [Measurement(what, ctx, decode_tokens / statistics.median(ts)) for what, ts in steps.items()]
+    out += _batch(engine, ids, plan, repeats, decode_tokens)
     return out
+
+
+def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, steps: int) -> list[Measurement]:
+    """Decode steps of BATCH_ROWS sequences together, each with BATCH_CONTEXT tokens of its own KV (one
+    prefill, copied into the other slots): tokens/s over all rows."""
+    rows, ctx, pipe = min(BATCH_ROWS, engine.cfg.parallel), BATCH_CONTEXT, engine.pipeline
+    if rows < 2 or ctx + steps >= engine.ctx:
+        return []
+    pipe.truncate(0)
+    pipe.prefill(ids[:ctx], 0, plan)
+    for stage in pipe.stages:
+        piece = stage.kvs[0].export(0, ctx)
+        for kv in stage.kvs[1:rows]:
+            kv.truncate(0)
+            kv.restore(piece)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(steps):
+            pipe.decode_rows([(ids[ctx + i + r], Span(r, ctx + i, 1, plan)) for r in range(rows)])
+        times.append(time.perf_counter() - t)
+        for r in range(rows):
+            pipe.truncate(ctx, r)
+    for r in range(rows):
+        pipe.truncate(0, r)
+    return [Measurement(f"decode, {rows} rows at once", ctx, rows * steps / statistics.median(times))]
 
 
 def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> list[Measurement]:
