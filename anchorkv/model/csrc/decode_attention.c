@@ -2,7 +2,7 @@
    key and value into its own cache at position L - 1, then its query attends over that cache's keys [0, L).
 
    q: row b at q + b * q_stride, [H, 64], the G = H / Hkv query heads of a KV head consecutive; the new keys
-   and values likewise [Hkv, 64] (or NULL: nothing is written); caches: row b's at kc[b] and vc[b], each
+   and values likewise [Hkv, 64]; caches: row b's at kc[b] and vc[b], each
    [Hkv, ctx, 64]; out: [B, H, 64]. Keys go in blocks of BLOCK; each (row, KV head, block) is one unit of work
    computing, for its G heads, the block's maximum score, its sum of exp and its exp-weighted sum of values in
    float. A row's blocks are then merged in order, so its bits depend on its L alone: not on the thread count,
@@ -133,11 +133,10 @@ int decode_attention_bf16(int64_t B, const uint16_t *q, int64_t q_stride, const 
     first[0] = 0;
     for (int64_t b = 0; b < B; b++) {
         first[b + 1] = first[b] + Hkv * ((L[b] + BLOCK - 1) / BLOCK);
-        if (knew)
-            for (int64_t h = 0; h < Hkv; h++) {
-                memcpy(kc[b] + (h * ctx + L[b] - 1) * HD, knew + b * knew_stride + h * HD, HD * sizeof(uint16_t));
-                memcpy(vc[b] + (h * ctx + L[b] - 1) * HD, vnew + b * vnew_stride + h * HD, HD * sizeof(uint16_t));
-            }
+        for (int64_t h = 0; h < Hkv; h++) {
+            memcpy(kc[b] + (h * ctx + L[b] - 1) * HD, knew + b * knew_stride + h * HD, HD * sizeof(uint16_t));
+            memcpy(vc[b] + (h * ctx + L[b] - 1) * HD, vnew + b * vnew_stride + h * HD, HD * sizeof(uint16_t));
+        }
         for (int64_t i = 0; i < H * HD; i += 16) {  /* q * scale, rounded back to bf16 as torch's q * scale is */
             __m512 x = _mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(q + b * q_stride + i))), _mm512_set1_ps(scale));
             _mm256_storeu_si256((__m256i *)(qs + b * H * HD + i), (__m256i)_mm512_cvtneps_pbh(x));
