@@ -12,6 +12,7 @@ import torch
 from anchorkv.engine.engine import Engine
 from anchorkv.engine.plan import RequestPlan, Span
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.prefill_attention import PrefillAttention
 from anchorkv.model.softmax import AttentionSoftmax
 
 PREFILL_LENGTHS = (512, 2048, 4096)
@@ -115,31 +116,39 @@ def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, step
 
 
 def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> list[Measurement]:
-    """TURN_TOKENS prefilled after each context, with the engine's attention softmax and, when that is the
-    kernel, with torch's, alternately."""
+    """TURN_TOKENS prefilled after each context with the engine's attention and, where its kernels run, with
+    torch's matmuls around the softmax kernel and with torch alone, alternately."""
     pipe = engine.pipeline
-    default = pipe.stages[0].model.softmax
-    softmaxes = {default.kind: default} | {"torch": AttentionSoftmax()}
+    model = pipe.stages[0].model
+    default = (model.prefill_attention, model.softmax)
+    variants = {"": default}
+    if default[0].kind == "kernel":
+        variants[", matmul attention"] = (PrefillAttention(), default[1])
+    if default[1].kind == "kernel":
+        variants[", torch attention"] = (PrefillAttention(), AttentionSoftmax())
     out = []
     for ctx in TURN_CONTEXTS:
         if ctx + TURN_TOKENS >= engine.ctx:
             continue
         pipe.truncate(0)
         pipe.prefill(ids[:ctx], 0, plan)
-        times: dict[str, list[float]] = {kind: [] for kind in softmaxes}
+        times: dict[str, list[float]] = {what: [] for what in variants}
         for _ in range(repeats):
-            for kind, softmax in softmaxes.items():
+            for what, (attention, softmax) in variants.items():
                 for stage in pipe.stages:
-                    stage.model.softmax = softmax
+                    stage.model.prefill_attention, stage.model.softmax = attention, softmax
                 t = time.perf_counter()
                 pipe.prefill(ids[ctx : ctx + TURN_TOKENS], ctx, plan)
-                times[kind].append(time.perf_counter() - t)
+                times[what].append(time.perf_counter() - t)
                 pipe.truncate(ctx)
         for stage in pipe.stages:
-            stage.model.softmax = default
-        for kind, ts in times.items():
-            what = f"turn: {TURN_TOKENS} tokens after the context" + ("" if kind == default.kind else ", torch softmax")
-            out.append(Measurement(what, ctx, TURN_TOKENS / statistics.median(ts)))
+            stage.model.prefill_attention, stage.model.softmax = default
+        for what, ts in times.items():
+            out.append(
+                Measurement(
+                    f"turn: {TURN_TOKENS} tokens after the context{what}", ctx, TURN_TOKENS / statistics.median(ts)
+                )
+            )
     return out
 
 

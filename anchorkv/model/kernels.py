@@ -1,4 +1,4 @@
-"""The C kernels (csrc/*.c: the attention softmax, decode attention, int4 linears), built together with gcc for this CPU
+"""The C kernels (csrc/*.c: the attention softmax, prefill and decode attention, int4 linears), built together with gcc for this CPU
 on first use into one library under the cache home, where the CPU has AVX-512 with bfloat16. Without gcc,
 on other CPUs or where the folder cannot be written, there is no library and torch's ops run instead."""
 
@@ -73,6 +73,18 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     kernel.decode_attention_bf16.restype = ctypes.c_int
+    kernel.prefill_attention_bf16.argtypes = [
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,  # q and its row stride
+        *[ctypes.c_void_p] * 2,  # the key and value caches
+        *[ctypes.c_int64] * 2,  # ctx, the key count
+        ctypes.c_void_p,
+        *[ctypes.c_int64] * 2,
+        ctypes.c_float,
+        ctypes.c_int,
+    ]
+    kernel.prefill_attention_bf16.restype = ctypes.c_int
     kernel.int4_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4, ctypes.c_int]
     kernel.int4_matmul_bf16.restype = ctypes.c_int
     return kernel

@@ -21,9 +21,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
-from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.int4_matmul import Int4Matmul
+from anchorkv.model.prefill_attention import PrefillAttention
 from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
@@ -185,6 +186,7 @@ def load_stages(
     softmax: AttentionSoftmax | None = None,
     decode_attention: DecodeAttention | None = None,
     int4_matmul: Int4Matmul | None = None,
+    prefill_attention: PrefillAttention | None = None,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
     if not 1 <= n_stages <= cfg.n_layers:
@@ -231,6 +233,7 @@ def load_stages(
                 lm_head=lm_head if last else None,
                 softmax=softmax,
                 decode_attention=decode_attention,
+                prefill_attention=prefill_attention,
             )
         )
     return stages

@@ -20,6 +20,7 @@ from torch import Tensor
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.int4_matmul import Int4Matmul, Int4Tiles
+from anchorkv.model.prefill_attention import PrefillAttention
 from anchorkv.model.softmax import AttentionSoftmax
 
 log = logging.getLogger("anchorkv.model")
@@ -27,7 +28,7 @@ log = logging.getLogger("anchorkv.model")
 Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
 # Bump when the prefill's arithmetic or cuts change: it is part of the exact cache's namespace, so KV saved
 # by an older forward is never mixed with a newer one (exact mode never reuses decoded KV).
-FORWARD_VERSION = 5
+FORWARD_VERSION = 6
 # A decode step attends through torch's fused SDPA kernel up to this many keys (faster on short caches) and
 # through the per-KV-head matmuls past it, which read long caches faster (docs/benchmarks.md).
 DECODE_SDPA_KEYS = 4096
@@ -275,10 +276,12 @@ class StageModel:
         lm_head: Linear | None,
         softmax: AttentionSoftmax | None = None,
         decode_attention: DecodeAttention | None = None,
+        prefill_attention: PrefillAttention | None = None,
     ) -> None:
         self.cfg = cfg
         self.softmax = softmax or AttentionSoftmax()
         self.decode_attention = decode_attention or DecodeAttention()
+        self.prefill_attention = prefill_attention or PrefillAttention()
         self.layers = layers
         self.layer_range = layer_range
         self.embed = embed
@@ -406,8 +409,11 @@ class StageModel:
                 mine = slice(r0, r0 + r.length)
                 k_cache[:, r.start : r.end] = qk[mine, H:].transpose(0, 1)
                 v_cache[:, r.start : r.end] = v[mine].transpose(0, 1)
-                q = qk[mine, :H].transpose(0, 1)
-                outs.append(self._attention(q, k_cache[:, : r.end], v_cache[:, : r.end], bias, decode))
+                out = None if decode else self.prefill_attention(qk[mine, :H], k_cache, v_cache, r.end)
+                if out is None:
+                    q = qk[mine, :H].transpose(0, 1)
+                    out = self._attention(q, k_cache[:, : r.end], v_cache[:, : r.end], bias, decode)
+                outs.append(out)
                 r0 += r.length
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + self._linear(w.wo, attn, decode)
