@@ -3,10 +3,12 @@ side by side in one run (the two transports take turns, a repeat each).
 
 - Skippy's shape: a shared prefix with a changed suffix, cold then warm TTFT, in-process against Ray.
 - Decode tokens/s of one sequence, and the per-hop cost of a decode step on Ray: (Ray - in-process)
-  divided by the messages a step sends (head to stage 0, stage to stage, last stage to head).
+  divided by the messages a step sends (head to stage 0, stage to stage, last stage to head). Where the
+  Ray stages share this host's cores (fewer threads each than --threads), the same stages in process with
+  those threads run too: against them the difference is the transport's, not the split cores'.
 - Redis: a second replica's first request on a prefix the first one computed, against a cold prefill.
 
-TTFT is measured in process (plan, restore, prefill, first sample), not over HTTP.
+TTFT is measured in process (plan, restore, prefill: until the first token can be sampled), not over HTTP.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from anchorkv.bench.cache_bench import system_prompt
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.ray_pipeline import RayPipeline
+from anchorkv.engine.ray_pipeline import RayPipeline, shared_host_threads
 from anchorkv.engine.sampling import SamplingParams
 
 
@@ -51,9 +53,14 @@ class RedisResult:
 
 
 def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, int]:
-    t = time.perf_counter()
-    _, report = engine.prompt_logits(prompt, req)
-    return (time.perf_counter() - t) * 1000, report.restored_tokens
+    """From submitting to the prompt's logits being ready to sample, as a client's first token waits; the
+    prompt's recording into the cache comes after it, as in the server."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    with engine.lock:
+        seq = engine.submit(prompt, params, lambda _: None, cache_req=req, keep_reply=False)
+        while not seq.done:
+            engine.step()
+    return (seq.prefilled - seq.submitted) * 1000, seq.restored.tokens
 
 
 def _decode_ms(engine: Engine, prompt: list[int], steps: int) -> float:
@@ -84,6 +91,7 @@ def measure(engines: dict[str, Engine], system: str, repeats: int, decode_steps:
     runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in engines}
     for r in tqdm(range(repeats), desc="repeats", leave=False):
         for label, engine in engines.items():
+            torch.set_num_threads(engine.cfg.threads)  # process-wide: each in-process engine computes on its own
             runs[label].append(_once(engine, f"{label}-{r}-{time.time()}", system, decode_steps))  # each starts cold
     for engine in engines.values():
         engine.cache.flush()  # no write left running when the folder goes
@@ -164,13 +172,20 @@ def run(
         ccfg = replace(ccfg, cache_dir=Path(tmp) / "kv")
         local = Engine(ecfg, ccfg)
         system = system_prompt(system_tokens, local)
+        engines = {"in-process": local}
+        split = shared_host_threads(ecfg.threads, ecfg.stages)  # what each local Ray stage computes on
+        if split != ecfg.threads:
+            engines[f"in-process, {split} thread{'s' if split > 1 else ''} a stage"] = Engine(
+                replace(ecfg, threads=split), ccfg
+            )
         pipe = RayPipeline(ecfg, replace(ccfg, cache_dir=Path(tmp) / "kv-ray"))
         try:
-            on_ray = Engine(ecfg, ccfg, pipe)
-            results = measure({"in-process": local, "ray": on_ray}, system, repeats, decode_steps)
-            results[-1].hop_ms = hop_ms(pipe, on_ray)
+            engines["ray"] = Engine(ecfg, ccfg, pipe)
+            results = measure(engines, system, repeats, decode_steps)
+            results[-1].hop_ms = hop_ms(pipe, engines["ray"])
         finally:
             pipe.close()
+        torch.set_num_threads(ecfg.threads)
     proc = None
     if redis_url is None:
         proc = start_redis(6390)
@@ -180,8 +195,20 @@ def run(
     finally:
         if proc is not None:
             proc.terminate()
-    local_r, ray_r = results
+    local_r, same_r, ray_r = results[0], results[-2], results[-1]
     hops = ecfg.stages + 1
+
+    def against(r: StagesResult) -> str:
+        per_hop = (ray_r.decode_step_ms - r.decode_step_ms) / hops
+        return f"warm TTFT {ray_r.warm_ttft_ms / r.warm_ttft_ms:.2f}x, per hop per decode step {per_hop:.2f} ms"
+
+    summary = (
+        f"Ray / in-process: {against(local_r)} ({hops} messages a step), cold TTFT "
+        f"{ray_r.cold_ttft_ms / local_r.cold_ttft_ms:.2f}x"
+    )
+    if same_r is not local_r:
+        summary += f"; Ray / {same_r.transport}: {against(same_r)}"
+    summary += f"; the messages alone (a decode step's hidden state through every stage, no compute): {ray_r.hop_ms:.2f} ms a hop"
     lines = [
         f"stages {ecfg.stages}, threads {ecfg.threads}, system prompt {system_tokens} tokens, medians of {repeats}",
         "",
@@ -192,10 +219,7 @@ def run(
             for r in results
         ),
         "",
-        f"Ray / in-process: warm TTFT {ray_r.warm_ttft_ms / local_r.warm_ttft_ms:.2f}x, cold TTFT "
-        f"{ray_r.cold_ttft_ms / local_r.cold_ttft_ms:.2f}x; per hop per decode step "
-        f"{(ray_r.decode_step_ms - local_r.decode_step_ms) / hops:.2f} ms ({hops} messages a step); "
-        f"the messages alone (a decode step's hidden state through every stage, no compute): {ray_r.hop_ms:.2f} ms a hop",
+        summary,
         "",
         f"Redis, one stage: replica B's first request on {rr.prompt_tokens} tokens that replica A computed: "
         f"{rr.replica_hit_ms:.0f} ms (restored {rr.restored_tokens}, tier {rr.tier}) against A's cold "
