@@ -75,7 +75,7 @@ class Engine:
         self.stage_infos = self.pipeline.infos()
         first = self.stage_infos[0]
         self.linear_kind, self.softmax_kind = first.linear_kind, first.softmax
-        self.prefill_attention_kind = first.prefill_attention
+        self.prefill_attention_kind, self.elementwise_kind = first.prefill_attention, first.elementwise
         self.decode_attention_kind, self.decode_int4_kind = first.decode_attention, first.decode_int4
         self.batch_rows = all(i.batch_rows for i in self.stage_infos)
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name

@@ -22,6 +22,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.elementwise import Elementwise
 from anchorkv.model.prefill_attention import PrefillAttention
 from anchorkv.model.int4_matmul import Int4Matmul
 from anchorkv.model.kernels import load_kernel
@@ -45,6 +46,7 @@ class StageInfo:
     linear_kind: str
     softmax: str
     prefill_attention: str
+    elementwise: str
     decode_attention: str
     decode_int4: str  # kernel: the int4 linears read through the C kernel; torch: through torch's
     node: str  # host name and process id
@@ -100,7 +102,8 @@ class Stage:
         return StageInfo(
             self.index, (r.start, r.stop), self.cache.namespace, self.kv_bytes,
             tuple(lin.decode_kind for lin in self.model.linears), self.model.batch_rows, self.linear_kind,
-            self.model.softmax.kind, self.model.prefill_attention.kind, self.model.decode_attention.kind,
+            self.model.softmax.kind, self.model.prefill_attention.kind, self.model.elementwise.kind,
+            self.model.decode_attention.kind,
             "kernel" if any(lin.tiles is not None for lin in self.model.linears) else "torch",
             f"{socket.gethostname()}:{os.getpid()}", torch.get_num_threads(),
         )  # fmt: skip
@@ -154,8 +157,11 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     softmax = AttentionSoftmax(kernel, dtype)
     decode_attention = DecodeAttention(kernel, dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
     prefill_attention = PrefillAttention(kernel, dtype, mc.head_dim)
+    elementwise = Elementwise(kernel, dtype)
     int4_matmul = Int4Matmul(kernel, dtype)
-    models = load_stages(weights, mc, cfg.stages, device, softmax, decode_attention, int4_matmul, prefill_attention)
+    models = load_stages(
+        weights, mc, cfg.stages, device, softmax, decode_attention, int4_matmul, prefill_attention, elementwise
+    )
     indices = range(len(models)) if only is None else [only]
     linears = [lin for i in indices for lin in models[i].linears]
     linear_kind = pack_linears(linears, cfg.chunk_size)
@@ -171,11 +177,11 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     if cache_cfg.exact:
         base |= {"chunk": cfg.chunk_size, "threads": cfg.threads, "device": cfg.device}
         base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": softmax.kind}
-        base |= {"prefill_attention": prefill_attention.kind}
+        base |= {"prefill_attention": prefill_attention.kind, "elementwise": elementwise.kind}
         base |= {"linear": linear_kind}
     else:  # decoded KV is reused too, so the decode weights matter
         base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": decode_attention.kind}
-        base |= {"decode_int4": int4_matmul.kind}
+        base |= {"decode_int4": int4_matmul.kind, "elementwise": elementwise.kind}
     out = []
     for i in indices:
         m = models[i]

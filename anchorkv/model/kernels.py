@@ -1,4 +1,5 @@
-"""The C kernels (csrc/*.c: the attention softmax, prefill and decode attention, int4 linears), built together with gcc for this CPU
+"""The C kernels (csrc/*.c: the attention softmax, prefill and decode attention, int4 linears, a layer's
+elementwise ops), built together with gcc for this CPU
 on first use into one library under the cache home, where the CPU has AVX-512 with bfloat16. Without gcc,
 on other CPUs or where the folder cannot be written, there is no library and torch's ops run instead."""
 
@@ -85,6 +86,18 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
         ctypes.c_int,
     ]
     kernel.prefill_attention_bf16.restype = ctypes.c_int
+    kernel.rms_norm_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_float]
+    kernel.rms_norm_bf16.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+    kernel.rope_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 3, ctypes.c_int]
+    kernel.silu_mul_bf16.argtypes = [
+        ctypes.c_void_p,
+        *[ctypes.c_int64] * 3,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+    ]
+    for f in (kernel.rms_norm_bf16, kernel.rope_bf16, kernel.silu_mul_bf16):
+        f.restype = None
     kernel.int4_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4, ctypes.c_int]
     kernel.int4_matmul_bf16.restype = ctypes.c_int
     return kernel

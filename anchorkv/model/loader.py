@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.elementwise import Elementwise
 from anchorkv.model.gguf_import import import_gguf
 from anchorkv.model.int4_matmul import Int4Matmul
 from anchorkv.model.prefill_attention import PrefillAttention
@@ -187,6 +188,7 @@ def load_stages(
     decode_attention: DecodeAttention | None = None,
     int4_matmul: Int4Matmul | None = None,
     prefill_attention: PrefillAttention | None = None,
+    elementwise: Elementwise | None = None,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
     if not 1 <= n_stages <= cfg.n_layers:
@@ -234,6 +236,7 @@ def load_stages(
                 softmax=softmax,
                 decode_attention=decode_attention,
                 prefill_attention=prefill_attention,
+                elementwise=elementwise,
             )
         )
     return stages

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from anchorkv.model.config import ModelConfig
 from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.elementwise import Elementwise, rms_norm
 from anchorkv.model.int4_matmul import Int4Matmul, Int4Tiles
 from anchorkv.model.prefill_attention import PrefillAttention
 from anchorkv.model.softmax import AttentionSoftmax
@@ -28,7 +29,7 @@ log = logging.getLogger("anchorkv.model")
 Logits = Literal["last", "all", "none"]  # which positions the last stage turns into logits
 # Bump when the prefill's arithmetic or cuts change: it is part of the exact cache's namespace, so KV saved
 # by an older forward is never mixed with a newer one (exact mode never reuses decoded KV).
-FORWARD_VERSION = 6
+FORWARD_VERSION = 7
 # A decode step attends through torch's fused SDPA kernel up to this many keys (faster on short caches) and
 # through the per-KV-head matmuls past it, which read long caches faster (docs/benchmarks.md).
 DECODE_SDPA_KEYS = 4096
@@ -248,18 +249,6 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return inv
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [T, heads, hd]; cos, sin: [T, 1, hd/2] in float32. Half-split (neox / HF) layout."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 class StageModel:
     """Layers [first, last) of the model, plus the embedding on the first stage and the head on the last.
 
@@ -277,11 +266,13 @@ class StageModel:
         softmax: AttentionSoftmax | None = None,
         decode_attention: DecodeAttention | None = None,
         prefill_attention: PrefillAttention | None = None,
+        elementwise: Elementwise | None = None,
     ) -> None:
         self.cfg = cfg
         self.softmax = softmax or AttentionSoftmax()
         self.decode_attention = decode_attention or DecodeAttention()
         self.prefill_attention = prefill_attention or PrefillAttention()
+        self.elementwise = elementwise or Elementwise()
         self.layers = layers
         self.layer_range = layer_range
         self.embed = embed
@@ -322,10 +313,9 @@ class StageModel:
         if self.embed is not None:
             x = F.embedding(x, self.embed)
         if decode:
-            at = torch.tensor([r.start for r in rows], device=x.device)
-            cos, sin = self.cos[at, None], self.sin[at, None]
+            positions = torch.tensor([r.start for r in rows], device=x.device)
         else:
-            cos, sin = self.cos[rows[0].start : rows[0].end, None], self.sin[rows[0].start : rows[0].end, None]
+            positions = torch.arange(rows[0].start, rows[0].end, device=x.device)
         bias = None
         if x.shape[0] > 1 and not decode and self.softmax.needs_bias:
             # query i sits at absolute position start + i and sees keys [0, start + i]: only keys of this
@@ -338,12 +328,14 @@ class StageModel:
         for i, layer in enumerate(self.layers):
             if interrupt is not None and interrupt():
                 raise Interrupted
-            x = self._layer(layer, i, x, rows, cos, sin, bias, decode)
+            x = self._layer(layer, i, x, rows, positions, bias, decode)
         if self.lm_head is None or logits == "none":
             return x
         assert self.final_norm is not None
         h = x if logits == "all" or decode else x[-1:]
-        out = self._linear(self.lm_head, rms_norm(h, self.final_norm, self.cfg.rms_eps), decode).float()
+        out = self._linear(
+            self.lm_head, self.elementwise.rms_norm(h, self.final_norm, self.cfg.rms_eps), decode
+        ).float()
         return out if logits == "all" or decode else out[0]
 
     def _linear(self, lin: Linear, x: Tensor, decode: bool) -> Tensor:
@@ -386,18 +378,18 @@ class StageModel:
         layer: int,
         x: Tensor,
         rows: Sequence[Rows],
-        cos: Tensor,
-        sin: Tensor,
+        positions: Tensor,
         bias: Tensor | None,
         decode: bool,
     ) -> Tensor:
         cfg = self.cfg
         T, hd, H, Hkv = x.shape[0], cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        qkv = self._linear(w.wqkv, rms_norm(x, w.attn_norm, cfg.rms_eps), decode)
+        ops = self.elementwise
+        qkv = self._linear(w.wqkv, ops.rms_norm(x, w.attn_norm, cfg.rms_eps), decode)
         qk, v = qkv.view(T, H + 2 * Hkv, hd).split([H + Hkv, Hkv], dim=1)
         if w.q_norm is not None and w.k_norm is not None:
             qk = torch.cat([rms_norm(qk[:, :H], w.q_norm, cfg.rms_eps), rms_norm(qk[:, H:], w.k_norm, cfg.rms_eps)], 1)
-        qk = apply_rope(qk, cos, sin)  # q and k in one pass: [T, H + Hkv, hd]
+        qk = ops.rope(qk, positions, self.cos, self.sin)  # q and k in one pass: [T, H + Hkv, hd]
         caches = [(r.k[layer], r.v[layer]) for r in rows]
         attn = None
         if decode:  # one row a sequence: KV written and attended for all rows in one call
@@ -417,5 +409,5 @@ class StageModel:
                 r0 += r.length
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + self._linear(w.wo, attn, decode)
-        gate, up = self._linear(w.w13, rms_norm(x, w.ffn_norm, cfg.rms_eps), decode).chunk(2, dim=-1)
-        return x + self._linear(w.w2, F.silu(gate) * up, decode)
+        gate_up = self._linear(w.w13, ops.rms_norm(x, w.ffn_norm, cfg.rms_eps), decode)
+        return x + self._linear(w.w2, ops.silu_mul(gate_up), decode)

@@ -73,6 +73,7 @@ def _props(svc: Service, stages: list[dict[str, object]], cache: dict[str, objec
         "decode_weights": engine.decode_weights,
         "attention_softmax": engine.softmax_kind,
         "prefill_attention": engine.prefill_attention_kind,
+        "elementwise": engine.elementwise_kind,
         "decode_attention": engine.decode_attention_kind,
         "decode_int4": engine.decode_int4_kind,
         "linear_kernel": engine.linear_kind,
