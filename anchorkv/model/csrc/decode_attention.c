@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "bf16_math.h"
+#include "scratch.h"
 
 #define HD 64
 #define BLOCK 256
@@ -98,19 +99,6 @@ static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int6
     }
     for (int g = 0; g < G; g++)
         for (int c = 0; c < 4; c++) _mm512_storeu_ps(accs + g * HD + 16 * c, acc[g][c]);
-}
-
-/* scratch kept by the calling thread between calls: a step's units, their rows and parts, the scaled queries */
-static __thread void *scratch;
-static __thread size_t scratch_bytes;
-
-static void *grow(size_t bytes) {
-    if (bytes > scratch_bytes) {
-        free(scratch);
-        scratch = malloc(bytes);
-        scratch_bytes = scratch ? bytes : 0;
-    }
-    return scratch;
 }
 
 int decode_attention_bf16(int64_t B, const uint16_t *q, int64_t q_stride, const uint16_t *knew, int64_t knew_stride,

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "bf16_math.h"
+#include "scratch.h"
 
 #define HD 64
 #define PAIRS (HD / 2)
@@ -104,18 +105,6 @@ static void tile(const uint32_t *const *qs, const int64_t *n, int rows, int64_t 
     }
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[r][c]));
-}
-
-static __thread void *scratch;
-static __thread size_t scratch_bytes;
-
-static void *grow(size_t bytes) {
-    if (bytes > scratch_bytes) {
-        free(scratch);
-        scratch = malloc(bytes);
-        scratch_bytes = scratch ? bytes : 0;
-    }
-    return scratch;
 }
 
 int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const uint16_t *kc, const uint16_t *vc,
