@@ -22,7 +22,8 @@
 #define ROWS 6   /* query rows a tile */
 #define KEYS 64  /* keys a tile step: 4 vectors of 16 */
 
-/* keys [0, L) of one KV head as kt[L16 / 16][PAIRS][16] pairs (zero past L), values as vp[L16 / 2][HD] pairs */
+/* keys [0, L) of one KV head as kt[Lp / 16][PAIRS][16] (16 keys a vector, a pair of dimensions a lane), values
+   as vp[Lp / 2][HD] (a pair of consecutive keys a lane); zero past L */
 static void layout(const uint16_t *k, const uint16_t *v, int64_t L, int64_t Lp, uint32_t *kt, uint32_t *vp) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
