@@ -29,6 +29,7 @@ from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.plan import RequestPlan
 from anchorkv.server.app import create_app
 
 THREADS = 2
@@ -67,6 +68,34 @@ def assert_close_logits(a: torch.Tensor, b: torch.Tensor) -> None:
     each path's top token a top token of the other within a near tie."""
     assert (a - b).abs().max() < 0.05 * b.abs().max()
     assert b[int(a.argmax())] >= b.max() - 0.5 and a[int(b.argmax())] >= a.max() - 0.5
+
+
+def logits_two_ways(
+    engine: Engine, prompt: list[int], part: str, other: object, steps: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The prompt's logits, then those of `steps` greedy decode steps, through the engine's own `part` of every
+    stage model (`prefill_attention`, `elementwise`, ...) and then through `other`, which decodes the same
+    tokens. The engine's own is put back."""
+    models = [s.model for s in engine.pipeline.stages]
+    own = getattr(models[0], part)
+    runs: list[list[torch.Tensor]] = []
+    tokens: list[int] = []
+    with engine.lock, torch.inference_mode():
+        for impl in (own, other):
+            for m in models:
+                setattr(m, part, impl)
+            plan = RequestPlan("t", len(prompt))
+            engine.pipeline.truncate(0)
+            logits = [engine.pipeline.prefill(prompt, 0, plan)]
+            for i in range(steps):
+                if impl is own:
+                    tokens.append(int(logits[-1].argmax()))
+                logits.append(engine.pipeline.decode(tokens[i], len(prompt) + i, plan))
+            runs.append(logits)
+        for m in models:
+            setattr(m, part, own)
+        engine.slots[0].clear()
+    return runs[0], runs[1]
 
 
 def free_port() -> int:

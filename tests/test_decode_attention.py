@@ -8,11 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.plan import RequestPlan
 from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.kernels import load_kernel
 from anchorkv.model.loader import default_cache_home
-from tests.conftest import assert_close_logits
+from tests.conftest import assert_close_logits, logits_two_ways
 
 KERNEL = load_kernel(default_cache_home() / "kernels")
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 with bfloat16, or gcc is missing")
@@ -75,27 +74,8 @@ def test_each_row_of_a_batch_gets_the_bits_it_gets_alone() -> None:
 def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) -> None:
     assert engine.decode_attention_kind == "kernel"
     prompt = engine.render_chat([{"role": "user", "content": "Name three colors of the rainbow."}]).token_ids
-    models = [s.model for s in engine.pipeline.stages]
-    kernel = models[0].decode_attention
-    steps: dict[str, list[torch.Tensor]] = {}
-    tokens: list[int] = []  # the kernel's greedy tokens, which torch's path decodes too
-    with engine.lock, torch.inference_mode():
-        for kind, attention in (("kernel", kernel), ("torch", DecodeAttention())):
-            for m in models:
-                m.decode_attention = attention
-            plan = RequestPlan("t", len(prompt))
-            engine.pipeline.truncate(0)
-            logits = engine.pipeline.prefill(prompt, 0, plan)
-            steps[kind] = []
-            for i in range(8):
-                if kind == "kernel":
-                    tokens.append(int(logits.argmax()))
-                logits = engine.pipeline.decode(tokens[i], len(prompt) + i, plan)
-                steps[kind].append(logits)
-        for m in models:
-            m.decode_attention = kernel
-        engine.slots[0].clear()
-    for a, b in zip(steps["kernel"], steps["torch"], strict=True):
+    kernel, torch_path = logits_two_ways(engine, prompt, "decode_attention", DecodeAttention(), steps=8)
+    for a, b in zip(kernel[1:], torch_path[1:], strict=True):  # the decode steps
         assert_close_logits(a, b)
 
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.plan import RequestPlan
 from anchorkv.model.elementwise import Elementwise
 from anchorkv.model.kernels import load_kernel
 from anchorkv.model.loader import default_cache_home
-from tests.conftest import assert_close_logits
+from tests.conftest import assert_close_logits, logits_two_ways
 
 KERNEL = load_kernel(default_cache_home() / "kernels")
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 with bfloat16, or gcc is missing")
@@ -63,23 +62,6 @@ def test_rope_rotates_q_and_k_in_place_and_leaves_v() -> None:
 def test_a_prefill_and_decode_through_the_kernel_give_the_models_logits(engine: Engine) -> None:
     assert engine.elementwise_kind == "kernel"
     prompt = engine.render_chat([{"role": "user", "content": "Name three colors of the rainbow."}]).token_ids
-    models = [s.model for s in engine.pipeline.stages]
-    engines_ops = models[0].elementwise
-    logits: dict[str, list[torch.Tensor]] = {}
-    tokens: list[int] = []
-    with engine.lock, torch.inference_mode():
-        for kind, ops in (("kernel", KERNEL_OPS), ("torch", TORCH_OPS)):
-            for m in models:
-                m.elementwise = ops
-            plan = RequestPlan("t", len(prompt))
-            engine.pipeline.truncate(0)
-            logits[kind] = [engine.pipeline.prefill(prompt, 0, plan)]
-            for i in range(4):
-                if kind == "kernel":
-                    tokens.append(int(logits[kind][-1].argmax()))
-                logits[kind].append(engine.pipeline.decode(tokens[i], len(prompt) + i, plan))
-        for m in models:
-            m.elementwise = engines_ops
-        engine.slots[0].clear()
-    for a, b in zip(logits["kernel"], logits["torch"], strict=True):
+    kernel, torch_path = logits_two_ways(engine, prompt, "elementwise", TORCH_OPS, steps=4)
+    for a, b in zip(kernel, torch_path, strict=True):
         assert_close_logits(a, b)

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.plan import RequestPlan
 from anchorkv.model.kernels import load_kernel
 from anchorkv.model.loader import default_cache_home
 from anchorkv.model.prefill_attention import PrefillAttention
 from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.transformer import StageModel
-from tests.conftest import assert_close_logits
+from tests.conftest import assert_close_logits, logits_two_ways
 
 KERNEL = load_kernel(default_cache_home() / "kernels")
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 with bfloat16, or gcc is missing")
@@ -80,19 +79,8 @@ def test_a_prefill_through_the_kernel_gives_the_models_logits(engine: Engine) ->
     assert engine.prefill_attention_kind == "kernel"
     text = "Summarize: the quick brown fox jumps over the lazy dog. " * 20
     prompt = engine.render_chat([{"role": "user", "content": text}]).token_ids
-    models = [s.model for s in engine.pipeline.stages]
-    kernel = models[0].prefill_attention
-    logits = {}
-    with engine.lock, torch.inference_mode():
-        for kind, attention in (("kernel", kernel), ("torch", PrefillAttention())):
-            for m in models:
-                m.prefill_attention = attention
-            engine.pipeline.truncate(0)
-            logits[kind] = engine.pipeline.prefill(prompt, 0, RequestPlan("t", len(prompt)))
-        for m in models:
-            m.prefill_attention = kernel
-        engine.slots[0].clear()
-    assert_close_logits(logits["kernel"], logits["torch"])
+    (kernel,), (torch_path,) = logits_two_ways(engine, prompt, "prefill_attention", PrefillAttention())
+    assert_close_logits(kernel, torch_path)
 
 
 def test_shapes_the_kernel_cannot_serve_say_torch_computes_them() -> None:

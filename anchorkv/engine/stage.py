@@ -21,13 +21,8 @@ from anchorkv.cache.stage_cache import CacheStats, Coverage, Fetch, Lookup, Reco
 from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
-from anchorkv.model.decode_attention import DecodeAttention
-from anchorkv.model.elementwise import Elementwise
-from anchorkv.model.prefill_attention import PrefillAttention
-from anchorkv.model.int4_matmul import Int4Matmul
-from anchorkv.model.kernels import load_kernel
+from anchorkv.model.kernels import Kernels, load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
-from anchorkv.model.softmax import AttentionSoftmax
 from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
 
 log = logging.getLogger("anchorkv.engine")
@@ -153,15 +148,9 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
     ctx = cfg.ctx or min(mc.max_ctx, MAX_DEFAULT_CTX)
     weights = prepared_weights(files, mc, dtype, cfg.decode_quant, cfg.cache_home)
-    kernel = load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if device.type == "cpu" else None
-    softmax = AttentionSoftmax(kernel, dtype)
-    decode_attention = DecodeAttention(kernel, dtype, mc.head_dim, mc.n_heads // mc.n_kv_heads)
-    prefill_attention = PrefillAttention(kernel, dtype, mc.head_dim)
-    elementwise = Elementwise(kernel, dtype)
-    int4_matmul = Int4Matmul(kernel, dtype)
-    models = load_stages(
-        weights, mc, cfg.stages, device, softmax, decode_attention, int4_matmul, prefill_attention, elementwise
-    )
+    lib = load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if device.type == "cpu" else None
+    k = Kernels.of(lib, dtype, mc)
+    models = load_stages(weights, mc, cfg.stages, device, k)
     indices = range(len(models)) if only is None else [only]
     linears = [lin for i in indices for lin in models[i].linears]
     linear_kind = pack_linears(linears, cfg.chunk_size)
@@ -176,12 +165,12 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     }
     if cache_cfg.exact:
         base |= {"chunk": cfg.chunk_size, "threads": cfg.threads, "device": cfg.device}
-        base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": softmax.kind}
-        base |= {"prefill_attention": prefill_attention.kind, "elementwise": elementwise.kind}
+        base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": k.softmax.kind}
+        base |= {"prefill_attention": k.prefill_attention.kind, "elementwise": k.elementwise.kind}
         base |= {"linear": linear_kind}
     else:  # decoded KV is reused too, so the decode weights matter
-        base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": decode_attention.kind}
-        base |= {"decode_int4": int4_matmul.kind, "elementwise": elementwise.kind}
+        base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": k.decode_attention.kind}
+        base |= {"decode_int4": k.int4_matmul.kind, "elementwise": k.elementwise.kind}
     out = []
     for i in indices:
         m = models[i]

