@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -224,6 +226,18 @@ def _other_model(f: Path) -> None:
     save_file(load_file(f), f, metadata={**meta, "namespace": "0" * 32})
 
 
+def _tensor_past_the_end(f: Path) -> None:
+    """The header points k's bytes past the end of the file (the header keeps its length)."""
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    head = json.loads(data[8 : 8 + n])
+    a, b = head["k"]["data_offsets"]
+    head["k"]["data_offsets"] = [a + len(data), b + len(data)]
+    text = json.dumps(head, separators=(",", ":")).encode()
+    assert len(text) <= n
+    f.write_bytes(data[:8] + text.ljust(n) + data[8 + n :])
+
+
 @pytest.mark.parametrize("stages", [1, 3])
 def test_a_restarted_engine_brings_back_the_last_chain_while_idle(tmp_path: Path, stages: int) -> None:
     """The first idle moment after a restart loads the last run's latest chain into the KV, so the first
@@ -267,7 +281,7 @@ def test_a_warm_start_stops_between_chunks_when_a_request_arrives(tmp_path: Path
     assert torch.equal(warm, cold.prompt_logits(p2, r2)[0])
 
 
-@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign_version, _other_model])
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate, _foreign_version, _other_model, _tensor_past_the_end])
 def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: object) -> None:
     e = make(tmp_path)
     p, r = chat(e, "Which code goes with shipment class 3?")

@@ -104,8 +104,22 @@ class RemoteTier:
     def has_logits(self, key: bytes) -> bool:
         return bool(self._call(lambda: self.client.exists(self._key(key) + ":L"), 0))
 
-    def load(self, key: bytes) -> Chunk | None:
-        data: Any = self._call(lambda: self.client.get(self._key(key)), None)
+    def load_many(self, keys: Sequence[bytes]) -> dict[bytes, Chunk]:
+        """The chunks of `keys` the server holds and that check out, fetched in one round trip."""
+        if not keys:
+            return {}
+        def get() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)  # GETs, not one MGET: the parser keeps one value
+            for k in keys:  # in its buffer at a time, not the whole reply
+                pipe.get(self._key(k))
+            return list(pipe.execute())
+
+        values = self._call(get, [])
+        chunks = {k: c for k, data in zip(keys, values, strict=False) if (c := self._decode(k, data)) is not None}
+        self.hits += len(chunks)
+        return chunks
+
+    def _decode(self, key: bytes, data: bytes | None) -> Chunk | None:
         if data is None:
             return None
         try:
@@ -116,7 +130,6 @@ class RemoteTier:
             self.on_corrupt()
             self._call(lambda: self.client.delete(self._key(key)), 0)
             return None
-        self.hits += 1
         return chunk
 
     # -- write ---------------------------------------------------------------------------------------
