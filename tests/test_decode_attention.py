@@ -71,6 +71,36 @@ def test_each_row_of_a_batch_gets_the_bits_it_gets_alone() -> None:
         assert torch.equal(c[3][:, L - 1], k_new[b])
 
 
+def test_a_row_reads_a_shared_prefix_from_another_rows_caches_with_the_same_bits() -> None:
+    """Rows 1 and 2 share row 0's first 700 (and 600) keys and values: read from row 0's caches, every row gets
+    the bits it gets alone. Where row 0's caches hold other values, row 1's output changes: it reads them."""
+    lengths, shared = [1000, 1500, 900], [0, 700, 600]
+    cases = [_case(L, ctx=2048, seed=b) for b, L in enumerate(lengths)]
+    for (_, _, _, kc, vc), n in zip(cases[1:], shared[1:], strict=True):
+        kc[:, :n], vc[:, :n] = cases[0][3][:, :n], cases[0][4][:, :n]
+    alone = [_step(q, kn, vn, [(kc.clone(), vc.clone())], [L]) for (q, kn, vn, kc, vc), L in zip(cases, lengths)]
+    q, k_new, v_new = (torch.cat([c[i] for c in cases]) for i in range(3))
+    same = [(-1, 0), (0, 700), (0, 600)]
+
+    def batch(caches: list) -> torch.Tensor:
+        out = DecodeAttention(KERNEL).step(q, k_new, v_new, caches, lengths, same)
+        assert out is not None
+        return out
+
+    out = batch([(c[3], c[4]) for c in cases])
+    for b in range(3):
+        assert torch.equal(out[b : b + 1], alone[b])
+    other = [(cases[0][3].clone(), cases[0][4].clone()), *[(c[3], c[4]) for c in cases[1:]]]
+    other[0][0][:, :256] += 1  # row 0's first block, which row 1 reads from there
+    assert not torch.equal(batch(other)[1:2], alone[1])
+    assert (
+        DecodeAttention(KERNEL).step(
+            q, k_new, v_new, [(c[3], c[4]) for c in cases], lengths, [(-1, 0), (0, 1000), (-1, 0)]
+        )
+        is None
+    )
+
+
 def test_decode_steps_through_the_kernel_give_the_models_logits(engine: Engine) -> None:
     assert engine.decode_attention_kind == "kernel"
     prompt = engine.render_chat([{"role": "user", "content": "Name three colors of the rainbow."}]).token_ids

@@ -15,8 +15,9 @@ from openai import OpenAI
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.plan import Span
 from anchorkv.engine.sampling import SamplingParams
-from anchorkv.engine.scheduler import pick_slot, schedule, should_wait
+from anchorkv.engine.scheduler import pick_slot, same_prefixes, schedule, should_wait
 from anchorkv.engine.sequence import Sequence, Status
 from anchorkv.engine.slot import Slot
 from anchorkv.server.app import create_app
@@ -114,6 +115,40 @@ def test_sequences_joining_mid_way_and_prefill_between_decode_steps_stay_exact(
     run.finish()
     for e, s in zip(expected, seqs, strict=True):
         assert_same(e, s, run)
+
+
+@pytest.mark.parametrize("fixture", ["engine8", "engine8x3"])
+def test_rows_sharing_a_system_prompt_read_it_once_and_keep_their_lone_logits(
+    fixture: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four sessions on one 900-token system prompt decode together: each row reads the prompt's KV from the
+    first row's slot (the decode steps' spans say so), and each still equals its lone run, logit for logit."""
+    engine: Engine = request.getfixturevalue(fixture)
+    system = " ".join(f"Rule {i}: answer in the voice of a ship's clerk, citing form {i}." for i in range(50))
+    prompts = [
+        engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": f"Tell me about {t}."}]).token_ids
+        for t in TOPICS[:4]
+    ]  # fmt: skip
+    assert len(prompts[0]) > 900
+    expected = [alone(engine, p) for p in prompts]
+    steps: list[list[Span]] = []
+    decode_rows = engine.pipeline.decode_rows
+
+    def spy(rows: list) -> torch.Tensor:
+        steps.append([sp for _, sp in rows])
+        return decode_rows(rows)
+
+    monkeypatch.setattr(engine.pipeline, "decode_rows", spy)
+    run = Run(engine)
+    seqs = [run.submit(p) for p in prompts]
+    run.finish()
+    for e, s in zip(expected, seqs, strict=True):
+        assert_same(e, s, run)
+    together = [spans for spans in steps if len(spans) > 1]
+    assert together
+    for first, *others in together:
+        assert first.same == (-1, 0)
+        assert all(sp.same[0] == first.slot and sp.same[1] >= 768 for sp in others)
 
 
 def test_a_long_cold_prompt_pauses_decoding_streams_for_one_piece_a_step(engine8: Engine) -> None:
@@ -252,6 +287,15 @@ def test_pick_slot_prefers_the_slot_holding_the_prompts_prefix_then_the_least_re
     for s in slots:
         s.seq = seq([1], Status.DECODING)
     assert pick_slot([1], None, slots) is None
+
+
+def test_same_prefixes_point_each_row_at_the_earliest_row_holding_its_prefix() -> None:
+    shared = {(0, 1): 512, (0, 2): 512, (1, 2): 1024, (0, 3): 0, (1, 3): 0, (2, 3): 0}
+    same = same_prefixes(4, lambda a, b: shared[a, b])
+    # row 2 shares more with row 1 than with row 0, so it reads row 1; row 3 shares nothing
+    assert same == [(-1, 0), (0, 512), (1, 1024), (-1, 0)]
+    chain = {(0, 1): 1024, (0, 2): 512, (1, 2): 768}
+    assert same_prefixes(3, lambda a, b: chain[a, b]) == [(-1, 0), (0, 1024), (0, 768)]  # row 1 holds it from row 0
 
 
 def test_should_wait_only_for_a_prefix_worth_a_piece_more_than_the_cache_has() -> None:

@@ -108,6 +108,7 @@ class RemoteTier:
         """The chunks of `keys` the server holds and that check out, fetched in one round trip."""
         if not keys:
             return {}
+
         def get() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)  # GETs, not one MGET: the parser keeps one value
             for k in keys:  # in its buffer at a time, not the whole reply

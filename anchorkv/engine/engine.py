@@ -37,7 +37,7 @@ from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokeniz
 from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
 from anchorkv.engine.plan import RequestPlan, Span
 from anchorkv.engine.sampling import Sampler, SamplingParams, token_logprob
-from anchorkv.engine.scheduler import StepPlan, pick_slot, schedule, should_wait
+from anchorkv.engine.scheduler import StepPlan, pick_slot, same_prefixes, schedule, should_wait
 from anchorkv.engine.sequence import Delta, Event, Failed, Finished, Sequence, Status
 from anchorkv.engine.slot import PendingReply, Slot
 from anchorkv.engine.stage import MAX_DEFAULT_CTX, build_stages
@@ -92,6 +92,7 @@ class Engine:
         self.running: list[Sequence] = []  # in admission order
         self._warm = self.cache.has_disk and self.cache.enabled  # the last run's latest chain, to bring back
         self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
+        self._shared: dict[tuple[str, str], int] = {}  # two decoding sequences' bit-identical prefix
 
     @property
     def decode_weights(self) -> dict[str, int]:
@@ -347,7 +348,8 @@ class Engine:
         """The decoding sequences' rows in one forward, then each prefill piece in its own: a piece's
         shapes are those of a lone cold run, which is what makes a cache hit exact."""
         if plan.decode:
-            rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s))) for s in plan.decode]
+            same = self._same_prefixes(plan.decode)
+            rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s), m)) for s, m in zip(plan.decode, same)]
             try:
                 logits = self.pipeline.decode_rows(rows)
             except StageFailed:
@@ -378,6 +380,27 @@ class Engine:
                 seq.kept_logits[b] = out
             if last:
                 seq.logits = out
+
+    def _same_prefixes(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """For each decode row, (slot, n): another row's slot that holds its first n positions bit for bit,
+        or (-1, 0). Slots are alike only where both prefilled or restored the same tokens cut alike: in exact
+        mode, where a slot's [0, valid) is never decoded KV, and under one salt."""
+        if not self.cache_cfg.exact or len(seqs) < 2:
+            return [(-1, 0)] * len(seqs)
+        slots = [self.slots[self._slot_of(s)] for s in seqs]
+        if len(self._shared) > 64 * len(self.slots) ** 2:
+            self._shared.clear()
+
+        def shared(a: int, b: int) -> int:
+            key = (seqs[a].id, seqs[b].id)  # a decoding sequence's slot holds its prompt: fixed until it ends
+            if key not in self._shared:
+                x, y = slots[a], slots[b]
+                same_salt = x.salt == y.salt
+                n = shared_cut(x.tokens[: x.valid], x.ends, y.tokens[: y.valid], y.ends, self.cfg.chunk_size)
+                self._shared[key] = n if same_salt else 0
+            return self._shared[key]
+
+        return [(slots[a].index, n) if a >= 0 else (-1, 0) for a, n in same_prefixes(len(seqs), shared)]
 
     @staticmethod
     def _slot_of(seq: Sequence) -> int:

@@ -19,12 +19,15 @@ class RequestPlan:
 
 @dataclass(frozen=True)
 class Span:
-    """One sequence's rows in a stage message: positions [start, start + length) of the KV in `slot`."""
+    """One sequence's rows in a stage message: positions [start, start + length) of the KV in `slot`.
+    same = (slot, n): in a decode step, that slot's KV holds this one's first n positions bit for bit, so the
+    attention may read them there, once for both ((-1, 0): none)."""
 
     slot: int
     start: int
     length: int
     plan: RequestPlan  # the sideband
+    same: tuple[int, int] = (-1, 0)
 
 
 @dataclass(frozen=True)

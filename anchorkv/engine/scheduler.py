@@ -7,7 +7,7 @@ at most about one piece a step."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from anchorkv.cache.policy import common_prefix
@@ -64,3 +64,16 @@ def should_wait(prompt: list[int], restorable: int, prefilling: Iterable[Sequenc
     their shared prefix than the cache could restore now; once recorded, the prompt restores it instead
     of computing it a second time."""
     return any(common_prefix(prompt, other.prompt) >= restorable + chunk for other in prefilling)
+
+
+def same_prefixes(rows: int, shared: Callable[[int, int], int]) -> list[tuple[int, int]]:
+    """For each of a decode step's rows, (a, n): an earlier row a whose KV holds this row's first n positions
+    bit for bit (`shared(a, b)`: how far), or (-1, 0). Each points at the earliest row holding those bits, so
+    all the rows that share a prefix read one copy of it."""
+    out: list[tuple[int, int]] = []
+    for b in range(rows):
+        a, n = max(((a, shared(a, b)) for a in range(b)), key=lambda p: (p[1], -p[0]), default=(-1, 0))
+        while n and out[a][0] >= 0 and out[a][1] >= n:
+            a = out[a][0]
+        out.append((a, n) if n else (-1, 0))
+    return out

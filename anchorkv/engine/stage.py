@@ -107,13 +107,16 @@ class Stage:
         """Hidden states [T, D] out, or logits on the last stage. Each span's KV is written (and counted
         as filled only when the forward completes)."""
         rows = []
+        row_of = {sp.slot: i for i, sp in enumerate(inp.spans)}
         for sp in inp.spans:
             kv = self.kvs[sp.slot]
             if sp.start + sp.length > kv.ctx:
                 raise ValueError(f"position {sp.start + sp.length} is past the context size {kv.ctx}")
             if sp.start > kv.filled:
                 raise ValueError(f"stage {self.index}: forward at {sp.start} but KV is filled only to {kv.filled}")
-            rows.append(Rows(sp.start, sp.length, kv.k, kv.v))
+            slot, n = sp.same
+            same = (row_of[slot], n) if inp.decode and slot in row_of and n <= self.kvs[slot].filled else (-1, 0)
+            rows.append(Rows(sp.start, sp.length, kv.k, kv.v, same))
         out = self.model.forward(inp.x, rows, inp.logits, inp.decode, interrupt)
         for sp in inp.spans:
             kv = self.kvs[sp.slot]

@@ -35,12 +35,20 @@ class DecodeAttention:
         return "kernel" if self._kernel is not None else "torch"
 
     def step(
-        self, q: Tensor, k: Tensor, v: Tensor, caches: Sequence[tuple[Tensor, Tensor]], ends: Sequence[int]
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        caches: Sequence[tuple[Tensor, Tensor]],
+        ends: Sequence[int],
+        same: Sequence[tuple[int, int]] = (),
     ) -> Tensor | None:
         """A decode step's attention for all its rows in one call. Row b writes its new key and value k[b], v[b]
         ([Hkv, hd]) into its layer's caches[b] ([Hkv, ctx, hd] each) at position ends[b] - 1, then its query
-        q[b] ([H, hd]) attends over keys [0, ends[b]). Returns [B, H * hd], or None, having written nothing,
-        where the kernel cannot take these shapes (then torch computes it)."""
+        q[b] ([H, hd]) attends over keys [0, ends[b]). same[b] = (a, n): row a's caches hold row b's first n
+        keys and values bit for bit, so row b may read them there, once for both ((-1, 0): none). Returns
+        [B, H * hd], or None, having written nothing, where the kernel cannot take these shapes (then torch
+        computes it)."""
         B, H, hd = q.shape
         Hkv = k.shape[1]
         if (
@@ -53,6 +61,7 @@ class DecodeAttention:
             or any(t.dtype != q.dtype or t.shape[0] != B or t.stride(1) != hd or t.stride(2) != 1 for t in (q, k, v))
             or len(caches) != B
             or len(ends) != B
+            or (same and len(same) != B)
         ):
             return None
         ctx = caches[0][0].shape[1]
@@ -60,10 +69,12 @@ class DecodeAttention:
         if any(c.shape != shape or c.stride() != strides or c.dtype != q.dtype for kv in caches for c in kv):
             return None
         out = q.new_empty(B, H * hd)
+        rows, upto = zip(*same) if same else ((-1,) * B, (0,) * B)
         err = self._kernel.decode_attention_bf16(
             B, q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
             (ctypes.c_void_p * B)(*(kc.data_ptr() for kc, _ in caches)),
             (ctypes.c_void_p * B)(*(vc.data_ptr() for _, vc in caches)),
-            (ctypes.c_int64 * B)(*ends), ctx, out.data_ptr(), H, Hkv, hd**-0.5, torch.get_num_threads(),
+            (ctypes.c_int64 * B)(*ends), (ctypes.c_int64 * B)(*rows), (ctypes.c_int64 * B)(*upto), ctx,
+            out.data_ptr(), H, Hkv, hd**-0.5, torch.get_num_threads(),
         )  # fmt: skip
         return out if err == 0 else None

@@ -76,6 +76,7 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
         ctypes.c_int64,
         *[ctypes.c_void_p, ctypes.c_int64] * 3,  # q, the new keys, the new values: each with its row stride
         *[ctypes.c_void_p] * 3,  # each row's key cache, value cache and key count
+        *[ctypes.c_void_p] * 2,  # each row's sharing row (or -1) and how far they share
         ctypes.c_int64,
         ctypes.c_void_p,
         ctypes.c_int64,

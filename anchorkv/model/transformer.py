@@ -38,12 +38,14 @@ INT4_GROUP = 32  # inputs sharing one scale and zero in int4 decode weights, as 
 @dataclass(frozen=True)
 class Rows:
     """One sequence's rows in a forward: positions [start, start + length), with its caches k, v:
-    [n_layers, Hkv, ctx, hd]."""
+    [n_layers, Hkv, ctx, hd]. same = (a, n): in a decode step, the caches of the forward's Rows a hold this
+    one's first n positions bit for bit ((-1, 0): none)."""
 
     start: int
     length: int
     k: Tensor
     v: Tensor
+    same: tuple[int, int] = (-1, 0)
 
     @property
     def end(self) -> int:
@@ -387,7 +389,9 @@ class StageModel:
         caches = [(r.k[layer], r.v[layer]) for r in rows]
         attn = None
         if decode:  # one row a sequence: KV written and attended for all rows in one call
-            attn = self.decode_attention.step(qk[:, :H], qk[:, H:], v, caches, [r.end for r in rows])
+            attn = self.decode_attention.step(
+                qk[:, :H], qk[:, H:], v, caches, [r.end for r in rows], [r.same for r in rows]
+            )
         if attn is None:
             outs = []
             r0 = 0

@@ -6,7 +6,13 @@
    [Hkv, ctx, 64]; out: [B, H, 64]. Keys go in blocks of BLOCK; each (row, KV head, block) is one unit of work
    computing, for its G heads, the block's maximum score, its sum of exp and its exp-weighted sum of values in
    float. A row's blocks are then merged in order, so its bits depend on its L alone: not on the thread count,
-   nor on the other rows. */
+   nor on the other rows.
+
+   Rows may share a prefix: where same[b] = a >= 0, row a's caches hold row b's keys and values [0, upto[b])
+   bit for bit (the caller knows: both prefilled the same tokens, cut alike), and row b reads its whole blocks
+   below upto[b] from row a's caches. Units run in the order (KV head, block, row), so those reads hit what
+   row a's unit just brought into the CPU's cache: a shared prefix is read from memory once a step. The
+   arithmetic is the same, so are the bits. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,20 +109,23 @@ static void block(const uint16_t *qg, const uint16_t *k, const uint16_t *v, int6
 
 int decode_attention_bf16(int64_t B, const uint16_t *q, int64_t q_stride, const uint16_t *knew, int64_t knew_stride,
                           const uint16_t *vnew, int64_t vnew_stride, uint16_t *const *kc, uint16_t *const *vc,
-                          const int64_t *L, int64_t ctx, uint16_t *out, int64_t H, int64_t Hkv, float scale,
-                          int threads) {
+                          const int64_t *L, const int64_t *same, const int64_t *upto, int64_t ctx, uint16_t *out,
+                          int64_t H, int64_t Hkv, float scale, int threads) {
     int G = (int)(H / Hkv);
     if (G > GMAX || B < 1) return -1;
-    int64_t units = 0;
+    int64_t units = 0, most = 0;
     for (int64_t b = 0; b < B; b++) {
         if (L[b] < 1 || L[b] > ctx) return -1;
+        if (same[b] >= 0 && (same[b] >= B || upto[b] > L[b] - 1 || upto[b] > L[same[b]] - 1)) return -1;
         units += Hkv * ((L[b] + BLOCK - 1) / BLOCK);
+        if ((L[b] + BLOCK - 1) / BLOCK > most) most = (L[b] + BLOCK - 1) / BLOCK;
     }
     size_t part_bytes = sizeof(float) * (size_t)PART_FLOATS(G), q_bytes = sizeof(uint16_t) * (size_t)(B * H * HD);
-    char *mem = grow(sizeof(int64_t) * (size_t)(B + 1) + part_bytes * (size_t)units + q_bytes);
+    char *mem = grow(sizeof(int64_t) * (size_t)(B + 1 + 2 * units) + part_bytes * (size_t)units + q_bytes);
     if (!mem) return -1;
-    int64_t *first = (int64_t *)mem;  /* row b's units are [first[b], first[b + 1]) */
-    float *parts = (float *)(mem + sizeof(int64_t) * (size_t)(B + 1));
+    int64_t *first = (int64_t *)mem;  /* row b's parts are [first[b], first[b + 1]), in the order (head, block) */
+    int64_t *order = first + B + 1, *row = order + units;  /* the units' parts and rows, in the order they run */
+    float *parts = (float *)(row + units);
     uint16_t *qs = (uint16_t *)((char *)parts + part_bytes * (size_t)units);
     first[0] = 0;
     for (int64_t b = 0; b < B; b++) {
@@ -130,13 +139,23 @@ int decode_attention_bf16(int64_t B, const uint16_t *q, int64_t q_stride, const 
             _mm256_storeu_si256((__m256i *)(qs + b * H * HD + i), (__m256i)_mm512_cvtneps_pbh(x));
         }
     }
+    int64_t n = 0;
+    for (int64_t h = 0; h < Hkv; h++)
+        for (int64_t i = 0; i < most; i++)
+            for (int64_t b = 0; b < B; b++) {
+                int64_t nb = (L[b] + BLOCK - 1) / BLOCK;
+                if (i < nb) {
+                    order[n] = first[b] + h * nb + i;
+                    row[n++] = b;
+                }
+            }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t u = 0; u < units; u++) {
-        int64_t b = 0;
-        while (u >= first[b + 1]) b++;
-        int64_t nb = (L[b] + BLOCK - 1) / BLOCK, r = u - first[b], h = r / nb, i = r % nb;
+        int64_t b = row[u], nb = (L[b] + BLOCK - 1) / BLOCK, r = order[u] - first[b], h = r / nb, i = r % nb;
         int64_t a = i * BLOCK, e = a + BLOCK < L[b] ? a + BLOCK : L[b];
-        block(qs + (b * H + h * G) * HD, kc[b] + h * ctx * HD, vc[b] + h * ctx * HD, a, e, G, parts + u * PART_FLOATS(G));
+        int64_t s = same[b] >= 0 && e <= upto[b] ? same[b] : b;  /* whose caches hold this block */
+        block(qs + (b * H + h * G) * HD, kc[s] + h * ctx * HD, vc[s] + h * ctx * HD, a, e, G,
+              parts + order[u] * PART_FLOATS(G));
     }
     for (int64_t b = 0; b < B; b++) {
         int64_t nb = (L[b] + BLOCK - 1) / BLOCK;
