@@ -21,6 +21,7 @@ TURN_TOKENS = 128  # a warm turn's new tokens (a tool result), prefilled after a
 TURN_CONTEXTS = (2048, 4096)
 BATCH_ROWS = 8  # a decode step of this many sequences at once (each in its own slot), at BATCH_CONTEXT
 BATCH_CONTEXT = 2048
+BATCH_SHARED = 1536  # ... and again with this prefix (a system prompt) read from the first row's slot
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measu
 
 def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, steps: int) -> list[Measurement]:
     """Decode steps of BATCH_ROWS sequences together, each with BATCH_CONTEXT tokens of its own KV (one
-    prefill, copied into the other slots): tokens/s over all rows."""
+    prefill, copied into the other slots): tokens/s over all rows; and alternately the same steps with the
+    first BATCH_SHARED positions read from the first row's slot, as rows sharing a system prompt do."""
     rows, ctx, pipe = min(BATCH_ROWS, engine.cfg.parallel), BATCH_CONTEXT, engine.pipeline
     if rows < 2 or ctx + steps >= engine.ctx:
         return []
@@ -102,17 +104,20 @@ def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, step
         for kv in stage.kvs[1:rows]:
             kv.truncate(0)
             kv.restore(piece)
-    times = []
+    variants = {f"decode, {rows} rows at once": 0, f"decode, {rows} rows sharing {BATCH_SHARED}": BATCH_SHARED}
+    times: dict[str, list[float]] = {what: [] for what in variants}
     for _ in range(repeats):
-        t = time.perf_counter()
-        for i in range(steps):
-            pipe.decode_rows([(ids[ctx + i + r], Span(r, ctx + i, 1, plan)) for r in range(rows)])
-        times.append(time.perf_counter() - t)
-        for r in range(rows):
-            pipe.truncate(ctx, r)
+        for what, shared in variants.items():
+            same = [(-1, 0), *[(0, shared) if shared else (-1, 0)] * (rows - 1)]
+            t = time.perf_counter()
+            for i in range(steps):
+                pipe.decode_rows([(ids[ctx + i + r], Span(r, ctx + i, 1, plan, same[r])) for r in range(rows)])
+            times[what].append(time.perf_counter() - t)
+            for r in range(rows):
+                pipe.truncate(ctx, r)
     for r in range(rows):
         pipe.truncate(0, r)
-    return [Measurement(f"decode, {rows} rows at once", ctx, rows * steps / statistics.median(times))]
+    return [Measurement(what, ctx, rows * steps / statistics.median(ts)) for what, ts in times.items()]
 
 
 def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> list[Measurement]:
