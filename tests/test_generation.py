@@ -157,6 +157,43 @@ def test_penalties_steer_greedy_choices_as_openai_and_vllm_define_them() -> None
     assert negative(torch.tensor([-0.9, -1.0, -2.0, -0.8])) == 0  # -0.8 * 1.5 falls below -0.9
 
 
+def _frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 20000) -> torch.Tensor:
+    sampler = Sampler(params)
+    tokens = torch.tensor([sampler(logits) for _ in range(draws)])
+    return torch.bincount(tokens, minlength=logits.shape[0]).double() / draws
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept"),
+    [
+        ({}, [0, 1, 2, 3, 4, 5]),
+        ({"top_p": 0.8}, [0, 1, 2]),  # 0.56 + 0.21 < 0.8: the third is needed, the fourth is not
+        ({"top_k": 4}, [0, 1, 2, 3]),
+        ({"top_k": 4, "top_p": 0.7}, [0, 1]),  # within the top 4, renormalized: 0.58 + 0.21 reaches 0.7
+    ],
+)
+def test_sampling_draws_tokens_in_proportion_to_their_probability(extra: dict[str, float], kept: list[int]) -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[kept] = torch.softmax(logits.double()[kept], 0)
+    seen = _frequencies(SamplingParams(max_tokens=1, seed=3, **extra), logits)  # type: ignore[arg-type]
+    assert (seen - expected).abs().max() < 0.015
+    assert seen[[i for i in range(6) if i not in kept]].sum() == 0
+
+
+def test_top_p_over_a_flat_distribution_keeps_hundreds_of_tokens() -> None:
+    """The nucleus is looked for among the most likely 64 tokens first, then four times as many: a flat
+    distribution's nucleus reaches past them, and never past the mass asked for."""
+    logits = -torch.arange(1000, dtype=torch.float32) / 1000  # nearly flat, most likely first
+    seen = _frequencies(SamplingParams(max_tokens=1, seed=5, top_p=0.5), logits, draws=5000)
+    drawn = seen.nonzero().flatten()
+    probs = torch.softmax(logits.double(), 0)
+    nucleus = int((probs.cumsum(0) - probs < 0.5).sum())
+    assert 64 < nucleus < 1000
+    assert int(drawn.max()) < nucleus
+    assert len(drawn) > 300
+
+
 def test_frequency_penalty_breaks_a_repetition_loop(engine: Engine) -> None:
     prompt = engine.render_chat([{"role": "user", "content": "Capital of France?"}]).token_ids
     _, looping, _ = generate(engine, prompt, max_tokens=16, ignore_eos=True)

@@ -105,20 +105,43 @@ class Sampler:
         return torch.nan_to_num(logits, nan=float("-inf"))  # an extreme penalty may overflow: keep the order
 
     def _choose(self, logits: Tensor) -> int:
+        """Greedy at temperature 0; else one uniform draw inverted through the cumulative probabilities of the
+        candidates: the whole vocabulary, or (best first) the top k, renormalized, then the smallest set whose
+        mass reaches top_p. torch's multinomial drew one exponential per vocabulary entry and top-p sorted the
+        whole vocabulary: 3.3 ms a row, as long as an 8-row decode step's forward."""
         p = self.params
         if p.temperature == 0:
             return int(logits.argmax())
         logits = logits.double().cpu() / p.temperature
         if not torch.isfinite(logits.max()):  # a temperature too small to divide by: its limit, greedy
             return int(logits.argmax())
-        if p.top_k:
-            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
+        ids: Tensor | None = None
+        if p.top_k and p.top_k < probs.shape[0]:
+            probs, ids = torch.topk(probs, p.top_k)
+            probs = probs / probs.sum()
         if p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            # keep the smallest set whose mass reaches top_p (the first token is always kept)
-            drop = sorted_probs.cumsum(-1) - sorted_probs >= p.top_p
-            sorted_probs[drop] = 0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            probs, ids = _nucleus(probs, ids, p.top_p)
+        cdf = probs.cumsum(0)
+        u = torch.rand((), dtype=torch.float64, generator=self.generator) * cdf[-1]
+        i = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[0] - 1)
+        return i if ids is None else int(ids[i])
+
+
+NUCLEUS_FIRST = 64  # candidates looked at first for top-p; four times as many while their mass falls short
+
+
+def _nucleus(probs: Tensor, ids: Tensor | None, top_p: float) -> tuple[Tensor, Tensor]:
+    """The smallest set of the most likely tokens whose mass reaches top_p (the first is always kept), best
+    first: their probabilities and token ids. `ids`: probs are already those tokens', best first."""
+    n = probs.shape[0]
+    want = n if ids is not None else min(NUCLEUS_FIRST, n)
+    while True:
+        if ids is not None:
+            top, order = probs, ids
+        else:
+            top, order = torch.topk(probs, want)
+        keep = int((top.cumsum(0) - top < top_p).sum())
+        if keep < want or want == n:
+            return top[:keep], order[:keep]
+        want = min(4 * want, n)
