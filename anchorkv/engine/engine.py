@@ -33,6 +33,7 @@ from anchorkv.cache.prefix_cache import (
     Restore,
 )
 from anchorkv.config import EngineConfig
+from anchorkv.engine.allocator import keep_freed_memory
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
 from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
 from anchorkv.engine.plan import RequestPlan, Span
@@ -62,6 +63,7 @@ class Engine:
     ) -> None:
         """`pipeline`: the stages elsewhere (a RayPipeline); by default they are built in this process."""
         self.cfg = cfg
+        keep_freed_memory()
         torch.set_num_threads(cfg.threads)
         self.files = resolve_model(cfg.model, cfg.cache_home)
         self.model_cfg = load_config(self.files.folder)

@@ -1,0 +1,32 @@
+"""The C allocator's settings for a long-running server process."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("anchorkv.engine")
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_FREED_BYTES = 256 << 20
+HEAP_BELOW_BYTES = 64 << 20
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep memory it frees for the next allocation instead of returning it to the
+    system: allocations under HEAP_BELOW_BYTES come from the heap, and up to KEEP_FREED_BYTES of free heap
+    stays mapped. A step's temporaries (logits in float64, a top-k's buffers, a Redis value) then reuse pages
+    already faulted in; given back, each came back as fresh pages, faulted in at 1-17 us per 4 KiB on a
+    virtual machine (a top-k sampling draw took 448 faults, 0.85 ms, against 0.15 ms without). Returns
+    whether it applied (not on other C libraries)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    ok = bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)) and bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW_BYTES))
+    if not ok:
+        log.debug("mallopt refused the allocator settings")
+    return ok
