@@ -51,6 +51,11 @@ def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_ex
     stats = replica_b.cache.stats()["redis"]
     assert stats["up"]  # type: ignore[index]
     assert stats["hits"] > 0  # type: ignore[index]
+    # the restore copied Redis's chunks into the slot only; recording the prompt put them in B's RAM
+    again, plan = replica_b.prompt_logits(prompt, req)
+    assert plan.tier == "ram" and plan.restored_tokens > 0
+    assert replica_b.cache.stats()["redis"]["hits"] == stats["hits"]  # type: ignore[index]
+    assert torch.equal(again, cold)
 
 
 def test_a_lookup_asks_redis_in_two_round_trips_however_long_the_chain(replica_a: Engine, replica_b: Engine) -> None:

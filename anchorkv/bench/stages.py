@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from anchorkv.bench.cache_bench import system_prompt
-from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, Restore
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine
 from anchorkv.engine.ray_pipeline import RayPipeline, shared_host_threads
@@ -52,7 +52,7 @@ class RedisResult:
     tier: str | None
 
 
-def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, int]:
+def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, Restore]:
     """From submitting to the prompt's logits being ready to sample, as a client's first token waits; the
     prompt's recording into the cache comes after it, as in the server."""
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -60,7 +60,7 @@ def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, 
         seq = engine.submit(prompt, params, lambda _: None, cache_req=req, keep_reply=False)
         while not seq.done:
             engine.step()
-    return (seq.prefilled - seq.submitted) * 1000, seq.restored.tokens
+    return (seq.prefilled - seq.submitted) * 1000, seq.restored
 
 
 def _decode_ms(engine: Engine, prompt: list[int], steps: int) -> float:
@@ -80,9 +80,9 @@ def _once(engine: Engine, salt: str, system: str, decode_steps: int) -> tuple[fl
         rp = engine.render_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
         prompts.append((rp.token_ids, CacheRequest(rp.boundaries, salt=salt, turn_starts=rp.turn_starts)))
     cold, restored = _ttft(engine, *prompts[0])
-    assert restored == 0
+    assert restored.tokens == 0
     warm, restored = _ttft(engine, *prompts[1])
-    assert restored > 0, "the changed suffix found nothing to restore"
+    assert restored.tokens > 0, "the changed suffix found nothing to restore"
     return cold, warm, _decode_ms(engine, prompts[1][0], decode_steps)
 
 
@@ -120,21 +120,19 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
         a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url, scope="full"))
         b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url, scope="full"))
         tokens = a.tokenizer.encode(system_prompt(prompt_tokens + 64, a))[:prompt_tokens]
-        colds, hits, report = [], [], None
+        colds: list[float] = []
+        hits: list[float] = []
+        restored = Restore()
         for r in tqdm(range(repeats), desc="redis", leave=False):
             req = CacheRequest(salt=f"redis-{r}-{time.time()}")
-            t = time.perf_counter()
-            a.prompt_logits(tokens, req)
-            colds.append((time.perf_counter() - t) * 1000)
+            colds.append(_ttft(a, tokens, req)[0])
             a.cache.flush()
-            t = time.perf_counter()
-            _, report = b.prompt_logits(tokens, req)
-            hits.append((time.perf_counter() - t) * 1000)
-        assert report is not None
+            hit, restored = _ttft(b, tokens, req)
+            hits.append(hit)
         a.cache.flush()
         b.cache.flush()
         return RedisResult(
-            len(tokens), statistics.median(colds), statistics.median(hits), report.restored_tokens, report.tier
+            len(tokens), statistics.median(colds), statistics.median(hits), restored.tokens, restored.tier
         )
 
 

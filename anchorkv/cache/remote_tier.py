@@ -104,21 +104,12 @@ class RemoteTier:
     def has_logits(self, key: bytes) -> bool:
         return bool(self._call(lambda: self.client.exists(self._key(key) + ":L"), 0))
 
-    def load_many(self, keys: Sequence[bytes]) -> dict[bytes, Chunk]:
-        """The chunks of `keys` the server holds and that check out, fetched in one round trip."""
-        if not keys:
-            return {}
-
-        def get() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)  # GETs, not one MGET: the parser keeps one value
-            for k in keys:  # in its buffer at a time, not the whole reply
-                pipe.get(self._key(k))
-            return list(pipe.execute())
-
-        values = self._call(get, [])
-        chunks = {k: c for k, data in zip(keys, values, strict=False) if (c := self._decode(k, data)) is not None}
-        self.hits += len(chunks)
-        return chunks
+    def load(self, key: bytes) -> Chunk | None:
+        """The chunk, if the server holds it and it checks out."""
+        data: Any = self._call(lambda: self.client.get(self._key(key)), None)
+        chunk = self._decode(key, data)
+        self.hits += chunk is not None
+        return chunk
 
     def _decode(self, key: bytes, data: bytes | None) -> Chunk | None:
         if data is None:

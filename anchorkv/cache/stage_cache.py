@@ -290,9 +290,8 @@ class StageCache:
                 raise CacheMiss(f"{self.namespace.id[:8]}: no chain to {f.upto} any more")
             tier, labels, logits = 0, frozenset[str](), None
             kv.truncate(f.skip_upto)
-            fetched = self._remote_part(keys)
             for key in keys:
-                c, t = self._fetch(key, fetched)
+                c, t = self._fetch(key)
                 if c is None:  # vanished or corrupt since the lookup: stop here
                     raise CacheMiss(f"lost chunk {key.hex()}")
                 if not np.array_equal(c.tokens, f.prompt[c.start : c.end]):  # a key collision, however unlikely
@@ -304,23 +303,17 @@ class StageCache:
                     kv.restore(c.kv)
         return Restored(TIER_ORDER[tier] if keys else None, labels, logits)
 
-    def _remote_part(self, keys: list[bytes]) -> dict[bytes, Chunk]:
-        """The chain's chunks that neither RAM nor disk holds, from the remote tier in one round trip."""
-        if self.remote is None:
-            return {}
-        rest = [k for k in keys if self.ram.peek(k) is None and (self.disk is None or k not in self.disk)]
-        return self.remote.load_many(rest)
-
-    def _fetch(self, key: bytes, remote: dict[bytes, Chunk]) -> tuple[Chunk | None, int]:
-        """The chunk from RAM, or loaded into RAM from disk or (fetched already) the remote tier; and which
-        tier it came from."""
+    def _fetch(self, key: bytes) -> tuple[Chunk | None, int]:
+        """The chunk from RAM, else loaded into RAM from disk, else from the remote tier; and which tier it
+        came from. A remote chunk is fetched one at a time and not kept: copied into the slot, its value's
+        memory serves the next one's, so a restore faults in no fresh pages for it and never holds a long
+        chain's values at once; the prompt's recording, after its first token, puts the slot's copy in RAM."""
         if (c := self.ram.get(key)) is not None:
             return c, 0
         if self.disk is not None and (c := self.disk.load(key)) is not None:
             self.ram.put(c)
             return c, 1
-        if (c := remote.get(key)) is not None:
-            self.ram.put(c)
+        if self.remote is not None and (c := self.remote.load(key)) is not None:
             return c, 2
         return None, 0
 
