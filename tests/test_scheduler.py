@@ -17,7 +17,7 @@ from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
 from anchorkv.engine.plan import Span
 from anchorkv.engine.sampling import SamplingParams
-from anchorkv.engine.scheduler import pick_slot, same_prefixes, schedule, should_wait
+from anchorkv.engine.scheduler import forwards, pick_slot, same_prefixes, schedule, should_wait
 from anchorkv.engine.sequence import Sequence, Status
 from anchorkv.engine.slot import Slot
 from anchorkv.server.app import create_app
@@ -149,6 +149,58 @@ def test_rows_sharing_a_system_prompt_read_it_once_and_keep_their_lone_logits(
     for first, *others in together:
         assert first.same == (-1, 0)
         assert all(sp.same[0] == first.slot and sp.same[1] >= 768 for sp in others)
+
+
+@pytest.mark.parametrize("fixture", ["engine8", "engine8x3"])
+def test_a_sequences_pieces_in_one_step_run_as_one_forward_with_their_bits(
+    fixture: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt cut at its messages' ends into pieces that fit one step's budget runs them as one forward,
+    and every logit equals the piece-by-piece run's."""
+    engine: Engine = request.getfixturevalue(fixture)
+    if not engine.prefill_rows:
+        pytest.skip("this CPU's prefill linears depend on the rows beside them: pieces run one by one")
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "A pear."},
+        {"role": "user", "content": "Now name a vegetable and say why it is good for soup."},
+    ]
+    rp = engine.render_chat(messages)
+    req = CacheRequest(rp.boundaries)
+    assert len(rp.token_ids) <= engine.prefill_rows and len([e for e in rp.boundaries if e < len(rp.token_ids)]) >= 3
+    calls: list[int] = []
+    forward = engine.pipeline.forward
+
+    def spy(tokens: list[int], *args: object, **kw: object) -> torch.Tensor:
+        calls.append(len(tokens))
+        return forward(tokens, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engine.pipeline, "forward", spy)
+
+    def run() -> tuple[list[int], list[torch.Tensor]]:
+        r = Run(engine)
+        seq = r.submit(rp.token_ids, cache_req=req)
+        r.finish()
+        return seq.out, r.logits[seq.id]
+
+    merged = run()
+    assert calls == [len(rp.token_ids)]
+    calls.clear()
+    monkeypatch.setattr(engine, "prefill_rows", 0)
+    apart = run()
+    assert len(calls) >= 4
+    assert merged[0] == apart[0]
+    for a, b in zip(merged[1], apart[1], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_forwards_merge_a_sequences_pieces_up_to_the_rows_and_never_past_a_turn_start() -> None:
+    a = Sequence("a", list(range(300)), GREEDY, CacheRequest(turn_starts=(90,)), lambda _: None, threading.Event(), 0.0)
+    b = Sequence("b", list(range(300)), GREEDY, CacheRequest(), lambda _: None, threading.Event(), 0.0)
+    pieces = [(a, (0, 40)), (a, (40, 90)), (a, (90, 150)), (b, (0, 100)), (b, (100, 190)), (b, (190, 250))]
+    assert forwards(pieces, 191) == [(a, (0, 90), 2), (a, (90, 150), 1), (b, (0, 190), 2), (b, (190, 250), 1)]
+    assert forwards(pieces, 0) == [(s, ab, 1) for s, ab in pieces]
 
 
 def test_a_long_cold_prompt_pauses_decoding_streams_for_one_piece_a_step(engine8: Engine) -> None:

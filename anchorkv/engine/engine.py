@@ -38,7 +38,7 @@ from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokeniz
 from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
 from anchorkv.engine.plan import RequestPlan, Span
 from anchorkv.engine.sampling import Sampler, SamplingParams, token_logprob
-from anchorkv.engine.scheduler import StepPlan, pick_slot, same_prefixes, schedule, should_wait
+from anchorkv.engine.scheduler import StepPlan, forwards, pick_slot, same_prefixes, schedule, should_wait
 from anchorkv.engine.sequence import Delta, Event, Failed, Finished, Sequence, Status
 from anchorkv.engine.slot import PendingReply, Slot
 from anchorkv.engine.stage import MAX_DEFAULT_CTX, build_stages
@@ -80,6 +80,7 @@ class Engine:
         self.prefill_attention_kind, self.elementwise_kind = first.prefill_attention, first.elementwise
         self.decode_attention_kind, self.decode_int4_kind = first.decode_attention, first.decode_int4
         self.batch_rows = all(i.batch_rows for i in self.stage_infos)
+        self.prefill_rows = min(i.prefill_rows for i in self.stage_infos)  # pieces merged into one forward
         self.model_name = self.files.source.stem if self.files.source.is_file() else self.files.source.name
         self.lock = threading.RLock()  # held by whoever steps the scheduler
         self.cache = PrefixCache(
@@ -362,7 +363,7 @@ class Engine:
             else:
                 for seq, row in zip(plan.decode, logits, strict=True):
                     seq.logits, seq.pos = row, seq.pos + 1
-        for seq, (a, b) in plan.prefill:
+        for seq, (a, b), pieces in forwards(plan.prefill, self.prefill_rows):
             if seq.done:
                 continue
             stops = seq.cache_req.turn_starts
@@ -377,7 +378,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 self._fail(seq, e)
                 continue
-            seq.pieces.popleft()
+            for _ in range(pieces):
+                seq.pieces.popleft()
             if b in stops or last:
                 seq.kept_logits[b] = out
             if last:

@@ -77,3 +77,18 @@ def same_prefixes(rows: int, shared: Callable[[int, int], int]) -> list[tuple[in
             a = out[a][0]
         out.append((a, n) if n else (-1, 0))
     return out
+
+
+def forwards(prefill: list[tuple[Sequence, tuple[int, int]]], rows: int) -> list[tuple[Sequence, tuple[int, int], int]]:
+    """A step's prefill pieces as forwards: (sequence, [a, b), pieces). A sequence's consecutive pieces go in
+    one forward of at most `rows` rows (0: each alone) unless a piece ends where a turn starts, whose logits
+    are kept. Exact only where each row's bits do not depend on the rows beside it (StageInfo.prefill_rows)."""
+    out: list[tuple[Sequence, tuple[int, int], int]] = []
+    for seq, (a, b) in prefill:
+        if out:
+            last, (a0, b0), n = out[-1]
+            if last is seq and b0 == a and b - a0 <= rows and b0 not in seq.cache_req.turn_starts:
+                out[-1] = (seq, (a0, b), n + 1)
+                continue
+        out.append((seq, (a, b), 1))
+    return out

@@ -5,11 +5,15 @@ it is a message (`StageInput`, or a cache order), never another stage's state.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import random
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +25,8 @@ from anchorkv.cache.stage_cache import CacheStats, Coverage, Fetch, Lookup, Reco
 from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
-from anchorkv.model.kernels import Kernels, load_kernel
+from anchorkv.cache.policy import TAIL_MERGE
+from anchorkv.model.kernels import Kernels, cpu_name, load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
 
@@ -47,6 +52,7 @@ class StageInfo:
     node: str  # host name and process id
     threads: int  # this stage's CPU threads
     ray_node: str | None = None  # the Ray node's id, on Ray
+    prefill_rows: int = 0  # a sequence's prefill pieces may run as one forward of up to this many rows
 
 
 def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -67,6 +73,38 @@ def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, dev
     return True
 
 
+def prefill_rows_invariant(
+    linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device, linear_kind: str, folder: Path
+) -> bool:
+    """Whether every prefill linear (but the LM head, which takes one row) gives each row the same bits in any
+    run of 1 to `rows` rows, wherever the row sits in it: then a sequence's prefill pieces can run as one
+    forward and still give a cold run's bits. Measured (1 s here), then remembered under folder for this
+    CPU, torch, threads and shapes."""
+    shapes = sorted({(tuple(lin.weight.shape), lin.transposed) for lin in linears})
+    facts = [torch.__version__, cpu_name(), torch.get_num_threads(), str(dtype), str(device), linear_kind, rows, shapes]
+    path = folder / f"prefill-rows-{hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]}.json"
+    try:
+        return bool(json.loads(path.read_text())["invariant"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    gen, windows = torch.Generator().manual_seed(0), random.Random(0)
+    invariant = True
+    for shape, transposed in shapes:
+        lin = next(lin for lin in linears if (tuple(lin.weight.shape), lin.transposed) == (shape, transposed))
+        x = torch.randn(rows, shape[0] if transposed else shape[1], generator=gen).to(dtype=dtype, device=device)
+        full = lin(x, False)
+        spans = [(0, m) for m in range(1, rows)] + [
+            tuple(sorted(windows.sample(range(rows + 1), 2))) for _ in range(100)
+        ]
+        invariant = invariant and all(torch.equal(lin(x[a:b], False), full[a:b]) for a, b in spans)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"invariant": invariant, "facts": facts}))
+    except OSError as e:
+        log.warning("could not remember the prefill linears' check in %s: %s", folder, e)
+    return invariant
+
+
 class Stage:
     def __init__(self, index: int, model: StageModel, kvs: list[StageKV], cache: StageCache, linear_kind: str) -> None:
         self.index = index
@@ -74,6 +112,7 @@ class Stage:
         self.kvs = kvs
         self.cache = cache
         self.linear_kind = linear_kind
+        self.prefill_rows = 0  # see StageInfo
 
     @property
     def kv(self) -> StageKV:
@@ -100,7 +139,7 @@ class Stage:
             self.model.softmax.kind, self.model.prefill_attention.kind, self.model.elementwise.kind,
             self.model.decode_attention.kind,
             "kernel" if any(lin.tiles is not None for lin in self.model.linears) else "torch",
-            f"{socket.gethostname()}:{os.getpid()}", torch.get_num_threads(),
+            f"{socket.gethostname()}:{os.getpid()}", torch.get_num_threads(), prefill_rows=self.prefill_rows,
         )  # fmt: skip
 
     def forward(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
@@ -160,6 +199,11 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     batch_rows = cfg.parallel == 1 or rows_invariant(linears, cfg.parallel, dtype, device)
     if not batch_rows:
         log.info("the decode linears' rows depend on the batch here: a decode step runs them a row at a time")
+    budget = cfg.chunk_size + TAIL_MERGE - 1  # the engine's prefill budget: the most rows a step merges
+    per_row = k.prefill_attention.kind == "kernel" and k.elementwise.kind == "kernel"
+    home = cfg.cache_home or default_cache_home()
+    body = [lin for i in indices for lin in models[i].linears if lin is not models[i].lm_head]
+    merge = per_row and prefill_rows_invariant(body, budget, dtype, device, linear_kind, home / "kernels")
     base: dict[str, Any] = {
         "model": files.fingerprint,
         "dtype": cfg.dtype,
@@ -180,5 +224,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         m.batch_rows = batch_rows
         ns = Namespace.of(**base, layers=[m.layer_range.start, m.layer_range.stop])
         kvs = [StageKV(len(m.layer_range), mc.n_kv_heads, ctx, mc.head_dim, dtype, device) for _ in range(cfg.parallel)]
-        out.append(Stage(i, m, kvs, stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages), linear_kind))
+        stage = Stage(i, m, kvs, stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages), linear_kind)
+        stage.prefill_rows = budget if merge else 0
+        out.append(stage)
     return out

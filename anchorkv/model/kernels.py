@@ -35,15 +35,20 @@ CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 def _cpu() -> str | None:
     """This CPU's model name and flags, or None where it lacks what the kernels need."""
+    name = cpu_name()
+    if not CPU_FLAGS <= set(name.rpartition("|")[2].split()):
+        return None
+    return name
+
+
+def cpu_name() -> str:
+    """This CPU's model name and flags ("" where /proc/cpuinfo cannot be read)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    if not CPU_FLAGS <= set(fields.get("flags", "").split()):
-        return None
-    return f"{fields.get('model name')}|{fields['flags']}"
+        return ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)}
+    return f"{fields.get('model name')}|{fields.get('flags', '')}"
 
 
 @cache
