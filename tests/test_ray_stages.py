@@ -117,6 +117,7 @@ def test_health_and_props_show_each_stage(ray_engine: Engine) -> None:
         assert s["node"]
         assert s["layers"]
         assert s["kv_bytes"] > 0
+        assert s["prefill_rows"] == ray_engine.prefill_rows  # this host's check, found by every stage alike
         assert "ram_bytes" in s["cache"]
 
 

@@ -154,6 +154,7 @@ def test_models_health_props(client: TestClient, engine: Engine) -> None:
     # 8 slots of K and V: 30 layers x 3 KV heads x ctx x 64 dims in bfloat16
     assert props["parallel"] == 8
     assert props["decode_rows"] == "batched"
+    assert props["stages"][0]["prefill_rows"] == engine.prefill_rows
     assert props["kv_pool"]["bytes"] == props["stages"][0]["kv_bytes"] == 8 * 2 * 30 * 3 * engine.ctx * 64 * 2
 
 

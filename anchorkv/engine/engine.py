@@ -121,7 +121,7 @@ class Engine:
         stats = self.pipeline.cache_stages.cache_stats()
         touched = self.pipeline.kv_touched()
         return [
-            {**asdict(h), "threads": i.threads, "kv_bytes": i.kv_bytes, "kv_touched_bytes": t,
+            {**asdict(h), "threads": i.threads, "prefill_rows": i.prefill_rows, "kv_bytes": i.kv_bytes, "kv_touched_bytes": t,
              "cache": {"ram_bytes": s.ram_bytes, "disk_bytes": s.disk_bytes, "entries": s.ram_entries}}
             for h, i, s, t in zip(self.pipeline.health(), self.stage_infos, stats, touched, strict=True)
         ]  # fmt: skip
