@@ -86,6 +86,12 @@ def align_down(pos: int, unit: int) -> int:
     return pos - pos % unit
 
 
+def step_budget(unit: int) -> int:
+    """Prefill tokens a scheduler step may run: the longest piece the cuts make (a unit plus a message's
+    remainder shorter than TAIL_MERGE)."""
+    return unit + TAIL_MERGE - 1
+
+
 def cut_floor(pos: int, unit: int, chat_ends: Sequence[int] = (), merge: int = TAIL_MERGE) -> int:
     """The last cut at or before pos: the last chat boundary, plus whole units that keep `merge` tokens
     before the next one."""

@@ -107,11 +107,6 @@ class RemoteTier:
     def load(self, key: bytes) -> Chunk | None:
         """The chunk, if the server holds it and it checks out."""
         data: Any = self._call(lambda: self.client.get(self._key(key)), None)
-        chunk = self._decode(key, data)
-        self.hits += chunk is not None
-        return chunk
-
-    def _decode(self, key: bytes, data: bytes | None) -> Chunk | None:
         if data is None:
             return None
         try:
@@ -122,6 +117,7 @@ class RemoteTier:
             self.on_corrupt()
             self._call(lambda: self.client.delete(self._key(key)), 0)
             return None
+        self.hits += 1
         return chunk
 
     # -- write ---------------------------------------------------------------------------------------

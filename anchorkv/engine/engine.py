@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from llguidance import LLTokenizer
 
-from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor, shared_cut
+from anchorkv.cache.policy import common_prefix, cut_floor, shared_cut, step_budget
 from anchorkv.cache.prefix_cache import (
     CacheConfig,
     CacheMiss,
@@ -108,7 +108,7 @@ class Engine:
         """Prefill tokens a step may run beside the decode rows: the longest piece (C plus a message's short
         remainder), so a step never stalls the streams for more than one piece, and a warm turn's reply and
         new message often go in one step."""
-        return self.cfg.chunk_size + TAIL_MERGE - 1
+        return step_budget(self.cfg.chunk_size)
 
     @property
     def kv_bytes(self) -> int:

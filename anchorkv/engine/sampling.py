@@ -134,14 +134,18 @@ NUCLEUS_FIRST = 64  # candidates looked at first for top-p; four times as many w
 def _nucleus(probs: Tensor, ids: Tensor | None, top_p: float) -> tuple[Tensor, Tensor]:
     """The smallest set of the most likely tokens whose mass reaches top_p (the first is always kept), best
     first: their probabilities and token ids. `ids`: probs are already those tokens', best first."""
+    if ids is not None:
+        return _reaching(probs, ids, top_p)
     n = probs.shape[0]
-    want = n if ids is not None else min(NUCLEUS_FIRST, n)
+    want = min(NUCLEUS_FIRST, n)
     while True:
-        if ids is not None:
-            top, order = probs, ids
-        else:
-            top, order = torch.topk(probs, want)
-        keep = int((top.cumsum(0) - top < top_p).sum())
-        if keep < want or want == n:
-            return top[:keep], order[:keep]
+        top, order = torch.topk(probs, want)
+        if (kept := _reaching(top, order, top_p))[0].shape[0] < want or want == n:
+            return kept
         want = min(4 * want, n)
+
+
+def _reaching(probs: Tensor, ids: Tensor, top_p: float) -> tuple[Tensor, Tensor]:
+    """The shortest prefix of probs (best first) whose mass reaches top_p."""
+    keep = int((probs.cumsum(0) - probs < top_p).sum())
+    return probs[:keep], ids[:keep]

@@ -25,7 +25,7 @@ from anchorkv.cache.stage_cache import CacheStats, Coverage, Fetch, Lookup, Reco
 from anchorkv.config import EngineConfig
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
-from anchorkv.cache.policy import TAIL_MERGE
+from anchorkv.cache.policy import step_budget
 from anchorkv.model.kernels import Kernels, cpu_name, load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
@@ -55,10 +55,18 @@ class StageInfo:
     prefill_rows: int = 0  # a sequence's prefill pieces may run as one forward of up to this many rows
 
 
-def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether every decode linear gives each row the same bits whatever the number of rows (1 to `rows`)
-    beside it. Kernels pick their blocking by M, so this is measured, not assumed."""
-    gen = torch.Generator().manual_seed(0)
+def rows_invariant(
+    linears: Sequence[Linear],
+    rows: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    decode: bool = True,
+    windows: int = 0,
+) -> bool:
+    """Whether every linear (its decode path, else its prefill path) gives each row the same bits whatever
+    the number of rows (1 to `rows`) beside it, and, over `windows` random runs, wherever the row sits.
+    Kernels pick their blocking by M, so this is measured, not assumed."""
+    gen, where = torch.Generator().manual_seed(0), random.Random(0)
     seen: set[tuple[Any, ...]] = set()
     for lin in linears:
         n_in = lin.weight.shape[0] if lin.transposed else lin.weight.shape[1]
@@ -67,8 +75,11 @@ def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, dev
             continue
         seen.add(key)
         x = torch.randn(rows, n_in, generator=gen).to(dtype=dtype, device=device)
-        full = lin(x, True)
-        if not all(torch.equal(lin(x[:m], True), full[:m]) for m in range(1, rows)):
+        full = lin(x, decode)
+        spans = [(0, m) for m in range(1, rows)] + [
+            tuple(sorted(where.sample(range(rows + 1), 2))) for _ in range(windows)
+        ]
+        if not all(torch.equal(lin(x[a:b], decode), full[a:b]) for a, b in spans):
             return False
     return True
 
@@ -76,10 +87,9 @@ def rows_invariant(linears: Sequence[Linear], rows: int, dtype: torch.dtype, dev
 def prefill_rows_invariant(
     linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device, linear_kind: str, folder: Path
 ) -> bool:
-    """Whether every prefill linear (but the LM head, which takes one row) gives each row the same bits in any
-    run of 1 to `rows` rows, wherever the row sits in it: then a sequence's prefill pieces can run as one
-    forward and still give a cold run's bits. Measured (1 s here), then remembered under folder for this
-    CPU, torch, threads and shapes."""
+    """rows_invariant for the prefill linears (but the LM head, which takes one row), wherever a row sits:
+    then a sequence's prefill pieces can run as one forward and still give a cold run's bits. Measured
+    (1 s here), then remembered under folder for this CPU, torch, threads and shapes."""
     shapes = sorted({(tuple(lin.weight.shape), lin.transposed) for lin in linears})
     facts = [torch.__version__, cpu_name(), torch.get_num_threads(), str(dtype), str(device), linear_kind, rows, shapes]
     path = folder / f"prefill-rows-{hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]}.json"
@@ -87,16 +97,7 @@ def prefill_rows_invariant(
         return bool(json.loads(path.read_text())["invariant"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    gen, windows = torch.Generator().manual_seed(0), random.Random(0)
-    invariant = True
-    for shape, transposed in shapes:
-        lin = next(lin for lin in linears if (tuple(lin.weight.shape), lin.transposed) == (shape, transposed))
-        x = torch.randn(rows, shape[0] if transposed else shape[1], generator=gen).to(dtype=dtype, device=device)
-        full = lin(x, False)
-        spans = [(0, m) for m in range(1, rows)] + [
-            tuple(sorted(windows.sample(range(rows + 1), 2))) for _ in range(100)
-        ]
-        invariant = invariant and all(torch.equal(lin(x[a:b], False), full[a:b]) for a, b in spans)
+    invariant = rows_invariant(linears, rows, dtype, device, decode=False, windows=100)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"invariant": invariant, "facts": facts}))
@@ -106,13 +107,21 @@ def prefill_rows_invariant(
 
 
 class Stage:
-    def __init__(self, index: int, model: StageModel, kvs: list[StageKV], cache: StageCache, linear_kind: str) -> None:
+    def __init__(
+        self,
+        index: int,
+        model: StageModel,
+        kvs: list[StageKV],
+        cache: StageCache,
+        linear_kind: str,
+        prefill_rows: int = 0,
+    ) -> None:
         self.index = index
         self.model = model
         self.kvs = kvs
         self.cache = cache
         self.linear_kind = linear_kind
-        self.prefill_rows = 0  # see StageInfo
+        self.prefill_rows = prefill_rows  # see StageInfo
 
     @property
     def kv(self) -> StageKV:
@@ -190,7 +199,8 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     dtype, device = getattr(torch, cfg.dtype), torch.device(cfg.device)
     ctx = cfg.ctx or min(mc.max_ctx, MAX_DEFAULT_CTX)
     weights = prepared_weights(files, mc, dtype, cfg.decode_quant, cfg.cache_home)
-    lib = load_kernel((cfg.cache_home or default_cache_home()) / "kernels") if device.type == "cpu" else None
+    kernels_dir = (cfg.cache_home or default_cache_home()) / "kernels"
+    lib = load_kernel(kernels_dir) if device.type == "cpu" else None
     k = Kernels.of(lib, dtype, mc)
     models = load_stages(weights, mc, cfg.stages, device, k)
     indices = range(len(models)) if only is None else [only]
@@ -199,11 +209,10 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     batch_rows = cfg.parallel == 1 or rows_invariant(linears, cfg.parallel, dtype, device)
     if not batch_rows:
         log.info("the decode linears' rows depend on the batch here: a decode step runs them a row at a time")
-    budget = cfg.chunk_size + TAIL_MERGE - 1  # the engine's prefill budget: the most rows a step merges
+    budget = step_budget(cfg.chunk_size)  # the most rows a step merges
     per_row = k.prefill_attention.kind == "kernel" and k.elementwise.kind == "kernel"
-    home = cfg.cache_home or default_cache_home()
     body = [lin for i in indices for lin in models[i].linears if lin is not models[i].lm_head]
-    merge = per_row and prefill_rows_invariant(body, budget, dtype, device, linear_kind, home / "kernels")
+    merge = per_row and prefill_rows_invariant(body, budget, dtype, device, linear_kind, kernels_dir)
     base: dict[str, Any] = {
         "model": files.fingerprint,
         "dtype": cfg.dtype,
@@ -224,7 +233,6 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         m.batch_rows = batch_rows
         ns = Namespace.of(**base, layers=[m.layer_range.start, m.layer_range.stop])
         kvs = [StageKV(len(m.layer_range), mc.n_kv_heads, ctx, mc.head_dim, dtype, device) for _ in range(cfg.parallel)]
-        stage = Stage(i, m, kvs, stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages), linear_kind)
-        stage.prefill_rows = budget if merge else 0
-        out.append(stage)
+        cache = stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages)
+        out.append(Stage(i, m, kvs, cache, linear_kind, budget if merge else 0))
     return out
