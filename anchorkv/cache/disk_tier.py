@@ -9,6 +9,7 @@ temp file, fsync, rename, so a reader never sees half a file and a completed sav
 from __future__ import annotations
 
 import errno
+import contextlib
 import json
 import logging
 import os
@@ -297,6 +298,15 @@ class DiskTier(IndexedTier[DiskEntry]):
         e.last_used = time.time()
         os.utime(e.path)
         return chunk
+
+    def touch(self, key: bytes) -> None:
+        """Count a use of the chunk without reading it (a KV slot held it)."""
+        with self.lock:
+            e = self.index.get(key)
+        if e is not None:
+            e.last_used = time.time()
+            with contextlib.suppress(OSError):
+                os.utime(e.path)
 
     def tokens(self, key: bytes) -> list[int] | None:
         """The chunk's token ids, read alone and checked against its key; the restore that reads the KV

@@ -31,7 +31,8 @@ from anchorkv.cache.policy import cut_floor, cuts
 
 log = logging.getLogger("anchorkv.cache")
 
-TIER_ORDER = ("ram", "disk", "redis")  # a restore reports the slowest tier any chunk came from
+# a restore reports the slowest tier any chunk came from; "slot": none, the sequence's KV slot held them all
+TIER_ORDER = ("slot", "ram", "disk", "redis")
 
 
 class CacheMiss(RuntimeError):
@@ -215,8 +216,8 @@ class StageCache:
         chat: Sequence[int],
         slow_ok: bool,
         remote: _RemoteView | None = None,
-    ) -> list[bytes] | None:
-        """Keys of the chunks covering exactly [0, pos), if all are cached."""
+    ) -> list[tuple[bytes, int]] | None:
+        """The chunks covering exactly [0, pos), each as (key, end), if all are cached."""
         g_ = self.grid
         points = cuts(pos, g_.stride, chat, g_.merge)
         keys = chain_keys(root, prompt, points)
@@ -224,13 +225,14 @@ class StageCache:
             remote.ask([k for k in keys if not self._local(k, slow_ok)])
         if not all(self._has(k, slow_ok, remote) for k in keys):
             return None
+        chain = list(zip(keys, points, strict=True))
         g = points[-1] if points else 0
         if g < pos:
             tail = chunk_key(keys[-1] if keys else root, prompt[g:pos])
             if not self._has(tail, slow_ok, remote):
                 return None
-            keys.append(tail)
-        return keys
+            chain.append((tail, pos))
+        return chain
 
     def lookup(self, q: Lookup) -> Coverage:
         g_ = self.grid
@@ -265,7 +267,7 @@ class StageCache:
                 chain = self.chain_to(root, prompt, n, chat, q.disk_ok, remote)
                 whole = chain is not None
                 if chain is not None:
-                    whole_logits = self._has_logits(chain[-1], q.disk_ok)
+                    whole_logits = self._has_logits(chain[-1][0], q.disk_ok)
         return Coverage(frozenset(ends), whole, whole_logits)
 
     def _has_logits(self, key: bytes, slow_ok: bool) -> bool:
@@ -281,17 +283,26 @@ class StageCache:
     # -- restore ---------------------------------------------------------------------------------------
     def restore(self, f: Fetch, kv: KVStore) -> Restored:
         """Write the chain [0, f.upto) into kv, keeping the [0, f.skip_upto) it holds (one order, one round
-        trip to a remote stage). Raises CacheMiss when a chunk vanished since the lookup."""
+        trip to a remote stage); the chunks it holds count as used but are not read from disk or Redis.
+        Raises CacheMiss when a chunk vanished since the lookup."""
         root = self.namespace.salted(f.salt).root
         with self.lock:
             remote = _RemoteView(self.remote) if self.remote is not None else None
-            keys = self.chain_to(root, f.prompt, f.upto, f.chat, True, remote) if f.upto else []
-            if keys is None:
+            chain = self.chain_to(root, f.prompt, f.upto, f.chat, True, remote) if f.upto else []
+            if chain is None:
                 raise CacheMiss(f"{self.namespace.id[:8]}: no chain to {f.upto} any more")
             tier, labels, logits = 0, frozenset[str](), None
             kv.truncate(f.skip_upto)
-            for key in keys:
-                c, t = self._fetch(key)
+            for i, (key, end) in enumerate(chain):
+                held = end <= f.skip_upto
+                if held and (c := self.ram.get(key)) is not None:
+                    t = 0  # nothing to read
+                elif held and i < len(chain) - 1:
+                    if self.disk is not None:
+                        self.disk.touch(key)
+                    continue
+                else:  # the last chunk is read even when held: its labels, and the prompt's logits
+                    c, t = self._fetch(key)
                 if c is None:  # vanished or corrupt since the lookup: stop here
                     raise CacheMiss(f"lost chunk {key.hex()}")
                 if not np.array_equal(c.tokens, f.prompt[c.start : c.end]):  # a key collision, however unlikely
@@ -301,7 +312,7 @@ class StageCache:
                     logits = c.logits
                 if c.end > f.skip_upto:
                     kv.restore(c.kv)
-        return Restored(TIER_ORDER[tier] if keys else None, labels, logits)
+        return Restored(TIER_ORDER[tier] if chain else None, labels, logits)
 
     def _fetch(self, key: bytes) -> tuple[Chunk | None, int]:
         """The chunk from RAM, else loaded into RAM from disk, else from the remote tier; and which tier it
@@ -309,12 +320,12 @@ class StageCache:
         memory serves the next one's, so a restore faults in no fresh pages for it and never holds a long
         chain's values at once; the prompt's recording, after its first token, puts the slot's copy in RAM."""
         if (c := self.ram.get(key)) is not None:
-            return c, 0
+            return c, 1
         if self.disk is not None and (c := self.disk.load(key)) is not None:
             self.ram.put(c)
-            return c, 1
-        if self.remote is not None and (c := self.remote.load(key)) is not None:
             return c, 2
+        if self.remote is not None and (c := self.remote.load(key)) is not None:
+            return c, 3
         return None, 0
 
     def latest_chain(self, salt: str | None = None) -> Chain:
