@@ -61,6 +61,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help=f"sequences running at once, decoding together; more wait for a slot (default {d.parallel})",
     )
     p.add_argument(
+        "--kv-prefault",
+        default="on",
+        choices=["on", "off"],
+        help="on: while idle, make the KV pool resident, so requests never wait on the kernel for fresh memory "
+        "(the pool's whole size in RAM); off: a slot's memory becomes resident as it is written (default on)",
+    )
+    p.add_argument(
         "--chunk-size",
         type=int,
         default=d.chunk_size,
@@ -174,6 +181,7 @@ def _engine_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineC
             model=a.model, dtype=a.dtype, threads=a.threads, device=a.device, ctx=a.ctx,
             stages=a.stages, chunk_size=a.chunk_size, decode_weights=a.decode_weights, cache_home=a.cache_home,
             parallel=a.parallel, content_specials=a.special_tokens_in_content == "parse",
+            kv_prefault=a.kv_prefault == "on",
         )  # fmt: skip
     except ValueError as e:
         p.error(str(e))

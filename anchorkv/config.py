@@ -24,6 +24,7 @@ class EngineConfig:
     cache_home: Path | None = None  # where imported weights are kept; None: ~/.cache/anchorkv
     content_specials: bool = False  # parse control tokens' text in message content as those tokens (unsafe)
     parallel: int = 8  # sequences running at once, each with a KV slot of ctx positions in every stage
+    kv_prefault: bool = True  # make the KV pool resident while idle, so no request waits on fresh memory
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -30,7 +30,7 @@ SYSTEM_SHORT_TAIL = SYSTEM[: SYSTEM.index(" Rule 26:")]  # ends 47 tokens past t
 
 def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full", **cache: object) -> Engine:
     return Engine(
-        EngineConfig(threads=2, dtype=dtype, stages=stages),
+        EngineConfig(threads=2, dtype=dtype, stages=stages, kv_prefault=False),  # idle work: the cache's alone
         CacheConfig(ram_mb=512, cache_dir=tmp, scope=scope, **cache),  # type: ignore[arg-type]
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -20,6 +21,7 @@ from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.scheduler import forwards, pick_slot, same_prefixes, schedule, should_wait
 from anchorkv.engine.sequence import Sequence, Status
 from anchorkv.engine.slot import Slot
+from anchorkv.model.chat_template import RenderedPrompt
 from anchorkv.server.app import create_app
 from anchorkv.server.service import next_turn_renderer
 from conftest import LiveServer, serve_in_thread
@@ -438,3 +440,34 @@ def test_a_reply_whose_next_turn_cannot_fit_is_not_prefilled_and_serving_goes_on
         engine.idle_work()
     again = list(engine.generate(prompt(engine, "maps"), GREEDY))[-1]
     assert again.completion_tokens == GREEDY.max_tokens  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stages", [1, 3])
+def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_serves(stages: int) -> None:
+    """While idle, every slot's KV becomes resident, one layer a step, writing nothing a slot holds: the
+    next turn still continues from the slot itself, with its lone cold run's logits."""
+    cfg = EngineConfig(threads=2, parallel=2, stages=stages, ctx=1024)
+    engine = Engine(cfg, CacheConfig(ram_mb=64))
+    system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about item {i}." for i in range(30))}
+    first, second = (engine.render_chat([system, {"role": "user", "content": q}]) for q in ("A fish?", "A bird?"))
+    cold = Engine(replace(cfg, parallel=1, kv_prefault=False))
+    assert not cold.has_idle_work
+    expected = alone(cold, second.token_ids)
+
+    def turn(rendered: RenderedPrompt) -> tuple[Sequence, Run]:
+        run = Run(engine)
+        seq = run.submit(rendered.token_ids, cache_req=CacheRequest(rendered.boundaries), keep_reply=False)
+        run.finish()
+        return seq, run
+
+    turn(first)
+    pool = [i.kv_bytes for i in engine.stage_infos]
+    assert all(t < b for t, b in zip(engine.pipeline.kv_touched(), pool, strict=True))
+    steps = 0
+    while engine.idle_work():
+        steps += 1
+    assert steps + 1 == 2 * 30 // stages  # a layer of one slot in every stage a step
+    assert engine.pipeline.kv_touched() == pool
+    seq, run = turn(second)
+    assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"  # nothing copied
+    assert_same(expected, seq, run)

@@ -119,6 +119,9 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
         # "full": Redis takes what the disk policy writes, and auto writes a prefix only once it recurs
         a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url, scope="full"))
         b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url, scope="full"))
+        for e in (a, b):  # what a server does in its first idle moments
+            while e.idle_work():
+                pass
         tokens = a.tokenizer.encode(system_prompt(prompt_tokens + 64, a))[:prompt_tokens]
         colds: list[float] = []
         hits: list[float] = []

@@ -94,6 +94,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._warm = self.cache.has_disk and self.cache.enabled  # the last run's latest chain, to bring back
+        self._prefault = deque(range(cfg.parallel) if cfg.kv_prefault else ())  # slots not yet resident whole
         self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
         self._shared: dict[tuple[str, str], int] = {}  # two decoding sequences' bit-identical prefix
 
@@ -172,7 +173,7 @@ class Engine:
 
     @property
     def has_idle_work(self) -> bool:
-        return self._warm or self._reply_slot() is not None
+        return self._warm or self._reply_slot() is not None or bool(self._prefault)
 
     @torch.inference_mode()
     def step(self, interrupt: Callable[[], bool] | None = None) -> bool:
@@ -244,15 +245,25 @@ class Engine:
     def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """One step of background work while nothing runs: after a restart, bringing back the last run's
         latest chain; after a response, one piece of the reply's prefill (recorded when the last one is
-        done). `interrupt` is asked between layers: when it says a request waits, the piece is given up
-        (and done again later), so a request waits for one layer, not one piece; the warm start stops
-        between chunks. Returns whether work remains."""
+        done); else one layer of a slot's KV made resident, so that requests never wait on fresh memory.
+        `interrupt` is asked between layers: when it says a request waits, the piece is given up (and done
+        again later), so a request waits for one layer, not one piece; the warm start stops between chunks.
+        Returns whether work remains."""
         with self.lock:
             if self._warm:
                 self._warm_start(interrupt)
             elif (slot := self._reply_slot()) is not None:
                 self._background(slot, interrupt)
+            elif self._prefault:
+                self._prefault_step()
             return self.has_idle_work
+
+    def _prefault_step(self) -> None:
+        try:
+            if not self.pipeline.prefault(self._prefault[0]):
+                self._prefault.popleft()
+        except StageFailed as e:
+            self._stage_lost(e)
 
     def _background(self, slot: Slot, interrupt: Callable[[], bool] | None = None) -> None:
         """One unit of the slot's reply work; a fault drops that work and what the slot held, nothing more."""
@@ -455,6 +466,7 @@ class Engine:
             slot.reply = None
             slot.clear()
         self._warm = False
+        self._prefault = deque(range(self.cfg.parallel) if self.cfg.kv_prefault else ())  # a new pool
 
     def fail_all(self, error: Exception) -> None:
         """Give up every sequence (a fault in the scheduler itself): their clients get an error, not a hang."""

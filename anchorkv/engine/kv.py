@@ -24,6 +24,7 @@ class StageKV:
         self.v = torch.empty_like(self.k)
         self.filled = 0
         self.high = 0  # the furthest position ever written: pages up to it are resident
+        self.resident = 0  # layers [0, resident) are resident whole (see prefault)
 
     @property
     def ctx(self) -> int:
@@ -44,9 +45,23 @@ class StageKV:
         self.high = max(self.high, self.filled)
 
     @property
+    def n_layers(self) -> int:
+        return self.k.shape[0]
+
+    def prefault(self) -> bool:
+        """Make the next layer's pages resident, so that no later write waits on the kernel for fresh
+        memory; only positions past `high` are written, which hold nothing. Returns whether layers remain."""
+        if self.resident < self.n_layers:
+            self.k[self.resident, :, self.high :].zero_()
+            self.v[self.resident, :, self.high :].zero_()
+            self.resident += 1
+        return self.resident < self.n_layers
+
+    @property
     def touched_bytes(self) -> int:
         """Bytes of the KV written so far (untouched pages of the pool take no memory)."""
-        return (self.k.nbytes + self.v.nbytes) * self.high // self.ctx
+        per_layer = (self.k.nbytes + self.v.nbytes) // self.n_layers
+        return per_layer * (self.resident + (self.n_layers - self.resident) * self.high // self.ctx)
 
     def truncate(self, n: int) -> None:
         self.filled = min(self.filled, n)

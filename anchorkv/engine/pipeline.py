@@ -63,6 +63,10 @@ class Pipeline:
         """Each stage's KV pool bytes written so far (resident memory; the rest of the pool is not)."""
         raise NotImplementedError
 
+    def prefault(self, slot: int) -> bool:
+        """One more layer of the slot's KV made resident in every stage; whether layers remain."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -163,6 +167,9 @@ class LocalPipeline(Pipeline):
 
     def kv_touched(self) -> list[int]:
         return [s.kv_touched_bytes for s in self.stages]
+
+    def prefault(self, slot: int) -> bool:
+        return any([s.prefault(slot) for s in self.stages])
 
     def kvs(self, slot: int) -> list[StageKV]:
         """Every stage's KV of one slot."""

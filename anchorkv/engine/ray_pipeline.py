@@ -82,6 +82,9 @@ class StageWorker:
     def kv_touched(self) -> int:
         return self.stage.kv_touched_bytes
 
+    def prefault(self, slot: int) -> bool:
+        return self.stage.prefault(slot)
+
     def lookup(self, q: Lookup) -> Coverage:
         return self.stage.lookup(q)
 
@@ -205,6 +208,9 @@ class RayPipeline(Pipeline):
 
     def infos(self) -> list[StageInfo]:
         return list(self._infos)
+
+    def prefault(self, slot: int) -> bool:
+        return any(self._get([w.prefault.remote(slot) for w in self.workers]))
 
     def kv_touched(self) -> list[int]:
         refs = [w.kv_touched.remote() for w in self.workers]

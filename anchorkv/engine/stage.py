@@ -175,6 +175,10 @@ class Stage:
     def truncate(self, n: int, slot: int) -> None:
         self.kvs[slot].truncate(n)
 
+    def prefault(self, slot: int) -> bool:
+        """One more layer of the slot's KV made resident; whether layers remain."""
+        return self.kvs[slot].prefault()
+
     # -- the cache's orders ----------------------------------------------------------------------------
     def lookup(self, q: Lookup) -> Coverage:
         return self.cache.lookup(q)
