@@ -13,11 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from anchorkv.model.kernel_op import KernelOp
+
 HEAD_DIM = 64  # the kernel's (SmolLM2's, and most small Llamas')
 MAX_GROUP = 16  # query heads per KV head
 
 
-class DecodeAttention:
+class DecodeAttention(KernelOp):
     def __init__(
         self,
         kernel: ctypes.CDLL | None = None,
@@ -27,12 +29,7 @@ class DecodeAttention:
     ) -> None:
         """kernel: from kernels.load_kernel; it serves bfloat16 models with HEAD_DIM-wide heads and at most
         MAX_GROUP query heads per KV head."""
-        fits = dtype == torch.bfloat16 and head_dim == HEAD_DIM and group <= MAX_GROUP
-        self._kernel = kernel if fits else None
-
-    @property
-    def kind(self) -> str:
-        return "kernel" if self._kernel is not None else "torch"
+        super().__init__(kernel, dtype == torch.bfloat16 and head_dim == HEAD_DIM and group <= MAX_GROUP)
 
     def step(
         self,

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anchorkv.model.kernel_op import KernelOp
+
 HEAD_DIM = 64  # the rotary kernel's
 
 
@@ -29,14 +31,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-class Elementwise:
+class Elementwise(KernelOp):
     def __init__(self, kernel: ctypes.CDLL | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
         """kernel: from kernels.load_kernel; it serves bfloat16 models."""
-        self._kernel = kernel if dtype == torch.bfloat16 else None
-
-    @property
-    def kind(self) -> str:
-        return "kernel" if self._kernel is not None else "torch"
+        super().__init__(kernel, dtype == torch.bfloat16)
 
     def _fits(self, *ts: Tensor) -> bool:
         return self._kernel is not None and all(

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from anchorkv.model.kernel_op import KernelOp
+
 TILE = 16  # outputs a unit of the kernel's work computes
 GROUP = 32  # inputs sharing a scale and a zero (transformer.INT4_GROUP)
 
@@ -38,14 +40,10 @@ class Int4Tiles:
         return self.nibbles.shape[2] * 2
 
 
-class Int4Matmul:
+class Int4Matmul(KernelOp):
     def __init__(self, kernel: ctypes.CDLL | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
         """kernel: from kernels.load_kernel; it serves bfloat16 activations."""
-        self._kernel = kernel if dtype == torch.bfloat16 else None
-
-    @property
-    def kind(self) -> str:
-        return "kernel" if self._kernel is not None else "torch"
+        super().__init__(kernel, dtype == torch.bfloat16)
 
     def pack(self, nibbles: Tensor, scale_zero: Tensor) -> Int4Tiles | None:
         """quantize_int4's parts (nibbles [P, out, in / 2], scale_zero [P, in / GROUP, out, 2]) laid out for

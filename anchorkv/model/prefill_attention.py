@@ -13,19 +13,17 @@ import ctypes
 import torch
 from torch import Tensor
 
+from anchorkv.model.kernel_op import KernelOp
+
 HEAD_DIM = 64  # the kernel's (SmolLM2's, and most small Llamas')
 
 
-class PrefillAttention:
+class PrefillAttention(KernelOp):
     def __init__(
         self, kernel: ctypes.CDLL | None = None, dtype: torch.dtype = torch.bfloat16, head_dim: int = HEAD_DIM
     ) -> None:
         """kernel: from kernels.load_kernel; it serves bfloat16 models with HEAD_DIM-wide heads."""
-        self._kernel = kernel if dtype == torch.bfloat16 and head_dim == HEAD_DIM else None
-
-    @property
-    def kind(self) -> str:
-        return "kernel" if self._kernel is not None else "torch"
+        super().__init__(kernel, dtype == torch.bfloat16 and head_dim == HEAD_DIM)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, end: int) -> Tensor | None:
         """q: [T, H, hd], the queries of positions [end - T, end); k, v: one layer's caches [Hkv, ctx, hd], holding

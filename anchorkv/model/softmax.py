@@ -15,17 +15,15 @@ import ctypes
 import torch
 from torch import Tensor
 
+from anchorkv.model.kernel_op import KernelOp
 
-class AttentionSoftmax:
+
+class AttentionSoftmax(KernelOp):
     """softmax over the last dim of a score block [n, L] whose rows are queries row0, row0 + 1, ... (mod T)
     of a T-token chunk holding the last T of the L keys; each query sees the keys up to its own."""
 
     def __init__(self, kernel: ctypes.CDLL | None = None, dtype: torch.dtype = torch.bfloat16) -> None:
-        self._kernel = kernel if dtype == torch.bfloat16 else None
-
-    @property
-    def kind(self) -> str:
-        return "kernel" if self._kernel is not None else "torch"
+        super().__init__(kernel, dtype == torch.bfloat16)
 
     @property
     def needs_bias(self) -> bool:
