@@ -52,6 +52,13 @@ class RedisResult:
     tier: str | None
 
 
+def idle(engine: Engine) -> None:
+    """What a server does in its first idle moments (its KV pool made resident), before a client comes."""
+    torch.set_num_threads(engine.cfg.threads)
+    while engine.idle_work():
+        pass
+
+
 def _ttft(engine: Engine, prompt: list[int], req: CacheRequest) -> tuple[float, Restore]:
     """From submitting to the prompt's logits being ready to sample, as a client's first token waits; the
     prompt's recording into the cache comes after it, as in the server."""
@@ -89,6 +96,8 @@ def _once(engine: Engine, salt: str, system: str, decode_steps: int) -> tuple[fl
 def measure(engines: dict[str, Engine], system: str, repeats: int, decode_steps: int) -> list[StagesResult]:
     """Each engine in turn, a repeat at a time, so that on a shared, noisy host they see the same minutes."""
     runs: dict[str, list[tuple[float, float, float]]] = {label: [] for label in engines}
+    for engine in engines.values():
+        idle(engine)
     for r in tqdm(range(repeats), desc="repeats", leave=False):
         for label, engine in engines.items():
             torch.set_num_threads(engine.cfg.threads)  # process-wide: each in-process engine computes on its own
@@ -119,9 +128,8 @@ def redis_replicas(ecfg: EngineConfig, ccfg: CacheConfig, url: str, prompt_token
         # "full": Redis takes what the disk policy writes, and auto writes a prefix only once it recurs
         a = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "a", redis=url, scope="full"))
         b = Engine(ecfg, replace(ccfg, cache_dir=Path(tmp) / "b", redis=url, scope="full"))
-        for e in (a, b):  # what a server does in its first idle moments
-            while e.idle_work():
-                pass
+        idle(a)
+        idle(b)
         tokens = a.tokenizer.encode(system_prompt(prompt_tokens + 64, a))[:prompt_tokens]
         colds: list[float] = []
         hits: list[float] = []
