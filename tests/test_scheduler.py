@@ -471,3 +471,15 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     seq, run = turn(second)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"  # nothing copied
     assert_same(expected, seq, run)
+
+
+def test_a_kv_pool_larger_than_half_the_free_memory_is_not_made_resident(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on a host with little memory free: the pool here is 2 slots of 1024 positions, 45 MiB."""
+    monkeypatch.setattr("anchorkv.engine.engine.available_memory", lambda: 80 << 20)
+    engine = Engine(EngineConfig(threads=2, parallel=2, ctx=1024))
+    assert not engine.has_idle_work
+    assert "more than half the memory available" in caplog.text
+    monkeypatch.setattr("anchorkv.engine.engine.available_memory", lambda: 100 << 20)
+    assert Engine(EngineConfig(threads=2, parallel=2, ctx=1024)).has_idle_work

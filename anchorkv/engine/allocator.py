@@ -30,3 +30,15 @@ def keep_freed_memory() -> bool:
     if not ok:
         log.debug("mallopt refused the allocator settings")
     return ok
+
+
+def available_memory() -> int | None:
+    """Bytes the system could give a process now without swapping (Linux's MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
