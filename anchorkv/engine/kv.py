@@ -59,7 +59,7 @@ class StageKV:
 
     @property
     def touched_bytes(self) -> int:
-        """Bytes of the KV written so far (untouched pages of the pool take no memory)."""
+        """Bytes of the KV written or made resident so far (untouched pages of the pool take no memory)."""
         per_layer = (self.k.nbytes + self.v.nbytes) // self.n_layers
         return per_layer * (self.resident + (self.n_layers - self.resident) * self.high // self.ctx)
 
