@@ -13,9 +13,11 @@ import pytest
 import torch
 from openai import OpenAI
 
+from anchorkv.cache.chunk import KVSlice
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.kv import PREFAULT_BYTES, StageKV
 from anchorkv.engine.plan import Span
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.scheduler import forwards, pick_slot, same_prefixes, schedule, should_wait
@@ -444,8 +446,9 @@ def test_a_reply_whose_next_turn_cannot_fit_is_not_prefilled_and_serving_goes_on
 
 @pytest.mark.parametrize("stages", [1, 3])
 def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_serves(stages: int) -> None:
-    """While idle, every slot's KV becomes resident, one layer a step, writing nothing a slot holds: the
-    next turn still continues from the slot itself, with its lone cold run's logits."""
+    """While idle, every slot's KV becomes resident, a MiB a stage at a time until a request arrives,
+    writing nothing a slot holds: the next turn still continues from the slot itself, with its lone cold
+    run's logits."""
     cfg = EngineConfig(threads=2, parallel=2, stages=stages, ctx=1024)
     engine = Engine(cfg, CacheConfig(ram_mb=64))
     system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about item {i}." for i in range(30))}
@@ -463,10 +466,12 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     turn(first)
     pool = [i.kv_bytes for i in engine.stage_infos]
     assert all(t < b for t, b in zip(engine.pipeline.kv_touched(), pool, strict=True))
-    steps = 0
+    before = engine.pipeline.kv_touched()
+    assert engine.idle_work(interrupt=lambda: True)  # a request came: one MiB a stage, then it gives way
+    grown = [a - b for a, b in zip(engine.pipeline.kv_touched(), before, strict=True)]
+    assert all(0 < g <= PREFAULT_BYTES for g in grown)
     while engine.idle_work():
-        steps += 1
-    assert steps + 1 == 2 * 30 // stages  # a layer of one slot in every stage a step
+        pass
     assert engine.pipeline.kv_touched() == pool
     seq, run = turn(second)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"  # nothing copied
@@ -483,3 +488,19 @@ def test_a_kv_pool_larger_than_half_the_free_memory_is_not_made_resident(
     assert "more than half the memory available" in caplog.text
     monkeypatch.setattr("anchorkv.engine.engine.available_memory", lambda: 100 << 20)
     assert Engine(EngineConfig(threads=2, parallel=2, ctx=1024)).has_idle_work
+
+
+def test_prefault_makes_a_pool_resident_a_mib_at_a_time_past_what_it_holds() -> None:
+    kv = StageKV(2, 3, 8192, 64, torch.bfloat16)  # 768 bytes a position in a layer: 1365 a MiB
+    held = KVSlice(0, torch.randn(2, 3, 100, 64).to(torch.bfloat16), torch.randn(2, 3, 100, 64).to(torch.bfloat16))
+    kv.restore(held)
+    per_layer = -(-(8192 - 100) // 1365)  # steps: 1365 positions each, the last fewer
+    steps = 1
+    while kv.prefault():
+        done, part = divmod(steps, per_layer)
+        assert kv.touched_bytes == 768 * (2 * 100 + done * (8192 - 100) + part * 1365)
+        steps += 1
+    assert steps == 2 * per_layer
+    assert kv.touched_bytes == kv.k.nbytes + kv.v.nbytes
+    assert torch.equal(kv.k[:, :, :100], held.k) and torch.equal(kv.v[:, :, :100], held.v)
+    assert not kv.prefault()

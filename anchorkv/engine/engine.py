@@ -53,6 +53,9 @@ __all__ = ["Delta", "Engine", "Failed", "Finished", "PromptTooLong"]
 log = logging.getLogger("anchorkv.engine")
 
 
+PREFAULT_S = 0.05  # an idle step's time for making the KV pool resident
+
+
 class PromptTooLong(ValueError):
     pass
 
@@ -245,7 +248,7 @@ class Engine:
     def idle_work(self, interrupt: Callable[[], bool] | None = None) -> bool:
         """One step of background work while nothing runs: after a restart, bringing back the last run's
         latest chain; after a response, one piece of the reply's prefill (recorded when the last one is
-        done); else one layer of a slot's KV made resident, so that requests never wait on fresh memory.
+        done); else 50 ms of making the KV pool resident, so that requests never wait on fresh memory.
         `interrupt` is asked between layers: when it says a request waits, the piece is given up (and done
         again later), so a request waits for one layer, not one piece; the warm start stops between chunks.
         Returns whether work remains."""
@@ -255,7 +258,7 @@ class Engine:
             elif (slot := self._reply_slot()) is not None:
                 self._background(slot, interrupt)
             elif self._prefault:
-                self._prefault_step()
+                self._prefault_for(PREFAULT_S, interrupt)
             return self.has_idle_work
 
     def _may_prefault(self) -> bool:
@@ -272,10 +275,16 @@ class Engine:
             return False
         return True
 
-    def _prefault_step(self) -> None:
+    def _prefault_for(self, seconds: float, interrupt: Callable[[], bool] | None) -> None:
+        """Make the pool resident a MiB a stage at a time, for `seconds` or until `interrupt` says a request
+        waits (after at least one MiB)."""
+        deadline = time.perf_counter() + seconds
         try:
-            if not self.pipeline.prefault(self._prefault[0]):
-                self._prefault.popleft()
+            while self._prefault:
+                if not self.pipeline.prefault(self._prefault[0]):
+                    self._prefault.popleft()
+                if (interrupt is not None and interrupt()) or time.perf_counter() > deadline:
+                    return
         except StageFailed as e:
             self._stage_lost(e)
 

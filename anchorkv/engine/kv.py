@@ -6,6 +6,8 @@ import torch
 
 from anchorkv.cache.chunk import KVSlice
 
+PREFAULT_BYTES = 1 << 20  # a prefault step's share: a request that arrives meanwhile waits about 0.3-3 ms
+
 
 class StageKV:
     """k, v: [n_layers, Hkv, ctx, hd]. Positions at or past `filled` hold no valid KV."""
@@ -25,6 +27,7 @@ class StageKV:
         self.filled = 0
         self.high = 0  # the furthest position ever written: pages up to it are resident
         self.resident = 0  # layers [0, resident) are resident whole (see prefault)
+        self._prefaulted = 0  # and layer `resident` up to this position
 
     @property
     def ctx(self) -> int:
@@ -49,19 +52,24 @@ class StageKV:
         return self.k.shape[0]
 
     def prefault(self) -> bool:
-        """Make the next layer's pages resident, so that no later write waits on the kernel for fresh
-        memory; only positions past `high` are written, which hold nothing. Returns whether layers remain."""
+        """Make about PREFAULT_BYTES more of the pool resident, so that no later write waits on the kernel
+        for fresh memory; only positions past `high` are written, which hold nothing. Returns whether any
+        of the pool is left."""
         if self.resident < self.n_layers:
-            self.k[self.resident, :, self.high :].zero_()
-            self.v[self.resident, :, self.high :].zero_()
-            self.resident += 1
+            start = max(self.high, self._prefaulted)
+            end = min(self.ctx, start + max(1, PREFAULT_BYTES // (2 * self.k[0, :, 0].nbytes)))
+            self.k[self.resident, :, start:end].zero_()
+            self.v[self.resident, :, start:end].zero_()
+            self._prefaulted = end
+            if end == self.ctx:
+                self.resident, self._prefaulted = self.resident + 1, 0
         return self.resident < self.n_layers
 
     @property
     def touched_bytes(self) -> int:
         """Bytes of the KV written or made resident so far (untouched pages of the pool take no memory)."""
-        per_layer = (self.k.nbytes + self.v.nbytes) // self.n_layers
-        return per_layer * (self.resident + (self.n_layers - self.resident) * self.high // self.ctx)
+        rows = self.resident * self.ctx + (self.n_layers - self.resident) * self.high
+        return 2 * self.k[0, :, 0].nbytes * (rows + max(0, self._prefaulted - self.high))
 
     def truncate(self, n: int) -> None:
         self.filled = min(self.filled, n)

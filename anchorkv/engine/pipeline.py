@@ -64,7 +64,7 @@ class Pipeline:
         raise NotImplementedError
 
     def prefault(self, slot: int) -> bool:
-        """One more layer of the slot's KV made resident in every stage; whether layers remain."""
+        """About PREFAULT_BYTES more of the slot's KV made resident in every stage; whether any is left."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -176,7 +176,7 @@ class Stage:
         self.kvs[slot].truncate(n)
 
     def prefault(self, slot: int) -> bool:
-        """One more layer of the slot's KV made resident; whether layers remain."""
+        """About PREFAULT_BYTES more of the slot's KV made resident; whether any is left."""
         return self.kvs[slot].prefault()
 
     # -- the cache's orders ----------------------------------------------------------------------------
