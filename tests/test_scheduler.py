@@ -478,16 +478,25 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     assert_same(expected, seq, run)
 
 
-def test_a_kv_pool_larger_than_half_the_free_memory_is_not_made_resident(
+def test_kv_pools_larger_than_half_the_free_memory_are_not_made_resident(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """As on a host with little memory free: the pool here is 2 slots of 1024 positions, 45 MiB."""
-    monkeypatch.setattr("anchorkv.engine.engine.available_memory", lambda: 80 << 20)
-    engine = Engine(EngineConfig(threads=2, parallel=2, ctx=1024))
-    assert not engine.has_idle_work
-    assert "more than half the memory available" in caplog.text
-    monkeypatch.setattr("anchorkv.engine.engine.available_memory", lambda: 100 << 20)
-    assert Engine(EngineConfig(threads=2, parallel=2, ctx=1024)).has_idle_work
+    """As on a host with little memory free: the pools here are 2 slots of 1024 positions, 45 MiB in all,
+    checked in each stage as if every stage shared its host."""
+    for stages in (1, 3):
+        monkeypatch.setattr("anchorkv.engine.stage.available_memory", lambda: 80 << 20)
+        engine = Engine(EngineConfig(threads=2, parallel=2, ctx=1024, stages=stages))
+        while engine.idle_work():
+            pass
+        assert engine.pipeline.kv_touched() == [0] * stages
+        assert "more than half the memory available" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr("anchorkv.engine.stage.available_memory", lambda: 100 << 20)
+        engine = Engine(EngineConfig(threads=2, parallel=2, ctx=1024, stages=stages))
+        while engine.idle_work():
+            pass
+        assert engine.pipeline.kv_touched() == [i.kv_bytes for i in engine.stage_infos]
+        assert not caplog.text
 
 
 def test_prefault_makes_a_pool_resident_a_mib_at_a_time_past_what_it_holds() -> None:

@@ -33,7 +33,7 @@ from anchorkv.cache.prefix_cache import (
     Restore,
 )
 from anchorkv.config import EngineConfig
-from anchorkv.engine.allocator import available_memory, keep_freed_memory
+from anchorkv.engine.allocator import keep_freed_memory
 from anchorkv.engine.constraint import Constraint, GrammarError, grammar_tokenizer
 from anchorkv.engine.pipeline import LocalPipeline, Pipeline, StageFailed, aligned_chunks
 from anchorkv.engine.plan import RequestPlan, Span
@@ -97,7 +97,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._warm = self.cache.has_disk and self.cache.enabled  # the last run's latest chain, to bring back
-        self._prefault = deque(range(cfg.parallel) if self._may_prefault() else ())  # slots not yet resident
+        self._prefault = deque(range(cfg.parallel) if cfg.kv_prefault else ())  # slots not yet resident whole
         self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
         self._shared: dict[tuple[str, str], int] = {}  # two decoding sequences' bit-identical prefix
 
@@ -260,20 +260,6 @@ class Engine:
             elif self._prefault:
                 self._prefault_for(PREFAULT_S, interrupt)
             return self.has_idle_work
-
-    def _may_prefault(self) -> bool:
-        """--kv-prefault, unless the whole pool would take more than half the memory available now."""
-        if not self.cfg.kv_prefault:
-            return False
-        available = available_memory()
-        if available is not None and self.kv_bytes > available // 2:
-            log.warning(
-                "the KV pool (%.1f GiB) is more than half the memory available (%.1f GiB): it becomes resident "
-                "only as it is written; a smaller --ctx or --parallel makes it smaller", self.kv_bytes / 2**30,
-                available / 2**30,
-            )  # fmt: skip
-            return False
-        return True
 
     def _prefault_for(self, seconds: float, interrupt: Callable[[], bool] | None) -> None:
         """Make the pool resident a MiB a stage at a time, for `seconds` or until `interrupt` says a request
@@ -489,7 +475,7 @@ class Engine:
             slot.reply = None
             slot.clear()
         self._warm = False
-        self._prefault = deque(range(self.cfg.parallel) if self._may_prefault() else ())  # a new pool
+        self._prefault = deque(range(self.cfg.parallel) if self.cfg.kv_prefault else ())  # a new pool
 
     def fail_all(self, error: Exception) -> None:
         """Give up every sequence (a fault in the scheduler itself): their clients get an error, not a hang."""

@@ -23,6 +23,7 @@ from anchorkv.cache.keys import Namespace
 from anchorkv.cache.prefix_cache import CacheConfig, stage_cache
 from anchorkv.cache.stage_cache import CacheStats, Coverage, Fetch, Lookup, Record, Restored, StageCache
 from anchorkv.config import EngineConfig
+from anchorkv.engine.allocator import available_memory
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
 from anchorkv.cache.policy import step_budget
@@ -115,6 +116,7 @@ class Stage:
         cache: StageCache,
         linear_kind: str,
         prefill_rows: int = 0,
+        stages: int = 1,
     ) -> None:
         self.index = index
         self.model = model
@@ -122,6 +124,8 @@ class Stage:
         self.cache = cache
         self.linear_kind = linear_kind
         self.prefill_rows = prefill_rows  # see StageInfo
+        self.stages = stages  # in the whole pipeline: all of them may share this host
+        self._pools_fit: bool | None = None  # for prefault: checked when the first slot starts
 
     @property
     def kv(self) -> StageKV:
@@ -176,8 +180,20 @@ class Stage:
         self.kvs[slot].truncate(n)
 
     def prefault(self, slot: int) -> bool:
-        """About PREFAULT_BYTES more of the slot's KV made resident; whether any is left."""
-        return self.kvs[slot].prefault()
+        """About PREFAULT_BYTES more of the slot's KV made resident; whether any is left. Nothing, with a
+        warning, where every stage's pool (as if all shared this host) would take more than half the memory
+        this host has available."""
+        if self._pools_fit is None:
+            available, pools = available_memory(), self.kv_bytes * self.stages
+            self._pools_fit = True
+            if available is not None and pools > available // 2:
+                self._pools_fit = False
+                log.warning(
+                    "the KV pools (%.1f GiB) are more than half the memory available (%.1f GiB): they become "
+                    "resident only as written; a smaller --ctx or --parallel makes them smaller", pools / 2**30,
+                    available / 2**30,
+                )  # fmt: skip
+        return self._pools_fit and self.kvs[slot].prefault()
 
     # -- the cache's orders ----------------------------------------------------------------------------
     def lookup(self, q: Lookup) -> Coverage:
@@ -238,5 +254,5 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         ns = Namespace.of(**base, layers=[m.layer_range.start, m.layer_range.stop])
         kvs = [StageKV(len(m.layer_range), mc.n_kv_heads, ctx, mc.head_dim, dtype, device) for _ in range(cfg.parallel)]
         cache = stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages)
-        out.append(Stage(i, m, kvs, cache, linear_kind, budget if merge else 0))
+        out.append(Stage(i, m, kvs, cache, linear_kind, budget if merge else 0, cfg.stages))
     return out
