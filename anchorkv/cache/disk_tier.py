@@ -8,8 +8,8 @@ temp file, fsync, rename, so a reader never sees half a file and a completed sav
 
 from __future__ import annotations
 
-import errno
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -186,6 +186,13 @@ class DiskWriter:
                 log.exception("cache write failed")
 
 
+def _used(e: DiskEntry) -> None:
+    """A use of the entry's chunk: for the index's LRU, and in the file's time for the next start's."""
+    e.last_used = time.time()
+    with contextlib.suppress(OSError):  # the file went meanwhile: its next read finds out
+        os.utime(e.path)
+
+
 class DiskTier(IndexedTier[DiskEntry]):
     def __init__(
         self, root: Path, namespace: Namespace, budget_bytes: int, writer: DiskWriter, on_corrupt: Callable[[], None]
@@ -295,8 +302,7 @@ class DiskTier(IndexedTier[DiskEntry]):
             self._unindex(key)
             self._discard(e.path)
             return None
-        e.last_used = time.time()
-        os.utime(e.path)
+        _used(e)
         return chunk
 
     def touch(self, key: bytes) -> None:
@@ -304,9 +310,7 @@ class DiskTier(IndexedTier[DiskEntry]):
         with self.lock:
             e = self.index.get(key)
         if e is not None:
-            e.last_used = time.time()
-            with contextlib.suppress(OSError):
-                os.utime(e.path)
+            _used(e)
 
     def tokens(self, key: bytes) -> list[int] | None:
         """The chunk's token ids, read alone and checked against its key; the restore that reads the KV

@@ -97,7 +97,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._warm = self.cache.has_disk and self.cache.enabled  # the last run's latest chain, to bring back
-        self._prefault = deque(range(cfg.parallel) if cfg.kv_prefault else ())  # slots not yet resident whole
+        self._prefault = self._pool_to_prefault()  # slots not yet resident whole
         self._grammar_tokenizer: LLTokenizer | None = None  # built on the first constrained request
         self._shared: dict[tuple[str, str], int] = {}  # two decoding sequences' bit-identical prefix
 
@@ -260,6 +260,9 @@ class Engine:
             elif self._prefault:
                 self._prefault_for(PREFAULT_S, interrupt)
             return self.has_idle_work
+
+    def _pool_to_prefault(self) -> deque[int]:
+        return deque(range(self.cfg.parallel) if self.cfg.kv_prefault else ())
 
     def _prefault_for(self, seconds: float, interrupt: Callable[[], bool] | None) -> None:
         """Make the pool resident a MiB a stage at a time, for `seconds` or until `interrupt` says a request
@@ -475,7 +478,7 @@ class Engine:
             slot.reply = None
             slot.clear()
         self._warm = False
-        self._prefault = deque(range(self.cfg.parallel) if self.cfg.kv_prefault else ())  # a new pool
+        self._prefault = self._pool_to_prefault()  # a new pool
 
     def fail_all(self, error: Exception) -> None:
         """Give up every sequence (a fault in the scheduler itself): their clients get an error, not a hang."""

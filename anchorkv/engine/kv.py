@@ -51,13 +51,18 @@ class StageKV:
     def n_layers(self) -> int:
         return self.k.shape[0]
 
+    @property
+    def position_bytes(self) -> int:
+        """K and V of one position in one layer."""
+        return 2 * self.k[0, :, 0].nbytes
+
     def prefault(self) -> bool:
         """Make about PREFAULT_BYTES more of the pool resident, so that no later write waits on the kernel
         for fresh memory; only positions past `high` are written, which hold nothing. Returns whether any
         of the pool is left."""
         if self.resident < self.n_layers:
             start = max(self.high, self._prefaulted)
-            end = min(self.ctx, start + max(1, PREFAULT_BYTES // (2 * self.k[0, :, 0].nbytes)))
+            end = min(self.ctx, start + max(1, PREFAULT_BYTES // self.position_bytes))
             self.k[self.resident, :, start:end].zero_()
             self.v[self.resident, :, start:end].zero_()
             self._prefaulted = end
@@ -69,7 +74,7 @@ class StageKV:
     def touched_bytes(self) -> int:
         """Bytes of the KV written or made resident so far (untouched pages of the pool take no memory)."""
         rows = self.resident * self.ctx + (self.n_layers - self.resident) * self.high
-        return 2 * self.k[0, :, 0].nbytes * (rows + max(0, self._prefaulted - self.high))
+        return self.position_bytes * (rows + max(0, self._prefaulted - self.high))
 
     def truncate(self, n: int) -> None:
         self.filled = min(self.filled, n)

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor
 
 from anchorkv.cache.keys import Namespace
+from anchorkv.cache.policy import step_budget
 from anchorkv.cache.prefix_cache import CacheConfig, stage_cache
 from anchorkv.cache.stage_cache import CacheStats, Coverage, Fetch, Lookup, Record, Restored, StageCache
 from anchorkv.config import EngineConfig
 from anchorkv.engine.allocator import available_memory
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
-from anchorkv.cache.policy import step_budget
 from anchorkv.model.kernels import Kernels, cpu_name, load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
