@@ -53,7 +53,9 @@ def test_stages_run_where_their_resources_are(ray_engine: Engine) -> None:
     assert [i.layers for i in ray_engine.stage_infos] == [(0, 10), (10, 20), (20, 30)]
 
 
-def test_logits_equal_one_stage_in_one_process_cold_and_restored(ray_engine: Engine, engine: Engine) -> None:
+def test_logits_equal_one_stage_in_one_process_cold_and_restored(
+    ray_engine: Engine, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prompt, req = chat(ray_engine, "Which code goes with shipment class 4?")
     cold, _ = engine.prompt_logits(prompt)
     first, plan1 = ray_engine.prompt_logits(prompt, req)
@@ -66,6 +68,14 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(ray_engine: Eng
     assert plan2.restored_tokens > 0
     assert plan2.tier == "ram"
     assert torch.equal(warm, engine.prompt_logits(p2)[0])
+    orders: list[object] = []
+    restore = ray_engine.pipeline.cache_stages.restore
+    monkeypatch.setattr(ray_engine.pipeline.cache_stages, "restore", lambda *a: orders.append(a) or restore(*a))
+    p3, r3 = chat(ray_engine, "Which code goes with shipment class 6?")
+    held, plan3 = ray_engine.prompt_logits(p3, r3)
+    assert plan3.restored_tokens == plan2.restored_tokens and plan3.tier == "slot" and plan3.kind == plan2.kind
+    assert not orders  # the slot held the prefix: no restore order crossed to the stages
+    assert torch.equal(held, engine.prompt_logits(p3)[0])
 
 
 def test_a_batch_of_two_across_processes_equals_lone_runs(ray_engine: Engine, engine: Engine) -> None:

@@ -160,6 +160,7 @@ class CachePlan:
     limit: int  # the furthest this prompt could restore
     chat_ends: list[int]  # the prompt's chat boundaries: chain points, and prefill cuts
     recorded: list[Recorded] = field(default_factory=list)
+    labels: frozenset[str] | None = None  # the first stage's kinds at restore_to, where its RAM has them
 
     def report(self, restored: Restore) -> CacheReport:
         return CacheReport(
@@ -235,7 +236,8 @@ class PrefixCache:
             for b in records.boundaries
         ]
         recorded = [r for r in recorded if r.at] if self.enabled else []
-        return CachePlan(restore, records, verdicts, roots, req.salt, scope, history_ns, limit, chat, recorded)
+        labels = found[0].labels.get(restore)
+        return CachePlan(restore, records, verdicts, roots, req.salt, scope, history_ns, limit, chat, recorded, labels)
 
     def _kind(self, plan: CachePlan, prompt: Sequence[int], labels: frozenset[str]) -> str:
         """exact: this very prompt was seen; full: a whole earlier prompt (or prompt + reply) is a prefix
@@ -274,6 +276,10 @@ class PrefixCache:
         lost a chunk."""
         if not plan.restore_to:
             return Restore()
+        if skip_upto >= plan.restore_to < len(prompt) and plan.labels is not None:
+            # the slot holds it all and no logits are wanted: no order to the stages (the prompt's
+            # recording counts its chunks as used)
+            return Restore(plan.restore_to, self._kind(plan, prompt, plan.labels), TIER_ORDER[0])
         got = self._st.restore(slot, Fetch(prompt, plan.chat_ends, plan.restore_to, plan.salt, skip_upto))
         logits = None
         if plan.restore_to == len(prompt):

@@ -65,6 +65,9 @@ class Coverage:
     ends: frozenset[int]  # every position p <= limit (0 included) that a chain [0, p) reaches
     whole: bool  # a chain reaches the whole prompt
     whole_logits: bool  # ... and its last chunk keeps the prompt's logits
+    # the boundary kinds recorded at each end whose last chunk is in RAM: what a restore would report,
+    # so one that the slot holds whole needs no restore order
+    labels: Mapping[int, frozenset[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,9 +248,11 @@ class StageCache:
             if remote is not None:  # the chain and every tail list in one round trip
                 remote.ask([k for k in keys if not self._local(k, True)], [root, *keys])
             ends = {0}
+            labels: dict[int, frozenset[str]] = {}
             j = 0
             while j < len(keys) and self._has(keys[j], q.disk_ok, remote):
                 ends.add(points[j])
+                self._label(labels, points[j], keys[j])
                 j += 1
             # tails off each chain point reached, ending before the prompt's next one (one that spans it was
             # cut differently) at a position a prefill of this prompt also cuts at
@@ -260,7 +265,10 @@ class StageCache:
                         tails.append((end, chunk_key(parent, prompt[g:end])))
             if remote is not None:  # the tails in a second round trip
                 remote.ask([k for _, k in tails if not self._local(k, True)])
-            ends |= {end for end, key in tails if self._has(key, q.disk_ok, remote)}
+            for end, key in tails:
+                if self._has(key, q.disk_ok, remote):
+                    ends.add(end)
+                    self._label(labels, end, key)
             n = len(prompt)
             whole = whole_logits = False
             if q.whole and n and cut_floor(n, g_.unit, chat, g_.merge) == n:
@@ -268,7 +276,11 @@ class StageCache:
                 whole = chain is not None
                 if chain is not None:
                     whole_logits = self._has_logits(chain[-1][0], q.disk_ok)
-        return Coverage(frozenset(ends), whole, whole_logits)
+        return Coverage(frozenset(ends), whole, whole_logits, labels)
+
+    def _label(self, labels: dict[int, frozenset[str]], end: int, key: bytes) -> None:
+        if (c := self.ram.peek(key)) is not None:
+            labels[end] = frozenset(c.labels)
 
     def _has_logits(self, key: bytes, slow_ok: bool) -> bool:
         c = self.ram.peek(key)  # RAM first, as restore fetches it
