@@ -63,6 +63,12 @@ def story(engine: Engine) -> tuple[list[dict[str, str]], list[int], CacheRequest
     return history, prompt, replace(req, next_turn=next_turn)
 
 
+def forget_slots(e: Engine) -> None:
+    """Forget what the KV slots hold: a prefix then comes from the cache's tiers, or is prefilled."""
+    for slot in e.slots:
+        slot.clear()
+
+
 def next_messages(history: list[dict[str, str]], reply: str) -> list[dict[str, str]]:
     return [*history, {"role": "assistant", "content": reply}, {"role": "user", "content": "Now give it a title."}]
 
@@ -148,11 +154,13 @@ def test_anchor_is_restored_where_the_grid_alone_stops(tmp_path: Path, engine: E
     e = make(tmp_path, stride=512)
     plain = CacheRequest(salt="plain")
     e.prompt_logits(p1, plain)
+    forget_slots(e)  # p1's slot would serve 768 itself: this is the cache's grid
     assert e.prompt_logits(p2, plain)[1].restored_tokens == 512
     anchored = CacheRequest(anchors=[850], has_key=True, salt="anchored")
     _, plan = e.prompt_logits(p1, anchored)
     assert plan.anchors[0].accepted
     assert Recorded("anchor", 850, 768) in plan.recorded
+    forget_slots(e)
     _, plan2 = e.prompt_logits(p2, anchored)
     assert plan2.restored_tokens == 768
     assert plan2.kind == "anchor"
@@ -328,8 +336,7 @@ def test_logits_after_a_restore_are_bit_identical_to_a_cold_run(
     assert longest > C if system == SYSTEM_SHORT_TAIL else longest == C
     reference = cold.prompt_logits(p2, r2)[0]  # cold: no cache, the same cuts
     e.prompt_logits(p1, r1)
-    for slot in e.slots:
-        slot.clear()  # forget what the slots hold: the prefix comes from the RAM tier
+    forget_slots(e)  # the prefix comes from the RAM tier
     warm, plan = e.prompt_logits(p2, r2)
     assert 0 < plan.restored_tokens < len(p2)
     assert plan.tier == "ram"
@@ -358,10 +365,12 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
     assert cache.disk is not None
     for key in [k for k, d in cache.disk.index.entries.items() if d.end > 384]:
         cache.disk.drop(key)
+    forget_slots(e)  # the slots would serve it all themselves: this is the caches' veto
     done = answer(e, p1, r1)
     assert done.cached_tokens == 384
     assert done.token_ids == answer(cold, p1, r1).token_ids
     e.pipeline.stages[2].cache.clear()
+    forget_slots(e)
     done = answer(e, p1, CacheRequest(r1.chat_ends, salt=None))
     assert done.token_ids == answer(cold, p1, r1).token_ids
 

@@ -478,6 +478,38 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     assert_same(expected, seq, run)
 
 
+@pytest.mark.parametrize("stages", [1, 3])
+def test_a_slot_serves_a_prefix_the_cache_has_since_dropped_and_records_it_again(stages: int) -> None:
+    """Every stage's cache forgets the first turn (as under RAM pressure without a disk tier), its slot
+    still holds it: the next turn continues from the slot, with its lone cold run's logits, and records
+    the prefix again for whoever comes next."""
+    cfg = EngineConfig(threads=2, parallel=2, stages=stages, ctx=1024, kv_prefault=False)
+    engine = Engine(cfg, CacheConfig(ram_mb=64))
+    system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about item {i}." for i in range(30))}
+    first, second, third = (
+        engine.render_chat([system, {"role": "user", "content": q}]) for q in ("A fish?", "A bird?", "A cat?")
+    )
+    expected = alone(Engine(replace(cfg, parallel=1)), second.token_ids)
+
+    def turn(rendered: RenderedPrompt) -> tuple[Sequence, Run]:
+        run = Run(engine)
+        seq = run.submit(rendered.token_ids, cache_req=CacheRequest(rendered.boundaries), keep_reply=False)
+        run.finish()
+        return seq, run
+
+    turn(first)
+    for cache in engine.pipeline.cache_stages.caches:  # type: ignore[attr-defined]
+        cache.clear()
+    assert engine.cache.plan(second.token_ids, CacheRequest(second.boundaries)).restore_to == 0
+    seq, run = turn(second)
+    assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"
+    assert_same(expected, seq, run)
+    for slot in engine.slots:
+        slot.clear()
+    seq, _ = turn(third)
+    assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "ram"
+
+
 def test_kv_pools_larger_than_half_the_free_memory_are_not_made_resident(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

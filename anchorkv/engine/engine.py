@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence as Seq
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -329,11 +329,14 @@ class Engine:
         """Restore what the cache has into the slot (what the slot still holds of it stays), and line up
         the prefill pieces of the rest."""
         prompt, creq, c = seq.prompt, seq.cache_req, self.cfg.chunk_size
-        seq.slot, slot.seq, seq.cplan = slot.index, seq, cplan
-        seq.admitted = time.perf_counter()
         keep = 0
         if slot.salt == creq.salt:
-            keep = shared_cut(prompt[: cplan.restore_to], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
+            keep = shared_cut(prompt[: cplan.limit], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
+        if keep > cplan.restore_to and self.cache.enabled:
+            cplan = replace(cplan, restore_to=keep, labels=frozenset())  # the slot holds more than the cache still does
+        seq.slot, slot.seq, seq.cplan = slot.index, seq, cplan
+        seq.admitted = time.perf_counter()
+        keep = min(keep, cplan.restore_to)
         slot.clear()
         try:
             seq.restored = self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)  # stages keep [0, keep)
