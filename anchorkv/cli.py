@@ -281,7 +281,7 @@ def _replay_parser(sub: Subparsers) -> None:
 def _compare_parser(sub: Subparsers) -> None:
     cmp = sub.add_parser(
         "compare",
-        help="the same workloads against anchorkv and its peers (llama-server, llama-cpp-python), side by side",
+        help="the same workloads against anchorkv and its peers (llama-server, llama-cpp-python, vLLM), side by side",
     )
     cmp.add_argument("--model", type=Path, default=None, help="GGUF file (default: the bundled model)")
     cmp.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary")
