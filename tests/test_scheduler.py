@@ -30,6 +30,7 @@ from conftest import LiveServer, serve_in_thread
 
 TOPICS = ["cats", "the sea", "a robot", "bread", "a king", "rain", "maps", "bees"]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+RULES = {"role": "system", "content": " ".join(f"Rule {i}: be brief about item {i}." for i in range(30))}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,19 @@ def assert_same(expected: tuple[list[int], list[torch.Tensor]], seq: Sequence, r
     assert len(run.logits[seq.id]) == len(logits)
     for a, b in zip(run.logits[seq.id], logits, strict=True):
         assert torch.equal(a, b)
+
+
+def questions(engine: Engine, *qs: str) -> list[RenderedPrompt]:
+    """Chat prompts sharing the RULES system message, one per question."""
+    return [engine.render_chat([RULES, {"role": "user", "content": q}]) for q in qs]
+
+
+def turn(engine: Engine, rendered: RenderedPrompt) -> tuple[Sequence, Run]:
+    """The prompt run to its end alone, its boundaries given to the cache, its reply not kept."""
+    run = Run(engine)
+    seq = run.submit(rendered.token_ids, cache_req=CacheRequest(rendered.boundaries), keep_reply=False)
+    run.finish()
+    return seq, run
 
 
 @pytest.mark.parametrize("k", [2, 4, 8])
@@ -451,19 +465,11 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     run's logits."""
     cfg = EngineConfig(threads=2, parallel=2, stages=stages, ctx=1024)
     engine = Engine(cfg, CacheConfig(ram_mb=64))
-    system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about item {i}." for i in range(30))}
-    first, second = (engine.render_chat([system, {"role": "user", "content": q}]) for q in ("A fish?", "A bird?"))
+    first, second = questions(engine, "A fish?", "A bird?")
     cold = Engine(replace(cfg, parallel=1, kv_prefault=False))
     assert not cold.has_idle_work
     expected = alone(cold, second.token_ids)
-
-    def turn(rendered: RenderedPrompt) -> tuple[Sequence, Run]:
-        run = Run(engine)
-        seq = run.submit(rendered.token_ids, cache_req=CacheRequest(rendered.boundaries), keep_reply=False)
-        run.finish()
-        return seq, run
-
-    turn(first)
+    turn(engine, first)
     pool = [i.kv_bytes for i in engine.stage_infos]
     assert all(t < b for t, b in zip(engine.pipeline.kv_touched(), pool, strict=True))
     before = engine.pipeline.kv_touched()
@@ -473,7 +479,7 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     while engine.idle_work():
         pass
     assert engine.pipeline.kv_touched() == pool
-    seq, run = turn(second)
+    seq, run = turn(engine, second)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"  # nothing copied
     assert_same(expected, seq, run)
 
@@ -485,28 +491,18 @@ def test_a_slot_serves_a_prefix_the_cache_has_since_dropped_and_records_it_again
     the prefix again for whoever comes next."""
     cfg = EngineConfig(threads=2, parallel=2, stages=stages, ctx=1024, kv_prefault=False)
     engine = Engine(cfg, CacheConfig(ram_mb=64))
-    system = {"role": "system", "content": " ".join(f"Rule {i}: be brief about item {i}." for i in range(30))}
-    first, second, third = (
-        engine.render_chat([system, {"role": "user", "content": q}]) for q in ("A fish?", "A bird?", "A cat?")
-    )
+    first, second, third = questions(engine, "A fish?", "A bird?", "A cat?")
     expected = alone(Engine(replace(cfg, parallel=1)), second.token_ids)
-
-    def turn(rendered: RenderedPrompt) -> tuple[Sequence, Run]:
-        run = Run(engine)
-        seq = run.submit(rendered.token_ids, cache_req=CacheRequest(rendered.boundaries), keep_reply=False)
-        run.finish()
-        return seq, run
-
-    turn(first)
+    turn(engine, first)
     for cache in engine.pipeline.cache_stages.caches:  # type: ignore[attr-defined]
         cache.clear()
     assert engine.cache.plan(second.token_ids, CacheRequest(second.boundaries)).restore_to == 0
-    seq, run = turn(second)
+    seq, run = turn(engine, second)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"
     assert_same(expected, seq, run)
     for slot in engine.slots:
         slot.clear()
-    seq, _ = turn(third)
+    seq, _ = turn(engine, third)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "ram"
 
 
