@@ -311,7 +311,9 @@ class Engine:
                 self._fail(seq, err)
                 raise
             prefilling = [s for s in self.running if s.status is Status.PREFILLING]
-            if should_wait(seq.prompt, cplan.restore_to, prefilling, self.cfg.chunk_size):
+            if should_wait(
+                seq.prompt, max(cplan.restore_to, self._held(seq, slot, cplan)), prefilling, self.cfg.chunk_size
+            ):
                 continue
             self.waiting.remove(seq)
             if slot.reply is not None:
@@ -328,15 +330,12 @@ class Engine:
     def _start(self, seq: Sequence, slot: Slot, cplan: CachePlan) -> None:
         """Restore what the cache has into the slot (what the slot still holds of it stays), and line up
         the prefill pieces of the rest."""
-        prompt, creq, c = seq.prompt, seq.cache_req, self.cfg.chunk_size
-        keep = 0
-        if slot.salt == creq.salt:
-            keep = shared_cut(prompt[: cplan.limit], cplan.chat_ends, slot.tokens[: slot.valid], slot.ends, c)
-        if keep > cplan.restore_to and self.cache.enabled:
+        prompt, c = seq.prompt, self.cfg.chunk_size
+        keep = self._held(seq, slot, cplan)
+        if keep > cplan.restore_to:
             cplan = replace(cplan, restore_to=keep, labels=frozenset())  # the slot holds more than the cache still does
         seq.slot, slot.seq, seq.cplan = slot.index, seq, cplan
         seq.admitted = time.perf_counter()
-        keep = min(keep, cplan.restore_to)
         slot.clear()
         try:
             seq.restored = self.cache.restore(cplan, prompt, slot.index, skip_upto=keep)  # stages keep [0, keep)
@@ -356,6 +355,14 @@ class Engine:
             seq.pieces = deque(aligned_chunks(r, len(prompt), c, cplan.chat_ends))
         seq.status = Status.PREFILLING
         self.running.append(seq)
+
+    def _held(self, seq: Sequence, slot: Slot, cplan: CachePlan) -> int:
+        """How much of the prompt the slot's KV holds bit for bit, up to the furthest restore (none without a
+        cache: a server told to keep nothing reuses nothing)."""
+        if not self.cache.enabled or slot.salt != seq.cache_req.salt:
+            return 0
+        tokens, c = slot.tokens[: slot.valid], self.cfg.chunk_size
+        return shared_cut(seq.prompt[: cplan.limit], cplan.chat_ends, tokens, slot.ends, c)
 
     def grammar_error(self, grammar: str) -> str | None:
         """Why the grammar cannot constrain this model's first token, or None: checked at the request."""
