@@ -506,6 +506,30 @@ def test_a_slot_serves_a_prefix_the_cache_has_since_dropped_and_records_it_again
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "ram"
 
 
+def test_a_prompt_whose_slot_holds_its_prefix_does_not_wait_for_another_prefilling_it() -> None:
+    """The tiers have dropped a finished turn while another sequence, in the other slot, prefills the same
+    system prompt: the turn's continuation takes its slot's copy at once instead of waiting for that one."""
+    engine = Engine(EngineConfig(threads=2, parallel=2, ctx=1024, kv_prefault=False), CacheConfig(ram_mb=64))
+    first, other = questions(engine, "A fish?", "A bird? " + "Say more. " * 60)
+    two = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    run = Run(engine)
+    a = run.submit(first.token_ids, two, cache_req=CacheRequest(first.boundaries), keep_reply=False)
+    while a.status is not Status.DECODING:
+        run.step()
+    for cache in engine.pipeline.cache_stages.caches:  # type: ignore[attr-defined]
+        cache.clear()
+    b = run.submit(other.token_ids, cache_req=CacheRequest(other.boundaries), keep_reply=False)
+    run.step()  # a's last token; b takes the other slot and prefills its first piece
+    assert a.done and b.status is Status.PREFILLING and len(b.pieces) > 1
+    more = engine.render_chat([RULES, {"role": "user", "content": "A fish?"}, {"role": "assistant", "content": "Yes."}])
+    c = run.submit(more.token_ids, cache_req=CacheRequest(more.boundaries), keep_reply=False)
+    run.step()
+    assert c.slot == a.slot and c.status is not Status.WAITING
+    assert c.restored.tokens >= first.boundaries[0] and c.restored.tier == "slot"
+    run.finish()
+    assert_same(alone(Engine(EngineConfig(threads=2, parallel=1, ctx=1024)), more.token_ids), c, run)
+
+
 def test_kv_pools_larger_than_half_the_free_memory_are_not_made_resident(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
