@@ -325,6 +325,13 @@ def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_and_restores_i
     run.finish()
     assert second.restored.tokens == b.boundaries[0]  # the system prompt
     assert_same(alone(Engine(EngineConfig(threads=2, parallel=1)), b.token_ids), second, run)
+    c = engine.render_chat([system, {"role": "user", "content": "Good evening."}])
+    run = Run(engine)
+    third = run.submit(a.token_ids, cache_req=CacheRequest(a.boundaries, salt="tenant-a"))
+    fourth = run.submit(c.token_ids, cache_req=CacheRequest(c.boundaries, salt="tenant-b"))
+    run.step()
+    assert third.status is Status.PREFILLING
+    assert fourth.status is not Status.WAITING  # another tenant's recording could never serve it
 
 
 # -- the policy alone ----------------------------------------------------------------------------------

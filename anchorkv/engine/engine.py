@@ -310,7 +310,8 @@ class Engine:
                 self.waiting.remove(seq)
                 self._fail(seq, err)
                 raise
-            prefilling = [s for s in self.running if s.status is Status.PREFILLING]
+            salt = seq.cache_req.salt  # another tenant's recording never serves this prompt
+            prefilling = [s for s in self.running if s.status is Status.PREFILLING and s.cache_req.salt == salt]
             if should_wait(
                 seq.prompt, max(cplan.restore_to, self._held(seq, slot, cplan)), prefilling, self.cfg.chunk_size
             ):
