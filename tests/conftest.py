@@ -52,6 +52,12 @@ def free_engines() -> Iterator[None]:
     gc.collect()
 
 
+def forget_slots(e: Engine) -> None:
+    """Forget what the KV slots hold: a prefix then comes from the cache's tiers, or is prefilled."""
+    for slot in e.slots:
+        slot.clear()
+
+
 @pytest.fixture(scope="session")
 def engine() -> Engine:
     """The bundled SmolLM2-135M-Instruct, one stage."""

@@ -19,6 +19,7 @@ from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, Recorded
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
+from conftest import forget_slots
 
 C = 128
 SYSTEM = "You are a meticulous assistant for a logistics company. " + " ".join(
@@ -61,12 +62,6 @@ def story(engine: Engine) -> tuple[list[dict[str, str]], list[int], CacheRequest
         return r.token_ids, r.boundaries
 
     return history, prompt, replace(req, next_turn=next_turn)
-
-
-def forget_slots(e: Engine) -> None:
-    """Forget what the KV slots hold: a prefix then comes from the cache's tiers, or is prefilled."""
-    for slot in e.slots:
-        slot.clear()
 
 
 def next_messages(history: list[dict[str, str]], reply: str) -> list[dict[str, str]]:

@@ -28,7 +28,7 @@ from anchorkv.engine.ray_pipeline import RayPipeline
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.model.transformer import Interrupted
 from anchorkv.server.app import create_app
-from conftest import LiveServer, RayCluster, free_port, serve_in_thread
+from conftest import LiveServer, RayCluster, forget_slots, free_port, serve_in_thread
 from test_prefix_cache import C, chat
 
 
@@ -62,8 +62,7 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(
     assert plan1.restored_tokens == 0
     assert torch.equal(first, cold)
     p2, r2 = chat(ray_engine, "Which code goes with shipment class 5?")
-    for slot in ray_engine.slots:
-        slot.clear()  # forget what the slots hold: every stage copies the prefix from its RAM tier
+    forget_slots(ray_engine)  # every stage copies the prefix from its RAM tier
     warm, plan2 = ray_engine.prompt_logits(p2, r2)
     assert plan2.restored_tokens > 0
     assert plan2.tier == "ram"

@@ -14,7 +14,7 @@ from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine
-from conftest import start_redis
+from conftest import forget_slots, start_redis
 from test_prefix_cache import answer, chat
 
 
@@ -52,8 +52,7 @@ def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_ex
     assert stats["up"]  # type: ignore[index]
     assert stats["hits"] > 0  # type: ignore[index]
     # the restore copied Redis's chunks into the slot only; recording the prompt put them in B's RAM
-    for slot in replica_b.slots:
-        slot.clear()  # forget what the slot holds: the prompt comes from RAM
+    forget_slots(replica_b)  # the prompt comes from RAM
     again, plan = replica_b.prompt_logits(prompt, req)
     assert plan.tier == "ram" and plan.restored_tokens > 0
     assert replica_b.cache.stats()["redis"]["hits"] == stats["hits"]  # type: ignore[index]

@@ -26,7 +26,7 @@ from anchorkv.engine.slot import Slot
 from anchorkv.model.chat_template import RenderedPrompt
 from anchorkv.server.app import create_app
 from anchorkv.server.service import next_turn_renderer
-from conftest import LiveServer, serve_in_thread
+from conftest import LiveServer, forget_slots, serve_in_thread
 
 TOPICS = ["cats", "the sea", "a robot", "bread", "a king", "rain", "maps", "bees"]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -507,8 +507,7 @@ def test_a_slot_serves_a_prefix_the_cache_has_since_dropped_and_records_it_again
     seq, run = turn(engine, second)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "slot"
     assert_same(expected, seq, run)
-    for slot in engine.slots:
-        slot.clear()
+    forget_slots(engine)
     seq, _ = turn(engine, third)
     assert seq.restored.tokens == first.boundaries[0] and seq.restored.tier == "ram"
 

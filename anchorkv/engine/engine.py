@@ -310,29 +310,27 @@ class Engine:
                 self.waiting.remove(seq)
                 self._fail(seq, err)
                 raise
+            held = self._held(seq, slot, cplan)
             salt = seq.cache_req.salt  # another tenant's recording never serves this prompt
             prefilling = [s for s in self.running if s.status is Status.PREFILLING and s.cache_req.salt == salt]
-            if should_wait(
-                seq.prompt, max(cplan.restore_to, self._held(seq, slot, cplan)), prefilling, self.cfg.chunk_size
-            ):
+            if should_wait(seq.prompt, max(cplan.restore_to, held), prefilling, self.cfg.chunk_size):
                 continue
             self.waiting.remove(seq)
             if slot.reply is not None:
                 self._settle(slot)  # what its reply's prefill recorded may serve this prompt: plan again
                 cplan = self.cache.plan(seq.prompt, seq.cache_req)
             try:
-                self._start(seq, slot, cplan)
+                self._start(seq, slot, cplan, held)
             except StageFailed as err:
                 self._fail(seq, err)
                 raise
             except Exception as e:  # noqa: BLE001 - the request fails, the engine lives on
                 self._fail(seq, e)
 
-    def _start(self, seq: Sequence, slot: Slot, cplan: CachePlan) -> None:
-        """Restore what the cache has into the slot (what the slot still holds of it stays), and line up
-        the prefill pieces of the rest."""
+    def _start(self, seq: Sequence, slot: Slot, cplan: CachePlan, keep: int) -> None:
+        """Restore what the cache has into the slot (its first `keep` positions, which the slot holds, stay),
+        and line up the prefill pieces of the rest."""
         prompt, c = seq.prompt, self.cfg.chunk_size
-        keep = self._held(seq, slot, cplan)
         if keep > cplan.restore_to:
             cplan = replace(cplan, restore_to=keep, labels=frozenset())  # the slot holds more than the cache still does
         seq.slot, slot.seq, seq.cplan = slot.index, seq, cplan
