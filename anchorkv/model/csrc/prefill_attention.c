@@ -22,23 +22,49 @@
 #define ROWS 6   /* query rows a tile */
 #define KEYS 64  /* keys a tile step: 4 vectors of 16 */
 
-/* keys [0, L) of one KV head as kt[Lp / 16][PAIRS][16] (16 keys a vector, a pair of dimensions a lane), values
-   as vp[Lp / 2][HD] (a pair of consecutive keys a lane); zero past L */
-static void layout(const uint16_t *k, const uint16_t *v, int64_t L, int64_t Lp, uint32_t *kt, uint32_t *vp) {
+/* the 16 x 16 matrix of 32-bit lanes in r transposed in place: r[i] becomes what was lane i of every row */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+            t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+    }
+}
+
+/* keys [k0, k0 + KEYS) of one KV head, of [0, L) in all, as kt[Lp / 16][PAIRS][16] (16 keys a vector, a pair of
+   dimensions a lane), values as vp[Lp / 2][HD] (a pair of consecutive keys a lane); zero past L */
+static void layout(const uint16_t *k, const uint16_t *v, int64_t L, int64_t k0, uint32_t *kt, uint32_t *vp) {
     const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-    for (int64_t g = 0; g < Lp / 16; g++) {
-        uint32_t *dst = kt + g * PAIRS * 16;
-        for (int64_t j = 0; j < 16; j++) {
-            int64_t key = g * 16 + j;
-            const uint32_t *src = (const uint32_t *)(k + key * HD);
-            for (int p = 0; p < PAIRS; p++) dst[p * 16 + j] = key < L ? src[p] : 0;
+    const __m512i z = _mm512_setzero_si512();
+    for (int64_t g = k0 / 16; g < (k0 + KEYS) / 16; g++)
+        for (int half = 0; half < 2; half++) {  /* pairs [16 half, 16 half + 16) of 16 keys: rows in, columns out */
+            __m512i r[16];
+            for (int j = 0; j < 16; j++) {
+                int64_t key = g * 16 + j;
+                r[j] = key < L ? _mm512_loadu_si512(k + key * HD + 32 * half) : z;
+            }
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_storeu_si512(kt + (g * PAIRS + 16 * half + p) * 16, r[p]);
         }
-    }
-    for (int64_t m = 0; m < Lp / 2; m++) {
+    for (int64_t m = k0 / 2; m < (k0 + KEYS) / 2; m++) {
         int64_t a = 2 * m, b = 2 * m + 1;
-        __m512i z = _mm512_setzero_si512();
         for (int c = 0; c < 2; c++) {
             __m512i x = a < L ? _mm512_loadu_si512(v + a * HD + 32 * c) : z;
             __m512i y = b < L ? _mm512_loadu_si512(v + b * HD + 32 * c) : z;
@@ -121,9 +147,11 @@ int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int64_t h = 0; h < Hkv; h++)
-            layout(kc + h * ctx * HD, vc + h * ctx * HD, L, Lp, (uint32_t *)(mem + head * (size_t)h),
-                   (uint32_t *)(mem + head * (size_t)h) + Lp * PAIRS);
+        for (int64_t u = 0; u < Hkv * (Lp / KEYS); u++) {
+            int64_t h = u / (Lp / KEYS);
+            uint32_t *kt = (uint32_t *)(mem + head * (size_t)h);
+            layout(kc + h * ctx * HD, vc + h * ctx * HD, L, (u % (Lp / KEYS)) * KEYS, kt, kt + Lp * PAIRS);
+        }
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; t++)
             for (int64_t i = 0; i < H * HD; i += 16) {  /* q * scale, rounded back to bf16 as torch's q * scale is */
