@@ -157,6 +157,18 @@ def test_penalties_steer_greedy_choices_as_openai_and_vllm_define_them() -> None
     assert negative(torch.tensor([-0.9, -1.0, -2.0, -0.8])) == 0  # -0.8 * 1.5 falls below -0.9
 
 
+def test_logit_bias_is_added_to_the_logits_before_choosing() -> None:
+    logits = torch.tensor([3.0, 2.5, 2.0, -1.0])
+    greedy = {"max_tokens": 8, "temperature": 0.0}
+    assert Sampler(SamplingParams(**greedy, logit_bias=((0, -0.75),)))(logits) == 1  # 2.25 < 2.5
+    assert Sampler(SamplingParams(**greedy, logit_bias=((0, -0.25),)))(logits) == 0
+    assert Sampler(SamplingParams(**greedy, logit_bias=((3, 4.5), (0, -100.0))))(logits) == 3
+    banned = _frequencies(SamplingParams(max_tokens=8, logit_bias=((0, -100.0),)), logits, draws=2000)
+    assert banned[0] == 0 and banned[1:3].min() > 0
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(**greedy, logit_bias=((0, 101.0),))
+
+
 def _frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 20000) -> torch.Tensor:
     sampler = Sampler(params)
     tokens = torch.tensor([sampler(logits) for _ in range(draws)])

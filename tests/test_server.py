@@ -185,6 +185,10 @@ BAD = [
     ({**CHAT, "frequency_penalty": -3}, "frequency_penalty"),
     ({**CHAT, "repetition_penalty": 0}, "repetition_penalty"),
     ({**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({**CHAT, "logit_bias": {"49152": 5}}, "logit_bias"),  # one past the bundled model's vocabulary
+    ({**CHAT, "logit_bias": {"-1": 5}}, "logit_bias"),
+    ({**CHAT, "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({**CHAT, "logit_bias": [5]}, "logit_bias"),
     ({"messages": [{"role": "user", "content": LONG}]}, "messages"),
 ]
 
@@ -307,6 +311,22 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     comp = client.completions.create(model="any", prompt="The capital of France is", max_tokens=5, temperature=0)
     assert "Paris" in comp.choices[0].text
+    assert r.choices[0].logprobs.content[0].token == "The"
+    (the,) = httpx.post(
+        f"{keyed.url}/tokenize", json={"content": "The"}, headers={"Authorization": "Bearer k1"}
+    ).json()["tokens"]
+    banned = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        max_tokens=4, logprobs=True, logit_bias={str(the): -100},
+    )  # fmt: skip
+    assert banned.choices[0].logprobs is not None and banned.choices[0].logprobs.content is not None
+    first = banned.choices[0].logprobs.content[0]
+    assert first.token != "The"
+    assert first.logprob < r.choices[0].logprobs.content[0].logprob  # the model's own, not the biased, distribution
+    forced = client.completions.create(
+        model="any", prompt="The capital of France is", max_tokens=3, temperature=0, logit_bias={str(the): 100}
+    )
+    assert forced.choices[0].text == "The" * 3
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="any", messages=[], temperature=0)
     with pytest.raises(openai.AuthenticationError):

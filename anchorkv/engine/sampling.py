@@ -10,6 +10,7 @@ from torch import Tensor
 from anchorkv.engine.constraint import Constraint
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100  # OpenAI's range: -100 bans a token in effect, 100 all but forces it
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class SamplingParams:
     # vLLM / HF: the logit of a token in the prompt or generated so far is divided by it (multiplied if < 0)
     repetition_penalty: float = 1.0
     grammar: str | None = None  # llguidance grammar the output must follow (see engine/constraint.py)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI: (token, bias) added to its logit before sampling
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,6 +45,10 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+        if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias):
+            raise ValueError(
+                f"logit_bias takes token ids >= 0 and biases between -{MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class Sampler:
         else:
             self.generator.seed()
         self.penalized = params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+        ids, biases = zip(*params.logit_bias) if params.logit_bias else ((), ())
+        self._bias_ids, self._biases = torch.tensor(ids, dtype=torch.long), torch.tensor(biases)
         self._counts: Tensor | None = None  # [vocab] times each token was generated
         self._seen: Tensor | None = None  # [vocab] in the prompt or generated
         self._prompt = prompt or []
@@ -81,6 +89,8 @@ class Sampler:
         """logits: [vocab] float32. Returns the next token, counted as generated."""
         if self.penalized:
             logits = self._penalize(logits)
+        if self.params.logit_bias:
+            logits = logits.float().cpu().index_add(0, self._bias_ids, self._biases)
         if self.constraint is not None:
             logits = self.constraint.allow(logits)
         token = self._choose(logits)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
-from anchorkv.engine.sampling import MAX_TOP_LOGPROBS
+from anchorkv.engine.sampling import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 from anchorkv.model.chat_template import TEXT_PARTS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -158,6 +158,9 @@ AnchorCount = Annotated[int, Field(ge=0, strict=True)]
 # every generated token is checked against each stop string's prefixes: a bound keeps that cheap
 StopString = Annotated[str, Field(max_length=1024)]
 TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS, strict=True)]
+TokenId = Annotated[int, Field(ge=0)]  # logit_bias's keys: JSON keys are strings, "123" reads as 123
+Bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
+MAX_BIASED = 1024  # logit_bias entries a request may carry (OpenAI's limit is lower)
 
 
 class SamplingFields(RequestBody):
@@ -173,6 +176,7 @@ class SamplingFields(RequestBody):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0)] = 1.0  # vLLM extension, over prompt and reply tokens
+    logit_bias: Annotated[dict[TokenId, Bias], Field(max_length=MAX_BIASED)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # the range torch's generator takes
     stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
     ignore_eos: bool = False  # llama.cpp extension: generate max_tokens even past end-of-sequence

@@ -130,6 +130,8 @@ class Service:
         except PromptTooLong as e:
             param = "max_tokens" if req.token_limit is not None and len(prompt) < engine.ctx else prompt_param
             raise APIError(400, str(e), param) from None
+        bias = tuple((req.logit_bias or {}).items())
+        self.check_vocab([t for t, _ in bias], "logit_bias")
         try:
             found = request_grammar(req)
         except RequestGrammarError as e:
@@ -149,6 +151,7 @@ class Service:
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty,
             grammar=found[0] if found else None,
+            logit_bias=bias,
         )
 
     # -- running it ----------------------------------------------------------------------------------------
