@@ -203,6 +203,13 @@ def test_bad_chat_input_is_a_400_naming_the_field(client: TestClient, body: dict
     assert param.split("[")[0] in err["message"] or "context" in err["message"]
 
 
+def test_a_union_fields_error_speaks_of_the_shape_sent(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, "prompt_cache_anchor_tokens": [1, 2, 3, 4, 5]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "prompt_cache_anchor_tokens"
+    assert "at most 4" in r.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "body, param",
     [

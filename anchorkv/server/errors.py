@@ -75,9 +75,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
-        # a union reports one error per member: the one that got deepest into the value says most
+        # a union reports one error per member: the one that got deepest into the value says most, and of
+        # those, a member whose shape the value has ("at most 4 items", not "should be an integer")
         first = (
-            max(errors, key=lambda e: len(e.get("loc", ())))
+            max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
             if errors
             else {"loc": (), "msg": "invalid request", "type": ""}
         )
