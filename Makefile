@@ -73,6 +73,7 @@ compare-vllm: $(STAMP) $(LLAMA_SERVER) $(VLLM_PY)
 	$(VENV)/bin/anchorkv bench compare --llama-server $(LLAMA_SERVER) --vllm $(VLLM_PY) $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m pip install -q ruff==0.14.0
+	$(PY) -m pip install -q ruff==0.14.0 mypy==2.4.1
 	$(VENV)/bin/ruff check anchorkv tests
 	$(VENV)/bin/ruff format --check anchorkv tests
+	$(VENV)/bin/mypy

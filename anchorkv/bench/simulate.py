@@ -169,8 +169,8 @@ def simulate(prepared: Sequence[Prepared], policy: Policy, model: ModelConfig, r
     prompt_tokens = sum(len(p.tokens) for p in prepared)
     by_kind: dict[str, dict[str, float]] = {}
     for kind, count in Counter(k for k in kinds if k).items():
-        got = [r for r, k in zip(restored, kinds, strict=True) if k == kind]
-        by_kind[kind] = {"hits": count, "hit_rate": count / n, "mean_restored_tokens": statistics.mean(got)}
+        sizes = [r for r, k in zip(restored, kinds, strict=True) if k == kind]
+        by_kind[kind] = {"hits": count, "hit_rate": count / n, "mean_restored_tokens": statistics.mean(sizes)}
     return Result(
         policy=policy.name,
         requests=n,

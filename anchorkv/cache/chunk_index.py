@@ -22,6 +22,8 @@ class Entry(Protocol):
     @property
     def parent(self) -> bytes: ...
     @property
+    def start(self) -> int: ...
+    @property
     def end(self) -> int: ...
     @property
     def nbytes(self) -> int: ...
@@ -142,3 +144,18 @@ class IndexedTier(Generic[E]):
     def eviction_order(self) -> list[bytes]:
         with self.lock:
             return self.index.eviction_order()
+
+    def latest_chain(self) -> tuple[bytes, list[bytes]]:
+        """The chain that ends in the chunk used last: its root, and its keys from position 0 ([] when the
+        chain is broken)."""
+        with self.lock:
+            entries = self.index.entries
+            if not entries:
+                return b"", []
+            key = max(entries, key=lambda k: (entries[k].last_used, entries[k].end))
+            chain = []
+            while key in entries:
+                chain.append(key)
+                key = entries[key].parent
+            whole = entries[chain[-1]].start == 0
+        return key, chain[::-1] if whole else []

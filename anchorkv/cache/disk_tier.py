@@ -58,8 +58,8 @@ def checksum(k: torch.Tensor, v: torch.Tensor, tokens: np.ndarray, logits: torch
     blake2b), and runs an order of magnitude faster than blake2b, which was most of a restore from disk."""
     h = xxhash.xxh3_128()
     for t in (k, v) if logits is None else (k, v, logits):
-        h.update(t.contiguous().view(torch.uint8).numpy())  # hashed through the buffer, not copied
-    h.update(np.ascontiguousarray(tokens, dtype="<i4"))
+        h.update(t.contiguous().view(torch.uint8).numpy().data)  # hashed through the buffer, not copied
+    h.update(np.ascontiguousarray(tokens, dtype="<i4").data)
     return h.hexdigest()
 
 
@@ -100,7 +100,8 @@ def _header(data: bytes) -> tuple[int, dict[str, dict[str, object]]]:
 
 def header(data: bytes) -> dict[str, str]:
     """The metadata of a safetensors file's bytes."""
-    return dict(_header(data)[1].get("__metadata__") or {})
+    meta = _header(data)[1].get("__metadata__")
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 
 
 def views(data: bytes) -> dict[str, torch.Tensor]:
@@ -272,21 +273,6 @@ class DiskTier(IndexedTier[DiskEntry]):
         with self.lock:
             e = self.index.get(key)
         return e is not None and e.logits
-
-    def latest_chain(self) -> tuple[bytes, list[bytes]]:
-        """The chain that ends in the chunk used last: its root, and its keys from position 0 ([] when the
-        chain is broken)."""
-        with self.lock:
-            entries = self.index.entries
-            if not entries:
-                return b"", []
-            key = max(entries, key=lambda k: (entries[k].last_used, entries[k].end))
-            chain = []
-            while key in entries:
-                chain.append(key)
-                key = entries[key].parent
-            whole = entries[chain[-1]].start == 0
-        return key, chain[::-1] if whole else []
 
     # -- read ----------------------------------------------------------------------------------------
     def load(self, key: bytes) -> Chunk | None:

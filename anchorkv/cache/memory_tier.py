@@ -23,6 +23,10 @@ class _Entry:
         return self.chunk.parent
 
     @property
+    def start(self) -> int:
+        return self.chunk.start
+
+    @property
     def end(self) -> int:
         return self.chunk.end
 
@@ -46,6 +50,14 @@ class MemoryDiskTier(IndexedTier[_Entry]):
             return None
         e.last_used = time.monotonic()
         return e.chunk
+
+    def touch(self, key: bytes) -> None:
+        if (e := self.index.get(key)) is not None:
+            e.last_used = time.monotonic()
+
+    def tokens(self, key: bytes) -> list[int] | None:
+        e = self.index.get(key)
+        return None if e is None else e.chunk.tokens.tolist()
 
     def save(self, chunk: Chunk) -> None:
         if chunk.key in self.index or (chunk.start > 0 and chunk.parent not in self.index):

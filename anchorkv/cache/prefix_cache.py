@@ -432,12 +432,12 @@ class PrefixCache:
             "redis": None
             if not remotes
             else {
-                "url": remotes[0]["url"],
-                "up": all(bool(r["up"]) for r in remotes),
+                "url": remotes[0].url,
+                "up": all(r.up for r in remotes),
                 **{
-                    k: sum(int(r[k]) for r in remotes)
+                    k: sum(getattr(r, k) for r in remotes)
                     for k in ("errors", "hits", "lookup_round_trips", "written_bytes", "dropped_writes", "dropped_bad")
-                },  # type: ignore[call-overload]
+                },
             },
         }
 

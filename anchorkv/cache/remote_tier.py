@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,6 +30,18 @@ TIMEOUT_S = 0.5
 MAX_QUEUED = 64  # writes waiting; more are dropped (the chunk stays in RAM and on disk)
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    url: str  # without the password
+    up: bool
+    errors: int
+    hits: int
+    lookup_round_trips: int
+    written_bytes: int
+    dropped_writes: int
+    dropped_bad: int
 
 
 class RemoteTier:
@@ -94,7 +107,7 @@ class RemoteTier:
             self.round_trips += 1
             return list(pipe.execute())
 
-        out = self._call(ask, [])
+        out: list[Any] = self._call(ask, [])
         if not out:
             return set(), {}
         held = {k for k, n in zip(keys, out, strict=False) if n}
@@ -148,16 +161,10 @@ class RemoteTier:
     def flush(self) -> None:
         self.writer.flush()
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> RemoteStats:
         parts = urlsplit(self.url)
         shown = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]) if "@" in parts.netloc else parts
-        return {
-            "url": urlunsplit(shown),  # without the password
-            "up": self.up,
-            "errors": self.errors,
-            "hits": self.hits,
-            "lookup_round_trips": self.round_trips,
-            "written_bytes": self.written_bytes,
-            "dropped_writes": self.dropped_writes,
-            "dropped_bad": self.dropped_bad,
-        }
+        return RemoteStats(
+            urlunsplit(shown), self.up, self.errors, self.hits, self.round_trips, self.written_bytes,
+            self.dropped_writes, self.dropped_bad,
+        )  # fmt: skip

@@ -26,7 +26,7 @@ from anchorkv.cache.disk_tier import DiskTier, DiskWriter
 from anchorkv.cache.keys import Namespace, chain_keys, chunk_key
 from anchorkv.cache.memory_tier import MemoryDiskTier
 from anchorkv.cache.ram_tier import RamTier
-from anchorkv.cache.remote_tier import RemoteTier
+from anchorkv.cache.remote_tier import RemoteStats, RemoteTier
 from anchorkv.cache.policy import cut_floor, cuts
 
 log = logging.getLogger("anchorkv.cache")
@@ -125,7 +125,7 @@ class CacheStats:
     disk_pending_writes: int = 0  # chunks queued for the disk writer
     disk_error: str | None = None
     corrupt_dropped: int = 0
-    remote: dict[str, object] | None = None
+    remote: RemoteStats | None = None
 
 
 class _RemoteView:

@@ -139,7 +139,7 @@ class RayPipeline(Pipeline):
         actor = ray.remote(StageWorker)
         if address is None:
             cfg = replace(cfg, threads=shared_host_threads(cfg.threads, cfg.stages))
-        self.workers = []
+        self.workers: list[Any] = []  # ActorHandles: ray types their methods as plain functions, without .remote
         self._actor_ids: list[str] = []
         for i in range(cfg.stages):
             res = resources[i] if i < len(resources) else None

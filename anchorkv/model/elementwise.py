@@ -46,7 +46,7 @@ class Elementwise(KernelOp):
         if not self._fits(x, weight[None]) or x.shape[1] != weight.shape[0]:
             return rms_norm(x, weight, eps)
         out = x.new_empty(x.shape)
-        self._kernel.rms_norm_bf16(
+        self.kernel.rms_norm_bf16(
             x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), weight.data_ptr(), eps, out.data_ptr(), out.stride(0),
             torch.get_num_threads(),
         )  # fmt: skip
@@ -65,7 +65,7 @@ class Elementwise(KernelOp):
             or not (cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32)
         ):
             return apply_rope(x, cos[positions, None], sin[positions, None])
-        self._kernel.rope_bf16(
+        self.kernel.rope_bf16(
             x.data_ptr(), T, heads, x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
@@ -78,7 +78,7 @@ class Elementwise(KernelOp):
             return F.silu(gate) * up
         n = gate_up.shape[1] // 2
         out = gate_up.new_empty(gate_up.shape[0], n)
-        self._kernel.silu_mul_bf16(
+        self.kernel.silu_mul_bf16(
             gate_up.data_ptr(), gate_up.shape[0], n, gate_up.stride(0), out.data_ptr(), out.stride(0),
             torch.get_num_threads(),
         )  # fmt: skip

@@ -11,5 +11,11 @@ class KernelOp:
         self._kernel = kernel if fits else None
 
     @property
+    def kernel(self) -> ctypes.CDLL:
+        """The kernel, where one fits: call only where `kind` is "kernel"."""
+        assert self._kernel is not None
+        return self._kernel
+
+    @property
     def kind(self) -> str:
         return "kernel" if self._kernel is not None else "torch"

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,7 +78,7 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
     kernel = ctypes.CDLL(str(lib))
     kernel.softmax_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
     kernel.softmax_bf16.restype = None
-    kernel.decode_attention_bf16.argtypes = [
+    decode_args: list[Any] = [
         ctypes.c_int64,
         *[ctypes.c_void_p, ctypes.c_int64] * 3,  # q, the new keys, the new values: each with its row stride
         *[ctypes.c_void_p] * 3,  # each row's key cache, value cache and key count
@@ -89,6 +90,7 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
         ctypes.c_float,
         ctypes.c_int,
     ]
+    kernel.decode_attention_bf16.argtypes = decode_args
     kernel.decode_attention_bf16.restype = ctypes.c_int
     kernel.prefill_attention_bf16.argtypes = [
         ctypes.c_int64,

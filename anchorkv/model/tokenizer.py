@@ -70,8 +70,8 @@ class TextTokenizer:
             ids, offsets = list(enc.ids), list(enc.offsets)
         else:
             ids, offsets = self._encode_segments(self._split, text)
-        if self.add_bos and not text.startswith(self.bos_token or ""):
-            bos = self._tok.token_to_id(self.bos_token or "")
+        bos = self._tok.token_to_id(self.bos_token) if self.add_bos and self.bos_token else None
+        if bos is not None and not text.startswith(self.bos_token or ""):
             ids, offsets = [bos, *ids], [(0, 0), *offsets]
         return ids, offsets
 

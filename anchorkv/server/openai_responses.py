@@ -61,7 +61,8 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
                 raise ValueError(f"input[{i}].role must be user, system, developer or assistant")
-            for j, part in enumerate(item.get("content") if isinstance(item.get("content"), list) else []):
+            content = item.get("content")
+            for j, part in enumerate(content if isinstance(content, list) else []):
                 if isinstance(part, dict) and part.get("type") not in ("input_text", "output_text", "text"):
                     raise ValueError(f"input[{i}].content[{j}]: this model reads text only, not {part.get('type')!r}")
             out.append({"role": role, "content": _text(item.get("content"))})

@@ -76,8 +76,8 @@ class Service:
 
     async def chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], CacheRequest]:
         messages = dicts(req.messages)
-        marked = [(i, j) for i, m in enumerate(req.messages) for j in m.marked_parts]
-        rendered = await self.render(messages, req.tools, marked_parts=marked)
+        parts = [(i, j) for i, m in enumerate(req.messages) for j in m.marked_parts]
+        rendered = await self.render(messages, req.tools, marked_parts=parts)
         # a marked message anchors at its chat boundary: its end, or past the assistant's header when that
         # turn follows it (the prompt is cut there, not at the end; for the last message, the whole prompt);
         # a marked part before a message's last anchors at its own end (recorded at the cut before it)

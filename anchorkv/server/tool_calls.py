@@ -128,7 +128,7 @@ class ToolCallStream:
         """The calls' arguments generated since the last call: a client can show progress. A call whose
         JSON does not start with its name, or whose arguments are not an object or array, comes whole
         from finish() instead."""
-        out = []
+        out: list[CallPiece] = []
         while True:
             if not self.calls or self.calls[-1].end >= 0:
                 at = self.text.find(OPEN, self.calls[-1].end if self.calls else self.sent)
