@@ -182,7 +182,7 @@ def test_n_choices_cost_one_prefill_and_each_is_its_own_seeded_sample(cached: Te
 
 
 def test_server_prefills_the_reply_while_idle_so_the_next_turn_hits_on_it(tmp_path: Path) -> None:
-    engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
+    engine = Engine(EngineConfig(threads=2, kv_prefault=False), CacheConfig(ram_mb=512, scope="off"))  # idle: the reply
     with TestClient(create_app(engine, ServerConfig())) as c:
         q = "Write a detailed, long story about a lighthouse keeper and a storm."
         first = c.post("/v1/chat/completions", json=ask(q, max_tokens=300)).json()
