@@ -430,6 +430,11 @@ def test_503_when_every_slot_runs_and_the_queue_is_full(live8: LiveServer, engin
             while worker.running < i + 1 and time.monotonic() < deadline:
                 time.sleep(0.01)
         assert worker.running == 8  # every slot runs a sequence
+        batch = {"prompt": ["One,", "Two,", "Three,"], "max_tokens": 2}
+        assert httpx.post(f"{live8.url}/v1/completions", json=batch, timeout=10).status_code == 503
+        while worker.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)  # a batch the queue cannot hold fails whole: its queued prompts are dropped
+        assert worker.waiting == 0
         results: list[int] = []
         posts = [threading.Thread(target=lambda: results.append(
             httpx.post(f"{live8.url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=120).status_code

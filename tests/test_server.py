@@ -218,6 +218,12 @@ def test_a_union_fields_error_speaks_of_the_shape_sent(client: TestClient) -> No
         ({"prompt": "x", "max_tokens": -1}, "max_tokens"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
         ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "best_of": 2}, "best_of"),
+        ({"prompt": ["x"] * 17}, "prompt"),
+        ({"prompt": ["x", ""]}, "prompt[1]"),
+        ({"prompt": [[1], [10**9]]}, "prompt[1]"),
+        ({"prompt": [[1], []]}, "prompt[1]"),
     ],
 )
 def test_bad_completion_input_is_a_400(client: TestClient, body: dict[str, Any], param: str) -> None:
@@ -230,6 +236,9 @@ def test_malformed_json_is_a_400(client: TestClient) -> None:
     r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert "JSON" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the request body must be a JSON object"
 
 
 def test_api_key_is_required_when_set(engine: Engine) -> None:
@@ -335,6 +344,39 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
         client.chat.completions.create(model="any", messages=[], temperature=0)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
+
+
+def test_a_batch_of_prompts_completes_each_as_alone(keyed: LiveServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="k1")
+    prompts = ["The capital of France is", "One, two, three,", "def add(a, b):"]
+    kw: dict[str, Any] = {"model": "any", "max_tokens": 6, "temperature": 0, "logprobs": 1}
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    batch = client.completions.create(prompt=prompts, n=2, **kw)
+    assert [c.index for c in batch.choices] == list(range(6))  # prompt p's choice i at p * n + i
+    for p, single in enumerate(alone):
+        for c in batch.choices[2 * p : 2 * p + 2]:
+            assert c.text == single.choices[0].text
+            assert c.logprobs is not None and single.choices[0].logprobs is not None
+            assert c.logprobs.token_logprobs == single.choices[0].logprobs.token_logprobs
+    assert batch.usage is not None
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in alone if s.usage)
+    assert batch.usage.completion_tokens == 2 * sum(s.usage.completion_tokens for s in alone if s.usage)
+    ids = [keyed_tokens(keyed, p) for p in prompts[:2]]  # a batch of token-id prompts, streamed
+    stream = client.completions.create(prompt=ids, stream=True, stream_options={"include_usage": True}, **kw)
+    texts: dict[int, str] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {0: alone[0].choices[0].text, 1: alone[1].choices[0].text}
+    assert chunk.usage is not None and chunk.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+
+
+def keyed_tokens(server: LiveServer, text: str) -> list[int]:
+    r = httpx.post(f"{server.url}/tokenize", json={"content": text}, headers={"Authorization": "Bearer k1"})
+    tokens: list[int] = r.json()["tokens"]
+    return tokens
 
 
 def test_without_a_cache_nothing_is_reported_as_recorded(client: TestClient) -> None:

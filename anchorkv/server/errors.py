@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,31 @@ def field_path(loc: Sequence[Any]) -> str:
     return out
 
 
+def _telling(errors: Sequence[Any]) -> Any:
+    """The error that says most. A union reports errors for each member: what is wrong inside a member whose
+    shape the value has (a list, for a list member: "stop[0]: should be a string", not "stop: should be a
+    string"), preferring a complaint about the value to one about its type ("at most 16 items", not "should
+    be an integer"), then the member with the fewest errors, then the deepest."""
+    members = Counter(_member(e.get("loc", ())) for e in errors)
+    unshaped = {_member(e["loc"]) for e in errors if _is_type_error(e) and len(_member(e["loc"])) == len(e["loc"])}
+
+    def telling(e: Any) -> tuple[bool, bool, int, int]:
+        loc = e.get("loc", ())
+        return _member(loc) not in unshaped, not _is_type_error(e), -members[_member(loc)], len(loc)
+
+    return max(errors, key=telling)
+
+
+def _is_type_error(e: Any) -> bool:
+    return str(e.get("type", "")).endswith("_type")
+
+
+def _member(loc: Sequence[Any]) -> tuple[Any, ...]:
+    """An error's location up to the union member it was checked against (all of it outside unions)."""
+    tags = [i for i, part in enumerate(loc) if _is_union_tag(part)]
+    return tuple(loc[: tags[-1] + 1] if tags else loc)
+
+
 def _is_union_tag(part: Any) -> bool:
     # pydantic names union members in locations, e.g. 'str', 'list[int]', 'constrained-str', 'function-after[...]'
     return isinstance(part, str) and (
@@ -75,13 +101,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
-        # a union reports one error per member: the one that got deepest into the value says most, and of
-        # those, a member whose shape the value has ("at most 4 items", not "should be an integer")
-        first = (
-            max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")))
-            if errors
-            else {"loc": (), "msg": "invalid request", "type": ""}
-        )
+        first = _telling(errors) if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") in ("model_attributes_type", "dict_type") and len(first.get("loc", ())) <= 1:
+            return JSONResponse(
+                shaped(request, 400, "the request body must be a JSON object", "invalid_request_error"), 400
+            )
         if first.get("type") == "json_invalid":
             return JSONResponse(
                 shaped(request, 400, "the request body is not valid JSON", "invalid_request_error"), 400

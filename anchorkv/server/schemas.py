@@ -12,6 +12,7 @@ from anchorkv.model.chat_template import TEXT_PARTS
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_CHOICES = 8  # n: each choice after the first restores the whole prompt, so it costs its decode only
+MAX_PROMPTS = 16  # a /v1/completions batch: its prompts wait for slots as that many requests would
 
 
 def lone_surrogate(value: Any, path: str = "") -> str | None:
@@ -263,11 +264,23 @@ class ChatCompletionRequest(SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+# strict, so that in a union ["1"] is text, not the token 1
+Text = Annotated[str, Field(min_length=1, strict=True)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, strict=True)]], Field(min_length=1)]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt: (
+        Text
+        | TokenIds
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    )  # one prompt, or a batch
     max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for completions
     logprobs: TopLogprobs | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("echo")
     @classmethod
@@ -275,6 +288,28 @@ class CompletionRequest(SamplingFields):
         if echo:
             raise ValueError("echo is not supported (prompt tokens get no log-probabilities here)")
         return echo
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("fill-in-the-middle is not supported here (send the prompt alone)")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _every_choice_returned(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        if best_of is not None and best_of != info.data.get("n", 1):
+            raise ValueError("only best_of equal to n is supported: every choice generated is returned (use n)")
+        return best_of
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts to complete: the one sent, or each of a batch."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
 
     @property
     def logprob_alternatives(self) -> int | None:

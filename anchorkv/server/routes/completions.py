@@ -36,54 +36,97 @@ def router(svc: Service) -> APIRouter:
     @r.post("/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
         prompt, creq = await svc.chat_prompt(req)
-        return await _serve(svc, "chat", req, prompt, request, "messages", creq)
+        return await _serve(svc, "chat", req, [Prompt(prompt, creq, "messages")], request)
 
     @r.post("/v1/completions", response_model=None)
     @r.post("/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        if isinstance(req.prompt, str):
-            svc.check_size(req.prompt, "prompt")
-            prompt = await asyncio.to_thread(svc.engine.tokenizer.encode, req.prompt)
-        else:
-            prompt = list(req.prompt)
-            svc.check_vocab(prompt, "prompt")
-        return await _serve(svc, "completion", req, prompt, request, "prompt", svc.cache_request(req, None, []))
+        batch = req.prompts
+        prompts = []
+        for i, p in enumerate(batch):
+            param = "prompt" if len(batch) == 1 else f"prompt[{i}]"
+            if isinstance(p, str):
+                svc.check_size(p, param)
+                tokens = await asyncio.to_thread(svc.engine.tokenizer.encode, p)
+            else:
+                tokens = list(p)
+                svc.check_vocab(tokens, param)
+            prompts.append(Prompt(tokens, svc.cache_request(req, None, []), param))
+        return await _serve(svc, "completion", req, prompts, request)
 
     return r
 
 
-async def _serve(
-    svc: Service, kind: Kind, req: SamplingFields, prompt: list[int], request: Request, prompt_param: str,
-    creq: CacheRequest,
-) -> Response:  # fmt: skip
+@dataclass(frozen=True)
+class Prompt:
+    tokens: list[int]
+    cache: CacheRequest
+    param: str  # the request field it came from, which its errors name
+
+
+async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Prompt], request: Request) -> Response:
+    """Every prompt's n choices: the prompts side by side, each one's choices one after another; choice i of
+    prompt p is choices[p * n + i]."""
     t0 = time.perf_counter()
-    params = await svc.params(req, prompt, prompt_param)
+    params = [await svc.params(req, p.tokens, p.param) for p in prompts]
 
-    def submit(i: int) -> Job:
-        """Choice i, generated after choice i - 1: with the prefix cache on, its prompt then restores whole,
-        so n choices cost one prefill. A seed gives choice i the seed + i."""
-        seed = None if params.seed is None else params.seed + i
-        return svc.submit(kind, prompt, replace(params, seed=seed), creq)
+    def submit(p: int, i: int) -> Job:
+        """Choice i of prompt p, generated after choice i - 1: with the prefix cache on, its prompt then
+        restores whole, so n choices cost one prefill. A seed gives choice i the seed + i, as the prompt
+        alone would get."""
+        seed = params[p].seed
+        return svc.submit(
+            kind, prompts[p].tokens, replace(params[p], seed=None if seed is None else seed + i), prompts[p].cache
+        )
 
-    first = submit(0)
+    firsts: list[Job] = []
+    try:
+        for p in range(len(prompts)):
+            firsts.append(submit(p, 0))
+    except APIError:
+        _cancel(firsts)
+        raise
     tools = req.calls_allowed if isinstance(req, ChatCompletionRequest) else 0
     env = Envelope(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24], svc.model_id)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stream = _stream(svc, env, first, submit, req.n, include_usage, t0, tools, params.logprobs is not None)
+        stream = _stream(svc, env, firsts, submit, req.n, include_usage, t0, tools, params[0].logprobs is not None)
         return StreamingResponse(stream, media_type="text/event-stream")
-    dones: list[Finished] = []
-    for i in range(req.n):
-        done = await svc.final(first if i == 0 else submit(i), request)
-        if done is None:  # the client went away; nobody reads this
-            return Response(status_code=499)
-        svc.account(kind, done, t0, first=i == 0)
-        dones.append(done)
-    choices = [
-        _choice(env, i, d, tools, _logprobs(kind, d.logprobs, svc.engine.tokenizer)) for i, d in enumerate(dones)
+
+    async def choices(p: int) -> list[Finished] | None:
+        dones: list[Finished] = []
+        for i in range(req.n):
+            done = await svc.final(firsts[p] if i == 0 else submit(p, i), request)
+            if done is None:  # the client went away; nobody reads this
+                return None
+            svc.account(kind, done, t0, first=p == 0 and i == 0)
+            dones.append(done)
+        return dones
+
+    tasks = [asyncio.ensure_future(choices(p)) for p in range(len(prompts))]
+    try:
+        per_prompt = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        _cancel(firsts)
+    if any(dones is None for dones in per_prompt):
+        return Response(status_code=499)
+    done_lists = [dones for dones in per_prompt if dones is not None]
+    tokenizer, first = svc.engine.tokenizer, done_lists[0][0]
+    body = [
+        _choice(env, p * req.n + i, d, tools, _logprobs(kind, d.logprobs, tokenizer))
+        for p, dones in enumerate(done_lists)
+        for i, d in enumerate(dones)
     ]
-    return JSONResponse(env.body(choices, stream=False, usage=_usage(dones), timings=dones[0].timings(),
-                                 prefix_cache=dones[0].cache.as_dict()))  # fmt: skip
+    return JSONResponse(env.body(body, stream=False, usage=_usage(done_lists), timings=first.timings(),
+                                 prefix_cache=first.cache.as_dict()))  # fmt: skip
+
+
+def _cancel(jobs: Sequence[Job]) -> None:
+    """Stop jobs no one will read (a job that has finished is unaffected)."""
+    for job in jobs:
+        job.cancel.set()
 
 
 @dataclass
@@ -144,49 +187,54 @@ class _Choice:
 
 
 async def _stream(
-    svc: Service, env: Envelope, first: Job, submit: Callable[[int], Job], n: int, include_usage: bool, t0: float,
-    tools: int = 0, logprobs: bool = False,
+    svc: Service, env: Envelope, firsts: list[Job], submit: Callable[[int, int], Job], n: int, include_usage: bool,
+    t0: float, tools: int = 0, logprobs: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
-    """The choices one after another, each chunk naming its choice's index."""
-    dones: list[Finished] = []
+    """The choices one after another, prompt by prompt, each chunk naming its choice's index. Every prompt's
+    first choice runs from the start, so a later prompt's chunks wait here, not in the engine."""
+    dones: list[list[Finished]] = []
     ttft: float | None = None
     try:
-        for index in range(n):
-            job = first if index == 0 else submit(index)
-            out = _Choice(svc, env, index, logprobs)
-            if env.kind == "chat":
-                yield out.chunk(None, opening=True)
-            calls_stream = ToolCallStream(tools) if tools else None
-            async for event in job.stream():
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                if isinstance(event, Delta):
-                    if out.unsent is not None:
-                        out.unsent.extend(event.logprobs)
-                    if text := calls_stream.push(event.text) if calls_stream else event.text:
-                        yield out.chunk(text)
-                    for piece in calls_stream.pieces() if calls_stream else ():
-                        yield out.chunk(None, tool_calls=[_call_delta(piece)])
-                    continue
-                svc.account(env.kind, event, t0, ttft, first=index == 0)
-                dones.append(event)
-                finish = event.finish_reason
-                if calls_stream is not None:
-                    rest, calls = calls_stream.finish()
-                    if rest:
-                        yield out.chunk(rest)
-                    if calls and finish != "length":
-                        finish = "tool_calls"
-                        whole = [{"index": i, **c} for i, c in enumerate(calls) if not calls_stream.streamed(i)]
-                        if whole:  # calls whose arguments could not stream come in one piece
-                            yield out.chunk(None, tool_calls=whole)
-                yield out.chunk(None, finish, timings=event.timings(), prefix_cache=event.cache.as_dict())
+        for p, first in enumerate(firsts):
+            dones.append([])
+            for i in range(n):
+                job = first if i == 0 else submit(p, i)
+                out = _Choice(svc, env, p * n + i, logprobs)
+                if env.kind == "chat":
+                    yield out.chunk(None, opening=True)
+                calls_stream = ToolCallStream(tools) if tools else None
+                async for event in job.stream():
+                    ttft = ttft if ttft is not None else time.perf_counter() - t0
+                    if isinstance(event, Delta):
+                        if out.unsent is not None:
+                            out.unsent.extend(event.logprobs)
+                        if text := calls_stream.push(event.text) if calls_stream else event.text:
+                            yield out.chunk(text)
+                        for piece in calls_stream.pieces() if calls_stream else ():
+                            yield out.chunk(None, tool_calls=[_call_delta(piece)])
+                        continue
+                    svc.account(env.kind, event, t0, ttft, first=p == 0 and i == 0)
+                    dones[p].append(event)
+                    finish = event.finish_reason
+                    if calls_stream is not None:
+                        rest, calls = calls_stream.finish()
+                        if rest:
+                            yield out.chunk(rest)
+                        if calls and finish != "length":
+                            finish = "tool_calls"
+                            whole = [{"index": k, **c} for k, c in enumerate(calls) if not calls_stream.streamed(k)]
+                            if whole:  # calls whose arguments could not stream come in one piece
+                                yield out.chunk(None, tool_calls=whole)
+                    yield out.chunk(None, finish, timings=event.timings(), prefix_cache=event.cache.as_dict())
         if include_usage:
-            yield env.sse([], usage=_usage(dones), timings=dones[0].timings())
+            yield env.sse([], usage=_usage(dones), timings=dones[0][0].timings())
     except JobFailed as e:
         kind = "invalid_request_error" if e.client_error else "server_error"
         yield f"data: {json.dumps(errors.error_body(f'generation failed: {e}', kind))}\n\n"
     except APIError as e:  # the queue filled up before a later choice
         yield f"data: {json.dumps(errors.error_body(e.message, e.type))}\n\n"
+    finally:
+        _cancel(firsts)  # a client gone early: the prompts not reached stop too
     yield "data: [DONE]\n\n"
 
 
@@ -208,12 +256,13 @@ def _call_delta(piece: CallPiece) -> dict[str, Any]:
             "function": {"name": piece.name, "arguments": piece.arguments}}  # fmt: skip
 
 
-def _usage(dones: list[Finished]) -> dict[str, Any]:
-    """The prompt once (with the first choice's cached tokens), the completions of every choice."""
-    completion = sum(d.completion_tokens for d in dones)
+def _usage(per_prompt: list[list[Finished]]) -> dict[str, Any]:
+    """Each prompt once (with its first choice's cached tokens), the completions of every choice."""
+    prompt = sum(dones[0].prompt_tokens for dones in per_prompt)
+    completion = sum(d.completion_tokens for dones in per_prompt for d in dones)
     return {
-        "prompt_tokens": dones[0].prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": dones[0].prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens},
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(dones[0].cached_tokens for dones in per_prompt)},
     }
