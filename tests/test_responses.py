@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Engine
@@ -153,6 +153,26 @@ def test_store_false_keeps_nothing(client: OpenAI) -> None:
     r = client.responses.create(model="any", input="Hi", store=False, max_output_tokens=2)
     with pytest.raises(BadRequestError):
         client.responses.create(model="any", input="x", previous_response_id=r.id)
+
+
+def test_a_stored_response_is_retrieved_and_deleted_by_its_owner_only(server: LiveServer, client: OpenAI) -> None:
+    r = client.responses.create(model="any", input="Name a color.", temperature=0, max_output_tokens=4)
+    streamed = [e for e in client.responses.create(model="any", input="Hi", max_output_tokens=2, stream=True)]
+    for made in (r, streamed[-1].response):
+        got = client.responses.retrieve(made.id)
+        assert (got.id, got.output_text, got.usage) == (made.id, made.output_text, made.usage)
+    other = OpenAI(base_url=f"{server.url}/v1", api_key="someone-else")
+    with pytest.raises(NotFoundError):
+        other.responses.retrieve(r.id)
+    with pytest.raises(NotFoundError):
+        other.responses.delete(r.id)
+    client.responses.delete(r.id)
+    with pytest.raises(NotFoundError):
+        client.responses.retrieve(r.id)
+    with pytest.raises(BadRequestError):
+        client.responses.create(model="any", input="x", previous_response_id=r.id)
+    with pytest.raises(NotFoundError):
+        client.responses.delete(r.id)
 
 
 def test_an_image_part_is_a_400_naming_it(client: OpenAI) -> None:

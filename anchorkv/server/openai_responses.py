@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
@@ -167,20 +168,36 @@ def response(
     }
 
 
+@dataclass(frozen=True)
+class Kept:
+    salt: str | None
+    messages: list[dict[str, Any]]  # the conversation so far, ending with the reply
+    body: dict[str, Any]  # the response object, as returned
+
+
 class ResponseStore:
-    """Recent conversations by response id, per tenant (API key or cache_salt), the oldest dropped first."""
+    """Recent responses by id, per API key, the oldest dropped first. A conversation continues only under
+    the cache_salt it was kept with."""
 
     def __init__(self, size: int = KEPT_RESPONSES) -> None:
         self.size = size
-        self._kept: OrderedDict[tuple[str, str], list[dict[str, Any]]] = OrderedDict()
+        self._kept: OrderedDict[tuple[str, str], Kept] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, tenant: str, rid: str) -> list[dict[str, Any]] | None:
+    def get(self, key: str, rid: str) -> Kept | None:
         with self._lock:
-            return self._kept.get((tenant, rid))
+            return self._kept.get((key, rid))
 
-    def put(self, tenant: str, rid: str, messages: list[dict[str, Any]]) -> None:
+    def conversation(self, key: str, rid: str, salt: str | None) -> list[dict[str, Any]] | None:
+        kept = self.get(key, rid)
+        return kept.messages if kept is not None and kept.salt == salt else None
+
+    def put(self, key: str, rid: str, kept: Kept) -> None:
         with self._lock:
-            self._kept[(tenant, rid)] = messages
+            self._kept[(key, rid)] = kept
             while len(self._kept) > self.size:
                 self._kept.popitem(last=False)
+
+    def delete(self, key: str, rid: str) -> bool:
+        with self._lock:
+            return self._kept.pop((key, rid), None) is not None

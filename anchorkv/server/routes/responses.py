@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from anchorkv.engine.engine import Finished
 from anchorkv.server import openai_responses as oar
 from anchorkv.server.errors import APIError
-from anchorkv.server.openai_responses import ResponsesRequest, ResponseStore
+from anchorkv.server.openai_responses import KEPT_RESPONSES, Kept, ResponsesRequest, ResponseStore
 from anchorkv.server.service import Service, dicts, translated
 from anchorkv.server.tool_calls import CallPiece, assistant_message
 from anchorkv.server.worker import Job, JobFailed
@@ -29,10 +29,10 @@ def router(svc: Service) -> APIRouter:
     @r.post("/responses", response_model=None)
     async def responses(req: ResponsesRequest, request: Request) -> Response:
         t0 = time.perf_counter()
-        tenant = f"{request.headers.get('authorization', '')}|{request.headers.get('x-api-key', '')}|{req.cache_salt}"
+        key = _key(request)
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
-            kept = store.get(tenant, req.previous_response_id)
+            kept = store.conversation(key, req.previous_response_id, req.cache_salt)
             if kept is None:
                 raise APIError(
                     400, f"previous_response_id: no response {req.previous_response_id!r} is kept here",
@@ -49,11 +49,12 @@ def router(svc: Service) -> APIRouter:
 
         def finished(done: Finished) -> dict[str, Any]:
             reply = assistant_message(done.text, chat.calls_allowed)
-            if req.store:
-                store.put(tenant, rid, [*said, reply])
             items = oar.output_items(reply)
-            return oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
+            body = oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
                                 done.cached_tokens, done.completion_tokens)  # fmt: skip
+            if req.store:
+                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body))
+            return body
 
         if req.stream:
             events = _events(svc, rid, req, job, chat.calls_allowed, t0, finished)
@@ -64,7 +65,33 @@ def router(svc: Service) -> APIRouter:
         svc.account("responses", done, t0)
         return JSONResponse(finished(done))
 
+    @r.get("/v1/responses/{rid}")
+    @r.get("/responses/{rid}")
+    async def retrieve(rid: str, request: Request) -> dict[str, Any]:
+        kept = store.get(_key(request), rid)
+        if kept is None:
+            raise _not_kept(rid)
+        return kept.body
+
+    @r.delete("/v1/responses/{rid}")
+    @r.delete("/responses/{rid}")
+    async def delete(rid: str, request: Request) -> dict[str, Any]:
+        if not store.delete(_key(request), rid):
+            raise _not_kept(rid)
+        return {"id": rid, "object": "response", "deleted": True}
+
     return r
+
+
+def _key(request: Request) -> str:
+    """Whose responses these are: the API key sent, if any."""
+    return f"{request.headers.get('authorization', '')}|{request.headers.get('x-api-key', '')}"
+
+
+def _not_kept(rid: str) -> APIError:
+    return APIError(
+        404, f"no response {rid!r} is kept here (store: true keeps the last {KEPT_RESPONSES})", "response_id"
+    )
 
 
 class _Items:
