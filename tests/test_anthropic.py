@@ -147,6 +147,15 @@ def test_thinking_and_metadata_are_ignored(client: anthropic.Anthropic) -> None:
         ({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
         ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
         ({"max_tokens": 4, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}, "temperature"),
+        (
+            {
+                "max_tokens": 4,
+                "tools": [WEATHER],
+                "tool_choice": {"type": "tool", "name": "get_time"},
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "tool_choice: 'get_time' is not among",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_anthropics_400_naming_the_field(server: LiveServer, body: dict[str, Any], named: str) -> None:

@@ -45,6 +45,18 @@ def field_path(loc: Sequence[Any]) -> str:
     return out
 
 
+def invalid(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A validation's errors as what the client sent wrong: (message, the field it names)."""
+    first = _telling(errors) if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") in ("model_attributes_type", "dict_type") and len(first.get("loc", ())) <= 1:
+        return "the request body must be a JSON object", None
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    param = field_path(first.get("loc", ())) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
+
+
 def _telling(errors: Sequence[Any]) -> Any:
     """The error that says most. A union reports errors for each member: what is wrong inside a member whose
     shape the value has (a list, for a list member: "stop[0]: should be a string", not "stop: should be a
@@ -100,19 +112,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = _telling(errors) if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        if first.get("type") in ("model_attributes_type", "dict_type") and len(first.get("loc", ())) <= 1:
-            return JSONResponse(
-                shaped(request, 400, "the request body must be a JSON object", "invalid_request_error"), 400
-            )
-        if first.get("type") == "json_invalid":
-            return JSONResponse(
-                shaped(request, 400, "the request body is not valid JSON", "invalid_request_error"), 400
-            )
-        param = field_path(first.get("loc", ())) or None
-        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-        message = f"{param}: {msg}" if param else msg
+        message, param = invalid(e.errors())
         return JSONResponse(shaped(request, 400, message, "invalid_request_error", param), status_code=400)
 
     @app.exception_handler(HTTPException)

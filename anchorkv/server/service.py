@@ -235,8 +235,7 @@ def translated(translate: Callable[[], T], param: str) -> T:
     try:
         return translate()
     except ValidationError as e:
-        first = e.errors()[0]
-        raise APIError(400, f"{errors.field_path(first['loc'])}: {first['msg']}", param) from None
+        raise APIError(400, errors.invalid(e.errors())[0], param) from None
     except ValueError as e:
         raise APIError(400, str(e), param) from None
 
