@@ -221,6 +221,13 @@ def _serve_parser(sub: Subparsers) -> None:
         help=f"larger request bodies get 413 (default {s.max_body_mb:g})",
     )
     serve.add_argument(
+        "--allowed-origins",
+        default=",".join(s.allowed_origins),
+        metavar="ORIGIN,...",
+        help="web pages (origins) whose scripts may call the API from a browser, comma-separated; "
+        "'*' for any, '' for none (default *)",
+    )
+    serve.add_argument(
         "--metrics-public",
         choices=["on", "off"],
         default=None,
@@ -564,6 +571,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             max_body_mb=args.max_body_mb,
             metrics_public=None if args.metrics_public is None else args.metrics_public == "on",
             temperature=args.temperature,
+            allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
         )
     except ValueError as e:
         parser.error(str(e))

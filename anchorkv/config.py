@@ -67,6 +67,7 @@ class ServerConfig:
     max_body_mb: float = 8.0  # a larger request body gets 413 before it is parsed
     metrics_public: bool | None = None  # /metrics and the API docs without the key; None: only when no key is set
     temperature: float | None = None  # for requests that set none; None: each API's default, 1.0
+    allowed_origins: tuple[str, ...] = ("*",)  # browser pages that may call the API (CORS); () for none
 
     @property
     def pages_public(self) -> bool:

@@ -346,6 +346,26 @@ def test_openai_client_chat_and_completions(keyed: LiveServer) -> None:
         openai.OpenAI(base_url=f"{keyed.url}/v1", api_key="nope").models.list()
 
 
+def test_browser_pages_may_call_the_api_unless_told_otherwise(engine: Engine) -> None:
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    with TestClient(create_app(engine, ServerConfig(api_key="sekret"))) as c:
+        r = c.options("/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200  # a preflight carries no key
+        assert r.headers["access-control-allow-origin"] == "*"
+        r = c.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 401  # the call itself still needs the key
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert c.head("/health").status_code == 200
+    only = ServerConfig(allowed_origins=("http://ui.example",))
+    with TestClient(create_app(engine, only)) as c:
+        assert c.options("/v1/chat/completions", headers=preflight).status_code == 400
+        r = c.options("/v1/chat/completions", headers={**preflight, "Origin": "http://ui.example"})
+        assert r.headers["access-control-allow-origin"] == "http://ui.example"
+    with TestClient(create_app(engine, ServerConfig(allowed_origins=()))) as c:
+        assert "access-control-allow-origin" not in c.get("/health", headers={"Origin": "http://x"}).headers
+
+
 def test_a_batch_of_prompts_completes_each_as_alone(keyed: LiveServer) -> None:
     import openai
 

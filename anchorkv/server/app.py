@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from anchorkv import __version__
 from anchorkv.config import ServerConfig
@@ -44,6 +45,9 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * 2**20))
     if not cfg.pages_public:
         app.add_middleware(KeyedPages, paths=PRIVATE_PAGES, key=cfg.api_key or "")
+    if cfg.allowed_origins:  # outermost: a browser's preflight needs no key and carries no body
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])  # fmt: skip
     for api in (admin, tokens, completions, messages, responses):
         app.include_router(api.router(svc))
     return app

@@ -20,7 +20,7 @@ def router(svc: Service) -> APIRouter:
     engine, worker = svc.engine, svc.worker
     keyed = [Depends(svc.auth)]
 
-    @r.get("/health")
+    @r.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         stages = [asdict(h) for h in await asyncio.to_thread(engine.pipeline.health)]
         status = "ok" if all(h["state"] == "alive" for h in stages) else "degraded"
