@@ -32,7 +32,9 @@ from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.pipeline import LocalPipeline
 from anchorkv.engine.plan import RequestPlan
+from anchorkv.engine.stage import Stage
 from anchorkv.server.app import create_app
 
 THREADS = 2
@@ -99,7 +101,7 @@ def logits_two_ways(
     """The prompt's logits, then those of `steps` greedy decode steps, through the engine's own `part` of every
     stage model (`prefill_attention`, `elementwise`, ...) and then through `other`, which decodes the same
     tokens. The engine's own is put back."""
-    models = [s.model for s in engine.pipeline.stages]
+    models = [s.model for s in stages_of(engine)]
     own = getattr(models[0], part)
     runs: list[list[torch.Tensor]] = []
     tokens: list[int] = []
@@ -119,6 +121,23 @@ def logits_two_ways(
             setattr(m, part, own)
         engine.slots[0].clear()
     return runs[0], runs[1]
+
+
+def stages_of(engine: Engine) -> list[Stage]:
+    """The engine's stages, built in this process: what tests of one process reach into."""
+    assert isinstance(engine.pipeline, LocalPipeline)
+    return engine.pipeline.stages
+
+
+class Arrivals:
+    """An `interrupt`: says a request has arrived from its (after + 1)th question on; counts the questions."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.asked = after, 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.asked > self.after
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ SYSTEM = "You are a terse assistant for a weather service. " + " ".join(
 FLIGHTS = "You answer questions about flights. " + " ".join(
     f"Gate {i} serves flights to city {i} and boards {i % 7} minutes early." for i in range(40)
 )
-WEATHER = {
+WEATHER: anthropic.types.ToolParam = {
     "name": "get_weather",
     "description": "The forecast for a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
@@ -73,7 +73,7 @@ def test_count_tokens_matches_the_prompt_the_model_reads(client: anthropic.Anthr
     kw: dict[str, Any] = {"model": "any", "messages": [{"role": "user", "content": "Hello there."}], "system": SYSTEM}
     counted = client.messages.count_tokens(**kw).input_tokens
     m = client.messages.create(max_tokens=1, **kw)
-    assert counted == m.usage.input_tokens + m.usage.cache_read_input_tokens + m.usage.cache_creation_input_tokens  # type: ignore[operator]
+    assert counted == m.usage.input_tokens + m.usage.cache_read_input_tokens + m.usage.cache_creation_input_tokens
 
 
 def test_cache_control_on_the_system_prompt_is_read_back_and_changes_nothing(client: anthropic.Anthropic) -> None:

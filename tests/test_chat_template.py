@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
 
 from anchorkv.engine.engine import Engine
 from anchorkv.model.chat_template import ChatTemplate
@@ -53,7 +56,7 @@ def test_default_system_prompt_is_part_of_the_first_boundary(engine: Engine) -> 
 
 
 def test_tools_and_tool_messages_reach_the_prompt(engine: Engine) -> None:
-    messages = [
+    messages: list[dict[str, Any]] = [
         {"role": "user", "content": "Weather in Paris?"},
         {
             "role": "assistant",
@@ -92,7 +95,7 @@ def test_an_added_tools_system_message_keeps_ends_aligned_to_the_input(engine: E
 def test_where_the_assistant_answers_the_boundary_is_past_its_header(engine: Engine) -> None:
     r = engine.render_chat(CONVERSATION)
     header = engine.tokenizer.encode("<|im_start|>assistant\n")
-    system, user1, reply, user2 = r.message_ends
+    system, user1, reply, user2 = cast(list[int], r.message_ends)  # every message is at a boundary here
     assert r.boundaries == [system, user1 + len(header), reply, len(r.token_ids)]
     assert r.token_ids[user1 : user1 + len(header)] == header
     assert r.token_ids[user2:] == header
@@ -146,13 +149,20 @@ def test_a_template_whose_prefixes_change_keeps_no_stale_boundary(engine: Engine
         assert r.message_ends[-1] == len(r.token_ids)
 
 
-def test_a_conversation_grown_by_a_turn_renders_only_its_new_prefixes(engine: Engine, monkeypatch) -> None:
+def test_a_conversation_grown_by_a_turn_renders_only_its_new_prefixes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     template = ChatTemplate(engine.tokenizer)
     prompts = _agent_turns(8)
     template.render(prompts[-2], TOOLS)
     renders = []
     original = template._render
-    monkeypatch.setattr(template, "_render", lambda *a, **kw: renders.append(1) or original(*a, **kw))
+
+    def counted(*a: Any, **kw: Any) -> Any:
+        renders.append(1)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(template, "_render", counted)
     r = template.render(prompts[-1], TOOLS)
     # the whole conversation, then the two new messages: each one's end and the assistant header before
     # the tool call (now followed by the assistant), and the generation prompt after the tool result
@@ -164,7 +174,8 @@ class _CountingTokenizer:
     """Delegates to a tokenizers.Tokenizer, recording each piece encode_batch is asked for."""
 
     def __init__(self, inner: Any) -> None:
-        self.inner, self.encoded = inner, []
+        self.inner = inner
+        self.encoded: list[str] = []
 
     def encode_batch(self, texts: list[str], **kw: Any) -> Any:
         self.encoded += texts
@@ -175,7 +186,7 @@ class _CountingTokenizer:
 
 
 def test_a_chat_encoded_in_pieces_is_the_whole_encoding_and_a_new_turn_encodes_only_itself(
-    engine: Engine, tmp_path
+    engine: Engine, tmp_path: Path
 ) -> None:
     from tokenizers import Tokenizer
 
@@ -201,7 +212,7 @@ def test_a_chat_encoded_in_pieces_is_the_whole_encoding_and_a_new_turn_encodes_o
     (folder / "tokenizer.json").write_text(tok.to_json())
     fresh = TextTokenizer(folder)
     counting = _CountingTokenizer(fresh._tok)
-    fresh._tok = counting  # type: ignore[assignment]
+    fresh._tok = counting  # type: ignore[assignment]  # a spy standing in for the tokenizers.Tokenizer
     first, second = rendered[2], rendered[3]  # the agent session before and after one more turn
     fresh.encode(first)
     counting.encoded.clear()
@@ -226,7 +237,9 @@ def test_control_tokens_typed_in_content_are_text_and_forge_no_turn(engine: Engi
     )  # content without control tokens' text renders as before
 
 
-def test_the_piece_memo_keeps_to_its_token_budget(engine: Engine, tmp_path, monkeypatch) -> None:
+def test_the_piece_memo_keeps_to_its_token_budget(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from anchorkv.model import tokenizer as tokenizer_module
 
     monkeypatch.setattr(tokenizer_module, "SEGMENT_MEMO_TOKENS", 500)

@@ -181,8 +181,8 @@ def test_a_full_disk_stops_writes_once_and_serving_goes_on(small_disk: Path, cap
     e.cache.flush()
     stats = e.cache.stats()["disk"]
     assert stats is not None
-    assert stats["full"]  # type: ignore[index]
+    assert stats["full"]
     on_disk = list(small_disk.glob(f"*/*{SUFFIX}"))
-    assert stats["entries"] == len(on_disk)  # type: ignore[index]
+    assert stats["entries"] == len(on_disk)
     full = sum("is full" in m for m in caplog.messages)
     assert 1 <= full <= sum("room again" in m for m in caplog.messages) + 1  # once an episode, not once a write

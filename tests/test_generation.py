@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import Sampler, SamplingParams
 from anchorkv.engine.text_stream import TextStream
+from conftest import stages_of
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -18,8 +22,8 @@ PROMPTS = [
 ]
 
 
-def generate(engine: Engine, prompt: list[int], **kw: object) -> tuple[str, list[int], str]:
-    params = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **kw})  # type: ignore[arg-type]
+def generate(engine: Engine, prompt: list[int], **kw: Any) -> tuple[str, list[int], str]:
+    params = SamplingParams(**{"max_tokens": 24, "temperature": 0.0, **kw})
     events = list(engine.generate(prompt, params))
     done = events[-1]
     assert isinstance(done, Finished)
@@ -40,7 +44,7 @@ def test_greedy_is_deterministic(engine: Engine) -> None:
 
 
 def test_three_stages_give_the_same_tokens_and_logits(engine: Engine, engine3: Engine) -> None:
-    assert [len(s.layer_range) for s in engine3.pipeline.stages] == [10, 10, 10]
+    assert [len(s.layer_range) for s in stages_of(engine3)] == [10, 10, 10]
     for messages in PROMPTS:
         prompt = engine.render_chat(messages).token_ids
         assert generate(engine, prompt)[1] == generate(engine3, prompt)[1]
@@ -144,29 +148,29 @@ def test_token_bytes_spell_the_text_even_inside_a_character(engine: Engine) -> N
 
 def test_penalties_steer_greedy_choices_as_openai_and_vllm_define_them() -> None:
     logits = torch.tensor([3.0, 2.5, 2.0, -1.0])
-    greedy = {"max_tokens": 8, "temperature": 0.0}
-    plain = Sampler(SamplingParams(**greedy))
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    plain = Sampler(greedy)
     assert [plain(logits) for _ in range(2)] == [0, 0]
-    presence = Sampler(SamplingParams(**greedy, presence_penalty=0.75))  # once per token: 2.25 > 1.75 > 1.25
+    presence = Sampler(replace(greedy, presence_penalty=0.75))  # once per token: 2.25 > 1.75 > 1.25
     assert [presence(logits) for _ in range(4)] == [0, 1, 0, 0]
-    frequency = Sampler(SamplingParams(**greedy, frequency_penalty=0.75))  # per time: 0 drops to 1.5, 2 takes over
+    frequency = Sampler(replace(greedy, frequency_penalty=0.75))  # per time: 0 drops to 1.5, 2 takes over
     assert [frequency(logits) for _ in range(4)] == [0, 1, 0, 2]
-    repetition = Sampler(SamplingParams(**greedy, repetition_penalty=1.5), prompt=[0])  # 3 / 1.5 < 2.5
+    repetition = Sampler(replace(greedy, repetition_penalty=1.5), prompt=[0])  # 3 / 1.5 < 2.5
     assert repetition(logits) == 1
-    negative = Sampler(SamplingParams(**greedy, repetition_penalty=1.5), prompt=[3])
+    negative = Sampler(replace(greedy, repetition_penalty=1.5), prompt=[3])
     assert negative(torch.tensor([-0.9, -1.0, -2.0, -0.8])) == 0  # -0.8 * 1.5 falls below -0.9
 
 
 def test_logit_bias_is_added_to_the_logits_before_choosing() -> None:
     logits = torch.tensor([3.0, 2.5, 2.0, -1.0])
-    greedy = {"max_tokens": 8, "temperature": 0.0}
-    assert Sampler(SamplingParams(**greedy, logit_bias=((0, -0.75),)))(logits) == 1  # 2.25 < 2.5
-    assert Sampler(SamplingParams(**greedy, logit_bias=((0, -0.25),)))(logits) == 0
-    assert Sampler(SamplingParams(**greedy, logit_bias=((3, 4.5), (0, -100.0))))(logits) == 3
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    assert Sampler(replace(greedy, logit_bias=((0, -0.75),)))(logits) == 1  # 2.25 < 2.5
+    assert Sampler(replace(greedy, logit_bias=((0, -0.25),)))(logits) == 0
+    assert Sampler(replace(greedy, logit_bias=((3, 4.5), (0, -100.0))))(logits) == 3
     banned = _frequencies(SamplingParams(max_tokens=8, logit_bias=((0, -100.0),)), logits, draws=2000)
     assert banned[0] == 0 and banned[1:3].min() > 0
     with pytest.raises(ValueError, match="logit_bias"):
-        SamplingParams(**greedy, logit_bias=((0, 101.0),))
+        replace(greedy, logit_bias=((0, 101.0),))
 
 
 def _frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 20000) -> torch.Tensor:
@@ -184,11 +188,11 @@ def _frequencies(params: SamplingParams, logits: torch.Tensor, draws: int = 2000
         ({"top_k": 4, "top_p": 0.7}, [0, 1]),  # within the top 4, renormalized: 0.58 + 0.21 reaches 0.7
     ],
 )
-def test_sampling_draws_tokens_in_proportion_to_their_probability(extra: dict[str, float], kept: list[int]) -> None:
+def test_sampling_draws_tokens_in_proportion_to_their_probability(extra: dict[str, Any], kept: list[int]) -> None:
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     expected = torch.zeros(6, dtype=torch.float64)
     expected[kept] = torch.softmax(logits.double()[kept], 0)
-    seen = _frequencies(SamplingParams(max_tokens=1, seed=3, **extra), logits)  # type: ignore[arg-type]
+    seen = _frequencies(SamplingParams(max_tokens=1, seed=3, **extra), logits)
     assert (seen - expected).abs().max() < 0.015
     assert seen[[i for i in range(6) if i not in kept]].sum() == 0
 

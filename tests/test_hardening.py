@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import httpx
+import httpx2  # what starlette's TestClient answers with
 import pytest
 from fastapi.testclient import TestClient
 
@@ -17,7 +18,7 @@ from conftest import LiveServer
 M = [{"role": "user", "content": "hi"}]
 
 
-def post(client: TestClient, path: str, body: dict[str, Any]) -> httpx.Response:
+def post(client: TestClient, path: str, body: dict[str, Any]) -> httpx2.Response:
     # json.dumps keeps lone surrogates as \\ud800 escapes, as a client's JSON would carry them
     return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
 

@@ -10,6 +10,7 @@ from anchorkv.engine.engine import Engine
 from anchorkv.model.kernels import load_kernel
 from anchorkv.model.loader import default_cache_home
 from anchorkv.model.transformer import Linear
+from conftest import stages_of
 
 KERNEL = load_kernel(default_cache_home() / "kernels")
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 with bfloat16, or gcc is missing")
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.skipif(KERNEL is None, reason="this CPU lacks AVX-512 w
 
 def linears(engine: Engine) -> dict[str, Linear]:
     """A layer's linears (one int4 part each) and the head (two: the Q8_0 embedding)."""
-    model = engine.pipeline.stages[0].model
+    model = stages_of(engine)[0].model
     layer = model.layers[3]
     assert model.lm_head is not None
     return {"wqkv": layer.wqkv, "wo": layer.wo, "w13": layer.w13, "w2": layer.w2, "lm_head": model.lm_head}

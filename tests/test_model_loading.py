@@ -18,6 +18,7 @@ from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.model import transformer
 from anchorkv.model.loader import resolve_model
+from conftest import stages_of
 from tests.factories import make_gguf, make_hf_folder
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -108,7 +109,7 @@ def test_where_onednn_cannot_pack_the_weights_plain_matmuls_give_the_same_model(
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
     plain = Engine(EngineConfig(model=folder, dtype="float32", threads=2, cache_home=tmp_path, chunk_size=16))
     assert plain.linear_kind == "matmul"
-    assert all(lin.packed is None for s in plain.pipeline.stages for lin in s.model.linears)
+    assert all(lin.packed is None for s in stages_of(plain) for lin in s.model.linears)
     ids = plain.render_chat([{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]).token_ids
     torch.testing.assert_close(_logits(plain, ids), _reference_logits(folder, plain, ids), rtol=1e-4, atol=1e-4)
     # their KV may differ in the last bits, so an exact cache keeps them apart
@@ -173,7 +174,7 @@ def test_decode_reads_int4_exactly_where_the_weights_allow(
     assert vocab % 16  # so the head stays int8 either way: torch's int4 kernel takes rows in sixteens
     assert engine.decode_weights == ({kind: 4 * n_layers, "int8": 1} if kind != "int8" else {"int8": 4 * n_layers + 1})
     dense = load_file(engine.files.folder / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
-    w2 = engine.pipeline.stages[0].model.layers[1].w2
+    w2 = stages_of(engine)[0].model.layers[1].w2
     x = torch.randn(16, dense.shape[1], generator=torch.Generator().manual_seed(0)).bfloat16()
     want = x.float() @ dense.T  # the imported float32 weights
     got = torch.cat([w2(row[None], decode=True) for row in x]).float()

@@ -6,6 +6,7 @@ import json
 import shutil
 import struct
 from dataclasses import replace
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,10 @@ from anchorkv.cache.policy import TAIL_MERGE, common_prefix, cut_floor
 from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, Recorded
 from anchorkv.config import EngineConfig
+from anchorkv.cache.disk_tier import DiskTier
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
-from conftest import forget_slots
+from conftest import Arrivals, forget_slots, stages_of
 
 C = 128
 SYSTEM = "You are a meticulous assistant for a logistics company. " + " ".join(
@@ -29,10 +31,10 @@ SYSTEM = "You are a meticulous assistant for a logistics company. " + " ".join(
 SYSTEM_SHORT_TAIL = SYSTEM[: SYSTEM.index(" Rule 26:")]  # ends 47 tokens past the grid point at 640
 
 
-def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full", **cache: object) -> Engine:
+def make(tmp: Path, dtype: str = "bfloat16", stages: int = 1, scope: str = "full", **cache: Any) -> Engine:
     return Engine(
         EngineConfig(threads=2, dtype=dtype, stages=stages, kv_prefault=False),  # idle work: the cache's alone
-        CacheConfig(ram_mb=512, cache_dir=tmp, scope=scope, **cache),  # type: ignore[arg-type]
+        CacheConfig(ram_mb=512, cache_dir=tmp, scope=scope, **cache),
     )
 
 
@@ -178,7 +180,7 @@ def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
     done2 = answer(e, p2, r2)  # auto: shares the system prompt with the last prompt, so it goes to disk
     assert done2.cached_tokens > 0
     e.cache.flush()
-    assert e.cache.stats()["disk"]["entries"] > 0  # type: ignore[index]
+    assert e.cache.stats()["disk"]["entries"] > 0
     del e
     restarted = make(tmp_path, scope="auto")
     p3, r3 = chat(restarted, "Which code goes with shipment class 12?")
@@ -272,9 +274,9 @@ def test_a_warm_start_stops_between_chunks_when_a_request_arrives(tmp_path: Path
     answer(e, p1, r1)
     e.cache.flush()
     restarted = make(tmp_path)
-    asked: list[int] = []
-    assert not restarted.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 2)
-    assert len(asked) == 3
+    arrivals = Arrivals(after=2)
+    assert not restarted.idle_work(interrupt=arrivals)
+    assert arrivals.asked == 3
     assert 0 < restarted.slots[0].valid < len(p1)  # two chunks loaded, the rest left
     assert restarted.slots[0].tokens[: restarted.slots[0].valid] == p1[: restarted.slots[0].valid]
     p2, r2 = chat(restarted, "Which code goes with shipment class 9?")
@@ -298,7 +300,7 @@ def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: 
     assert plan.restored_tokens == 0
     restarted.cache.flush()  # the request recorded the chunk again: a fresh, valid file
     assert not victim.exists() or victim.read_bytes() != damaged
-    assert restarted.cache.stats()["disk"]["corrupt_dropped"] >= 1  # type: ignore[index]
+    assert restarted.cache.stats()["disk"]["corrupt_dropped"] >= 1
     assert torch.equal(logits, cold.prompt_logits(p)[0])
 
 
@@ -308,10 +310,10 @@ def test_salts_never_share_a_chunk(tmp_path: Path) -> None:
     a = CacheRequest(r.chat_ends, salt="tenant-a")
     b = CacheRequest(r.chat_ends, salt="tenant-b")
     assert e.prompt_logits(p, a)[1].restored_tokens == 0
-    keys_a = set(e.pipeline.stages[0].cache.ram.keys())
+    keys_a = set(stages_of(e)[0].cache.ram.keys())
     assert e.prompt_logits(p, b)[1].restored_tokens == 0
-    assert not keys_a & (set(e.pipeline.stages[0].cache.ram.keys()) - keys_a)
-    assert len(e.pipeline.stages[0].cache.ram.keys()) == 2 * len(keys_a)
+    assert not keys_a & (set(stages_of(e)[0].cache.ram.keys()) - keys_a)
+    assert len(stages_of(e)[0].cache.ram.keys()) == 2 * len(keys_a)
     assert e.prompt_logits(p, a)[1].restored_tokens > 0
 
 
@@ -353,18 +355,18 @@ def test_a_stage_missing_chunks_vetoes_longer_restores(tmp_path: Path, cold: Eng
     answer(e, p1, r1)
     e.cache.flush()
     # stage 1 loses every chunk past position 384, in RAM and on disk
-    cache = e.pipeline.stages[1].cache
+    cache = stages_of(e)[1].cache
     for key in cache.ram.keys():
         if (chunk := cache.ram.peek(key)) is not None and chunk.end > 384:
             cache.ram.drop(key)
-    assert cache.disk is not None
+    assert isinstance(cache.disk, DiskTier)
     for key in [k for k, d in cache.disk.index.entries.items() if d.end > 384]:
         cache.disk.drop(key)
     forget_slots(e)  # the slots would serve it all themselves: this is the caches' veto
     done = answer(e, p1, r1)
     assert done.cached_tokens == 384
     assert done.token_ids == answer(cold, p1, r1).token_ids
-    e.pipeline.stages[2].cache.clear()
+    stages_of(e)[2].cache.clear()
     forget_slots(e)
     done = answer(e, p1, CacheRequest(r1.chat_ends, salt=None))
     assert done.token_ids == answer(cold, p1, r1).token_ids
@@ -407,12 +409,12 @@ def test_an_interrupted_background_piece_is_given_up_and_done_again_exactly(
     assert isinstance(first, Finished)
     assert e.has_idle_work
     assert e.idle_work()  # renders the next turn: no forward yet
-    valid, filled = e.slots[0].valid, [s.kvs[0].filled for s in e.pipeline.stages]
-    asked: list[int] = []
-    assert e.idle_work(interrupt=lambda: asked.append(1) is None and len(asked) > 12)  # gives up at layer 12
-    assert len(asked) == 13
+    valid, filled = e.slots[0].valid, [s.kvs[0].filled for s in stages_of(e)]
+    arrivals = Arrivals(after=12)
+    assert e.idle_work(interrupt=arrivals)  # gives up at layer 12
+    assert arrivals.asked == 13
     assert e.slots[0].valid == valid
-    assert [s.kvs[0].filled for s in e.pipeline.stages] == filled
+    assert [s.kvs[0].filled for s in stages_of(e)] == filled
     while e.idle_work():
         pass
     rendered = e.render_chat(next_messages(history, first.text))
@@ -574,5 +576,6 @@ def test_leftover_temp_files_are_cleaned_and_the_disk_budget_holds(tmp_path: Pat
     p2, r2 = chat(small, "Something else entirely about rule 9.")
     answer(small, p2, r2)
     small.cache.flush()
-    assert small.pipeline.stages[0].cache.disk.nbytes <= 2**20
-    assert small.pipeline.stages[0].cache.disk.evicted_bytes >= one_chunk
+    assert (disk := stages_of(small)[0].cache.disk) is not None
+    assert disk.nbytes <= 2**20
+    assert disk.evicted_bytes >= one_chunk

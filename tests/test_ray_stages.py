@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -28,7 +29,7 @@ from anchorkv.engine.ray_pipeline import RayPipeline
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.model.transformer import Interrupted
 from anchorkv.server.app import create_app
-from conftest import LiveServer, RayCluster, forget_slots, free_port, serve_in_thread
+from conftest import Arrivals, LiveServer, RayCluster, forget_slots, free_port, serve_in_thread
 from test_prefix_cache import C, chat
 
 
@@ -69,7 +70,12 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(
     assert torch.equal(warm, engine.prompt_logits(p2)[0])
     orders: list[object] = []
     restore = ray_engine.pipeline.cache_stages.restore
-    monkeypatch.setattr(ray_engine.pipeline.cache_stages, "restore", lambda *a: orders.append(a) or restore(*a))
+
+    def counted(*a: Any) -> Any:
+        orders.append(a)
+        return restore(*a)
+
+    monkeypatch.setattr(ray_engine.pipeline.cache_stages, "restore", counted)
     p3, r3 = chat(ray_engine, "Which code goes with shipment class 6?")
     held, plan3 = ray_engine.prompt_logits(p3, r3)
     assert plan3.restored_tokens == plan2.restored_tokens and plan3.tier == "slot" and plan3.kind == plan2.kind
@@ -93,9 +99,9 @@ def test_a_batch_of_two_across_processes_equals_lone_runs(ray_engine: Engine, en
 def test_an_anchor_is_recorded_by_every_stage(ray_engine: Engine) -> None:
     tokens = ray_engine.tokenizer.encode("Section 9 of the operating manual. " * 90)
     anchor = 3 * C
-    before = [s["cache"]["entries"] for s in ray_engine.stages_report()]  # type: ignore[index]
+    before = [s["cache"]["entries"] for s in ray_engine.stages_report()]
     ray_engine.prompt_logits(tokens, CacheRequest(anchors=[anchor], has_key=True, scope=None))
-    after = [s["cache"]["entries"] for s in ray_engine.stages_report()]  # type: ignore[index]
+    after = [s["cache"]["entries"] for s in ray_engine.stages_report()]
     assert all(b > a for a, b in zip(before, after, strict=True))
     _, plan = ray_engine.prompt_logits(tokens[:anchor] + ray_engine.tokenizer.encode(" A different ending."))
     assert plan.restored_tokens == anchor
@@ -234,13 +240,11 @@ def test_a_background_forward_on_ray_gives_way_between_stages_and_runs_again_exa
 ) -> None:
     tokens = ray_engine.tokenizer.encode(" ".join(f"Note {i} is filed under tag {i}." for i in range(12)))
     plan = RequestPlan("background", len(tokens))
-    asked: list[int] = []
+    arrivals = Arrivals(after=1)
     try:
         with pytest.raises(Interrupted):
-            ray_engine.pipeline.forward(
-                tokens, 0, plan, "last", interrupt=lambda: asked.append(1) is None and len(asked) > 1, slot=1
-            )
-        assert len(asked) == 2  # before stage 0, then before stage 1, which never ran
+            ray_engine.pipeline.forward(tokens, 0, plan, "last", interrupt=arrivals, slot=1)
+        assert arrivals.asked == 2  # before stage 0, then before stage 1, which never ran
         ray_engine.pipeline.truncate(0, 1)
         again = ray_engine.pipeline.forward(tokens, 0, plan, "last", slot=1)
         assert torch.equal(again, engine.prompt_logits(tokens)[0])

@@ -8,6 +8,12 @@ from typing import Any
 import httpx
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
+from openai.types.responses import (
+    EasyInputMessageParam,
+    FunctionToolParam,
+    ResponseCompletedEvent,
+    ResponseIncompleteEvent,
+)
 
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Engine
@@ -18,11 +24,12 @@ from conftest import LiveServer, cached_server, serve_in_thread
 INSTRUCTIONS = "You are a terse assistant for a library. " + " ".join(
     f"Shelf {i} holds books on subject {i}; answer with its code L-{i}." for i in range(40)
 )
-LOOKUP = {
+LOOKUP: FunctionToolParam = {
     "type": "function",
     "name": "find_book",
     "description": "Find a book by title",
     "parameters": {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"]},
+    "strict": False,
 }
 
 
@@ -93,14 +100,14 @@ def test_prompt_cache_key_is_accepted_and_cached_tokens_reported(client: OpenAI)
 
 def test_function_tools_round_trip(client: OpenAI) -> None:
     r = client.responses.create(
-        model="any", input="Find the book Dune.", tools=[LOOKUP], tool_choice="required", temperature=0,  # type: ignore[list-item]
+        model="any", input="Find the book Dune.", tools=[LOOKUP], tool_choice="required", temperature=0,
         max_output_tokens=48,
     )  # fmt: skip
     calls = [o for o in r.output if o.type == "function_call"]
     assert calls
     assert calls[0].name == "find_book"
     follow = client.responses.create(
-        model="any", previous_response_id=r.id, tools=[LOOKUP], temperature=0, max_output_tokens=12,  # type: ignore[list-item]
+        model="any", previous_response_id=r.id, tools=[LOOKUP], temperature=0, max_output_tokens=12,
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "Shelf 3"}],
     )  # fmt: skip
     assert follow.status in ("completed", "incomplete")
@@ -157,8 +164,9 @@ def test_store_false_keeps_nothing(client: OpenAI) -> None:
 
 def test_a_stored_response_is_retrieved_and_deleted_by_its_owner_only(server: LiveServer, client: OpenAI) -> None:
     r = client.responses.create(model="any", input="Name a color.", temperature=0, max_output_tokens=4)
-    streamed = [e for e in client.responses.create(model="any", input="Hi", max_output_tokens=2, stream=True)]
-    for made in (r, streamed[-1].response):
+    stream = client.responses.create(model="any", input="Hi", max_output_tokens=2, stream=True)
+    (ended,) = [e for e in stream if isinstance(e, (ResponseCompletedEvent, ResponseIncompleteEvent))]
+    for made in (r, ended.response):
         got = client.responses.retrieve(made.id)
         assert (got.id, got.output_text, got.usage) == (made.id, made.output_text, made.usage)
     other = OpenAI(base_url=f"{server.url}/v1", api_key="someone-else")
@@ -179,13 +187,17 @@ def test_an_image_part_is_a_400_naming_it(client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as e:
         client.responses.create(
             model="any",
-            input=[{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}],  # type: ignore[list-item]
+            input=[
+                EasyInputMessageParam(
+                    role="user", content=[{"type": "input_image", "image_url": "http://x/y.png", "detail": "auto"}]
+                )
+            ],
         )
     assert "input[0].content[0]" in str(e.value)
 
 
 def test_translation_groups_function_calls_and_keeps_instructions_out_of_history() -> None:
-    items = [
+    items: list[dict[str, Any]] = [
         {"role": "user", "content": "a"},
         {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
         {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},

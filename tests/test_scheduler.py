@@ -6,17 +6,19 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from openai import OpenAI
+from openai.types.chat import ChatCompletionUserMessageParam
 
 from anchorkv.cache.chunk import KVSlice
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig, ServerConfig
-from anchorkv.engine.engine import Engine
+from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.kv import PREFAULT_BYTES, StageKV
 from anchorkv.engine.plan import Span
 from anchorkv.engine.sampling import SamplingParams
@@ -26,7 +28,7 @@ from anchorkv.engine.slot import Slot
 from anchorkv.model.chat_template import RenderedPrompt
 from anchorkv.server.app import create_app
 from anchorkv.server.service import next_turn_renderer
-from conftest import LiveServer, forget_slots, serve_in_thread
+from conftest import Arrivals, LiveServer, forget_slots, serve_in_thread, stages_of
 
 TOPICS = ["cats", "the sea", "a robot", "bread", "a king", "rain", "maps", "bees"]
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -56,8 +58,8 @@ class Run:
         self.seqs: list[Sequence] = []
         self.logits: dict[str, list[torch.Tensor]] = {}
 
-    def submit(self, tokens: list[int], params: SamplingParams = GREEDY, **kw: object) -> Sequence:
-        seq = self.engine.submit(tokens, params, lambda _: None, **kw)  # type: ignore[arg-type]
+    def submit(self, tokens: list[int], params: SamplingParams = GREEDY, **kw: Any) -> Sequence:
+        seq = self.engine.submit(tokens, params, lambda _: None, **kw)
         self.seqs.append(seq)
         self.logits[seq.id] = []
         return seq
@@ -190,9 +192,9 @@ def test_a_sequences_pieces_in_one_step_run_as_one_forward_with_their_bits(
     calls: list[int] = []
     forward = engine.pipeline.forward
 
-    def spy(tokens: list[int], *args: object, **kw: object) -> torch.Tensor:
+    def spy(tokens: list[int], *args: Any, **kw: Any) -> torch.Tensor:
         calls.append(len(tokens))
-        return forward(tokens, *args, **kw)  # type: ignore[arg-type]
+        return forward(tokens, *args, **kw)
 
     monkeypatch.setattr(engine.pipeline, "forward", spy)
 
@@ -300,9 +302,9 @@ def test_background_work_beside_decoding_gives_way_to_an_arriving_request(tmp_pa
     while slot.reply.began is None:  # the next turn rendered: its prefill comes next
         run.step()
     valid, decoded = slot.valid, len(other.out)
-    asked: list[int] = []
-    assert engine.step(interrupt=lambda: asked.append(1) is None and len(asked) > 5)
-    assert len(asked) == 6  # given up at the sixth layer
+    arrivals = Arrivals(after=5)
+    assert engine.step(interrupt=arrivals)
+    assert arrivals.asked == 6  # given up at the sixth layer
     assert slot.valid == valid
     assert slot.reply is not None
     assert len(other.out) == decoded + 1  # the decode step itself ran
@@ -391,15 +393,13 @@ def live8(engine8: Engine) -> Iterator[LiveServer]:
 @pytest.mark.parametrize("k", [4, 8])
 def test_concurrent_streaming_chats_equal_the_same_requests_one_at_a_time(live8: LiveServer, k: int) -> None:
     client = OpenAI(base_url=f"{live8.url}/v1", api_key="unused")
-    bodies = [{"role": "user", "content": f"Tell me a story about {t}."} for t in TOPICS[:k]]
+    bodies: list[ChatCompletionUserMessageParam] = [
+        {"role": "user", "content": f"Tell me a story about {t}."} for t in TOPICS[:k]
+    ]
 
-    def ask(message: dict[str, str]) -> str:
+    def ask(message: ChatCompletionUserMessageParam) -> str:
         stream = client.chat.completions.create(
-            model="any",
-            messages=[message],
-            max_tokens=20,
-            temperature=0,
-            stream=True,  # type: ignore[list-item]
+            model="any", messages=[message], max_tokens=20, temperature=0, stream=True
         )
         return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
@@ -463,11 +463,11 @@ def test_a_reply_whose_next_turn_cannot_fit_is_not_prefilled_and_serving_goes_on
     req = CacheRequest(rendered.boundaries, next_turn=next_turn_renderer(engine, messages, None, False))
     params = SamplingParams(max_tokens=engine.ctx - len(rendered.token_ids), temperature=0, ignore_eos=True)
     done = list(engine.generate(rendered.token_ids, params, cache_req=req, background=True))[-1]
-    assert done.finish_reason == "length"  # type: ignore[union-attr]
+    assert isinstance(done, Finished) and done.finish_reason == "length"
     while engine.has_idle_work:
         engine.idle_work()
     again = list(engine.generate(prompt(engine, "maps"), GREEDY))[-1]
-    assert again.completion_tokens == GREEDY.max_tokens  # type: ignore[union-attr]
+    assert isinstance(again, Finished) and again.completion_tokens == GREEDY.max_tokens
 
 
 @pytest.mark.parametrize("stages", [1, 3])
@@ -506,7 +506,7 @@ def test_a_slot_serves_a_prefix_the_cache_has_since_dropped_and_records_it_again
     first, second, third = questions(engine, "A fish?", "A bird?", "A cat?")
     expected = alone(Engine(replace(cfg, parallel=1)), second.token_ids)
     turn(engine, first)
-    for cache in engine.pipeline.cache_stages.caches:  # type: ignore[attr-defined]
+    for cache in (s.cache for s in stages_of(engine)):
         cache.clear()
     assert engine.cache.plan(second.token_ids, CacheRequest(second.boundaries)).restore_to == 0
     seq, run = turn(engine, second)
@@ -527,7 +527,7 @@ def test_a_prompt_whose_slot_holds_its_prefix_does_not_wait_for_another_prefilli
     a = run.submit(first.token_ids, two, cache_req=CacheRequest(first.boundaries), keep_reply=False)
     while a.status is not Status.DECODING:
         run.step()
-    for cache in engine.pipeline.cache_stages.caches:  # type: ignore[attr-defined]
+    for cache in (s.cache for s in stages_of(engine)):
         cache.clear()
     b = run.submit(other.token_ids, cache_req=CacheRequest(other.boundaries), keep_reply=False)
     run.step()  # a's last token; b takes the other slot and prefills its first piece

@@ -17,7 +17,11 @@ from anchorkv.engine.engine import Engine
 from anchorkv.server.app import create_app
 from tests.conftest import LiveServer, serve_in_thread
 
-CHAT = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0, "max_tokens": 24}
+CHAT: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "temperature": 0,
+    "max_tokens": 24,
+}
 
 
 def sse_events(lines: list[str]) -> list[dict[str, Any]]:

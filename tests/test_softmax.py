@@ -25,9 +25,9 @@ def test_the_kernel_is_torchs_softmax_within_a_bfloat16_step_and_hides_later_key
     scores = (torch.randn(n, L, generator=g) * 4).to(torch.bfloat16)
     q = torch.arange(row0, row0 + n) % T  # each row's query within the chunk
     hidden = torch.arange(L)[None, :] > (L - T + q)[:, None]
-    bias = torch.zeros(T, T).masked_fill_(torch.arange(T)[None, :] > torch.arange(T)[:, None], float("-inf"))
+    causal = torch.zeros(T, T).masked_fill_(torch.arange(T)[None, :] > torch.arange(T)[:, None], float("-inf"))
     # rows cycle through the chunk's queries; a single query (T = 1) sees every key and gets no bias
-    bias = bias.repeat((row0 + n) // T + 1, 1).to(torch.bfloat16) if T > 1 else None
+    bias = causal.repeat((row0 + n) // T + 1, 1).to(torch.bfloat16) if T > 1 else None
     torch_probs = AttentionSoftmax()(scores.clone(), bias, row0, T).float()
     kernel_probs = AttentionSoftmax(KERNEL)(scores.clone(), bias, row0, T).float()
     assert torch.equal(kernel_probs[hidden], torch.zeros(int(hidden.sum())))

@@ -17,7 +17,7 @@ PERSON = {
     "additionalProperties": False,
 }
 WEATHER = [{"role": "user", "content": "What's the weather in Paris?"}]
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
         "additionalProperties": False}}},

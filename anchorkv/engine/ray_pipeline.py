@@ -152,7 +152,7 @@ class RayPipeline(Pipeline):
             }
             if res:
                 opts["resources"] = {res: 1}
-            self.workers.append(actor.options(**opts).remote(cfg, cache_cfg, i))  # type: ignore[attr-defined]
+            self.workers.append(actor.options(**opts).remote(cfg, cache_cfg, i))
         self._infos = self._get([w.info.remote() for w in self.workers])
         self._actor_ids = self._get([w.actor_id.remote() for w in self.workers])
         self.cache_stages = RayCacheStages(self)

@@ -308,8 +308,8 @@ class CompletionRequest(SamplingFields):
         """The prompts to complete: the one sent, or each of a batch."""
         p = self.prompt
         if isinstance(p, str) or isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
+            return [p]
+        return list(p)
 
     @property
     def logprob_alternatives(self) -> int | None:
