@@ -77,5 +77,3 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check anchorkv tests
 	$(VENV)/bin/ruff format --check anchorkv tests
 	$(VENV)/bin/mypy
-	# the tests import conftest as a top-level module, so they are checked from their folder
-	cd tests && $(abspath $(VENV))/bin/mypy --config-file ../pyproject.toml .

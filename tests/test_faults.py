@@ -41,7 +41,7 @@ def test_a_file_where_the_cache_folder_belongs_turns_the_disk_tier_off(tmp_path:
     folder.write_text("not a folder")
     e = make(folder)
     assert not e.cache.has_disk
-    assert "FileExistsError" in str(e.cache.stats()["disk_error"])
+    assert "FileExistsError" in str(e.cache.stats().disk_error)
     assert serve_one(e).completion_tokens == 4
 
 
@@ -52,7 +52,7 @@ def test_a_file_where_a_namespace_folder_belongs_turns_the_disk_tier_off(tmp_pat
     ns.rmdir()
     ns.write_text("x")
     e = make(tmp_path)
-    assert e.cache.stats()["disk_error"] is not None
+    assert e.cache.stats().disk_error is not None
     assert serve_one(e).completion_tokens == 4
 
 
@@ -62,7 +62,7 @@ def test_a_folder_named_like_a_chunk_file_is_left_alone(tmp_path: Path) -> None:
     odd.mkdir()
     e = make(tmp_path)
     assert e.cache.has_disk
-    assert e.cache.stats()["disk_error"] is None
+    assert e.cache.stats().disk_error is None
     assert serve_one(e).completion_tokens == 4
     assert odd.is_dir()
 
@@ -82,7 +82,7 @@ def test_namespace_json_as_a_folder_turns_the_disk_tier_off_and_as_a_link_is_nev
     assert not meta.is_symlink()
     meta.unlink()
     meta.mkdir()
-    assert make(tmp_path).cache.stats()["disk_error"] is not None
+    assert make(tmp_path).cache.stats().disk_error is not None
 
 
 def test_a_cache_folder_deleted_while_running_costs_writes_not_requests(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_a_read_only_file_system_turns_the_disk_tier_off(tmp_path: Path) -> None
     with tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
         e = make(folder)
         assert not e.cache.has_disk
-        assert "Read-only file system" in str(e.cache.stats()["disk_error"])
+        assert "Read-only file system" in str(e.cache.stats().disk_error)
         assert serve_one(e).completion_tokens == 4
 
 
@@ -179,10 +179,10 @@ def test_a_full_disk_stops_writes_once_and_serving_goes_on(small_disk: Path, cap
         )
         assert isinstance(done[-1], Finished)
     e.cache.flush()
-    stats = e.cache.stats()["disk"]
+    stats = e.cache.stats().disk
     assert stats is not None
-    assert stats["full"]
+    assert stats.full
     on_disk = list(small_disk.glob(f"*/*{SUFFIX}"))
-    assert stats["entries"] == len(on_disk)
+    assert stats.entries == len(on_disk)
     full = sum("is full" in m for m in caplog.messages)
     assert 1 <= full <= sum("room again" in m for m in caplog.messages) + 1  # once an episode, not once a write

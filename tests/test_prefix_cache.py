@@ -180,7 +180,7 @@ def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
     done2 = answer(e, p2, r2)  # auto: shares the system prompt with the last prompt, so it goes to disk
     assert done2.cached_tokens > 0
     e.cache.flush()
-    assert e.cache.stats()["disk"]["entries"] > 0
+    assert (disk := e.cache.stats().disk) is not None and disk.entries > 0
     del e
     restarted = make(tmp_path, scope="auto")
     p3, r3 = chat(restarted, "Which code goes with shipment class 12?")
@@ -300,7 +300,7 @@ def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: 
     assert plan.restored_tokens == 0
     restarted.cache.flush()  # the request recorded the chunk again: a fresh, valid file
     assert not victim.exists() or victim.read_bytes() != damaged
-    assert restarted.cache.stats()["disk"]["corrupt_dropped"] >= 1
+    assert (disk := restarted.cache.stats().disk) is not None and disk.corrupt_dropped >= 1
     assert torch.equal(logits, cold.prompt_logits(p)[0])
 
 

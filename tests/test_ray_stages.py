@@ -99,9 +99,9 @@ def test_a_batch_of_two_across_processes_equals_lone_runs(ray_engine: Engine, en
 def test_an_anchor_is_recorded_by_every_stage(ray_engine: Engine) -> None:
     tokens = ray_engine.tokenizer.encode("Section 9 of the operating manual. " * 90)
     anchor = 3 * C
-    before = [s["cache"]["entries"] for s in ray_engine.stages_report()]
+    before = [s.cache.entries for s in ray_engine.stages_report()]
     ray_engine.prompt_logits(tokens, CacheRequest(anchors=[anchor], has_key=True, scope=None))
-    after = [s["cache"]["entries"] for s in ray_engine.stages_report()]
+    after = [s.cache.entries for s in ray_engine.stages_report()]
     assert all(b > a for a, b in zip(before, after, strict=True))
     _, plan = ray_engine.prompt_logits(tokens[:anchor] + ray_engine.tokenizer.encode(" A different ending."))
     assert plan.restored_tokens == anchor

@@ -12,6 +12,7 @@ import torch
 
 from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
+from anchorkv.cache.remote_tier import RemoteStats
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine
 from conftest import forget_slots, start_redis
@@ -37,6 +38,11 @@ def replica_b(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Engin
     return replica(tmp_path_factory.mktemp("b"), redis_url)
 
 
+def redis_stats(e: Engine) -> RemoteStats:
+    assert (stats := e.cache.stats().redis) is not None
+    return stats
+
+
 def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_exact(
     replica_a: Engine, replica_b: Engine, engine: Engine
 ) -> None:
@@ -48,14 +54,14 @@ def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_ex
     assert plan.restored_tokens > 0
     cold, _ = engine.prompt_logits(prompt)
     assert torch.equal(logits, cold)
-    stats = replica_b.cache.stats()["redis"]
-    assert stats["up"]
-    assert stats["hits"] > 0
+    stats = redis_stats(replica_b)
+    assert stats.up
+    assert stats.hits > 0
     # the restore copied Redis's chunks into the slot only; recording the prompt put them in B's RAM
     forget_slots(replica_b)  # the prompt comes from RAM
     again, plan = replica_b.prompt_logits(prompt, req)
     assert plan.tier == "ram" and plan.restored_tokens > 0
-    assert replica_b.cache.stats()["redis"]["hits"] == stats["hits"]
+    assert redis_stats(replica_b).hits == stats.hits
     assert torch.equal(again, cold)
 
 
@@ -65,9 +71,9 @@ def test_a_lookup_asks_redis_in_two_round_trips_however_long_the_chain(replica_a
     req = CacheRequest(r.boundaries, turn_starts=r.turn_starts)
     replica_a.prompt_logits(r.token_ids, req)
     replica_a.cache.flush()
-    before = replica_b.cache.stats()["redis"]["lookup_round_trips"]
+    before = redis_stats(replica_b).lookup_round_trips
     plan = replica_b.cache.plan(r.token_ids, req)
-    asked = replica_b.cache.stats()["redis"]["lookup_round_trips"] - before
+    asked = redis_stats(replica_b).lookup_round_trips - before
     assert plan.restore_to == len(r.token_ids)  # every one of its chunks, from Redis
     assert len(r.token_ids) // 128 >= 12
     assert asked <= 3  # the chain and its tail lists, the tails, the whole prompt's last chunk
@@ -125,7 +131,7 @@ def test_foreign_and_corrupt_values_are_misses(
     cold, _ = engine.prompt_logits(prompt)
     assert torch.equal(logits, cold)
     assert plan.restored_tokens == 0  # the restore met a bad value and fell back to a cold prefill
-    assert fresh.cache.stats()["redis"]["dropped_bad"] >= 1
+    assert redis_stats(fresh).dropped_bad >= 1
 
 
 def test_serving_goes_on_when_redis_stops(tmp_path: Path) -> None:
@@ -146,9 +152,9 @@ def test_serving_goes_on_when_redis_stops(tmp_path: Path) -> None:
     assert answer(e, prompt, req).token_ids == first.token_ids
     assert time.monotonic() - t < 60
     e.cache.flush()
-    stats = e.cache.stats()["redis"]
-    assert stats["up"] is False
-    assert stats["errors"] > 0
+    stats = redis_stats(e)
+    assert stats.up is False
+    assert stats.errors > 0
 
 
 def test_bench_stages_second_replica_restores_from_redis(redis_url: str) -> None:

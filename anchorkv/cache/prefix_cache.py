@@ -39,7 +39,7 @@ from anchorkv.cache.policy import (
     plan_records,
     restorable_limit,
 )
-from anchorkv.cache.remote_tier import RemoteTier
+from anchorkv.cache.remote_tier import RemoteStats, RemoteTier
 from anchorkv.cache.stage_cache import (
     TIER_ORDER,
     CacheMiss,
@@ -166,6 +166,42 @@ class CachePlan:
         return CacheReport(
             restored.tokens, restored.kind, restored.tier, str(self.scope), tuple(self.recorded), tuple(self.verdicts)
         )
+
+
+@dataclass(frozen=True)
+class RamUse:
+    budget_bytes: int
+    bytes: int
+    entries: int
+    evicted_bytes: int
+
+
+@dataclass(frozen=True)
+class DiskUse:
+    dir: str
+    budget_bytes: int
+    bytes: int
+    entries: int
+    written_bytes: int
+    evicted_bytes: int
+    corrupt_dropped: int  # bad files found and dropped
+    full: bool
+    pending_writes: int  # chunks queued for the writer
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """The cache's settings and every stage's tiers summed: /props's `prefix_cache`."""
+
+    exact: bool
+    stride: int
+    align: int
+    disk_policy: str
+    min_tokens: int
+    disk_error: str | None  # why the disk tier is off although a folder was given
+    ram: RamUse
+    disk: DiskUse | None
+    redis: RemoteStats | None
 
 
 class PrefixCache:
@@ -399,47 +435,25 @@ class PrefixCache:
             self.writer.flush()
         self._st.flush()
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> CacheUse:
         per = self._st.cache_stats()
         disks = [s for s in per if s.disk]
         remotes = [s.remote for s in per if s.remote is not None]
-        return {
-            "exact": self.cfg.exact,
-            "stride": self.stride,
-            "align": self.unit,
-            "disk_policy": str(self.default_scope),
-            "min_tokens": self.cfg.min_tokens,
-            "disk_error": next((s.disk_error for s in per if s.disk_error), None),
-            "ram": {
-                "budget_bytes": self.cfg.ram_mb * 2**20,
-                "bytes": sum(s.ram_bytes for s in per),
-                "entries": sum(s.ram_entries for s in per),
-                "evicted_bytes": sum(s.ram_evicted_bytes for s in per),
-            },
-            "disk": None
-            if not disks
-            else {
-                "dir": str(self.cfg.cache_dir),
-                "budget_bytes": sum(s.disk_budget_bytes for s in disks),
-                "bytes": sum(s.disk_bytes for s in disks),
-                "entries": sum(s.disk_entries for s in disks),
-                "written_bytes": sum(s.disk_written_bytes for s in disks),
-                "evicted_bytes": sum(s.disk_evicted_bytes for s in disks),
-                "corrupt_dropped": sum(s.corrupt_dropped for s in per),
-                "full": any(s.disk_full for s in disks),
-                "pending_writes": sum(s.disk_pending_writes for s in disks),
-            },
-            "redis": None
-            if not remotes
-            else {
-                "url": remotes[0].url,
-                "up": all(r.up for r in remotes),
-                **{
-                    k: sum(getattr(r, k) for r in remotes)
-                    for k in ("errors", "hits", "lookup_round_trips", "written_bytes", "dropped_writes", "dropped_bad")
-                },
-            },
-        }
+        ram = RamUse(
+            self.cfg.ram_mb * 2**20, sum(s.ram_bytes for s in per), sum(s.ram_entries for s in per),
+            sum(s.ram_evicted_bytes for s in per),
+        )  # fmt: skip
+        disk = DiskUse(
+            str(self.cfg.cache_dir), sum(s.disk_budget_bytes for s in disks), sum(s.disk_bytes for s in disks),
+            sum(s.disk_entries for s in disks), sum(s.disk_written_bytes for s in disks),
+            sum(s.disk_evicted_bytes for s in disks), sum(s.corrupt_dropped for s in per),
+            any(s.disk_full for s in disks), sum(s.disk_pending_writes for s in disks),
+        )  # fmt: skip
+        return CacheUse(
+            self.cfg.exact, self.stride, self.unit, str(self.default_scope), self.cfg.min_tokens,
+            next((s.disk_error for s in per if s.disk_error), None), ram, disk if disks else None,
+            RemoteStats.total(remotes) if remotes else None,
+        )  # fmt: skip
 
 
 def grid_of(cfg: CacheConfig, chunk_size: int) -> Grid:

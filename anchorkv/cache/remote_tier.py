@@ -43,6 +43,15 @@ class RemoteStats:
     dropped_writes: int
     dropped_bad: int
 
+    @staticmethod
+    def total(parts: Sequence[RemoteStats]) -> RemoteStats:
+        """Every stage's client summed: up while all are."""
+        return RemoteStats(
+            parts[0].url, all(p.up for p in parts), sum(p.errors for p in parts), sum(p.hits for p in parts),
+            sum(p.lookup_round_trips for p in parts), sum(p.written_bytes for p in parts),
+            sum(p.dropped_writes for p in parts), sum(p.dropped_bad for p in parts),
+        )  # fmt: skip
+
 
 class RemoteTier:
     def __init__(self, url: str, namespace: Namespace, on_corrupt: Callable[[], None] = lambda: None) -> None:

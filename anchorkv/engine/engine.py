@@ -16,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence as Seq
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from anchorkv.engine.sampling import Sampler, SamplingParams, token_logprob
 from anchorkv.engine.scheduler import StepPlan, forwards, pick_slot, same_prefixes, schedule, should_wait
 from anchorkv.engine.sequence import Delta, Event, Failed, Finished, Sequence, Status
 from anchorkv.engine.slot import PendingReply, Slot
-from anchorkv.engine.stage import MAX_DEFAULT_CTX, build_stages
+from anchorkv.engine.stage import MAX_DEFAULT_CTX, StageCacheUse, StageReport, build_stages
 from anchorkv.engine.text_stream import TextStream
 from anchorkv.model.chat_template import ChatTemplate, RenderedPrompt
 from anchorkv.model.loader import load_config, resolve_model
@@ -119,14 +119,12 @@ class Engine:
         """The KV pools of every stage: `parallel` slots of `ctx` positions each."""
         return sum(i.kv_bytes for i in self.stage_infos)
 
-    def stages_report(self) -> list[dict[str, object]]:
-        """Each stage: where it runs, its layers, whether it is alive, its threads, its KV pool (whole and
-        written) and its cache's bytes."""
+    def stages_report(self) -> list[StageReport]:
         stats = self.pipeline.cache_stages.cache_stats()
         touched = self.pipeline.kv_touched()
         return [
-            {**asdict(h), "threads": i.threads, "prefill_rows": i.prefill_rows, "kv_bytes": i.kv_bytes, "kv_touched_bytes": t,
-             "cache": {"ram_bytes": s.ram_bytes, "disk_bytes": s.disk_bytes, "entries": s.ram_entries}}
+            StageReport(h.index, h.node, h.layers, h.state, i.threads, i.prefill_rows, i.kv_bytes, t,
+                        StageCacheUse(s.ram_bytes, s.disk_bytes, s.ram_entries))
             for h, i, s, t in zip(self.pipeline.health(), self.stage_infos, stats, touched, strict=True)
         ]  # fmt: skip
 

@@ -56,6 +56,29 @@ class StageInfo:
     prefill_rows: int = 0  # a sequence's prefill pieces may run as one forward of up to this many rows
 
 
+@dataclass(frozen=True)
+class StageCacheUse:
+    ram_bytes: int
+    disk_bytes: int
+    entries: int
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """A stage as /props shows it: where it runs, its layers, whether it is alive, its threads, its KV pool
+    (whole and written) and its cache's bytes."""
+
+    index: int
+    node: str
+    layers: list[int]
+    state: str  # alive | restarting | dead
+    threads: int
+    prefill_rows: int
+    kv_bytes: int
+    kv_touched_bytes: int
+    cache: StageCacheUse
+
+
 def rows_invariant(
     linears: Sequence[Linear],
     rows: int,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from anchorkv.cache.prefix_cache import CacheUse
 
 
 class Metrics:
@@ -51,17 +52,16 @@ class Metrics:
             registry=r,
         )
 
-    def observe_cache(self, stats: dict[str, Any]) -> None:
+    def observe_cache(self, use: CacheUse) -> None:
         """Copy the cache's running totals into gauges (called at scrape time)."""
-        ram, disk = stats["ram"], stats["disk"]
-        self.cache_bytes.labels("ram").set(ram["bytes"])
-        self.cache_bytes_evicted.labels("ram").set(ram["evicted_bytes"])
-        if disk:
-            self.cache_bytes.labels("disk").set(disk["bytes"])
-            self.cache_bytes_evicted.labels("disk").set(disk["evicted_bytes"])
-            self.cache_bytes_written.set(disk["written_bytes"])
-            self.cache_corrupt.set(disk["corrupt_dropped"])
-        if redis := stats.get("redis"):
-            self.redis_up.set(1 if redis["up"] else 0)
-            self.redis_errors.set(redis["errors"])
-            self.redis_written.set(redis["written_bytes"])
+        self.cache_bytes.labels("ram").set(use.ram.bytes)
+        self.cache_bytes_evicted.labels("ram").set(use.ram.evicted_bytes)
+        if (disk := use.disk) is not None:
+            self.cache_bytes.labels("disk").set(disk.bytes)
+            self.cache_bytes_evicted.labels("disk").set(disk.evicted_bytes)
+            self.cache_bytes_written.set(disk.written_bytes)
+            self.cache_corrupt.set(disk.corrupt_dropped)
+        if (redis := use.redis) is not None:
+            self.redis_up.set(1 if redis.up else 0)
+            self.redis_errors.set(redis.errors)
+            self.redis_written.set(redis.written_bytes)

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from anchorkv import __version__
+from anchorkv.engine.stage import StageReport
 from anchorkv.server.errors import APIError
 from anchorkv.server.service import Service
 
@@ -41,7 +42,7 @@ def router(svc: Service) -> APIRouter:
     @r.get("/props", dependencies=keyed)
     async def props() -> dict[str, Any]:
         stages = await asyncio.to_thread(engine.stages_report)
-        return _props(svc, stages, await asyncio.to_thread(engine.cache.stats))
+        return _props(svc, stages, asdict(await asyncio.to_thread(engine.cache.stats)))
 
     @r.get("/metrics")
     async def prometheus() -> Response:
@@ -56,7 +57,7 @@ def _model(svc: Service) -> dict[str, Any]:
     return {"id": svc.model_id, "object": "model", "created": svc.started, "owned_by": "anchorkv"}
 
 
-def _props(svc: Service, stages: list[dict[str, object]], cache: dict[str, object]) -> dict[str, Any]:
+def _props(svc: Service, stages: list[StageReport], cache: dict[str, Any]) -> dict[str, Any]:
     engine = svc.engine
     mc, ecfg = engine.model_cfg, engine.cfg
     return {
@@ -78,14 +79,14 @@ def _props(svc: Service, stages: list[dict[str, object]], cache: dict[str, objec
         "decode_int4": engine.decode_int4_kind,
         "linear_kernel": engine.linear_kind,
         "distributed": engine.pipeline.kind,
-        "stages": stages,
+        "stages": [asdict(s) for s in stages],
         "parallel": ecfg.parallel,
         "decode_rows": "batched" if engine.batch_rows else "one at a time",
         "kv_pool": {
             "slots": ecfg.parallel,
             "positions_per_slot": engine.ctx,
             "bytes": engine.kv_bytes,
-            "touched_bytes": sum(int(s["kv_touched_bytes"]) for s in stages),  # type: ignore[call-overload]
+            "touched_bytes": sum(s.kv_touched_bytes for s in stages),
         },
         "chat_template": engine.template.source,
         "default_generation_settings": {"n_ctx": engine.ctx},
