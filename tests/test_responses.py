@@ -183,6 +183,23 @@ def test_a_stored_response_is_retrieved_and_deleted_by_its_owner_only(server: Li
         client.responses.delete(r.id)
 
 
+def test_a_stored_responses_input_items_are_listed_page_by_page(server: LiveServer, client: OpenAI) -> None:
+    said = ["One.", "Two.", "Three."]
+    r = client.responses.create(
+        model="any", input=[EasyInputMessageParam(role="user", content=s) for s in said], max_output_tokens=2
+    )
+    newest_first = list(client.responses.input_items.list(r.id, limit=2))  # two pages, the second after the first
+    assert [i.type for i in newest_first] == ["message"] * 3
+    texts = [i.content[0].text for i in newest_first if i.type == "message" and i.content[0].type == "input_text"]
+    assert texts == said[::-1]
+    assert len({i.id for i in newest_first}) == 3
+    oldest_first = client.responses.input_items.list(r.id, order="asc")
+    assert [i.id for i in oldest_first.data] == [i.id for i in newest_first][::-1]
+    assert not oldest_first.has_more
+    with pytest.raises(NotFoundError):
+        OpenAI(base_url=f"{server.url}/v1", api_key="someone-else").responses.input_items.list(r.id)
+
+
 def test_an_image_part_is_a_400_naming_it(client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as e:
         client.responses.create(

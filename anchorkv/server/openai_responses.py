@@ -121,6 +121,24 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatComplet
     return ChatCompletionRequest.model_validate(body)
 
 
+ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
+
+
+def listed_inputs(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items as `input_items` lists them: each with an id, a message's text as content parts."""
+    listed = []
+    for item in [{"role": "user", "content": items}] if isinstance(items, str) else items:
+        kind = item.get("type", "message")
+        out = {"type": kind, **item, "id": item.get("id") or f"{ITEM_IDS.get(kind, 'item')}_{uuid.uuid4().hex[:24]}"}
+        if kind == "message":
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            content = item.get("content")
+            out["content"] = [{"type": part, "text": content}] if isinstance(content, str) else content
+            out.setdefault("status", "completed")
+        listed.append(out)
+    return listed
+
+
 def output_items(reply: dict[str, Any]) -> list[dict[str, Any]]:
     """An assistant message in the chat form as Responses output items."""
     items: list[dict[str, Any]] = []
@@ -173,6 +191,7 @@ class Kept:
     salt: str | None
     messages: list[dict[str, Any]]  # the conversation so far, ending with the reply
     body: dict[str, Any]  # the response object, as returned
+    inputs: list[dict[str, Any]]  # its input items, as input_items lists them
 
 
 class ResponseStore:

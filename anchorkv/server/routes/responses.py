@@ -7,9 +7,9 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from anchorkv.engine.engine import Finished
@@ -53,7 +53,7 @@ def router(svc: Service) -> APIRouter:
             body = oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
                                 done.cached_tokens, done.completion_tokens)  # fmt: skip
             if req.store:
-                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body))
+                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body, oar.listed_inputs(req.input)))
             return body
 
         if req.stream:
@@ -72,6 +72,26 @@ def router(svc: Service) -> APIRouter:
         if kept is None:
             raise _not_kept(rid)
         return kept.body
+
+    @r.get("/v1/responses/{rid}/input_items")
+    @r.get("/responses/{rid}/input_items")
+    async def input_items(
+        rid: str, request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+        order: Literal["asc", "desc"] = "desc", after: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The response's input items, a page at a time, as OpenAI's: newest first unless order=asc."""
+        kept = store.get(_key(request), rid)
+        if kept is None:
+            raise _not_kept(rid)
+        items = kept.inputs if order == "asc" else kept.inputs[::-1]
+        ids = [i["id"] for i in items]
+        if after is not None:
+            if after not in ids:
+                raise APIError(400, f"after: no input item {after!r} in response {rid!r}", "after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}  # fmt: skip
 
     @r.delete("/v1/responses/{rid}")
     @r.delete("/responses/{rid}")
