@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +180,22 @@ def test_n_choices_cost_one_prefill_and_each_is_its_own_seeded_sample(cached: Te
     ]
     assert streamed == texts
     assert [e["choices"][0]["index"] for e in lines if e["choices"][0]["finish_reason"]] == [0, 1, 2]
+
+
+def test_n_choices_decode_side_by_side_once_the_prompt_is_prefilled(cached: TestClient) -> None:
+    worker = cached.app.state.worker  # type: ignore[attr-defined]
+    body = ask("Count to a hundred.", temperature=1.0, seed=3, max_tokens=96, ignore_eos=True, n=3)
+    statuses: list[int] = []
+    request = threading.Thread(
+        target=lambda: statuses.append(cached.post("/v1/chat/completions", json=body).status_code)
+    )
+    request.start()
+    most = 0
+    while request.is_alive():
+        most = max(most, worker.running)
+        time.sleep(0.002)
+    assert statuses == [200]
+    assert most == 3  # the three choices ran at once, not one after another
 
 
 def test_server_prefills_the_reply_while_idle_so_the_next_turn_hits_on_it(tmp_path: Path) -> None:

@@ -71,9 +71,14 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Delta | Finished | JobFailed] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # its prompt is prefilled (or it failed)
 
     def emit(self, event: Delta | Finished | JobFailed) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        self.loop.call_soon_threadsafe(self._put, event)
+
+    def _put(self, event: Delta | Finished | JobFailed) -> None:
+        self.events.put_nowait(event)
+        self.started.set()
 
     async def stream(self) -> AsyncIterator[Delta | Finished]:
         """Events until Finished. Leaving early (a client that went away) cancels the generation."""

@@ -71,9 +71,7 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
     params = [await svc.params(req, p.tokens, p.param) for p in prompts]
 
     def submit(p: int, i: int) -> Job:
-        """Choice i of prompt p, generated after choice i - 1: with the prefix cache on, its prompt then
-        restores whole, so n choices cost one prefill. A seed gives choice i the seed + i, as the prompt
-        alone would get."""
+        """Choice i of prompt p. A seed gives choice i the seed + i, as the prompt alone would get."""
         seed = params[p].seed
         return svc.submit(
             kind, prompts[p].tokens, replace(params[p], seed=None if seed is None else seed + i), prompts[p].cache
@@ -94,14 +92,21 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
         return StreamingResponse(stream, media_type="text/event-stream")
 
     async def choices(p: int) -> list[Finished] | None:
-        dones: list[Finished] = []
-        for i in range(req.n):
-            done = await svc.final(firsts[p] if i == 0 else submit(p, i), request)
-            if done is None:  # the client went away; nobody reads this
-                return None
-            svc.account(kind, done, t0, first=p == 0 and i == 0)
-            dones.append(done)
-        return dones
+        jobs = [firsts[p]]
+        try:
+            if req.n > 1:
+                await firsts[p].started.wait()
+                jobs += _rest(submit, p, req.n)
+            dones: list[Finished] = []
+            for i, job in enumerate(jobs):
+                done = await svc.final(job, request)
+                if done is None:  # the client went away; nobody reads this
+                    return None
+                svc.account(kind, done, t0, first=p == 0 and i == 0)
+                dones.append(done)
+            return dones
+        finally:
+            _cancel(jobs)
 
     tasks = [asyncio.ensure_future(choices(p)) for p in range(len(prompts))]
     try:
@@ -121,6 +126,19 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
     ]
     return JSONResponse(env.body(body, stream=False, usage=_usage(done_lists), timings=first.timings(),
                                  prefix_cache=first.cache.as_dict()))  # fmt: skip
+
+
+def _rest(submit: Callable[[int, int], Job], p: int, n: int) -> list[Job]:
+    """Choices 1 to n - 1 of prompt p, once choice 0 has prefilled it: with the prefix cache on, each then
+    restores the whole prompt, so n choices cost one prefill, and they decode side by side."""
+    jobs: list[Job] = []
+    try:
+        for i in range(1, n):
+            jobs.append(submit(p, i))
+    except APIError:
+        _cancel(jobs)
+        raise
+    return jobs
 
 
 def _cancel(jobs: Sequence[Job]) -> None:
@@ -191,19 +209,25 @@ async def _stream(
     t0: float, tools: int = 0, logprobs: bool = False,
 ) -> AsyncIterator[str]:  # fmt: skip
     """The choices one after another, prompt by prompt, each chunk naming its choice's index. Every prompt's
-    first choice runs from the start, so a later prompt's chunks wait here, not in the engine."""
+    first choice runs from the start and its others from when it is prefilled, so later chunks wait here,
+    not in the engine."""
     dones: list[list[Finished]] = []
     ttft: float | None = None
+    jobs = list(firsts)
     try:
         for p, first in enumerate(firsts):
             dones.append([])
+            others: list[Job] = []
             for i in range(n):
-                job = first if i == 0 else submit(p, i)
+                job = first if i == 0 else others[i - 1]
                 out = _Choice(svc, env, p * n + i, logprobs)
                 if env.kind == "chat":
                     yield out.chunk(None, opening=True)
                 calls_stream = ToolCallStream(tools) if tools else None
                 async for event in job.stream():
+                    if i == 0 and n > 1 and not others:  # the prompt is prefilled: the other choices run beside
+                        others = _rest(submit, p, n)
+                        jobs += others
                     ttft = ttft if ttft is not None else time.perf_counter() - t0
                     if isinstance(event, Delta):
                         if out.unsent is not None:
@@ -234,7 +258,7 @@ async def _stream(
     except APIError as e:  # the queue filled up before a later choice
         yield f"data: {json.dumps(errors.error_body(e.message, e.type))}\n\n"
     finally:
-        _cancel(firsts)  # a client gone early: the prompts not reached stop too
+        _cancel(jobs)  # a client gone early: the prompts and choices not reached stop too
     yield "data: [DONE]\n\n"
 
 
