@@ -553,6 +553,7 @@ def _cache(args: argparse.Namespace) -> int:
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from anchorkv.engine.allocator import freeze_loaded_objects
     from anchorkv.engine.engine import Engine
     from anchorkv.server.app import create_app
     from anchorkv.server.worker import serve_on_main_thread
@@ -586,6 +587,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         "batched" if engine.batch_rows else "one at a time",
     )  # fmt: skip
     app = create_app(engine, scfg, start_worker=False)
+    freeze_loaded_objects()
     server = uvicorn.Server(
         uvicorn.Config(
             app, host=scfg.host, port=scfg.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_grace

@@ -23,7 +23,7 @@ from torch import Tensor
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.cache.stage_cache import CacheStats, Chain, Coverage, Fetch, Lookup, Record, Restored
 from anchorkv.config import EngineConfig
-from anchorkv.engine.allocator import keep_freed_memory
+from anchorkv.engine.allocator import freeze_loaded_objects, keep_freed_memory
 from anchorkv.engine.pipeline import Pipeline, StageFailed, StageHealth
 from anchorkv.engine.plan import Span, StageInput
 from anchorkv.engine.stage import Stage, StageInfo, build_stages
@@ -55,6 +55,7 @@ class StageWorker:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         keep_freed_memory()
         self.stage: Stage = build_stages(cfg, cache_cfg, only=index)[0]
+        freeze_loaded_objects()
 
     def info(self) -> StageInfo:
         return replace(self.stage.info(), ray_node=ray.get_runtime_context().get_node_id())
