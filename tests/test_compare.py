@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from anchorkv.bench import compare, peers, traces
 from anchorkv.model.loader import bundled_model_path
@@ -33,3 +38,30 @@ def test_compare_restarts_our_server_and_its_first_request_hits_the_disk(tmp_pat
     rates = [float(line.split("|")[2]) for line in md.splitlines() if line.startswith(f"| {trace} |")]
     assert len(rates) == 1
     assert rates[0] > 0  # decode speed from the server's own timings
+
+
+FAKE_PEER = """
+import http.server, subprocess, sys
+# a child that takes a second to obey SIGTERM, as vLLM's engine process does while it shuts down
+subprocess.Popen([sys.executable, "-c", "import signal, time\\n"
+                  "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1), exit(0)))\\ntime.sleep(600)"])
+class Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Models).serve_forever()
+"""
+
+
+def test_a_stopped_peer_leaves_no_process_to_compute_beside_the_next(tmp_path: Path) -> None:
+    script = tmp_path / "peer.py"
+    script.write_text(FAKE_PEER)
+    peer = peers.Peer("fake", (sys.executable, str(script), "{port}"))
+    with peers.ServerProcess(peer, tmp_path / "model.gguf", free_port(), 1, tmp_path / "run") as server:
+        assert server.proc is not None
+        group = server.proc.pid
+        time.sleep(0.5)  # the child has started
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)  # every process of the server's group has exited

@@ -72,6 +72,19 @@ def vllm(python: Path, folder: Path) -> Peer:
     )  # fmt: skip
 
 
+def _gone(group: int, timeout_s: float) -> bool:
+    """Whether every process of the group has exited within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 class ServerProcess:
     """A running peer; `with` waits until it answers GET /v1/models and stops it on exit."""
 
@@ -111,10 +124,14 @@ class ServerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            # the whole process group: vLLM's engine runs in child processes
+            # the whole process group, and until the last of it has gone: vLLM's engine runs in child
+            # processes that outlive the server's own, and would compute beside the next server measured
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                pass
+            if not _gone(self.proc.pid, 30):
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+                _gone(self.proc.pid, 10)
