@@ -65,8 +65,10 @@ class Prompt:
 
 
 async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Prompt], request: Request) -> Response:
-    """Every prompt's n choices: the prompts side by side, each one's choices one after another; choice i of
-    prompt p is choices[p * n + i]."""
+    """Every prompt's n choices, choice i of prompt p at choices[p * n + i]. The prompts run side by side;
+    a prompt's first choice runs from the start, its others from when it has prefilled the prompt: with
+    the prefix cache on, each then restores the whole prompt, so n choices cost one prefill, and they
+    decode side by side."""
     t0 = time.perf_counter()
     params = [await svc.params(req, p.tokens, p.param) for p in prompts]
 
@@ -77,13 +79,7 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
             kind, prompts[p].tokens, replace(params[p], seed=None if seed is None else seed + i), prompts[p].cache
         )
 
-    firsts: list[Job] = []
-    try:
-        for p in range(len(prompts)):
-            firsts.append(submit(p, 0))
-    except APIError:
-        _cancel(firsts)
-        raise
+    firsts = _all_or_none(lambda p: submit(p, 0), range(len(prompts)))
     tools = req.calls_allowed if isinstance(req, ChatCompletionRequest) else 0
     env = Envelope(kind, ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24], svc.model_id)
     if req.stream:
@@ -96,7 +92,7 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
         try:
             if req.n > 1:
                 await firsts[p].started.wait()
-                jobs += _rest(submit, p, req.n)
+                jobs += _all_or_none(lambda i: submit(p, i), range(1, req.n))
             dones: list[Finished] = []
             for i, job in enumerate(jobs):
                 done = await svc.final(job, request)
@@ -128,13 +124,12 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
                                  prefix_cache=first.cache.as_dict()))  # fmt: skip
 
 
-def _rest(submit: Callable[[int, int], Job], p: int, n: int) -> list[Job]:
-    """Choices 1 to n - 1 of prompt p, once choice 0 has prefilled it: with the prefix cache on, each then
-    restores the whole prompt, so n choices cost one prefill, and they decode side by side."""
+def _all_or_none(submit: Callable[[int], Job], indices: range) -> list[Job]:
+    """A job for each index, or none: a full queue (503) cancels those already queued."""
     jobs: list[Job] = []
     try:
-        for i in range(1, n):
-            jobs.append(submit(p, i))
+        for i in indices:
+            jobs.append(submit(i))
     except APIError:
         _cancel(jobs)
         raise
@@ -226,7 +221,7 @@ async def _stream(
                 calls_stream = ToolCallStream(tools) if tools else None
                 async for event in job.stream():
                     if i == 0 and n > 1 and not others:  # the prompt is prefilled: the other choices run beside
-                        others = _rest(submit, p, n)
+                        others = _all_or_none(lambda k: submit(p, k), range(1, n))
                         jobs += others
                     ttft = ttft if ttft is not None else time.perf_counter() - t0
                     if isinstance(event, Delta):
