@@ -32,7 +32,7 @@ from anchorkv.bench import stages as stages_bench
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.pipeline import LocalPipeline
+from anchorkv.engine.pipeline import in_process
 from anchorkv.engine.plan import RequestPlan
 from anchorkv.engine.stage import Stage
 from anchorkv.server.app import create_app
@@ -125,8 +125,7 @@ def logits_two_ways(
 
 def stages_of(engine: Engine) -> list[Stage]:
     """The engine's stages, built in this process: what tests of one process reach into."""
-    assert isinstance(engine.pipeline, LocalPipeline)
-    return engine.pipeline.stages
+    return in_process(engine.pipeline).stages
 
 
 class Arrivals:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from anchorkv.engine.engine import Engine
-from anchorkv.engine.pipeline import LocalPipeline
+from anchorkv.engine.pipeline import in_process
 from anchorkv.engine.plan import RequestPlan, Span
 from anchorkv.model.decode_attention import DecodeAttention
 from anchorkv.model.prefill_attention import PrefillAttention
@@ -32,18 +32,12 @@ class Measurement:
     tokens_per_s: float
 
 
-def _local(engine: Engine) -> LocalPipeline:
-    """The engine's stages, which this bench drives directly: in this process."""
-    assert isinstance(engine.pipeline, LocalPipeline), "bench engine runs the stages in process"
-    return engine.pipeline
-
-
 @torch.inference_mode()
 def run(engine: Engine, repeats: int = 3, decode_tokens: int = 32) -> list[Measurement]:
     rng = random.Random(0)
     vocab = engine.model_cfg.vocab_size
     ids = [rng.randrange(vocab) for _ in range(max(*PREFILL_LENGTHS, *DECODE_CONTEXTS) + decode_tokens)]
-    pipe = _local(engine)
+    pipe = in_process(engine.pipeline)
     plan = RequestPlan("bench", 0)
     out = []
     pipe.truncate(0)
@@ -101,7 +95,7 @@ def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, step
     """Decode steps of BATCH_ROWS sequences together, each with BATCH_CONTEXT tokens of its own KV (one
     prefill, copied into the other slots): tokens/s over all rows; and alternately the same steps with the
     first BATCH_SHARED positions read from the first row's slot, as rows sharing a system prompt do."""
-    rows, ctx, pipe = min(BATCH_ROWS, engine.cfg.parallel), BATCH_CONTEXT, _local(engine)
+    rows, ctx, pipe = min(BATCH_ROWS, engine.cfg.parallel), BATCH_CONTEXT, in_process(engine.pipeline)
     if rows < 2 or ctx + steps >= engine.ctx:
         return []
     pipe.truncate(0)
@@ -130,7 +124,7 @@ def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, step
 def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> list[Measurement]:
     """TURN_TOKENS prefilled after each context with the engine's attention and, where its kernels run, with
     torch's matmuls around the softmax kernel and with torch alone, alternately."""
-    pipe = _local(engine)
+    pipe = in_process(engine.pipeline)
     model = pipe.stages[0].model
     default = (model.prefill_attention, model.softmax)
     variants = {"": default}

@@ -174,3 +174,9 @@ class LocalPipeline(Pipeline):
     def kvs(self, slot: int) -> list[StageKV]:
         """Every stage's KV of one slot."""
         return [stage.kvs[slot] for stage in self.stages]
+
+
+def in_process(pipeline: Pipeline) -> LocalPipeline:
+    """The pipeline as stages in this process, for code that drives them directly (benches, tests)."""
+    assert isinstance(pipeline, LocalPipeline), "the stages run in other processes"
+    return pipeline

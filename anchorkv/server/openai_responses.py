@@ -124,12 +124,17 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatComplet
 ITEM_IDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}
 
 
-def listed_inputs(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Input items as `input_items` lists them: each with an id, a message's text as content parts."""
+def listed_inputs(rid: str, items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Response rid's input items as `input_items` lists them: each with an id (the client's, else one
+    derived from rid and the item's place), a message's text as content parts."""
     listed = []
-    for item in [{"role": "user", "content": items}] if isinstance(items, str) else items:
+    for i, item in enumerate([{"role": "user", "content": items}] if isinstance(items, str) else items):
         kind = item.get("type", "message")
-        out = {"type": kind, **item, "id": item.get("id") or f"{ITEM_IDS.get(kind, 'item')}_{uuid.uuid4().hex[:24]}"}
+        out = {
+            "type": kind,
+            **item,
+            "id": item.get("id") or f"{ITEM_IDS.get(kind, 'item')}_{rid.removeprefix('resp_')}_{i}",
+        }
         if kind == "message":
             part = "output_text" if item.get("role") == "assistant" else "input_text"
             content = item.get("content")
@@ -191,7 +196,7 @@ class Kept:
     salt: str | None
     messages: list[dict[str, Any]]  # the conversation so far, ending with the reply
     body: dict[str, Any]  # the response object, as returned
-    inputs: list[dict[str, Any]]  # its input items, as input_items lists them
+    input: str | list[dict[str, Any]]  # its input, as sent
 
 
 class ResponseStore:

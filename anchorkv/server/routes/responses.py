@@ -53,7 +53,7 @@ def router(svc: Service) -> APIRouter:
             body = oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
                                 done.cached_tokens, done.completion_tokens)  # fmt: skip
             if req.store:
-                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body, oar.listed_inputs(req.input)))
+                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body, req.input))
             return body
 
         if req.stream:
@@ -83,7 +83,8 @@ def router(svc: Service) -> APIRouter:
         kept = store.get(_key(request), rid)
         if kept is None:
             raise _not_kept(rid)
-        items = kept.inputs if order == "asc" else kept.inputs[::-1]
+        items = oar.listed_inputs(rid, kept.input)
+        items = items if order == "asc" else items[::-1]
         ids = [i["id"] for i in items]
         if after is not None:
             if after not in ids:
