@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from anchorkv.cli import main
 from tests.conftest import free_port
 
 
@@ -28,10 +29,11 @@ from tests.conftest import free_port
         (["bench", "stages", "--redis-tokens", "0"], "--redis-tokens"),  # an empty prompt: it used to hang
     ],
 )
-def test_bad_flag_exits_2_naming_it(args: list[str], flag: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "anchorkv", *args], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2
-    assert flag in r.stderr
+def test_bad_flag_exits_2_naming_it(args: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    assert exit.value.code == 2
+    assert flag in capsys.readouterr().err
 
 
 def test_help_lists_every_serve_flag() -> None:
@@ -53,16 +55,13 @@ def test_help_lists_every_serve_flag() -> None:
 
 
 @pytest.mark.parametrize("value", ["sometimes", "auto:0", "-3"])
-def test_bad_disk_prefix_cache_exits_2_listing_the_forms(value: str) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "anchorkv", "serve", "--disk-prefix-cache", value],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert r.returncode == 2
-    assert "--disk-prefix-cache" in r.stderr
-    assert "auto:N" in r.stderr
+def test_bad_disk_prefix_cache_exits_2_listing_the_forms(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["serve", "--disk-prefix-cache", value])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--disk-prefix-cache" in err
+    assert "auto:N" in err
 
 
 def _serve(port: int, folder: Path) -> list[str]:
