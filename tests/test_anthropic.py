@@ -192,7 +192,7 @@ def test_translation_marks_the_message_holding_a_breakpoint() -> None:
     assert marks == 2
     assert chat.messages[2].tool_calls
     assert chat.messages[2].tool_calls[0].function.arguments == '{"x": 1}'
-    assert usage(100, 40, 5, 70) == {"input_tokens": 30, "cache_read_input_tokens": 40,
+    assert usage(100, 40, 5, 70).to_dict() == {"input_tokens": 30, "cache_read_input_tokens": 40,
                                     "cache_creation_input_tokens": 30, "output_tokens": 5}  # fmt: skip
 
 

@@ -4,7 +4,8 @@ A request becomes one `ChatCompletionRequest` (system blocks first, tool_result 
 tool_use blocks as `tool_calls`, `input_schema` as function parameters). A `cache_control` breakpoint on
 a system block, a tool or a content block marks the message holding it, so the cache anchors where that
 message ends (a breakpoint before a message's last block anchors there too: message ends are where a
-prompt is cut exactly). A reply comes back as content blocks, with Anthropic's stop reasons and usage.
+prompt is cut exactly). A reply comes back in the `anthropic` SDK's types: content blocks, Anthropic's stop
+reasons and usage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
+import anthropic.types as at
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
@@ -196,43 +198,47 @@ def _body(req: MessagesRequest, messages: list[dict[str, Any]]) -> dict[str, Any
     return body
 
 
+ContentBlock = at.TextBlock | at.ToolUseBlock
+
+
 def message(
-    mid: str, model: str, content: list[dict[str, Any]], stop: str | None, usage: dict[str, int]
-) -> dict[str, Any]:
+    mid: str, model: str, content: list[ContentBlock], stop: at.StopReason | None, usage: at.Usage
+) -> at.Message:
     """The message object: the non-streamed reply, and (empty, with no stop reason yet) message_start's."""
-    return {"id": mid, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop, "stop_sequence": None, "usage": usage}  # fmt: skip
+    return at.Message(id=mid, type="message", role="assistant", model=model, content=list(content),
+                      stop_reason=stop, stop_sequence=None, usage=usage)  # fmt: skip
 
 
-def stop_reason(finish: str, tool_calls: bool) -> str:
+def stop_reason(finish: str, tool_calls: bool) -> at.StopReason:
     """Anthropic's stop_reason for an engine finish reason."""
     if tool_calls:
         return "tool_use"
     return "max_tokens" if finish == "length" else "end_turn"
 
 
-def content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+def content_blocks(message: dict[str, Any]) -> list[ContentBlock]:
     """An assistant message in the chat form (tool_calls as OpenAI's) as Anthropic content blocks."""
-    blocks: list[dict[str, Any]] = []
+    blocks: list[ContentBlock] = []
     if message.get("content"):
-        blocks.append({"type": "text", "text": message["content"]})
+        blocks.append(at.TextBlock(type="text", text=message["content"]))
     for call in message.get("tool_calls") or []:
         try:
             args = json.loads(call["function"]["arguments"] or "{}")
         except ValueError:
             args = {}
-        blocks.append({"type": "tool_use", "id": call["id"].replace("call_", "toolu_", 1), "name": call["function"]["name"],
-                       "input": args if isinstance(args, dict) else {"value": args}})  # fmt: skip
+        blocks.append(at.ToolUseBlock(type="tool_use", id=call["id"].replace("call_", "toolu_", 1),
+                                      name=call["function"]["name"],
+                                      input=args if isinstance(args, dict) else {"value": args}))  # fmt: skip
     return blocks
 
 
-def usage(prompt: int, cached: int, output: int, anchored: int) -> dict[str, int]:
+def usage(prompt: int, cached: int, output: int, anchored: int) -> at.Usage:
     """Anthropic's usage: tokens read from the cache, tokens this request wrote at a breakpoint (past what
     it read), and the rest of the input."""
     created = max(0, anchored - cached)
-    return {
-        "input_tokens": prompt - cached - created,
-        "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": created,
-        "output_tokens": output,
-    }
+    return at.Usage(
+        input_tokens=prompt - cached - created,
+        cache_read_input_tokens=cached,
+        cache_creation_input_tokens=created,
+        output_tokens=output,
+    )

@@ -7,8 +7,9 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
+import anthropic.types as at
+from anthropic.types.raw_message_delta_event import Delta
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -41,7 +42,9 @@ def router(svc: Service) -> APIRouter:
         svc.account("messages", done, t0)
         reply = assistant_message(done.text, chat.calls_allowed)
         stop = am.stop_reason(done.finish_reason, "tool_calls" in reply)
-        return JSONResponse(am.message(mid, svc.model_id, am.content_blocks(reply), stop, _usage(done)))
+        return JSONResponse(
+            am.message(mid, svc.model_id, am.content_blocks(reply), stop, _usage(done)).to_dict(mode="json")
+        )
 
     @r.post("/v1/messages/count_tokens")
     async def count_tokens(req: CountTokensRequest) -> dict[str, int]:
@@ -51,12 +54,19 @@ def router(svc: Service) -> APIRouter:
     return r
 
 
-def _usage(done: Finished) -> dict[str, int]:
+def _usage(done: Finished) -> at.Usage:
     return am.usage(done.prompt_tokens, done.cached_tokens, done.completion_tokens, done.cache.anchored)
 
 
-def _event(kind: str, **body: Any) -> str:
-    return f"event: {kind}\ndata: {json.dumps({'type': kind, **body}, ensure_ascii=False)}\n\n"
+Event = at.RawMessageStreamEvent | at.ErrorResponse
+
+
+def _sse(event: Event) -> str:
+    """One server-sent event, named by its type."""
+    return f"event: {event.type}\ndata: {event.to_json(indent=None)}\n\n"
+
+
+PING = 'event: ping\ndata: {"type": "ping"}\n\n'
 
 
 class _Blocks:
@@ -71,21 +81,24 @@ class _Blocks:
 
     def close(self) -> Iterator[str]:
         if self.open is not None:
-            yield _event("content_block_stop", index=self.index)
+            yield _sse(at.RawContentBlockStopEvent(type="content_block_stop", index=self.index))
             self.index, self.open = self.index + 1, None
 
-    def start(self, kind: str, block: dict[str, Any]) -> Iterator[str]:
+    def start(self, block: am.ContentBlock) -> Iterator[str]:
         yield from self.close()
-        self.open = kind
-        yield _event("content_block_start", index=self.index, content_block=block)
+        self.open = block.type
+        yield _sse(at.RawContentBlockStartEvent(type="content_block_start", index=self.index, content_block=block))
+
+    def delta(self, delta: at.TextDelta | at.InputJSONDelta) -> str:
+        return _sse(at.RawContentBlockDeltaEvent(type="content_block_delta", index=self.index, delta=delta))
 
     def piece(self, piece: str | CallPiece) -> Iterator[str]:
         return self.text(piece) if isinstance(piece, str) else self.call(piece)
 
     def text(self, text: str) -> Iterator[str]:
         if self.open != "text":
-            yield from self.start("text", {"type": "text", "text": ""})
-        yield _event("content_block_delta", index=self.index, delta={"type": "text_delta", "text": text})
+            yield from self.start(at.TextBlock(type="text", text=""))
+        yield self.delta(at.TextDelta(type="text_delta", text=text))
 
     def call(self, piece: CallPiece) -> Iterator[str]:
         if piece.name is not None and not piece.arguments.lstrip().startswith("{"):
@@ -95,18 +108,16 @@ class _Blocks:
         if piece.name is not None:
             self.streamed.add(piece.index)
             tool_id = piece.id.replace("call_", "toolu_", 1)  # as content_blocks names it
-            yield from self.start("tool_use", {"type": "tool_use", "id": tool_id, "name": piece.name, "input": {}})
-        delta = {"type": "input_json_delta", "partial_json": piece.arguments}
-        yield _event("content_block_delta", index=self.index, delta=delta)
+            yield from self.start(at.ToolUseBlock(type="tool_use", id=tool_id, name=piece.name, input={}))
+        yield self.delta(at.InputJSONDelta(type="input_json_delta", partial_json=piece.arguments))
 
-    def end(self, calls: list[dict[str, Any]] | None) -> Iterator[str]:
+    def end(self, calls: list[dict[str, object]] | None) -> Iterator[str]:
         yield from self.close()
         for i, block in enumerate(am.content_blocks({"tool_calls": calls or []})):
-            if i in self.streamed:
+            if i in self.streamed or not isinstance(block, at.ToolUseBlock):
                 continue
-            yield from self.start("tool_use", {**block, "input": {}})
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
-            yield _event("content_block_delta", index=self.index, delta=delta)
+            yield from self.start(block.model_copy(update={"input": {}}))
+            yield self.delta(at.InputJSONDelta(type="input_json_delta", partial_json=json.dumps(block.input)))
             yield from self.close()
 
 
@@ -114,8 +125,9 @@ async def _events(svc: Service, mid: str, job: Job, prompt_len: int, tools: int,
     """Anthropic's server-sent events: message_start, ping, content blocks (each's start, deltas and stop:
     text_delta for text, input_json_delta for a tool call's input as it is generated), message_delta with
     the stop reason and usage, message_stop."""
-    yield _event("message_start", message=am.message(mid, svc.model_id, [], None, am.usage(prompt_len, 0, 0, 0)))
-    yield _event("ping")
+    start = am.message(mid, svc.model_id, [], None, am.usage(prompt_len, 0, 0, 0))
+    yield _sse(at.RawMessageStartEvent(type="message_start", message=start))
+    yield PING
     blocks = _Blocks()
     try:
         async for ev in svc.reply_pieces("messages", job, tools, t0):
@@ -126,9 +138,11 @@ async def _events(svc: Service, mid: str, job: Job, prompt_len: int, tools: int,
                 done, calls = ev
                 for e in blocks.end(calls):
                     yield e
-                reason = am.stop_reason(done.finish_reason, bool(calls))
-                yield _event("message_delta", delta={"stop_reason": reason, "stop_sequence": None}, usage=_usage(done))
-                yield _event("message_stop")
+                delta = Delta(stop_reason=am.stop_reason(done.finish_reason, bool(calls)), stop_sequence=None)
+                usage = at.MessageDeltaUsage.model_validate(_usage(done).to_dict())
+                yield _sse(at.RawMessageDeltaEvent(type="message_delta", delta=delta, usage=usage))
+                yield _sse(at.RawMessageStopEvent(type="message_stop"))
     except JobFailed as e:
         kind = "invalid_request_error" if e.client_error else "api_error"
-        yield _event("error", error={"type": kind, "message": f"generation failed: {e}"})
+        error = {"type": "error", "error": {"type": kind, "message": f"generation failed: {e}"}}
+        yield _sse(at.ErrorResponse.model_validate(error))
