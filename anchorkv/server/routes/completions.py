@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from openai.types import Completion, CompletionChoice
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.engine.engine import Delta, Finished
@@ -120,8 +122,9 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
         for p, dones in enumerate(done_lists)
         for i, d in enumerate(dones)
     ]
-    return JSONResponse(env.body(body, stream=False, usage=_usage(done_lists), timings=first.timings(),
-                                 prefix_cache=first.cache.as_dict()))  # fmt: skip
+    reply = env.body(body, stream=False, usage=_usage(done_lists), timings=first.timings(),
+                     prefix_cache=first.cache.as_dict())  # fmt: skip
+    return JSONResponse(reply.to_dict(mode="json"))
 
 
 def _all_or_none(submit: Callable[[int], Job], indices: range) -> list[Job]:
@@ -142,24 +145,41 @@ def _cancel(jobs: Sequence[Job]) -> None:
         job.cancel.set()
 
 
+class CompletionChunkChoice(CompletionChoice):
+    # a stream's chunks carry no finish_reason until the last
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None  # type: ignore[assignment]
+
+
+class CompletionChunk(Completion):
+    """A streamed /v1/completions chunk: the SDK reads it as a Completion, whose choices always finish."""
+
+    choices: list[CompletionChunkChoice]  # type: ignore[assignment]
+
+
+Body = ChatCompletion | ChatCompletionChunk | Completion | CompletionChunk
+
+
 @dataclass
 class Envelope:
-    """The one place a response or a chunk is put together: id, object, created, model, choices, extras."""
+    """The one place a response or a chunk is put together: id, object, created, model, choices, extras.
+    Each is the `openai` SDK's model of it (extras such as `timings` ride along), so a body that strays
+    from the API's schema fails where it is made."""
 
     kind: Kind
     rid: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def body(self, choices: list[dict[str, Any]], stream: bool, **extra: Any) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if stream else "chat.completion"
-        if self.kind == "completion":
-            obj = "text_completion"
-        return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                **extra}  # fmt: skip
+    def body(self, choices: list[dict[str, Any]], stream: bool, **extra: Any) -> Body:
+        chat = self.kind == "chat"
+        model: type[Body] = (ChatCompletionChunk if stream else ChatCompletion) if chat else (
+            CompletionChunk if stream else Completion)  # fmt: skip
+        obj = "text_completion" if not chat else "chat.completion.chunk" if stream else "chat.completion"
+        return model.model_validate({"id": self.rid, "object": obj, "created": self.created, "model": self.model,
+                                     "choices": choices, **extra})  # fmt: skip
 
     def sse(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        return f"data: {json.dumps(self.body(choices, stream=True, **extra), ensure_ascii=False)}\n\n"
+        return f"data: {self.body(choices, stream=True, **extra).to_json(indent=None)}\n\n"
 
 
 def _choice(env: Envelope, i: int, done: Finished, tools: int, logprobs: dict[str, Any] | None) -> dict[str, Any]:
