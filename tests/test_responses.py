@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
@@ -11,9 +11,22 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from openai.types.responses import (
     EasyInputMessageParam,
     FunctionToolParam,
+    Response,
     ResponseCompletedEvent,
+    ResponseContentPartAddedEvent,
+    ResponseContentPartDoneEvent,
+    ResponseCreatedEvent,
+    ResponseErrorEvent,
+    ResponseFunctionCallArgumentsDeltaEvent,
+    ResponseFunctionCallArgumentsDoneEvent,
     ResponseIncompleteEvent,
+    ResponseInProgressEvent,
+    ResponseOutputItemAddedEvent,
+    ResponseOutputItemDoneEvent,
+    ResponseTextDeltaEvent,
+    ResponseTextDoneEvent,
 )
+from pydantic import Field, TypeAdapter
 
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Engine
@@ -96,6 +109,42 @@ def test_prompt_cache_key_is_accepted_and_cached_tokens_reported(client: OpenAI)
     assert b.usage is not None
     assert b.usage.input_tokens_details.cached_tokens > 0
     assert a.output_text == b.output_text
+
+
+def test_usage_says_what_the_cache_wrote_and_the_next_request_reads_it(client: OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "any", "instructions": INSTRUCTIONS, "input": "Which shelf holds subject 29?",
+                          "temperature": 0, "max_output_tokens": 4}  # fmt: skip
+    a, b = client.responses.create(**kw), client.responses.create(**kw)
+    assert a.usage is not None and b.usage is not None
+    wrote, read = a.usage.input_tokens_details, b.usage.input_tokens_details
+    assert wrote.cache_write_tokens > 0
+    assert read.cached_tokens >= wrote.cached_tokens + wrote.cache_write_tokens
+
+
+# the events this server sends; the SDK's own union of them all has no discriminator
+Event = Annotated[
+    ResponseCreatedEvent | ResponseInProgressEvent | ResponseOutputItemAddedEvent | ResponseContentPartAddedEvent
+    | ResponseTextDeltaEvent | ResponseTextDoneEvent | ResponseContentPartDoneEvent | ResponseOutputItemDoneEvent
+    | ResponseFunctionCallArgumentsDeltaEvent | ResponseFunctionCallArgumentsDoneEvent | ResponseCompletedEvent
+    | ResponseIncompleteEvent | ResponseErrorEvent,
+    Field(discriminator="type"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("tools", [False, True])
+def test_every_response_and_event_sent_validates_as_the_sdks_models(server: LiveServer, tools: bool) -> None:
+    """The SDK reads replies without validating them, so a field it requires that is missing shows only
+    when a client reads it."""
+    body: dict[str, Any] = {"model": "any", "input": "Find the book Dune.", "temperature": 0, "max_output_tokens": 48}
+    if tools:
+        body |= {"tools": [LOOKUP], "tool_choice": "required"}
+    r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=120)
+    assert Response.model_validate(r.json()).output
+    events = TypeAdapter(Event)
+    with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True}, timeout=120) as s:
+        kinds = [events.validate_json(line[6:]).type for line in s.iter_lines() if line.startswith("data: ")]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert ("response.function_call_arguments.done" in kinds) == tools
 
 
 def test_function_tools_round_trip(client: OpenAI) -> None:

@@ -124,6 +124,11 @@ class CacheReport:
         """The furthest anchor recorded: where this request wrote at a breakpoint (0 if none)."""
         return max((r.at for r in self.recorded if r.kind == "anchor"), default=0)
 
+    @property
+    def written(self) -> int:
+        """Prompt tokens past the restore that the cache holds once this request's boundaries are recorded."""
+        return max(0, max((r.at for r in self.recorded), default=0) - self.restored_tokens)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "restored_tokens": self.restored_tokens,

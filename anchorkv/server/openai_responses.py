@@ -158,7 +158,7 @@ def output_items(reply: dict[str, Any]) -> list[dict[str, Any]]:
 
 def response(
     rid: str, model: str, req: ResponsesRequest, items: list[dict[str, Any]], finish: str, prompt: int, cached: int,
-    output: int,
+    output: int, written: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
     incomplete = finish == "length"
     return {
@@ -183,7 +183,7 @@ def response(
         "text": req.text or {"format": {"type": "text"}},
         "usage": {
             "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": cached},
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
             "output_tokens": output,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + output,

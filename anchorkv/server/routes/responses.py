@@ -51,7 +51,7 @@ def router(svc: Service) -> APIRouter:
             reply = assistant_message(done.text, chat.calls_allowed)
             items = oar.output_items(reply)
             body = oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
-                                done.cached_tokens, done.completion_tokens)  # fmt: skip
+                                done.cached_tokens, done.completion_tokens, done.cache.written)  # fmt: skip
             if req.store:
                 store.put(key, rid, Kept(req.cache_salt, [*said, reply], body, req.input))
             return body
@@ -148,14 +148,14 @@ class _Items:
                              content_index=0, part=part)  # fmt: skip
         self.text += piece
         yield self.event("response.output_text.delta", item_id=self.msg_id, output_index=self.msg_index,
-                         content_index=0, delta=piece)  # fmt: skip
+                         content_index=0, delta=piece, logprobs=[])  # fmt: skip
 
     def close_message(self) -> Iterator[str]:
         if self.text is None:
             return
         part = {"type": "output_text", "text": self.text, "annotations": []}
         at = {"item_id": self.msg_id, "output_index": self.msg_index, "content_index": 0}
-        yield self.event("response.output_text.done", **at, text=self.text)
+        yield self.event("response.output_text.done", **at, text=self.text, logprobs=[])
         yield self.event("response.content_part.done", **at, part=part)
         item = {"type": "message", "id": self.msg_id, "status": "completed", "role": "assistant", "content": [part]}
         yield self.event("response.output_item.done", output_index=self.msg_index, item=item)
