@@ -175,6 +175,20 @@ def test_a_wrong_key_is_anthropics_401(server: LiveServer) -> None:
     assert r.json()["error"]["type"] == "authentication_error"
 
 
+def test_anthropics_own_tools_are_left_out_and_custom_ones_kept() -> None:
+    tools = [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},  # runs on Anthropic's servers
+        {"type": "bash_20250124", "name": "bash"},  # its schema lives on Anthropic's side
+        {"type": "custom", "name": "lookup", "input_schema": {"type": "object"}},
+        {"name": "fetch", "input_schema": {"type": "object"}},
+    ]
+    req = MessagesRequest.model_validate(
+        {"max_tokens": 8, "tools": tools, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    chat, _ = to_chat(req)
+    assert [t["function"]["name"] for t in chat.tools or []] == ["lookup", "fetch"]
+
+
 def test_translation_marks_the_message_holding_a_breakpoint() -> None:
     req = MessagesRequest.model_validate({
         "max_tokens": 8,

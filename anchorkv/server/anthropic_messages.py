@@ -42,6 +42,7 @@ class Message(BaseModel):
 
 class Tool(BaseModel):
     model_config = ConfigDict(extra="allow")
+    type: str | None = None  # "custom", or one of Anthropic's own tools (web_search_..., bash_...)
     name: str
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
@@ -174,9 +175,11 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
 
 
 def _body(req: MessagesRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Anthropic's own tools are left out: server tools run on Anthropic's side, and the schemas of the
+    others (bash, text editor, ...) live there too."""
     tools = [
         {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
-        for t in req.tools or []
+        for t in req.tools or [] if t.type in (None, "custom")
     ]  # fmt: skip
     body: dict[str, Any] = {"messages": messages, "max_tokens": req.max_tokens, "stream": req.stream}
     if "temperature" in req.model_fields_set:  # else the server's default
