@@ -41,12 +41,16 @@ def test_second_request_reports_what_it_reused(cached: TestClient) -> None:
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert first["prefix_cache"]["restored_tokens"] == 0
     assert first["prefix_cache"]["recorded"]
+    written = first["usage"]["prompt_tokens_details"]["cache_write_tokens"]
+    assert written == max(r["at"] for r in first["prefix_cache"]["recorded"]) > 0
     second = cached.post("/v1/chat/completions", json=ask("Which code goes with class 4?")).json()
     cached_tokens = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     # the shared system message, whole: it ends on a chat boundary, which the first request recorded
     system_end = next(r["at"] for r in first["prefix_cache"]["recorded"] if r["kind"] == "chat")
     assert cached_tokens == system_end > 0
     assert system_end % 128 != 0
+    holds = max(r["at"] for r in second["prefix_cache"]["recorded"])  # once recorded: restored or written
+    assert cached_tokens + second["usage"]["prompt_tokens_details"]["cache_write_tokens"] == holds
     assert second["timings"]["cache_n"] == cached_tokens
     assert second["timings"]["prompt_n"] == second["usage"]["prompt_tokens"] - cached_tokens
     report = second["prefix_cache"]

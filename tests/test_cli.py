@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -91,7 +92,8 @@ def test_serve_finishes_the_request_in_hand_on_sigterm(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
-        assert any('"finish_reason": "length"' in line for line in rest)
+        chunks = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         assert proc.wait(timeout=30) == 0
     finally:
         proc.kill()

@@ -296,12 +296,15 @@ def _call_delta(piece: CallPiece) -> dict[str, Any]:
 
 
 def _usage(per_prompt: list[list[Finished]]) -> dict[str, Any]:
-    """Each prompt once (with its first choice's cached tokens), the completions of every choice."""
+    """Each prompt once (with its first choice's cached and written tokens), the completions of every choice."""
     prompt = sum(dones[0].prompt_tokens for dones in per_prompt)
     completion = sum(d.completion_tokens for dones in per_prompt for d in dones)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(dones[0].cached_tokens for dones in per_prompt)},
+        "prompt_tokens_details": {
+            "cached_tokens": sum(dones[0].cached_tokens for dones in per_prompt),
+            "cache_write_tokens": sum(dones[0].cache.written for dones in per_prompt),
+        },
     }
