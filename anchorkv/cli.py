@@ -9,11 +9,14 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anchorkv.cache.policy import PolicyError, parse_scope
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import DECODE_WEIGHTS, DEVICES, DTYPES, EngineConfig, ServerConfig
+
+if TYPE_CHECKING:
+    from anchorkv.bench.replay import Think
 
 Subparsers = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -31,10 +34,23 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="hold a session's request until this long after its previous one ended, e.g. a tool running (default 0)",
     )
+    p.add_argument(
+        "--think-spread",
+        choices=["fixed", "exp"],
+        default="fixed",
+        help="fixed: --think-ms every time; exp: drawn from an exponential of that mean, the same draws for "
+        "every server (default fixed)",
+    )
 
 
 def _loop(args: argparse.Namespace) -> dict[str, Any]:
-    return {"live": args.live, "think_s": args.think_ms / 1000}
+    return {"live": args.live, "think": _think(args)}
+
+
+def _think(args: argparse.Namespace) -> Think:
+    from anchorkv.bench.replay import Think
+
+    return Think(args.think_ms / 1000, args.think_spread)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -463,7 +479,7 @@ def _bench_compare(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error("--sessions: K must be between 1 and 8 (gen:sessions has 8 sessions)")
         max_tokens = args.max_tokens or 48
         print(sessions.run(chosen, model, args.sessions, args.out, args.threads, args.port, max_tokens,
-                           args.think_ms / 1000, EngineConfig().parallel))  # fmt: skip
+                           _think(args), EngineConfig().parallel))  # fmt: skip
         print(f"\nwrote {args.out}/sessions.md and sessions.json")
         return 0
     workloads = args.workload or list(compare.WORKLOADS)

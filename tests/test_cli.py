@@ -28,6 +28,7 @@ from tests.conftest import free_port
         (["serve", "--temperature", "3"], "--temperature"),
         (["bench", "engine", "--device", "tpu"], "--device"),
         (["bench", "stages", "--redis-tokens", "0"], "--redis-tokens"),  # an empty prompt: it used to hang
+        (["bench", "compare", "--think-spread", "normal"], "--think-spread"),
     ],
 )
 def test_bad_flag_exits_2_naming_it(args: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:

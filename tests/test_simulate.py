@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from anchorkv.bench import simulate, traces
+from anchorkv.bench import replay, simulate, traces
 from anchorkv.cli import main
 from anchorkv.cache.prefix_cache import CacheConfig
 from anchorkv.config import EngineConfig, ServerConfig
@@ -148,7 +148,6 @@ def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> Non
 
 
 def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: Path) -> None:
-    from anchorkv.bench import replay
     from tests.conftest import serve_in_thread
 
     engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
@@ -181,7 +180,6 @@ def test_replay_against_a_live_server_records_ttft_and_cached_tokens(tmp_path: P
 
 
 def test_a_live_replay_sends_the_servers_replies_back_and_the_next_turn_restores_them() -> None:
-    from anchorkv.bench import replay
     from tests.conftest import serve_in_thread
 
     engine = Engine(EngineConfig(threads=2), CacheConfig(ram_mb=512, scope="off"))
@@ -195,7 +193,7 @@ def test_a_live_replay_sends_the_servers_replies_back_and_the_next_turn_restores
         assert scripted[0].prompt_tokens is not None
         assert scripted[1].cached_tokens <= scripted[0].prompt_tokens
         # a client loop with a second between turns: the reply, prefilled again while the server was idle, hits
-        samples = replay.replay(live.url, requests, max_tokens=4, live=True, think_s=1.0)
+        samples = replay.replay(live.url, requests, max_tokens=4, live=True, think=replay.Think(1.0))
         assert not any(s.error for s in samples)
         assert all(s.text for s in samples)
         sent = replay.with_replies(requests[2], replay.replies(requests, samples, "agent"))
@@ -215,3 +213,13 @@ def test_a_live_replay_sends_the_servers_replies_back_and_the_next_turn_restores
             assert [m["content"] for m in sent.messages if m["role"] == "assistant"] == [first.text]
     finally:
         next(server, None)
+
+
+def test_spread_think_times_vary_like_tools_and_are_the_same_for_every_server() -> None:
+    think = replay.Think(0.5, "exp")
+    pauses = [think.before(f"s{i % 4}", i) for i in range(400)]
+    assert pauses == [think.before(f"s{i % 4}", i) for i in range(400)]  # another server, the same pauses
+    assert len(set(pauses)) == len(pauses)
+    assert 0.4 < sum(pauses) / len(pauses) < 0.6
+    assert min(pauses) < 0.05 and max(pauses) > 1.5  # so sessions started together drift apart
+    assert {replay.Think(0.5).before("s0", i) for i in range(10)} == {0.5}

@@ -43,7 +43,7 @@ def run_peer(
     max_tokens: int,
     restart_after: str | None,
     live: bool = False,
-    think_s: float = 0.0,
+    think: replay.Think = replay.Think(),
 ) -> PeerRun:
     runs: dict[str, list[replay.Sample]] = {}
     for name, requests in workloads.items():
@@ -51,7 +51,7 @@ def run_peer(
         shutil.rmtree(wdir, ignore_errors=True)
         with ServerProcess(peer, model, port, threads, wdir) as server:
             print(f"  {peer.name}: {name} ({len(requests)} requests)", flush=True)
-            runs[name] = replay.replay(server.base_url, requests, max_tokens, live=live, think_s=think_s)
+            runs[name] = replay.replay(server.base_url, requests, max_tokens, live=live, think=think)
             # the session's last request as this server's client sent it
             last = [
                 replay.with_replies(
@@ -150,12 +150,12 @@ def run(
     max_tokens: int,
     restart_after: str | None = RESTART_AFTER,
     live: bool = False,
-    think_s: float = 0.0,
+    think: replay.Think = replay.Think(),
 ) -> str:
     loaded = {w: read_trace(w) for w in workloads}
     results: list[PeerRun] = []
     for peer in peers:
         print(f"{peer.name}: {' '.join(peer.command(model, port, threads, out / 'servers' / '<run>'))}", flush=True)
         folder = out / "servers"
-        results.append(run_peer(peer, model, loaded, folder, threads, port, max_tokens, restart_after, live, think_s))
+        results.append(run_peer(peer, model, loaded, folder, threads, port, max_tokens, restart_after, live, think))
     return write(out, results, workloads)

@@ -5,12 +5,13 @@ Per request it records TTFT (to the first streamed text), end-to-end time, promp
 trace's order, or K sessions at once with --concurrency; --restart-cmd runs a second pass after restarting
 the server.
 With `live`, a session is a client's loop: each request carries the server's own earlier replies in place of
-the recorded assistant messages, after `think_s` of quiet (the client's turn: running a tool, typing).
+the recorded assistant messages, after a `Think` of quiet (the client's turn: running a tool, typing).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import subprocess
 import threading
@@ -19,11 +20,27 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from anchorkv.bench.traces import Request
+
+
+@dataclass(frozen=True)
+class Think:
+    """A session's pause before each request after its first: a tool running, a person typing. `fixed`:
+    mean_s every time; `exp`: drawn from an exponential of that mean, as tools' times vary, so sessions
+    started together drift apart. A request's draw is seeded by its session and index: every server
+    measured gets the same pauses."""
+
+    mean_s: float = 0.0
+    spread: Literal["fixed", "exp"] = "fixed"
+
+    def before(self, session: str, index: int) -> float:
+        if self.spread == "fixed" or not self.mean_s:
+            return self.mean_s
+        return random.Random(f"{session}/{index}").expovariate(1 / self.mean_s)
 
 
 @dataclass
@@ -147,19 +164,19 @@ def replay(
     concurrency: int = 1,
     api_key: str | None = None,
     live: bool = False,
-    think_s: float = 0.0,
+    think: Think = Think(),
 ) -> list[Sample]:
     """With concurrency 1, the requests in the trace's order, so sessions that take turns in the trace take
     turns at the server; with K > 1, K sessions at once (in order of first appearance), each session's
-    requests one after another. A session's request waits until think_s after its previous one ended."""
+    requests one after another. A session's request waits `think` after its previous one ended."""
     base = base_url.rstrip("/")
     t0 = time.monotonic()
     got: dict[str, dict[int, str]] = defaultdict(dict)  # per session, the replies by assistant message index
     ended: dict[str, float] = {}
 
     def send(client: httpx.Client, i: int, r: Request) -> Sample:
-        if r.session in ended and think_s:
-            time.sleep(max(0.0, ended[r.session] + think_s - time.monotonic()))
+        if r.session in ended and (pause := think.before(r.session, i)):
+            time.sleep(max(0.0, ended[r.session] + pause - time.monotonic()))
         started = time.monotonic() - t0
         s = _send(client, base, with_replies(r, got[r.session]) if live else r, i, max_tokens, api_key)
         ended[r.session] = time.monotonic()

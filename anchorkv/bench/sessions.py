@@ -84,7 +84,7 @@ def run(
     threads: int,
     port: int,
     max_tokens: int,
-    think_s: float,
+    think: replay.Think,
     default_parallel: int,
 ) -> str:
     results: list[SessionsRun] = []
@@ -97,9 +97,7 @@ def run(
             with ServerProcess(p, model, port, threads, folder) as server:
                 print(f"  {p.name}: {k} sessions at once ({len(requests)} requests)", flush=True)
                 t0 = time.monotonic()
-                samples = replay.replay(
-                    server.base_url, requests, max_tokens, concurrency=k, live=True, think_s=think_s
-                )
+                samples = replay.replay(server.base_url, requests, max_tokens, concurrency=k, live=True, think=think)
                 results.append(SessionsRun(p.name, k, samples, time.monotonic() - t0))
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(results)
