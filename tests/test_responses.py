@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -142,9 +143,14 @@ def test_every_response_and_event_sent_validates_as_the_sdks_models(server: Live
     assert Response.model_validate(r.json()).output
     events = TypeAdapter(Event)
     with httpx.stream("POST", f"{server.url}/v1/responses", json={**body, "stream": True}, timeout=120) as s:
-        kinds = [events.validate_json(line[6:]).type for line in s.iter_lines() if line.startswith("data: ")]
+        sent = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    kinds = [events.validate_python(e).type for e in sent]
     assert kinds[-1] in ("response.completed", "response.incomplete")
     assert ("response.function_call_arguments.done" in kinds) == tools
+    # as OpenAI sends them: whole seconds (the SDK's model has a float), and the tools as offered
+    for whole in [r.json(), *(e["response"] for e in sent if "response" in e)]:
+        assert type(whole["created_at"]) is int
+        assert [t["name"] for t in whole["tools"]] == (["find_book"] if tools else [])
 
 
 def test_function_tools_round_trip(client: OpenAI) -> None:
@@ -197,12 +203,33 @@ def test_codex_style_fields_are_accepted_and_ignored(server: LiveServer) -> None
     r = httpx.post(f"{server.url}/v1/responses", json=body, timeout=60)
     assert r.status_code == 200
     assert r.json()["output"]
+    assert r.json()["tools"] == []  # none of them is offered to the model
 
 
 def test_unknown_previous_response_id_is_a_400_naming_it(client: OpenAI) -> None:
     with pytest.raises(BadRequestError) as e:
         client.responses.create(model="any", input="x", previous_response_id="resp_nope")
     assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"tools": [{"type": "function", "name": 3}]}, "tools[0].name"),
+        ({"tools": [{"type": "web_search"}, {"type": "function", "name": "f", "parameters": [1]}]}, "tools[1].parameters"),
+        ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+        ({"text": {"format": {"type": "json_schema", "name": "n", "schema": "{}"}}}, "text.format.schema"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format"),
+        ({"text": {"verbosity": "loud"}}, "text.verbosity"),
+    ],
+)  # fmt: skip
+def test_a_bad_tool_or_text_format_is_a_400_naming_the_field(
+    server: LiveServer, fields: dict[str, Any], param: str
+) -> None:
+    r = httpx.post(f"{server.url}/v1/responses", json={"model": "any", "input": "Hi", **fields}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["message"].startswith(f"{param}: ")
 
 
 def test_store_false_keeps_nothing(client: OpenAI) -> None:

@@ -17,11 +17,53 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from openai.types.responses import (
+    FunctionTool,
+    Response,
+    ResponseFormatTextJSONSchemaConfig,
+    ResponseFunctionToolCall,
+    ResponseOutputItem,
+    ResponseOutputMessage,
+    ResponseOutputText,
+    ResponseTextConfig,
+    ResponseUsage,
+    Tool,
+    ToolChoiceFunction,
+)
+from openai.types.responses.response import IncompleteDetails
+from openai.types.responses.response_usage import InputTokensDetails, OutputTokensDetails
+from openai.types.shared import ResponseFormatJSONObject, ResponseFormatText
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
 
 KEPT_RESPONSES = 1024
+
+
+def _type(value: Any) -> Any:
+    return value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+# A union's members are told apart by tags with a hyphen, which an error's `param` leaves out (errors.py).
+# Function tools are checked as the SDK's; the others (web_search, local_shell, ...) are never offered.
+RequestTool = Annotated[
+    Annotated[FunctionTool, Tag("function-tool")] | Annotated[dict[str, Any], Tag("other-tool")],
+    Discriminator(lambda t: "function-tool" if _type(t) == "function" else "other-tool"),
+]
+TextFormat = Annotated[
+    Annotated[ResponseFormatText, Tag("text-format")]
+    | Annotated[ResponseFormatTextJSONSchemaConfig, Tag("json_schema-format")]
+    | Annotated[ResponseFormatJSONObject, Tag("json_object-format")],
+    Discriminator(
+        lambda f: f"{_type(f)}-format",
+        custom_error_type="format_type",
+        custom_error_message="type must be text, json_schema or json_object",
+    ),
+]
+
+
+class TextConfig(ResponseTextConfig):
+    format: TextFormat | None = None
 
 
 class ResponsesRequest(RequestBody):
@@ -29,7 +71,7 @@ class ResponsesRequest(RequestBody):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None  # non-function tools are accepted and left out
+    tools: list[RequestTool] | None = None  # non-function tools are accepted and left out
     tool_choice: Literal["auto", "required", "none"] | dict[str, Any] | None = None
     parallel_tool_calls: bool = True
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -39,7 +81,7 @@ class ResponsesRequest(RequestBody):
     store: bool = True
     previous_response_id: str | None = None
     prompt_cache_key: str | None = None
-    text: dict[str, Any] | None = None
+    text: TextConfig | None = None
     cache_salt: str | None = None
 
 
@@ -89,10 +131,16 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatComplet
     messages = [{"role": "system", "content": req.instructions}] if req.instructions else []
     messages += [*history, *input_messages(req.input)]
     tools = [
-        {"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
-                                          "parameters": t.get("parameters") or {"type": "object"}}}
-        for t in req.tools or [] if t.get("type") == "function" and isinstance(t.get("name"), str)
-    ]  # fmt: skip
+        {
+            "type": "function",
+            "function": {
+                "name": t.name,
+                "description": t.description or "",
+                "parameters": t.parameters or {"type": "object"},
+            },
+        }
+        for t in _tools(req)
+    ]
     body: dict[str, Any] = {"messages": messages, "top_p": req.top_p, "stream": req.stream,
                             "parallel_tool_calls": req.parallel_tool_calls}  # fmt: skip
     if "temperature" in req.model_fields_set:  # else the server's default
@@ -101,18 +149,14 @@ def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatComplet
         body["max_tokens"] = req.max_output_tokens
     if tools:
         body["tools"] = tools
-        choice = req.tool_choice
-        if isinstance(choice, dict) and choice.get("type") == "function":
-            body["tool_choice"] = {"type": "function", "function": {"name": choice.get("name", "")}}
-        elif isinstance(choice, str):
-            body["tool_choice"] = choice
-    fmt = (req.text or {}).get("format") or {}
-    if fmt.get("type") == "json_schema":
-        body["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": fmt.get("name"), "schema": fmt.get("schema") or {}},
-        }
-    elif fmt.get("type") == "json_object":
+        choice = _tool_choice(req)
+        body["tool_choice"] = (
+            choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        )
+    fmt = req.text.format if req.text is not None else None
+    if isinstance(fmt, ResponseFormatTextJSONSchemaConfig):
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": fmt.name, "schema": fmt.schema_}}
+    elif isinstance(fmt, ResponseFormatJSONObject):
         body["response_format"] = {"type": "json_object"}
     if req.prompt_cache_key is not None:
         body["prompt_cache_key"] = req.prompt_cache_key
@@ -144,58 +188,71 @@ def listed_inputs(rid: str, items: str | list[dict[str, Any]]) -> list[dict[str,
     return listed
 
 
-def output_items(reply: dict[str, Any]) -> list[dict[str, Any]]:
+class ResponseBody(Response):
+    """A response as OpenAI sends it: `created_at` in whole seconds, where the SDK's model has a float."""
+
+    created_at: int
+    store: bool | None = None  # sent by OpenAI, missing from the SDK's model
+
+
+def to_json(model: BaseModel) -> str:
+    """A reply's JSON: the fields set (optional ones left unset stay out), each model serialized as its own
+    class (a ResponseBody inside an event keeps its integer `created_at`)."""
+    return model.model_dump_json(exclude_unset=True, by_alias=True, serialize_as_any=True)
+
+
+def output_items(reply: dict[str, Any]) -> list[ResponseOutputItem]:
     """An assistant message in the chat form as Responses output items."""
-    items: list[dict[str, Any]] = []
+    items: list[ResponseOutputItem] = []
     if reply.get("content"):
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": reply["content"], "annotations": []}]})  # fmt: skip
+        text = ResponseOutputText(type="output_text", text=reply["content"], annotations=[])
+        items.append(ResponseOutputMessage(type="message", id=f"msg_{uuid.uuid4().hex[:24]}", status="completed",
+                                           role="assistant", content=[text]))  # fmt: skip
     for call in reply.get("tool_calls") or []:
-        items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
-                      "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"})  # fmt: skip
+        items.append(ResponseFunctionToolCall(type="function_call", id=f"fc_{uuid.uuid4().hex[:24]}", call_id=call["id"],
+                     name=call["function"]["name"], arguments=call["function"]["arguments"], status="completed"))  # fmt: skip
     return items
 
 
+def _tools(req: ResponsesRequest) -> list[FunctionTool]:
+    """The tools offered to the model: the request's function tools."""
+    return [t for t in req.tools or [] if isinstance(t, FunctionTool)]
+
+
+def _tool_choice(req: ResponsesRequest) -> Literal["auto", "required", "none"] | ToolChoiceFunction:
+    choice = req.tool_choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return ToolChoiceFunction(type="function", name=str(choice.get("name", "")))
+    return choice if isinstance(choice, str) else "auto"
+
+
 def response(
-    rid: str, model: str, req: ResponsesRequest, items: list[dict[str, Any]], finish: str, prompt: int, cached: int,
-    output: int, written: int = 0,
-) -> dict[str, Any]:  # fmt: skip
+    rid: str, model: str, req: ResponsesRequest, items: list[ResponseOutputItem], finish: str, prompt: int,
+    cached: int, output: int, written: int = 0,
+) -> ResponseBody:  # fmt: skip
+    """The response object; the request's tools, tool choice and format as they were run."""
     incomplete = finish == "length"
-    return {
-        "id": rid,
-        "object": "response",
-        "created_at": int(time.time()),
-        "status": "incomplete" if incomplete else "completed",
-        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-        "error": None,
-        "model": model,
-        "instructions": req.instructions,
-        "output": items,
-        "output_text": "".join(p["text"] for i in items if i["type"] == "message" for p in i["content"]),
-        "parallel_tool_calls": req.parallel_tool_calls,
-        "previous_response_id": req.previous_response_id,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
-        "tool_choice": req.tool_choice or "auto",
-        "tools": req.tools or [],
-        "max_output_tokens": req.max_output_tokens,
-        "store": req.store,
-        "text": req.text or {"format": {"type": "text"}},
-        "usage": {
-            "input_tokens": prompt,
-            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": written},
-            "output_tokens": output,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": prompt + output,
-        },
-    }
+    usage = ResponseUsage(
+        input_tokens=prompt, output_tokens=output, total_tokens=prompt + output,
+        input_tokens_details=InputTokensDetails(cached_tokens=cached, cache_write_tokens=written),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=0),
+    )  # fmt: skip
+    return ResponseBody(
+        id=rid, object="response", created_at=int(time.time()), model=model, output=items,
+        status="incomplete" if incomplete else "completed",
+        incomplete_details=IncompleteDetails(reason="max_output_tokens") if incomplete else None,
+        error=None, instructions=req.instructions, parallel_tool_calls=req.parallel_tool_calls,
+        previous_response_id=req.previous_response_id, temperature=req.temperature, top_p=req.top_p,
+        tool_choice=_tool_choice(req), tools=list[Tool](_tools(req)), max_output_tokens=req.max_output_tokens,
+        store=req.store, text=req.text or ResponseTextConfig(format=ResponseFormatText(type="text")), usage=usage,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Kept:
     salt: str | None
     messages: list[dict[str, Any]]  # the conversation so far, ending with the reply
-    body: dict[str, Any]  # the response object, as returned
+    body: ResponseBody  # the response object, as returned
     input: str | list[dict[str, Any]]  # its input, as sent
 
 
