@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from anchorkv.engine.engine import Engine
+
 SCIENTIST = [{"role": "user", "content": "Give me the name and age of a famous scientist as JSON."}]
 PERSON = {
     "type": "object",
@@ -60,6 +62,24 @@ def test_json_object_json_schema_and_gbnf_grammar(client: TestClient) -> None:
     r = client.post("/v1/completions", json={"prompt": "Is Paris in France?", "grammar": 'root ::= "yes" | "no"'})
     assert r.status_code == 200
     assert r.json()["choices"][0]["text"] in yes_no
+
+
+def test_a_batch_of_prompts_follows_one_grammar_checked_once(
+    client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[str] = []
+    check = engine.grammar_error
+
+    def counted(grammar: str) -> str | None:
+        checked.append(grammar)
+        return check(grammar)
+
+    monkeypatch.setattr(engine, "grammar_error", counted)
+    prompts = ["Is Paris in France?", "Is Rome in Spain?", "Is the sea wet?"]
+    r = client.post("/v1/completions", json={"prompt": prompts, "grammar": 'root ::= "yes" | "no"', "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert [c["text"] in ("yes", "no") for c in r.json()["choices"]] == [True] * 3
+    assert len(checked) == 1
 
 
 def test_a_named_tool_choice_always_calls_that_tool(client: TestClient) -> None:

@@ -122,14 +122,7 @@ class Service:
         With `clamp`, a max_tokens past the context's room is taken as that room (the agent APIs: Claude
         Code asks for 128k output tokens whatever the model)."""
         engine = self.engine
-        limit = req.token_limit
-        if clamp and limit is not None:
-            limit = max(1, min(limit, engine.ctx - len(prompt)))
-        try:
-            max_tokens = engine.check_fits(len(prompt), limit)
-        except PromptTooLong as e:
-            param = "max_tokens" if req.token_limit is not None and len(prompt) < engine.ctx else prompt_param
-            raise APIError(400, str(e), param) from None
+        max_tokens = self.max_tokens(req, prompt, prompt_param, clamp)
         bias = tuple((req.logit_bias or {}).items())
         self.check_vocab([t for t, _ in bias], "logit_bias")
         try:
@@ -153,6 +146,17 @@ class Service:
             grammar=found[0] if found else None,
             logit_bias=bias,
         )
+
+    def max_tokens(self, req: SamplingFields, prompt: list[int], prompt_param: str, clamp: bool = False) -> int:
+        """The tokens the reply may have past the prompt: a 400 naming the field where the prompt leaves no room."""
+        limit = req.token_limit
+        if clamp and limit is not None:
+            limit = max(1, min(limit, self.engine.ctx - len(prompt)))
+        try:
+            return self.engine.check_fits(len(prompt), limit)
+        except PromptTooLong as e:
+            param = "max_tokens" if req.token_limit is not None and len(prompt) < self.engine.ctx else prompt_param
+            raise APIError(400, str(e), param) from None
 
     # -- running it ----------------------------------------------------------------------------------------
     def submit(self, kind: str, prompt: list[int], params: SamplingParams, creq: CacheRequest) -> Job:

@@ -72,7 +72,8 @@ async def _serve(svc: Service, kind: Kind, req: SamplingFields, prompts: list[Pr
     the prefix cache on, each then restores the whole prompt, so n choices cost one prefill, and they
     decode side by side."""
     t0 = time.perf_counter()
-    params = [await svc.params(req, p.tokens, p.param) for p in prompts]
+    checked = await svc.params(req, prompts[0].tokens, prompts[0].param)  # the grammar is checked once
+    params = [checked, *(replace(checked, max_tokens=svc.max_tokens(req, p.tokens, p.param)) for p in prompts[1:])]
 
     def submit(p: int, i: int) -> Job:
         """Choice i of prompt p. A seed gives choice i the seed + i, as the prompt alone would get."""
