@@ -221,6 +221,7 @@ def test_unknown_previous_response_id_is_a_400_naming_it(client: OpenAI) -> None
         ({"text": {"format": {"type": "json_schema", "name": "n", "schema": "{}"}}}, "text.format.schema"),
         ({"text": {"format": {"type": "xml"}}}, "text.format"),
         ({"text": {"verbosity": "loud"}}, "text.verbosity"),
+        ({"tools": [LOOKUP], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
     ],
 )  # fmt: skip
 def test_a_bad_tool_or_text_format_is_a_400_naming_the_field(

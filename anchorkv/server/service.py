@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -234,12 +235,15 @@ class Service:
         )  # fmt: skip
 
 
-def translated(translate: Callable[[], T], param: str) -> T:
-    """An agent API's request as the chat request; what the chat request refuses is a 400."""
+def translated(translate: Callable[[], T], param: str, same: Collection[str] = ()) -> T:
+    """An agent API's request as the chat request; what the chat request refuses is a 400 naming `param`,
+    or the chat request's own field where the agent API has one of that name (`same`)."""
     try:
         return translate()
     except ValidationError as e:
-        raise APIError(400, errors.invalid(e.errors())[0], param) from None
+        message, chat_param = errors.invalid(e.errors())
+        field = re.split(r"[.\[]", chat_param or "")[0]
+        raise APIError(400, message, chat_param if field in same else param) from None
     except ValueError as e:
         raise APIError(400, str(e), param) from None
 

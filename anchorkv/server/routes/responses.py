@@ -59,7 +59,7 @@ def router(svc: Service) -> APIRouter:
                     "previous_response_id",
                 )  # fmt: skip
             history = kept
-        chat = translated(lambda: oar.to_chat(req, history), "input")
+        chat = translated(lambda: oar.to_chat(req, history), "input", same=("tool_choice",))
         prompt, creq = await svc.chat_prompt(chat)
         params = await svc.params(chat, prompt, "input", clamp=True)
         req = req.model_copy(update={"temperature": params.temperature})  # echoed as run: the server's default
