@@ -301,7 +301,7 @@ def test_corrupt_files_are_never_restored(tmp_path: Path, cold: Engine, damage: 
     restarted.cache.flush()  # the request recorded the chunk again: a fresh, valid file
     assert not victim.exists() or victim.read_bytes() != damaged
     assert (disk := restarted.cache.stats().disk) is not None and disk.corrupt_dropped >= 1
-    assert torch.equal(logits, cold.prompt_logits(p)[0])
+    assert torch.equal(logits, cold.prompt_logits(p, r)[0])
 
 
 def test_salts_never_share_a_chunk(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(
     ray_engine: Engine, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompt, req = chat(ray_engine, "Which code goes with shipment class 4?")
-    cold, _ = engine.prompt_logits(prompt)
+    cold, _ = engine.prompt_logits(prompt, req)
     first, plan1 = ray_engine.prompt_logits(prompt, req)
     assert plan1.restored_tokens == 0
     assert torch.equal(first, cold)
@@ -67,7 +67,7 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(
     warm, plan2 = ray_engine.prompt_logits(p2, r2)
     assert plan2.restored_tokens > 0
     assert plan2.tier == "ram"
-    assert torch.equal(warm, engine.prompt_logits(p2)[0])
+    assert torch.equal(warm, engine.prompt_logits(p2, r2)[0])
     orders: list[object] = []
     restore = ray_engine.pipeline.cache_stages.restore
 
@@ -80,7 +80,7 @@ def test_logits_equal_one_stage_in_one_process_cold_and_restored(
     held, plan3 = ray_engine.prompt_logits(p3, r3)
     assert plan3.restored_tokens == plan2.restored_tokens and plan3.tier == "slot" and plan3.kind == plan2.kind
     assert not orders  # the slot held the prefix: no restore order crossed to the stages
-    assert torch.equal(held, engine.prompt_logits(p3)[0])
+    assert torch.equal(held, engine.prompt_logits(p3, r3)[0])
 
 
 def test_a_batch_of_two_across_processes_equals_lone_runs(ray_engine: Engine, engine: Engine) -> None:
@@ -120,7 +120,7 @@ def test_a_stage_that_lost_chunks_vetoes_longer_restores(ray_engine: Engine, eng
     ray_engine.prompt_logits(short, CacheRequest(anchors=[2 * C], has_key=True))
     logits, plan = ray_engine.prompt_logits(long_p, long_r)
     assert plan.restored_tokens == 2 * C
-    assert torch.equal(logits, engine.prompt_logits(long_p)[0])
+    assert torch.equal(logits, engine.prompt_logits(long_p, long_r)[0])
 
 
 def test_health_and_props_show_each_stage(ray_engine: Engine) -> None:

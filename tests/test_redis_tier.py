@@ -52,7 +52,7 @@ def test_a_second_replica_restores_what_the_first_computed_and_its_logits_are_ex
     logits, plan = replica_b.prompt_logits(prompt, req)
     assert plan.tier == "redis"
     assert plan.restored_tokens > 0
-    cold, _ = engine.prompt_logits(prompt)
+    cold, _ = engine.prompt_logits(prompt, req)
     assert torch.equal(logits, cold)
     stats = redis_stats(replica_b)
     assert stats.up
@@ -128,7 +128,7 @@ def test_foreign_and_corrupt_values_are_misses(
         r.set(key, bad[damage])
     fresh = replica(tmp_path, redis_url)
     logits, plan = fresh.prompt_logits(prompt, req)
-    cold, _ = engine.prompt_logits(prompt)
+    cold, _ = engine.prompt_logits(prompt, req)
     assert torch.equal(logits, cold)
     assert plan.restored_tokens == 0  # the restore met a bad value and fell back to a cold prefill
     assert redis_stats(fresh).dropped_bad >= 1

@@ -76,9 +76,13 @@ class Run:
             self.step()
 
 
-def alone(engine: Engine, tokens: list[int], params: SamplingParams = GREEDY) -> tuple[list[int], list[torch.Tensor]]:
+def alone(
+    engine: Engine, tokens: list[int], params: SamplingParams = GREEDY, boundaries: list[int] | None = None
+) -> tuple[list[int], list[torch.Tensor]]:
+    """The prompt run alone, cut at `boundaries` as a request that gives them is (where the linears' rows
+    depend on how many there are, a cold run cut elsewhere gives other bits)."""
     run = Run(engine)
-    seq = run.submit(tokens, params)
+    seq = run.submit(tokens, params, cache_req=CacheRequest(boundaries or []))
     run.finish()
     return seq.out, run.logits[seq.id]
 
@@ -281,7 +285,7 @@ def test_a_sessions_next_turn_restores_while_others_decode(tmp_path: Path) -> No
     assert all(s.status is Status.DECODING for s in others)  # they kept decoding meanwhile
     run.finish()
     cold = Engine(EngineConfig(threads=2, parallel=1))
-    assert_same(alone(cold, turn2.token_ids), second, run)
+    assert_same(alone(cold, turn2.token_ids, boundaries=turn2.boundaries), second, run)
 
 
 def test_background_work_beside_decoding_gives_way_to_an_arriving_request(tmp_path: Path) -> None:
@@ -326,7 +330,7 @@ def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_and_restores_i
     assert second.status is Status.WAITING
     run.finish()
     assert second.restored.tokens == b.boundaries[0]  # the system prompt
-    assert_same(alone(Engine(EngineConfig(threads=2, parallel=1)), b.token_ids), second, run)
+    assert_same(alone(Engine(EngineConfig(threads=2, parallel=1)), b.token_ids, boundaries=b.boundaries), second, run)
     c = engine.render_chat([system, {"role": "user", "content": "Good evening."}])
     run = Run(engine)
     third = run.submit(a.token_ids, cache_req=CacheRequest(a.boundaries, salt="tenant-a"))
@@ -480,7 +484,7 @@ def test_an_idle_engine_makes_its_kv_pool_resident_and_what_a_slot_holds_still_s
     first, second = questions(engine, "A fish?", "A bird?")
     cold = Engine(replace(cfg, parallel=1, kv_prefault=False))
     assert not cold.has_idle_work
-    expected = alone(cold, second.token_ids)
+    expected = alone(cold, second.token_ids, boundaries=second.boundaries)
     turn(engine, first)
     pool = [i.kv_bytes for i in engine.stage_infos]
     assert all(t < b for t, b in zip(engine.pipeline.kv_touched(), pool, strict=True))
@@ -504,7 +508,7 @@ def test_a_slot_serves_a_prefix_the_cache_has_since_dropped_and_records_it_again
     cfg = EngineConfig(threads=2, parallel=2, stages=stages, ctx=1024, kv_prefault=False)
     engine = Engine(cfg, CacheConfig(ram_mb=64))
     first, second, third = questions(engine, "A fish?", "A bird?", "A cat?")
-    expected = alone(Engine(replace(cfg, parallel=1)), second.token_ids)
+    expected = alone(Engine(replace(cfg, parallel=1)), second.token_ids, boundaries=second.boundaries)
     turn(engine, first)
     for cache in (s.cache for s in stages_of(engine)):
         cache.clear()
@@ -538,7 +542,8 @@ def test_a_prompt_whose_slot_holds_its_prefix_does_not_wait_for_another_prefilli
     assert c.slot == a.slot and c.status is not Status.WAITING
     assert c.restored.tokens >= first.boundaries[0] and c.restored.tier == "slot"
     run.finish()
-    assert_same(alone(Engine(EngineConfig(threads=2, parallel=1, ctx=1024)), more.token_ids), c, run)
+    cold = Engine(EngineConfig(threads=2, parallel=1, ctx=1024))
+    assert_same(alone(cold, more.token_ids, boundaries=more.boundaries), c, run)
 
 
 def test_kv_pools_larger_than_half_the_free_memory_are_not_made_resident(

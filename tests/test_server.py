@@ -12,6 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Engine
 from anchorkv.server.app import create_app
@@ -86,9 +87,11 @@ def test_chat_logprobs_are_the_models_own_distribution(client: TestClient, engin
         assert math.fsum(math.exp(t) for t in top) <= 1
         assert e["top_logprobs"][0]["token"] == e["token"]
         assert top[0] == e["logprob"]
-    prompt = engine.render_chat(CHAT["messages"]).token_ids
+    rendered = engine.render_chat(CHAT["messages"])  # cut where the server cuts it
     with torch.inference_mode():
-        first = torch.log_softmax(engine.prompt_logits(prompt)[0].float(), -1)
+        first = torch.log_softmax(
+            engine.prompt_logits(rendered.token_ids, CacheRequest(rendered.boundaries))[0].float(), -1
+        )
     assert content[0]["logprob"] == pytest.approx(float(first.max()), abs=1e-6)
     with client.stream("POST", "/v1/chat/completions", json={**req, "stream": True}) as r:
         events = sse_events(list(r.iter_lines()))
