@@ -19,6 +19,7 @@ from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest, Recorded
 from anchorkv.config import EngineConfig
 from anchorkv.cache.disk_tier import DiskTier
+from anchorkv.engine import stage
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
 from conftest import Arrivals, forget_slots, stages_of
@@ -188,6 +189,22 @@ def test_restart_hits_from_disk_on_the_first_request(tmp_path: Path) -> None:
     # auto kept the prefix shared with the previous prompt, down to its chat boundary: the system message
     assert done3.cached_tokens == r3.chat_ends[0] > 0
     assert done3.cache.tier == "disk"
+
+
+def test_kv_written_on_another_kind_of_cpu_never_serves_here(
+    tmp_path: Path, cold: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same linears give other bits on another CPU (an AMX Xeon's oneDNN against a Zen 5's), so a disk
+    tier or Redis filled there is a miss here, in exact mode."""
+    e = make(tmp_path)
+    p, r = chat(e, "Which code goes with shipment class 3?")
+    answer(e, p, r)
+    e.cache.flush()
+    assert make(tmp_path).prompt_logits(p, r)[1].tier == "disk"  # this CPU hits
+    monkeypatch.setattr(stage, "cpu_kind", lambda: "AuthenticAMD 26 2 AMD EPYC 9B45|avx512_bf16 avx512f")
+    logits, plan = make(tmp_path).prompt_logits(p, r)
+    assert plan.restored_tokens == 0
+    assert torch.equal(logits, cold.prompt_logits(p, r)[0])
 
 
 def _first_chunk_file(cache_dir: Path) -> Path:

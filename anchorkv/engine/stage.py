@@ -27,7 +27,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.allocator import available_memory
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
-from anchorkv.model.kernels import Kernels, cpu_name, load_kernel
+from anchorkv.model.kernels import Kernels, cpu_kind, cpu_name, load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
 
@@ -235,7 +235,7 @@ class Stage:
 def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = None) -> list[Stage]:
     """Load the model's stages (or only stage `only`), each with its KV pool and prefix cache. The
     namespace is computed here, where the stage runs: everything that changes its KV values, and in exact
-    mode their bits (this host's torch, kernels and threads)."""
+    mode their bits (this host's CPU, torch, kernels and threads)."""
     torch.set_num_threads(cfg.threads)
     files = resolve_model(cfg.model, cfg.cache_home)
     mc = load_config(files.folder)
@@ -266,7 +266,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         base |= {"chunk": cfg.chunk_size, "threads": cfg.threads, "device": cfg.device}
         base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": k.softmax.kind}
         base |= {"prefill_attention": k.prefill_attention.kind, "elementwise": k.elementwise.kind}
-        base |= {"linear": linear_kind}
+        base |= {"linear": linear_kind, "cpu": cpu_kind() if device.type == "cpu" else ""}
     else:  # decoded KV is reused too, so the decode weights matter
         base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": k.decode_attention.kind}
         base |= {"decode_int4": k.int4_matmul.kind, "elementwise": k.elementwise.kind}

@@ -32,6 +32,7 @@ SOURCES = tuple(sorted(CSRC.glob("*.c")))
 HEADERS = tuple(sorted(CSRC.glob("*.h")))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+ISA_FLAGS = ("avx", "amx", "fma", "f16c", "sse", "asimd", "sve")  # the flags that change a kernel's bits
 
 
 def _cpu() -> str | None:
@@ -44,12 +45,29 @@ def _cpu() -> str | None:
 
 def cpu_name() -> str:
     """This CPU's model name and flags ("" where /proc/cpuinfo cannot be read)."""
+    fields = _cpuinfo()
+    return f"{fields.get('model name')}|{fields.get('flags', '')}" if fields else ""
+
+
+def cpu_kind() -> str:
+    """What decides the bits this CPU's kernels compute: its make and model, and its vector and matrix
+    instructions (oneDNN picks its kernels and blocking by them). Other flags, a hypervisor's among them,
+    change no result."""
+    f = _cpuinfo()
+    model = " ".join(
+        f.get(k, "") for k in ("vendor_id", "cpu family", "model", "model name", "CPU implementer", "CPU part")
+    )
+    isa = sorted(x for x in (f.get("flags") or f.get("Features", "")).split() if x.startswith(ISA_FLAGS))
+    return f"{' '.join(model.split())}|{' '.join(isa)}"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where it cannot be read)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)}
-    return f"{fields.get('model name')}|{fields.get('flags', '')}"
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)}
 
 
 @cache
