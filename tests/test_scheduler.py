@@ -20,6 +20,7 @@ from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig, ServerConfig
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.kv import PREFAULT_BYTES, StageKV
+from anchorkv.engine.pipeline import aligned_chunks
 from anchorkv.engine.plan import Span
 from anchorkv.engine.sampling import SamplingParams
 from anchorkv.engine.scheduler import forwards, pick_slot, same_prefixes, schedule, should_wait
@@ -217,6 +218,22 @@ def test_a_sequences_pieces_in_one_step_run_as_one_forward_with_their_bits(
     assert merged[0] == apart[0]
     for a, b in zip(merged[1], apart[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_where_pieces_merge_a_prompts_logits_do_not_depend_on_where_it_is_cut(engine8: Engine) -> None:
+    """What the start-up check promises when it lets pieces merge (padding short inputs to the linears' row
+    floor where the CPU needs one): every row's bits are its own, so a long prompt cut at its messages' ends
+    and the same prompt cut on the grid alone (pieces of other lengths, short ones among them) agree."""
+    if not engine8.prefill_rows:
+        pytest.skip("this CPU's prefill linears depend on the rows beside them: pieces run one by one")
+    rules = {"role": "system", "content": " ".join(f"Rule {i}: be brief about topic {i}." for i in range(60))}
+    rp = engine8.render_chat([rules, {"role": "user", "content": "Which rule is about topic 7?"}])
+    n, c = len(rp.token_ids), engine8.cfg.chunk_size
+    by_message, by_grid = aligned_chunks(0, n, c, rp.boundaries), aligned_chunks(0, n, c)
+    assert by_message != by_grid and min(b - a for a, b in by_message) < 32  # the user's message: one short piece
+    cut, _ = engine8.prompt_logits(rp.token_ids, CacheRequest(rp.boundaries))
+    grid, _ = engine8.prompt_logits(rp.token_ids)
+    assert torch.equal(cut, grid)
 
 
 def test_forwards_merge_a_sequences_pieces_up_to_the_rows_and_never_past_a_turn_start() -> None:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from anchorkv.cache.prefix_cache import CacheRequest
 from anchorkv.config import ServerConfig
 from anchorkv.engine.engine import Engine
+from anchorkv.engine.stage import ROW_FLOORS
 from anchorkv.server.app import create_app
 from tests.conftest import LiveServer, serve_in_thread
 
@@ -162,6 +163,7 @@ def test_models_health_props(client: TestClient, engine: Engine) -> None:
     assert props["parallel"] == 8
     assert props["decode_rows"] == "batched"
     assert props["stages"][0]["prefill_rows"] == engine.prefill_rows
+    assert props["stages"][0]["row_floor"] in ROW_FLOORS
     assert props["kv_pool"]["bytes"] == props["stages"][0]["kv_bytes"] == 8 * 2 * 30 * 3 * engine.ctx * 64 * 2
 
 

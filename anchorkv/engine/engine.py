@@ -123,7 +123,7 @@ class Engine:
         stats = self.pipeline.cache_stages.cache_stats()
         touched = self.pipeline.kv_touched()
         return [
-            StageReport(h.index, h.node, h.layers, h.state, i.threads, i.prefill_rows, i.kv_bytes, t,
+            StageReport(h.index, h.node, h.layers, h.state, i.threads, i.prefill_rows, i.row_floor, i.kv_bytes, t,
                         StageCacheUse(s.ram_bytes, s.disk_bytes, s.ram_entries))
             for h, i, s, t in zip(self.pipeline.health(), self.stage_infos, stats, touched, strict=True)
         ]  # fmt: skip

@@ -54,6 +54,7 @@ class StageInfo:
     threads: int  # this stage's CPU threads
     ray_node: str | None = None  # the Ray node's id, on Ray
     prefill_rows: int = 0  # a sequence's prefill pieces may run as one forward of up to this many rows
+    row_floor: int = 0  # shorter prefill inputs are padded to this many rows (see prefill_row_floor)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class StageReport:
     state: str  # alive | restarting | dead
     threads: int
     prefill_rows: int
+    row_floor: int
     kv_bytes: int
     kv_touched_bytes: int
     cache: StageCacheUse
@@ -108,26 +110,39 @@ def rows_invariant(
     return True
 
 
-def prefill_rows_invariant(
+ROW_FLOORS = (0, 16, 32, 48, 64)  # tried in turn: the fewest rows a prefill linear is given (0: no padding)
+
+
+def prefill_row_floor(
     linears: Sequence[Linear], rows: int, dtype: torch.dtype, device: torch.device, linear_kind: str, folder: Path
-) -> bool:
-    """rows_invariant for the prefill linears (but the LM head, which takes one row), wherever a row sits:
-    then a sequence's prefill pieces can run as one forward and still give a cold run's bits. Measured
-    (1 s here), then remembered under folder for this CPU, torch, threads and shapes."""
+) -> int | None:
+    """The smallest of ROW_FLOORS that, padding shorter prefill inputs to it, makes the prefill linears (but the
+    LM head, which takes one row) give each row the same bits in any run of 1 to `rows` rows wherever it
+    sits; the linears keep it. Then a sequence's prefill pieces can run as one forward and still give a cold
+    run's bits. None where no floor does. Measured (1-5 s here), then remembered under folder for this CPU,
+    torch, threads and shapes."""
     shapes = sorted({(tuple(lin.weight.shape), lin.transposed) for lin in linears})
     facts = [torch.__version__, cpu_name(), torch.get_num_threads(), str(dtype), str(device), linear_kind, rows, shapes]
-    path = folder / f"prefill-rows-{hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:16]}.json"
+    path = folder / f"prefill-rows-{hashlib.sha256(json.dumps([*facts, ROW_FLOORS]).encode()).hexdigest()[:16]}.json"
     try:
-        return bool(json.loads(path.read_text())["invariant"])
+        found = json.loads(path.read_text())["floor"]
+        floor = None if found is None else int(found)
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    invariant = rows_invariant(linears, rows, dtype, device, decode=False, windows=100)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"invariant": invariant, "facts": facts}))
-    except OSError as e:
-        log.warning("could not remember the prefill linears' check in %s: %s", folder, e)
-    return invariant
+        floor = next((f for f in ROW_FLOORS if _invariant_at(linears, f, rows, dtype, device)), None)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"floor": floor, "facts": facts}))
+        except OSError as e:
+            log.warning("could not remember the prefill linears' check in %s: %s", folder, e)
+    for lin in linears:
+        lin.min_rows = floor or 0
+    return floor
+
+
+def _invariant_at(linears: Sequence[Linear], floor: int, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    for lin in linears:
+        lin.min_rows = floor
+    return rows_invariant(linears, rows, dtype, device, decode=False, windows=100)
 
 
 class Stage:
@@ -176,6 +191,7 @@ class Stage:
             self.model.decode_attention.kind,
             "kernel" if any(lin.tiles is not None for lin in self.model.linears) else "torch",
             f"{socket.gethostname()}:{os.getpid()}", torch.get_num_threads(), prefill_rows=self.prefill_rows,
+            row_floor=max(lin.min_rows for lin in self.model.linears),
         )  # fmt: skip
 
     def forward(self, inp: StageInput, interrupt: Callable[[], bool] | None = None) -> Tensor:
@@ -255,7 +271,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     budget = step_budget(cfg.chunk_size)  # the most rows a step merges
     per_row = k.prefill_attention.kind == "kernel" and k.elementwise.kind == "kernel"
     body = [lin for i in indices for lin in models[i].linears if lin is not models[i].lm_head]
-    merge = per_row and prefill_rows_invariant(body, budget, dtype, device, linear_kind, kernels_dir)
+    floor = prefill_row_floor(body, budget, dtype, device, linear_kind, kernels_dir) if per_row else None
     base: dict[str, Any] = {
         "model": files.fingerprint,
         "dtype": cfg.dtype,
@@ -266,7 +282,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         base |= {"chunk": cfg.chunk_size, "threads": cfg.threads, "device": cfg.device}
         base |= {"torch": torch.__version__, "forward": FORWARD_VERSION, "softmax": k.softmax.kind}
         base |= {"prefill_attention": k.prefill_attention.kind, "elementwise": k.elementwise.kind}
-        base |= {"linear": linear_kind, "cpu": cpu_kind() if device.type == "cpu" else ""}
+        base |= {"linear": linear_kind, "cpu": cpu_kind() if device.type == "cpu" else "", "row_floor": floor or 0}
     else:  # decoded KV is reused too, so the decode weights matter
         base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": k.decode_attention.kind}
         base |= {"decode_int4": k.int4_matmul.kind, "elementwise": k.elementwise.kind}
@@ -277,5 +293,5 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         ns = Namespace.of(**base, layers=[m.layer_range.start, m.layer_range.stop])
         kvs = [StageKV(len(m.layer_range), mc.n_kv_heads, ctx, mc.head_dim, dtype, device) for _ in range(cfg.parallel)]
         cache = stage_cache(cache_cfg, ns, cfg.chunk_size, cfg.stages)
-        out.append(Stage(i, m, kvs, cache, linear_kind, budget if merge else 0, cfg.stages))
+        out.append(Stage(i, m, kvs, cache, linear_kind, 0 if floor is None else budget, cfg.stages))
     return out

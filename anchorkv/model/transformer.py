@@ -169,6 +169,9 @@ class Linear:
         self.tiles = tiles  # or the parts laid out for int4_matmul's kernel, which then reads them instead
         self.int4_matmul = int4_matmul
         self.packed: Tensor | None = None  # an opaque oneDNN tensor holding W
+        # prefill inputs of fewer rows are padded to this many: for short inputs oneDNN may pick kernels whose
+        # rows' bits depend on the rows beside them (an AMX Xeon's, under about 40 rows); see prefill_row_floor
+        self.min_rows = 0
 
     @property
     def decode_kind(self) -> str:
@@ -191,6 +194,8 @@ class Linear:
         if decode and self.q is not None and self.scale is not None:
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
             return y if self.bias is None else y + self.bias
+        if not decode and 0 < x.shape[0] < self.min_rows:
+            return self(torch.cat([x, x.new_zeros(self.min_rows - x.shape[0], x.shape[1])]))[: x.shape[0]]
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if not self.transposed:
