@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +12,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from anchorkv.cache.disk_tier import SUFFIX
 from anchorkv.cache.prefix_cache import CacheConfig, CacheRequest
 from anchorkv.config import EngineConfig
 from anchorkv.engine.engine import Engine, Finished
 from anchorkv.engine.sampling import SamplingParams
+from anchorkv.engine.stage import prefill_row_floor
+from anchorkv.model.transformer import Linear
 
 
 def make(folder: Path) -> Engine:
@@ -186,3 +191,18 @@ def test_a_full_disk_stops_writes_once_and_serving_goes_on(small_disk: Path, cap
     assert stats.entries == len(on_disk)
     full = sum("is full" in m for m in caplog.messages)
     assert 1 <= full <= sum("room again" in m for m in caplog.messages) + 1  # once an episode, not once a write
+
+
+@pytest.mark.parametrize("damage", ["{", '{"floor": 7}', '{"floor": "48"}', '{"floor": 100000}', "[]"])
+def test_a_damaged_remembered_row_floor_is_measured_again(tmp_path: Path, damage: str) -> None:
+    """The prefill linears' start-up check is remembered under the kernels folder; a file that does not
+    hold one of the floors it tries is measured again and rewritten, never trusted."""
+    linears = [Linear(torch.randn(96, 64, generator=torch.Generator().manual_seed(0)).bfloat16())]
+    check = functools.partial(prefill_row_floor, linears, 80, torch.bfloat16, torch.device("cpu"), "matmul", tmp_path)
+    measured = check()
+    (remembered,) = tmp_path.glob("prefill-rows-*.json")
+    remembered.write_text(damage)
+    linears[0].min_rows = 7
+    assert check() == measured
+    assert linears[0].min_rows == (measured or 0)
+    assert json.loads(remembered.read_text())["floor"] == measured

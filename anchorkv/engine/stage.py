@@ -126,6 +126,8 @@ def prefill_row_floor(
     path = folder / f"prefill-rows-{hashlib.sha256(json.dumps([*facts, ROW_FLOORS]).encode()).hexdigest()[:16]}.json"
     try:
         found = json.loads(path.read_text())["floor"]
+        if found is not None and found not in ROW_FLOORS:
+            raise ValueError(f"not a floor: {found!r}")
         floor = None if found is None else int(found)
     except (OSError, ValueError, KeyError, TypeError):
         floor = next((f for f in ROW_FLOORS if _invariant_at(linears, f, rows, dtype, device)), None)
