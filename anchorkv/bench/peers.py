@@ -17,6 +17,8 @@ from types import TracebackType
 
 import httpx
 
+from anchorkv.model.kernels import cpu_name
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -45,10 +47,11 @@ def anchorkv() -> Peer:
 
 
 def llama_server(binary: Path) -> Peer:
-    """llama.cpp's server with its default settings (its slots and its RAM prompt cache)."""
-    return Peer(
-        "llama-server", (str(binary), "-m", "{model}", "--host", "127.0.0.1", "--port", "{port}", "-t", "{threads}")
-    )
+    """llama.cpp's server with its default settings (its slots and its RAM prompt cache). On a CPU with AMX it
+    runs without weight repacking: its AMX path crashed (SIGSEGV while warming up) on a 2-core AMX Xeon VM,
+    as llama.cpp's issue 20824 reports on other such hosts."""
+    argv = (str(binary), "-m", "{model}", "--host", "127.0.0.1", "--port", "{port}", "-t", "{threads}")
+    return Peer("llama-server", (*argv, "--no-repack") if "amx_tile" in cpu_name().split() else argv)
 
 
 def llama_cpp_python(python: Path, cache_type: str) -> Peer:
