@@ -27,6 +27,7 @@ from anchorkv.config import EngineConfig
 from anchorkv.engine.allocator import available_memory
 from anchorkv.engine.kv import StageKV
 from anchorkv.engine.plan import StageInput
+from anchorkv.model import int4_matmul
 from anchorkv.model.kernels import Kernels, cpu_kind, cpu_name, load_kernel
 from anchorkv.model.loader import default_cache_home, load_config, load_stages, prepared_weights, resolve_model
 from anchorkv.model.transformer import FORWARD_VERSION, Linear, Rows, StageModel, pack_linears
@@ -287,7 +288,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
         base |= {"linear": linear_kind, "cpu": cpu_kind() if device.type == "cpu" else "", "row_floor": floor or 0}
     else:  # decoded KV is reused too, so the decode weights matter
         base |= {"decode_weights": list(cfg.decode_quant), "decode_attention": k.decode_attention.kind}
-        base |= {"decode_int4": k.int4_matmul.kind, "elementwise": k.elementwise.kind}
+        base |= {"decode_int4": [k.int4_matmul.kind, int4_matmul.ARITHMETIC], "elementwise": k.elementwise.kind}
     out = []
     for i in indices:
         m = models[i]

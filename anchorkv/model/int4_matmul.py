@@ -2,9 +2,9 @@
 bfloat16, else through torch's int4 kernel.
 
 torch's kernel widens the weights again for every few rows, so a step of 8 rows cost 3.4x one row; this one
-widens each weight once for up to 8 rows, to bfloat16 pairs summed by dot products into float (2x torch's
-speed at 8 rows, 1.3x at one, on this project's CPU: docs/benchmarks.md). A row's sums run in one order
-whatever the number of rows, so rows never depend on each other."""
+widens each weight once for up to 8 rows, to bfloat16 (q - 8), summed against the rows by dot products into
+float and scaled per group after (docs/benchmarks.md). A row's sums run in one order whatever the number of
+rows, so rows never depend on each other."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from anchorkv.model.kernel_op import KernelOp
 
+ARITHMETIC = 2  # bumped when the kernel's sums change: decoded KV is reused in non-exact mode (stage namespace)
 TILE = 16  # outputs a unit of the kernel's work computes
 GROUP = 32  # inputs sharing a scale and a zero (transformer.INT4_GROUP)
 
