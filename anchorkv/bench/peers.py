@@ -17,7 +17,7 @@ from types import TracebackType
 
 import httpx
 
-from anchorkv.model.kernels import cpu_name
+from anchorkv.model.kernels import cpu_flags
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def llama_server(binary: Path) -> Peer:
     runs without weight repacking: its AMX path crashed (SIGSEGV while warming up) on a 2-core AMX Xeon VM,
     as llama.cpp's issue 20824 reports on other such hosts."""
     argv = (str(binary), "-m", "{model}", "--host", "127.0.0.1", "--port", "{port}", "-t", "{threads}")
-    return Peer("llama-server", (*argv, "--no-repack") if "amx_tile" in cpu_name().split() else argv)
+    return Peer("llama-server", (*argv, "--no-repack") if "amx_tile" in cpu_flags() else argv)
 
 
 def llama_cpp_python(python: Path, cache_type: str) -> Peer:

@@ -37,10 +37,13 @@ ISA_FLAGS = ("avx", "amx", "fma", "f16c", "sse", "asimd", "sve")  # the flags th
 
 def _cpu() -> str | None:
     """This CPU's model name and flags, or None where it lacks what the kernels need."""
-    name = cpu_name()
-    if not CPU_FLAGS <= set(name.rpartition("|")[2].split()):
-        return None
-    return name
+    return cpu_name() if CPU_FLAGS <= cpu_flags() else None
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (x86's `flags`, Arm's `Features`)."""
+    f = _cpuinfo()
+    return set((f.get("flags") or f.get("Features", "")).split())
 
 
 def cpu_name() -> str:
@@ -57,7 +60,7 @@ def cpu_kind() -> str:
     model = " ".join(
         f.get(k, "") for k in ("vendor_id", "cpu family", "model", "model name", "CPU implementer", "CPU part")
     )
-    isa = sorted(x for x in (f.get("flags") or f.get("Features", "")).split() if x.startswith(ISA_FLAGS))
+    isa = sorted(x for x in cpu_flags() if x.startswith(ISA_FLAGS))
     return f"{' '.join(model.split())}|{' '.join(isa)}"
 
 
