@@ -123,12 +123,15 @@ def _batch(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int, step
 
 def _turns(engine: Engine, ids: list[int], plan: RequestPlan, repeats: int) -> list[Measurement]:
     """TURN_TOKENS prefilled after each context with the engine's attention and, where its kernels run, with
-    torch's matmuls around the softmax kernel and with torch alone, alternately."""
+    the prefill kernel's vector instructions in place of AMX's tiles, with torch's matmuls around the softmax
+    kernel and with torch alone, alternately."""
     pipe = in_process(engine.pipeline)
     model = pipe.stages[0].model
     default = (model.prefill_attention, model.softmax)
     variants = {"": default}
-    if default[0].kind == "kernel":
+    if default[0].kind == "amx":
+        variants[", vector attention kernel"] = (PrefillAttention(default[0].kernel, amx=False), default[1])
+    if default[0].kind != "torch":
         variants[", matmul attention"] = (PrefillAttention(), default[1])
     if default[1].kind == "kernel":
         variants[", torch attention"] = (PrefillAttention(), AttentionSoftmax())

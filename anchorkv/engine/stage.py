@@ -272,7 +272,7 @@ def build_stages(cfg: EngineConfig, cache_cfg: CacheConfig, only: int | None = N
     if not batch_rows:
         log.info("the decode linears' rows depend on the batch here: a decode step runs them a row at a time")
     budget = step_budget(cfg.chunk_size)  # the most rows a step merges
-    per_row = k.prefill_attention.kind == "kernel" and k.elementwise.kind == "kernel"
+    per_row = k.prefill_attention.kind != "torch" and k.elementwise.kind == "kernel"
     body = [lin for i in indices for lin in models[i].linears if lin is not models[i].lm_head]
     floor = prefill_row_floor(body, budget, dtype, device, linear_kind, kernels_dir) if per_row else None
     base: dict[str, Any] = {

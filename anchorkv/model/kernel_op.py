@@ -12,7 +12,7 @@ class KernelOp:
 
     @property
     def kernel(self) -> ctypes.CDLL:
-        """The kernel, where one fits: call only where `kind` is "kernel"."""
+        """The kernel, where one fits: call only where `kind` is not "torch"."""
         assert self._kernel is not None
         return self._kernel
 

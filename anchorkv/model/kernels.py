@@ -122,9 +122,12 @@ def load_kernel(folder: Path) -> ctypes.CDLL | None:
         ctypes.c_void_p,
         *[ctypes.c_int64] * 2,
         ctypes.c_float,
+        ctypes.c_int,  # on AMX's tiles
         ctypes.c_int,
     ]
     kernel.prefill_attention_bf16.restype = ctypes.c_int
+    kernel.prefill_attention_amx.argtypes = []
+    kernel.prefill_attention_amx.restype = ctypes.c_int
     kernel.rms_norm_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_void_p, ctypes.c_float]
     kernel.rms_norm_bf16.argtypes += [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     kernel.rope_bf16.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 3, *[ctypes.c_void_p] * 3, ctypes.c_int]

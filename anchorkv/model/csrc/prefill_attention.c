@@ -9,10 +9,16 @@
    horizontal sums. A query row's scores stay in a per-thread buffer: max, exp, sum, probabilities rounded to
    bfloat16, then the weighted sum of values. Every sum of a row runs in an order fixed by its own key count,
    so its bits depend only on its query and its keys: not on T, the tiling, the thread count, nor the rows
-   computed beside it (probabilities past a row's keys are +0 and add nothing). */
+   computed beside it (probabilities past a row's keys are +0 and add nothing).
+
+   With AMX (and the kernel asked to use it), both products run on the tile unit, 16 query rows a tile: the
+   same layouts are its B operands as they are, and an element of a tile product sums its own row's pairs in a
+   fixed order, so the rows stay independent. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "bf16_math.h"
 #include "scratch.h"
@@ -74,27 +80,8 @@ static void layout(const uint16_t *k, const uint16_t *v, int64_t L, int64_t k0, 
     }
 }
 
-/* rows r (n[r] keys each, at most nmax) of one KV head: qs[r] are bf16 pairs, pre-scaled */
-static void tile(const uint32_t *const *qs, const int64_t *n, int rows, int64_t nmax, const uint32_t *kt,
-                 const uint32_t *vp, float *s, uint16_t *p, int64_t Lp, uint16_t *const *out) {
-    int64_t end = (nmax + KEYS - 1) / KEYS * KEYS;
-    for (int64_t k0 = 0; k0 < end; k0 += KEYS) {
-        __m512 acc[ROWS][4];
-        for (int r = 0; r < ROWS; r++)
-            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
-        const uint32_t *kg = kt + (k0 / 16) * PAIRS * 16;
-        for (int j = 0; j < PAIRS; j++) {
-            __m512bh kv[4];
-            for (int c = 0; c < 4; c++) kv[c] = (__m512bh)_mm512_loadu_si512(kg + (c * PAIRS + j) * 16);
-            for (int r = 0; r < ROWS; r++) {
-                __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qs[r][j]);
-                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
-            }
-        }
-        for (int r = 0; r < rows; r++)
-            for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + r * Lp + k0 + 16 * c, acc[r][c]);
-    }
-    int64_t pend = (nmax + 1) / 2 * 2;
+/* rows' scores s (n[r] keys each) as probabilities p in bfloat16, +0 from n[r] to pend; rows [rows, all) all +0 */
+static void probabilities(float *s, uint16_t *p, const int64_t *n, int rows, int all, int64_t pend, int64_t Lp) {
     for (int r = 0; r < rows; r++) {
         float *sr = s + r * Lp;
         uint16_t *pr = p + r * Lp;
@@ -118,7 +105,31 @@ static void tile(const uint32_t *const *qs, const int64_t *n, int rows, int64_t 
         }
         for (int64_t j = n[r]; j < pend; j++) pr[j] = 0;
     }
-    for (int r = rows; r < ROWS; r++) memset(p + r * Lp, 0, sizeof(uint16_t) * (size_t)pend);
+    for (int r = rows; r < all; r++) memset(p + r * Lp, 0, sizeof(uint16_t) * (size_t)pend);
+}
+
+/* rows r (n[r] keys each, at most nmax) of one KV head: qs[r] are bf16 pairs, pre-scaled */
+static void tile(const uint32_t *const *qs, const int64_t *n, int rows, int64_t nmax, const uint32_t *kt,
+                 const uint32_t *vp, float *s, uint16_t *p, int64_t Lp, uint16_t *const *out) {
+    int64_t end = (nmax + KEYS - 1) / KEYS * KEYS;
+    for (int64_t k0 = 0; k0 < end; k0 += KEYS) {
+        __m512 acc[ROWS][4];
+        for (int r = 0; r < ROWS; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        const uint32_t *kg = kt + (k0 / 16) * PAIRS * 16;
+        for (int j = 0; j < PAIRS; j++) {
+            __m512bh kv[4];
+            for (int c = 0; c < 4; c++) kv[c] = (__m512bh)_mm512_loadu_si512(kg + (c * PAIRS + j) * 16);
+            for (int r = 0; r < ROWS; r++) {
+                __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qs[r][j]);
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], qb, kv[c]);
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(s + r * Lp + k0 + 16 * c, acc[r][c]);
+    }
+    int64_t pend = (nmax + 1) / 2 * 2;
+    probabilities(s, p, n, rows, ROWS, pend, Lp);
     __m512 acc[ROWS][4];
     for (int r = 0; r < ROWS; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
@@ -134,11 +145,84 @@ static void tile(const uint32_t *const *qs, const int64_t *n, int rows, int64_t 
         for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[r][c]));
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define AMX_ROWS 16
+
+/* every tile 16 rows of 64 bytes: A (16 queries x 32 bf16), B (16 pairs x 16 columns), C (16 x 16 floats) */
+static void tile_config(void) {
+    struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    _tile_loadconfig(&cfg);
+}
+
+/* as tile(), 16 rows on the tile unit: tmm0-1 the queries (or tmm0 the probabilities), tmm2-3 keys or
+   values, tmm4-7 the output's four 16-column blocks. qb: [16, 64] bf16, o: [16, 64] floats. */
+static void tile_amx(const uint32_t *const *qs, const int64_t *n, int rows, int64_t nmax, const uint32_t *kt,
+                     const uint32_t *vp, float *s, uint16_t *p, int64_t Lp, uint16_t *const *out, uint16_t *qb,
+                     float *o) {
+    for (int r = 0; r < AMX_ROWS; r++) memcpy(qb + r * HD, qs[r], HD * sizeof(uint16_t));
+    _tile_loadd(0, qb, HD * 2);
+    _tile_loadd(1, qb + PAIRS, HD * 2);
+    for (int64_t g = 0; g < (nmax + 15) / 16; g++) {
+        _tile_zero(4);
+        _tile_loadd(2, kt + g * PAIRS * 16, 64);
+        _tile_loadd(3, kt + (g * PAIRS + 16) * 16, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(4, 1, 3);
+        _tile_stored(4, s + g * 16, Lp * sizeof(float));
+    }
+    int64_t pend = (nmax + 31) / 32 * 32;
+    probabilities(s, p, n, rows, AMX_ROWS, pend, Lp);
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t k0 = 0; k0 < pend; k0 += 32) {
+        const uint32_t *vb = vp + (k0 / 2) * HD;
+        _tile_loadd(0, p + k0, Lp * sizeof(uint16_t));
+        _tile_loadd(2, vb, HD * 4);
+        _tile_loadd(3, vb + 16, HD * 4);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_dpbf16ps(5, 0, 3);
+        _tile_loadd(2, vb + 32, HD * 4);
+        _tile_loadd(3, vb + 48, HD * 4);
+        _tile_dpbf16ps(6, 0, 2);
+        _tile_dpbf16ps(7, 0, 3);
+    }
+    _tile_stored(4, o, HD * 4);
+    _tile_stored(5, o + 16, HD * 4);
+    _tile_stored(6, o + 32, HD * 4);
+    _tile_stored(7, o + 48, HD * 4);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < 4; c++)
+            _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(o + r * HD + 16 * c)));
+}
+#endif
+
+/* 1 where this library was built for AMX and the kernel lets this process use its tiles, else 0 */
+int prefill_attention_amx(void) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+#else
+    return 0;
+#endif
+}
+
 int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const uint16_t *kc, const uint16_t *vc,
-                           int64_t ctx, int64_t L, uint16_t *out, int64_t H, int64_t Hkv, float scale, int threads) {
+                           int64_t ctx, int64_t L, uint16_t *out, int64_t H, int64_t Hkv, float scale, int amx,
+                           int threads) {
     int64_t G = H / Hkv;
-    if (T < 1 || L < T || L > ctx || G * Hkv != H) return -1;
-    int64_t Lp = (L + KEYS - 1) / KEYS * KEYS, R = G * T, tiles = (R + ROWS - 1) / ROWS;
+    if (T < 1 || L < T || L > ctx || G * Hkv != H || (amx && !prefill_attention_amx())) return -1;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    const int per = amx ? AMX_ROWS : ROWS;  /* query rows a tile */
+#else
+    const int per = ROWS;
+#endif
+    int64_t Lp = (L + KEYS - 1) / KEYS * KEYS, R = G * T, tiles = (R + per - 1) / per;
     size_t head = sizeof(uint32_t) * (size_t)(Lp * PAIRS * 2);
     char *mem = grow(head * (size_t)Hkv + sizeof(uint16_t) * (size_t)(T * H * HD));
     if (!mem) return -1;
@@ -158,21 +242,24 @@ int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const
                 __m512 x = _mm512_mul_ps(widen(_mm256_loadu_si256((const __m256i *)(q + t * q_stride + i))), _mm512_set1_ps(scale));
                 _mm256_storeu_si256((__m256i *)(qs + t * H * HD + i), (__m256i)_mm512_cvtneps_pbh(x));
             }
-        float *s = malloc(sizeof(float) * (size_t)(ROWS * Lp));
-        uint16_t *p = malloc(sizeof(uint16_t) * (size_t)(ROWS * Lp));
+        float *s = malloc(sizeof(float) * (size_t)(per * Lp + 16 * HD));  /* scores, then tile_amx's output */
+        uint16_t *p = malloc(sizeof(uint16_t) * (size_t)(per * Lp + 16 * HD));  /* probabilities, then its queries */
         if (!s || !p) {
             #pragma omp atomic write
             failed = 1;
         }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) tile_config();
+#endif
         #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < Hkv * tiles; u++) {
             if (!s || !p) continue;
-            int64_t h = u / tiles, r0 = (u % tiles) * ROWS;
-            int rows = (int)(R - r0 < ROWS ? R - r0 : ROWS);
-            const uint32_t *qr[ROWS];
-            uint16_t *o[ROWS];
-            int64_t n[ROWS], nmax = 0;
-            for (int r = 0; r < ROWS; r++) {
+            int64_t h = u / tiles, r0 = (u % tiles) * per;
+            int rows = (int)(R - r0 < per ? R - r0 : per);
+            const uint32_t *qr[16];
+            uint16_t *o[16];
+            int64_t n[16], nmax = 0;
+            for (int r = 0; r < per; r++) {
                 int64_t row = r0 + (r < rows ? r : 0), t = row / G, g = row % G;  /* rows ordered (token, group) */
                 qr[r] = (const uint32_t *)(qs + (t * H + h * G + g) * HD);
                 o[r] = out + (t * H + h * G + g) * HD;
@@ -180,8 +267,17 @@ int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const
                 if (r < rows && n[r] > nmax) nmax = n[r];
             }
             const uint32_t *kt = (const uint32_t *)(mem + head * (size_t)h);
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+            if (amx) {
+                tile_amx(qr, n, rows, nmax, kt, kt + Lp * PAIRS, s, p, Lp, o, p + per * Lp, s + per * Lp);
+                continue;
+            }
+#endif
             tile(qr, n, rows, nmax, kt, kt + Lp * PAIRS, s, p, Lp, o);
         }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+        if (amx) _tile_release();
+#endif
         free(s);
         free(p);
     }
