@@ -17,9 +17,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
+#include "amx.h"
 #include "bf16_math.h"
 #include "scratch.h"
 
@@ -145,17 +144,8 @@ static void tile(const uint32_t *const *qs, const int64_t *n, int rows, int64_t 
         for (int c = 0; c < 4; c++) _mm256_storeu_si256((__m256i *)(out[r] + 16 * c), (__m256i)_mm512_cvtneps_pbh(acc[r][c]));
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if HAVE_AMX
 #define AMX_ROWS 16
-
-/* every tile 16 rows of 64 bytes: A (16 queries x 32 bf16), B (16 pairs x 16 columns), C (16 x 16 floats) */
-static void tile_config(void) {
-    struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    _tile_loadconfig(&cfg);
-}
 
 /* as tile(), 16 rows on the tile unit: tmm0-1 the queries (or tmm0 the probabilities), tmm2-3 keys or
    values, tmm4-7 the output's four 16-column blocks. qb: [16, 64] bf16, o: [16, 64] floats. */
@@ -202,22 +192,14 @@ static void tile_amx(const uint32_t *const *qs, const int64_t *n, int rows, int6
 #endif
 
 /* 1 where this library was built for AMX and the kernel lets this process use its tiles, else 0 */
-int prefill_attention_amx(void) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-    static int granted = -1;
-    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-    return granted;
-#else
-    return 0;
-#endif
-}
+int prefill_attention_amx(void) { return amx_granted(); }
 
 int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const uint16_t *kc, const uint16_t *vc,
                            int64_t ctx, int64_t L, uint16_t *out, int64_t H, int64_t Hkv, float scale, int amx,
                            int threads) {
     int64_t G = H / Hkv;
     if (T < 1 || L < T || L > ctx || G * Hkv != H || (amx && !prefill_attention_amx())) return -1;
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if HAVE_AMX
     const int per = amx ? AMX_ROWS : ROWS;  /* query rows a tile */
 #else
     const int per = ROWS;
@@ -248,7 +230,7 @@ int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const
             #pragma omp atomic write
             failed = 1;
         }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if HAVE_AMX
         if (amx) tile_config();
 #endif
         #pragma omp for schedule(dynamic, 1)
@@ -267,7 +249,7 @@ int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const
                 if (r < rows && n[r] > nmax) nmax = n[r];
             }
             const uint32_t *kt = (const uint32_t *)(mem + head * (size_t)h);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if HAVE_AMX
             if (amx) {
                 tile_amx(qr, n, rows, nmax, kt, kt + Lp * PAIRS, s, p, Lp, o, p + per * Lp, s + per * Lp);
                 continue;
@@ -275,7 +257,7 @@ int prefill_attention_bf16(int64_t T, const uint16_t *q, int64_t q_stride, const
 #endif
             tile(qr, n, rows, nmax, kt, kt + Lp * PAIRS, s, p, Lp, o);
         }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if HAVE_AMX
         if (amx) _tile_release();
 #endif
         free(s);
