@@ -1,8 +1,8 @@
 """The engine: a loaded model split into stages, and the scheduler that runs many sequences on it.
 
 `step()` is a request's journey: admit waiting sequences into free KV slots (plan, restore from the
-prefix cache), run one batch (every decoding sequence's next token, plus prefill pieces under a token
-budget), then post-process (sample, stream, finish, record). A sequence's tokens never depend on what
+prefix cache), run one batch (prefill pieces under a token budget, then every decoding sequence's next
+token), each part followed by its post-processing (sample, stream, finish, record). A sequence's tokens never depend on what
 else runs: prefill pieces run one sequence at a time, cut as a lone cold run cuts them, and a decode
 step's rows go through linears whose rows were checked at start not to depend on the batch
 (`rows_invariant`), else one row at a time.
@@ -185,8 +185,12 @@ class Engine:
             plan = schedule(self.running, self.prefill_budget)
             if not plan:
                 return False
-            self._run(plan)
-            self._post_process(plan)
+            # a prompt done this step gets its first token out before the decode rows run: its TTFT never
+            # waits for them, and their tokens come no later than they would after both forwards
+            self._run_prefill(plan)
+            self._post_prefill()
+            self._run_decode(plan)
+            self._post_decode(plan)
         except StageFailed as e:
             self._stage_lost(e)
             return True
@@ -377,22 +381,26 @@ class Engine:
         return Constraint(self._grammar_tokenizer, grammar)
 
     # -- run -------------------------------------------------------------------------------------------
-    def _run(self, plan: StepPlan) -> None:
-        """The decoding sequences' rows in one forward, then each prefill piece in its own: a piece's
-        shapes are those of a lone cold run, which is what makes a cache hit exact."""
-        if plan.decode:
-            same = self._same_prefixes(plan.decode)
-            rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s), m)) for s, m in zip(plan.decode, same)]
-            try:
-                logits = self.pipeline.decode_rows(rows)
-            except StageFailed:
-                raise
-            except Exception as e:  # noqa: BLE001
-                for seq in plan.decode:
-                    self._fail(seq, e)
-            else:
-                for seq, row in zip(plan.decode, logits, strict=True):
-                    seq.logits, seq.pos = row, seq.pos + 1
+    def _run_decode(self, plan: StepPlan) -> None:
+        """The decoding sequences' rows in one forward."""
+        if not plan.decode:
+            return
+        same = self._same_prefixes(plan.decode)
+        rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s), m)) for s, m in zip(plan.decode, same)]
+        try:
+            logits = self.pipeline.decode_rows(rows)
+        except StageFailed:
+            raise
+        except Exception as e:  # noqa: BLE001
+            for seq in plan.decode:
+                self._fail(seq, e)
+        else:
+            for seq, row in zip(plan.decode, logits, strict=True):
+                seq.logits, seq.pos = row, seq.pos + 1
+
+    def _run_prefill(self, plan: StepPlan) -> None:
+        """Each prefill piece in its own forward (a sequence's consecutive pieces merged where rows are their
+        own): a piece's shapes are those of a lone cold run, which is what makes a cache hit exact."""
         for seq, (a, b), pieces in forwards(plan.prefill, self.prefill_rows):
             if seq.done:
                 continue
@@ -447,8 +455,8 @@ class Engine:
         return seq.plan
 
     # -- post-process ----------------------------------------------------------------------------------
-    def _post_process(self, plan: StepPlan) -> None:
-        """Sample each sequence whose logits are new: those that finished prefill, and the decode rows. A
+    def _post_prefill(self) -> None:
+        """Sample the first token of each sequence whose prompt is done (prefilled, or restored whole). A
         sequence that raises fails alone."""
         for seq in [s for s in self.running if s.status is Status.PREFILLING and not s.pieces]:
             if seq.logits is None:
@@ -461,6 +469,9 @@ class Engine:
             if not seq.done:
                 # now, not at the end: a sequence arriving meanwhile can restore it
                 self._guarded(seq, self._record_prompt)
+
+    def _post_decode(self, plan: StepPlan) -> None:
+        """Sample the decode rows' next tokens."""
         for seq in plan.decode:
             if not seq.done:
                 self._guarded(seq, self._advance)
