@@ -109,7 +109,8 @@ def run(
 
 
 def markdown(results: Sequence[SessionsRun]) -> str:
-    """Per K and server; then, per K, each peer's figure against anchorkv's (above 1: anchorkv is better)."""
+    """Per K and server; then, per K, each peer's figure against anchorkv's (above 1: anchorkv is better);
+    then each server's warm turn at K sessions against its own lone session's (the scheduler's cost)."""
 
     def f(v: float | None, digits: int = 0) -> str:
         return "-" if v is None else f"{v:.{digits}f}"
@@ -138,4 +139,10 @@ def markdown(results: Sequence[SessionsRun]) -> str:
             cells = [b / a if a and b else None for a, b in ((a50, b50), (a95, b95))]
             tps = ours.tokens_per_s / r.tokens_per_s if r.tokens_per_s else None
             ratios.append(f"| {k} | {r.peer} | {f(cells[0], 1)}x | {f(cells[1], 1)}x | {f(tps, 1)}x |")
-    return "\n".join(lines + (ratios if len(ratios) > 3 else []))
+    alone = ["", "| sessions | server | warm TTFT p50 against its own at 1 session |", "|---:|---|---:|"]
+    for r in results:
+        lone = next((x for x in results if x.k == 1 and x.peer == r.peer), None)
+        if r.k > 1 and lone is not None:
+            a, b = r.warm_ttft_ms[0], lone.warm_ttft_ms[0]
+            alone.append(f"| {r.k} | {r.peer} | {f(a / b if a and b else None, 2)}x |")
+    return "\n".join(lines + (ratios if len(ratios) > 3 else []) + (alone if len(alone) > 3 else []))
