@@ -264,6 +264,29 @@ def test_a_long_cold_prompt_pauses_decoding_streams_for_one_piece_a_step(engine8
     run.finish()
 
 
+def test_a_prompt_done_in_a_step_samples_its_first_token_before_the_decode_rows_run(
+    engine8: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = Run(engine8)
+    decoders = [run.submit(prompt(engine8, t)) for t in TOPICS[:2]]
+    while not all(s.status is Status.DECODING for s in decoders):
+        run.step()
+    late = run.submit(prompt(engine8, "maps"))
+    sampled_before: list[int] = []  # how many tokens the new prompt had when the decode rows ran
+    forward = engine8.pipeline.decode_rows
+
+    def decode_rows(rows: list[tuple[int, Span]]) -> torch.Tensor:
+        sampled_before.append(len(late.out))
+        return forward(rows)
+
+    monkeypatch.setattr(engine8.pipeline, "decode_rows", decode_rows)
+    before = [len(s.out) for s in decoders]
+    run.step()  # the new prompt's one piece, then the decoders' next tokens
+    assert sampled_before == [1]
+    assert [len(s.out) for s in decoders] == [n + 1 for n in before]
+    run.finish()
+
+
 def test_a_cancelled_sequence_leaves_the_others_untouched(engine8: Engine) -> None:
     prompts = [prompt(engine8, t) for t in TOPICS[:3]]
     expected = [alone(engine8, p) for p in prompts]
