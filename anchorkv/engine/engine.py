@@ -2,10 +2,10 @@
 
 `step()` is a request's journey: admit waiting sequences into free KV slots (plan, restore from the
 prefix cache), run one batch (prefill pieces under a token budget, then every decoding sequence's next
-token), each part followed by its post-processing (sample, stream, finish, record). A sequence's tokens never depend on what
-else runs: prefill pieces run one sequence at a time, cut as a lone cold run cuts them, and a decode
-step's rows go through linears whose rows were checked at start not to depend on the batch
-(`rows_invariant`), else one row at a time.
+token), each half followed by its post-processing (sample, stream, finish, record). A sequence's tokens
+never depend on what else runs: prefill pieces run one sequence at a time, cut as a lone cold run cuts
+them, and a decode step's rows go through linears whose rows were checked at start not to depend on the
+batch (`rows_invariant`), else one row at a time.
 """
 
 from __future__ import annotations
@@ -381,23 +381,6 @@ class Engine:
         return Constraint(self._grammar_tokenizer, grammar)
 
     # -- run -------------------------------------------------------------------------------------------
-    def _run_decode(self, plan: StepPlan) -> None:
-        """The decoding sequences' rows in one forward."""
-        if not plan.decode:
-            return
-        same = self._same_prefixes(plan.decode)
-        rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s), m)) for s, m in zip(plan.decode, same)]
-        try:
-            logits = self.pipeline.decode_rows(rows)
-        except StageFailed:
-            raise
-        except Exception as e:  # noqa: BLE001
-            for seq in plan.decode:
-                self._fail(seq, e)
-        else:
-            for seq, row in zip(plan.decode, logits, strict=True):
-                seq.logits, seq.pos = row, seq.pos + 1
-
     def _run_prefill(self, plan: StepPlan) -> None:
         """Each prefill piece in its own forward (a sequence's consecutive pieces merged where rows are their
         own): a piece's shapes are those of a lone cold run, which is what makes a cache hit exact."""
@@ -422,6 +405,23 @@ class Engine:
                 seq.kept_logits[b] = out
             if last:
                 seq.logits = out
+
+    def _run_decode(self, plan: StepPlan) -> None:
+        """The decoding sequences' rows in one forward."""
+        if not plan.decode:
+            return
+        same = self._same_prefixes(plan.decode)
+        rows = [(s.token, Span(self._slot_of(s), s.pos, 1, self._plan_of(s), m)) for s, m in zip(plan.decode, same)]
+        try:
+            logits = self.pipeline.decode_rows(rows)
+        except StageFailed:
+            raise
+        except Exception as e:  # noqa: BLE001
+            for seq in plan.decode:
+                self._fail(seq, e)
+        else:
+            for seq, row in zip(plan.decode, logits, strict=True):
+                seq.logits, seq.pos = row, seq.pos + 1
 
     def _same_prefixes(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         """For each decode row, (slot, n): another row's slot that holds its first n positions bit for bit,
