@@ -231,6 +231,13 @@ def _serve_parser(sub: Subparsers) -> None:
         help=f"requests that may wait for a slot; more get 503 (default {s.max_queue})",
     )
     serve.add_argument(
+        "--turn-grace-ms",
+        type=float,
+        default=s.turn_grace_ms,
+        help="after a reply ends while other requests run, how long the next step waits for that client's next"
+        f" turn, which then starts at once instead of after a decode step; 0 never waits (default {s.turn_grace_ms:g})",
+    )
+    serve.add_argument(
         "--max-body-mb",
         type=float,
         default=s.max_body_mb,
@@ -589,6 +596,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             metrics_public=None if args.metrics_public is None else args.metrics_public == "on",
             temperature=args.temperature,
             allowed_origins=tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip()),
+            turn_grace_ms=args.turn_grace_ms,
         )
     except ValueError as e:
         parser.error(str(e))

@@ -68,6 +68,7 @@ class ServerConfig:
     metrics_public: bool | None = None  # /metrics and the API docs without the key; None: only when no key is set
     temperature: float | None = None  # for requests that set none; None: each API's default, 1.0
     allowed_origins: tuple[str, ...] = ("*",)  # browser pages that may call the API (CORS); () for none
+    turn_grace_ms: float = 20.0  # after a reply ends, how long the next step waits for that client's next turn
 
     @property
     def pages_public(self) -> bool:
@@ -82,3 +83,5 @@ class ServerConfig:
             raise ValueError(f"--temperature must be between 0 and 2, got {self.temperature}")
         if self.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if not 0 <= self.turn_grace_ms <= 1000:
+            raise ValueError(f"--turn-grace-ms must be between 0 and 1000, got {self.turn_grace_ms:g}")

@@ -26,6 +26,7 @@ from tests.conftest import free_port
         (["serve", "--chunk-size", "3"], "--chunk-size"),
         (["serve", "--port", "70000"], "--port"),
         (["serve", "--temperature", "3"], "--temperature"),
+        (["serve", "--turn-grace-ms", "-1"], "--turn-grace-ms"),
         (["bench", "engine", "--device", "tpu"], "--device"),
         (["bench", "stages", "--redis-tokens", "0"], "--redis-tokens"),  # an empty prompt: it used to hang
         (["bench", "compare", "--think-spread", "normal"], "--think-spread"),
@@ -52,6 +53,7 @@ def test_help_lists_every_serve_flag() -> None:
         "--chunk-size",
         "--api-key",
         "--max-queue",
+        "--turn-grace-ms",
     ]:
         assert flag in r.stdout
 

@@ -462,6 +462,38 @@ def test_concurrent_streaming_chats_equal_the_same_requests_one_at_a_time(live8:
     assert all(out)
 
 
+@pytest.mark.parametrize("grace_s", [2.0, 0.0])
+def test_after_a_reply_ends_the_next_step_waits_for_that_clients_next_turn(
+    live8: LiveServer, engine8: Engine, grace_s: float
+) -> None:
+    """An agent sends its next turn as soon as its reply ends; the scheduler holds the others' next decode
+    step up to --turn-grace-ms for it (0: never), so the turn's prefill need not wait a decode step."""
+    worker = live8.app.state.worker
+    worker.turn_grace_s = grace_s
+    url = f"{live8.url}/v1/chat/completions"
+    long = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 60, "ignore_eos": True}
+    turn = {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2, "ignore_eos": True}
+    try:
+        with httpx.Client(timeout=120) as http:
+            other = threading.Thread(target=lambda: http.post(url, json=long))
+            other.start()
+            deadline = time.monotonic() + 60
+            while not any(s.status is Status.DECODING for s in engine8.running) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            (decoding,) = engine8.running
+            assert http.post(url, json=turn).status_code == 200
+            tokens = len(decoding.out)
+            time.sleep(0.3)  # the client is slow to send its next turn
+            held = len(decoding.out) == tokens
+            worker.turn_grace_s = 0.0  # no wait after the next turn's reply
+            assert http.post(url, json=turn).status_code == 200
+            other.join(timeout=120)
+        assert held == (grace_s > 0.3)
+        assert len(decoding.out) == 60
+    finally:
+        worker.turn_grace_s = ServerConfig().turn_grace_ms / 1000
+
+
 def test_503_when_every_slot_runs_and_the_queue_is_full(live8: LiveServer, engine8: Engine) -> None:
     worker = live8.app.state.worker
     body = {"messages": [{"role": "user", "content": "Count."}], "max_tokens": 400, "ignore_eos": True}

@@ -27,7 +27,7 @@ def create_app(engine: Engine, cfg: ServerConfig, start_worker: bool = True) -> 
     """The app; its engine worker runs on a thread of its own unless start_worker is False, in which case the
     caller runs `app.state.worker.run()` (see serve_on_main_thread)."""
     metrics = Metrics()
-    worker = EngineWorker(engine, cfg.max_queue, on_cancel=metrics.cancelled.inc)
+    worker = EngineWorker(engine, cfg.max_queue, cfg.turn_grace_ms / 1000, on_cancel=metrics.cancelled.inc)
     svc = Service(engine, cfg, worker, metrics)
 
     @asynccontextmanager
