@@ -171,10 +171,10 @@ class EngineWorker:
             if isinstance(event, Failed):
                 job.emit(JobFailed(event.error))
                 return
-            if isinstance(event, Finished):
+            if isinstance(event, Finished) and event.finish_reason == "cancelled":
+                self.on_cancel()  # a client that went away sends no next turn
+            elif isinstance(event, Finished):
                 self._ended = time.monotonic()
-                if event.finish_reason == "cancelled":
-                    self.on_cancel()
             job.emit(event)
 
         with self.engine.lock:
