@@ -118,6 +118,46 @@ def test_a_stream_still_running_at_the_end_of_the_grace_period_ends_with_an_erro
         proc.kill()
 
 
+BROKEN_ENGINE = """
+import sys, uvicorn
+from anchorkv.config import EngineConfig, ServerConfig
+from anchorkv.engine.engine import Engine
+from anchorkv.server.app import create_app
+from anchorkv.server.worker import serve_on_main_thread
+
+engine = Engine(EngineConfig(threads=2, ctx=64, parallel=1))
+def broken(*args, **kwargs):
+    raise RuntimeError("a bug in the scheduler")
+engine.step = engine.fail_all = broken  # a fault that even failing the requests in hand cannot survive
+app = create_app(engine, ServerConfig(), start_worker=False)
+config = uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), timeout_graceful_shutdown=60)
+serve_on_main_thread(uvicorn.Server(config), app.state.worker)
+"""
+
+
+def test_serve_stops_http_when_its_engine_loop_dies_instead_of_hanging_clients() -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BROKEN_ENGINE, str(port)], stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _health(url):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        body = {"prompt": "Once upon a time", "max_tokens": 4}
+        try:  # the request ends, with an error or a closed connection, instead of waiting for ever
+            ended = httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code >= 500
+        except httpx.TimeoutException:
+            ended = False
+        except httpx.TransportError:
+            ended = True
+        assert ended
+        assert proc.wait(timeout=30) != 0
+        assert proc.stderr is not None and b"a bug in the scheduler" in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
 def test_serve_exits_1_when_its_port_is_taken(tmp_path: Path) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

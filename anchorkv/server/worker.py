@@ -269,7 +269,11 @@ def serve_on_main_thread(server: uvicorn.Server, worker: EngineWorker) -> bool:
         signal.signal(sig, on_signal)
     thread = threading.Thread(target=http, name="anchorkv-http")
     thread.start()
-    worker.run()
-    thread.join()
+    try:
+        worker.run()
+    finally:
+        # an engine loop that died leaves no one to answer: HTTP stops at once rather than hang its clients
+        server.should_exit = server.force_exit = True
+        thread.join()
     worker.engine.cache.flush()  # what the engine recorded after HTTP's own shutdown flushed
     return server.started
