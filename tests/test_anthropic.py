@@ -186,7 +186,7 @@ def test_anthropics_own_tools_are_left_out_and_custom_ones_kept() -> None:
         {"max_tokens": 8, "tools": tools, "messages": [{"role": "user", "content": "hi"}]}
     )
     chat, _ = to_chat(req)
-    assert [t["function"]["name"] for t in chat.tools or []] == ["lookup", "fetch"]
+    assert [t.function.name for t in chat.tools or []] == ["lookup", "fetch"]
 
 
 def test_translation_marks_the_message_holding_a_breakpoint() -> None:

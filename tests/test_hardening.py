@@ -56,6 +56,26 @@ def test_extreme_penalty_on_completions_generates(client: TestClient) -> None:
             {"messages": M, "tools": [{"type": "function", "function": "x"}], "tool_choice": "required"},
             "tools[0].function",
         ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {"messages": M, "tools": [{"type": "function", "function": {"name": "f", "parameters": -1}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": M, "tools": [{"type": "custom", "custom": {"name": "f"}}]},
+            "tools[0]: type must be function",
+        ),
+        (
+            "/apply-template",
+            {"messages": M, "tools": [{"function": {"description": "no name"}}]},
+            "tools[0].function.name",
+        ),
+        (
+            "/tokenize",
+            {"messages": M, "tools": [{"function": {"name": "f", "description": 5}}]},
+            "tools[0].function.description",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),
         ("/tokenize", {"content": "a\ud800b"}, "content"),
         ("/apply-template", {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages[0].content"),

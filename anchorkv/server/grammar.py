@@ -17,7 +17,7 @@ import llguidance
 from llguidance import LLMatcher
 
 from anchorkv.engine.constraint import check_grammar
-from anchorkv.server.schemas import ChatCompletionRequest, NamedToolChoice, SamplingFields
+from anchorkv.server.schemas import ChatCompletionRequest, FunctionTool, NamedToolChoice, SamplingFields
 from anchorkv.server.tool_calls import CLOSE, OPEN
 
 
@@ -44,17 +44,16 @@ def text_grammar(text: str, param: str) -> str:
     return _checked(grammar, param)
 
 
-def tool_grammar(tools: list[dict[str, Any]], name: str | None, parallel: bool) -> str:
+def tool_grammar(tools: list[FunctionTool], name: str | None, parallel: bool) -> str:
     """Calls of the named function, or of any function offered when name is None."""
     calls = []
     for i, tool in enumerate(tools):
-        fn = tool.get("function") or {}
-        if name is not None and fn.get("name") != name:
+        fn = tool.function
+        if name is not None and fn.name != name:
             continue
-        params = fn.get("parameters") or {"type": "object"}
         call = {
             "type": "object",
-            "properties": {"name": {"const": fn.get("name")}, "arguments": params},
+            "properties": {"name": {"const": fn.name}, "arguments": fn.parameters or {"type": "object"}},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }

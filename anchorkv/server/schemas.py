@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+from openai.types.chat import ChatCompletionFunctionTool
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from anchorkv.cache.policy import MAX_ANCHORS, PolicyError, Scope, parse_scope
@@ -164,6 +165,24 @@ Bias = Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]
 MAX_BIASED = 1024  # logit_bias entries a request may carry (OpenAI's limit is lower)
 
 
+class FunctionTool(ChatCompletionFunctionTool):
+    """A chat tool, checked as the SDK's type (a string name; an object of parameters); `type` may be left out."""
+
+    type: Literal["function"] = "function"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _function_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type", "function") != "function":
+            raise ValueError(f"type must be function (the only kind of tool a reply can call), not {data['type']!r}")
+        return data
+
+
+def tool_dicts(tools: list[FunctionTool] | None) -> list[dict[str, Any]] | None:
+    """The tools as the client sent them, for the chat template."""
+    return None if tools is None else [t.model_dump(exclude_unset=True) for t in tools]
+
+
 class SamplingFields(RequestBody):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
@@ -215,27 +234,18 @@ class SamplingFields(RequestBody):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    tools: list[dict[str, Any]] | None = None
+    tools: list[FunctionTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _functions_named(cls, tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        for i, tool in enumerate(tools or []):
-            function = tool.get("function")
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise ValueError(f"tools[{i}].function must be an object with a string name")
-        return tools
-
     @field_validator("tool_choice")
     @classmethod
     def _choice_offered(cls, choice: str | NamedToolChoice | None, info: ValidationInfo) -> Any:
-        if choice is None or choice in ("none", "auto"):
-            return choice
-        names = [(t.get("function") or {}).get("name") for t in info.data.get("tools") or []]
+        if choice is None or choice in ("none", "auto") or "tools" not in info.data:
+            return choice  # tools that failed their own check are the error to report
+        names = [t.function.name for t in info.data.get("tools") or []]
         if not names:
             raise ValueError("a required or named tool choice needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
@@ -322,7 +332,7 @@ class TokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     content: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[FunctionTool] | None = None
     add_generation_prompt: bool = True  # messages only: end with the assistant's header, as a chat request does
     with_pieces: bool = False  # llama.cpp: [{"id", "piece"}] instead of bare ids
 
@@ -341,4 +351,4 @@ class DetokenizeRequest(RequestBody):
 class ApplyTemplateRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    tools: list[dict[str, Any]] | None = None
+    tools: list[FunctionTool] | None = None

@@ -23,7 +23,7 @@ from anchorkv.server.errors import APIError
 from anchorkv.server.grammar import RequestGrammarError, request_grammar
 from anchorkv.server.limits import key_matches
 from anchorkv.server.metrics import Metrics
-from anchorkv.server.schemas import ChatCompletionRequest, ChatMessage, SamplingFields
+from anchorkv.server.schemas import ChatCompletionRequest, ChatMessage, SamplingFields, tool_dicts
 from anchorkv.server.tool_calls import CallPiece, ToolCallStream, assistant_message
 from anchorkv.server.worker import EngineWorker, Job, JobFailed, QueueFull
 
@@ -78,7 +78,8 @@ class Service:
     async def chat_prompt(self, req: ChatCompletionRequest) -> tuple[list[int], CacheRequest]:
         messages = dicts(req.messages)
         parts = [(i, j) for i, m in enumerate(req.messages) for j in m.marked_parts]
-        rendered = await self.render(messages, req.tools, marked_parts=parts)
+        tools = tool_dicts(req.tools)
+        rendered = await self.render(messages, tools, marked_parts=parts)
         # a marked message anchors at its chat boundary: its end, or past the assistant's header when that
         # turn follows it (the prompt is cut there, not at the end; for the last message, the whole prompt);
         # a marked part before a message's last anchors at its own end (recorded at the cut before it)
@@ -88,7 +89,7 @@ class Service:
             for m, e in zip(req.messages, ends, strict=True)
             if m.marked and e is not None
         ] + rendered.part_ends
-        next_turn = next_turn_renderer(self.engine, messages, req.tools, req.calls_allowed)
+        next_turn = next_turn_renderer(self.engine, messages, tools, req.calls_allowed)
         return rendered.token_ids, self.cache_request(req, rendered, marked, next_turn)
 
     def cache_request(

@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from anchorkv.server.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest
+from anchorkv.server.schemas import ApplyTemplateRequest, DetokenizeRequest, TokenizeRequest, tool_dicts
 from anchorkv.server.service import Service, dicts
 
 
@@ -21,7 +21,9 @@ def router(svc: Service) -> APIRouter:
         end as a token count: what `prompt_cache_anchor_tokens` takes to anchor through that message."""
         out: dict[str, Any] = {}
         if req.messages is not None:
-            rendered = await svc.render(dicts(req.messages), req.tools, add_generation_prompt=req.add_generation_prompt)
+            rendered = await svc.render(
+                dicts(req.messages), tool_dicts(req.tools), add_generation_prompt=req.add_generation_prompt
+            )
             ids, out["message_ends"] = rendered.token_ids, rendered.message_ends
         else:
             ids = await asyncio.to_thread(engine.tokenizer.encode, req.content or "")
@@ -37,7 +39,7 @@ def router(svc: Service) -> APIRouter:
 
     @r.post("/apply-template")
     async def apply_template(req: ApplyTemplateRequest) -> dict[str, Any]:
-        return {"prompt": (await svc.render(dicts(req.messages), req.tools)).text}
+        return {"prompt": (await svc.render(dicts(req.messages), tool_dicts(req.tools))).text}
 
     return r
 
