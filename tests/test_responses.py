@@ -290,6 +290,22 @@ def test_an_image_part_is_a_400_naming_it(client: OpenAI) -> None:
     assert "input[0].content[0]" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("item", "named"),
+    [
+        ({"type": "function_call", "call_id": "c1", "name": "f", "arguments": {"a": 1}}, "input[0].arguments"),
+        ({"type": "function_call_output", "output": "ok"}, "input[0].call_id"),
+        ({"role": "user", "content": 5}, "input[0].content"),
+        ({"role": "user", "content": [{"type": "input_text", "text": 5}]}, "input[0].content[0].text"),
+        ({"type": 5, "role": "user", "content": "hi"}, "input[0]: type must be a string"),
+    ],
+)
+def test_a_malformed_input_item_is_a_400_naming_its_field(client: OpenAI, item: dict[str, Any], named: str) -> None:
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(model="any", input=[item], max_output_tokens=2)  # type: ignore[list-item]
+    assert named in e.value.message
+
+
 def test_translation_groups_function_calls_and_keeps_instructions_out_of_history() -> None:
     items: list[dict[str, Any]] = [
         {"role": "user", "content": "a"},
@@ -298,7 +314,7 @@ def test_translation_groups_function_calls_and_keeps_instructions_out_of_history
         {"type": "function_call_output", "call_id": "c1", "output": "ok"},
         {"type": "reasoning", "summary": []},
     ]
-    msgs = input_messages(items)
+    msgs = input_messages(ResponsesRequest.model_validate({"input": items}).input)
     assert [m["role"] for m in msgs] == ["user", "assistant", "tool"]
     assert [c["id"] for c in msgs[1]["tool_calls"]] == ["c1", "c2"]
     chat = to_chat(ResponsesRequest.model_validate({"input": "b", "instructions": "sys"}), msgs)

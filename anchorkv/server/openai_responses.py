@@ -9,7 +9,6 @@ prefix the cache then holds.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -66,10 +65,57 @@ class TextConfig(ResponseTextConfig):
     format: TextFormat | None = None
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class MessageItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[ContentPart]
+
+
+class FunctionCallItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call"]
+    call_id: str | None = None
+    id: str | None = None
+    name: str
+    arguments: str = "{}"  # JSON text, as the reply gave it
+
+
+class FunctionCallOutputItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[ContentPart]
+
+
+ITEM_TYPES = ("message", "function_call", "function_call_output")
+
+
+def _item_tag(item: Any) -> str | None:
+    kind = _type(item) if isinstance(item, dict) and "type" in item else "message"
+    return f"{kind}-item" if kind in ITEM_TYPES else "other-item" if isinstance(kind, str) else None
+
+
+# reasoning, item_reference and the other item types carry nothing this model reads: kept as sent, skipped
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message-item")]
+    | Annotated[FunctionCallItem, Tag("function_call-item")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output-item")]
+    | Annotated[dict[str, Any], Tag("other-item")],
+    Discriminator(_item_tag, custom_error_type="item_type", custom_error_message="type must be a string"),
+]
+
+
 class ResponsesRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")  # reasoning, include, metadata, truncation, ...: accepted, unused
     model: str | None = None
-    input: str | list[dict[str, Any]]
+    input: str | list[InputItem]
     instructions: str | None = None
     tools: list[RequestTool] | None = None  # non-function tools are accepted and left out
     tool_choice: Literal["auto", "required", "none"] | dict[str, Any] | None = None
@@ -85,43 +131,38 @@ class ResponsesRequest(RequestBody):
     cache_salt: str | None = None
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p)
-    return ""
+def _text(content: str | list[ContentPart]) -> str:
+    return content if isinstance(content, str) else "".join(p.text or "" for p in content)
 
 
-def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Input items as chat messages. Raises ValueError naming the item it cannot read."""
+def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
+    """Input items as chat messages. Raises ValueError naming a part this model cannot read."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     out: list[dict[str, Any]] = []
     for i, item in enumerate(items):
-        kind = item.get("type", "message")
-        if kind == "message":
-            role = item.get("role")
-            if role not in ("user", "system", "developer", "assistant"):
-                raise ValueError(f"input[{i}].role must be user, system, developer or assistant")
-            content = item.get("content")
-            for j, part in enumerate(content if isinstance(content, list) else []):
-                if isinstance(part, dict) and part.get("type") not in ("input_text", "output_text", "text"):
-                    raise ValueError(f"input[{i}].content[{j}]: this model reads text only, not {part.get('type')!r}")
-            out.append({"role": role, "content": _text(item.get("content"))})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id") or item.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                    "function": {"name": item.get("name", ""), "arguments": item.get("arguments") or "{}"}}  # fmt: skip
+        if isinstance(item, MessageItem):
+            for j, part in enumerate(item.content if isinstance(item.content, list) else []):
+                if part.type not in ("input_text", "output_text", "text"):
+                    raise ValueError(f"input[{i}].content[{j}]: this model reads text only, not {part.type!r}")
+            out.append({"role": item.role, "content": _text(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id or item.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}  # fmt: skip
             if out and out[-1]["role"] == "assistant" and not out[-1].get("content") and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id", ""),
-                        "content": output if isinstance(output, str) else _text(output) or json.dumps(output)})  # fmt: skip
-        # reasoning and other item types carry nothing this model reads
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
     return out
+
+
+def sent(items: str | list[InputItem]) -> str | list[dict[str, Any]]:
+    """The input items as the client sent them."""
+    if isinstance(items, str):
+        return items
+    return [i if isinstance(i, dict) else i.model_dump(exclude_unset=True) for i in items]
 
 
 def to_chat(req: ResponsesRequest, history: list[dict[str, Any]]) -> ChatCompletionRequest:

@@ -73,7 +73,7 @@ def router(svc: Service) -> APIRouter:
             body = oar.response(rid, svc.model_id, req, items, done.finish_reason, done.prompt_tokens,
                                 done.cached_tokens, done.completion_tokens, done.cache.written)  # fmt: skip
             if req.store:
-                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body, req.input))
+                store.put(key, rid, Kept(req.cache_salt, [*said, reply], body, oar.sent(req.input)))
             return body
 
         if req.stream:
