@@ -156,6 +156,18 @@ def test_thinking_and_metadata_are_ignored(client: anthropic.Anthropic) -> None:
             },
             "tool_choice: 'get_time' is not among",
         ),  # fmt: skip
+        (
+            {
+                "max_tokens": 4,
+                "tools": [
+                    {"type": "web_search_20250305", "name": "web_search"},
+                    {**WEATHER, "input_schema": {"type": 5}},
+                ],
+                "tool_choice": {"type": "any"},
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "tools[1].input_schema: type must be",
+        ),  # a schema that cannot constrain the call, named as the client sent it
     ],
 )
 def test_bad_input_is_anthropics_400_naming_the_field(server: LiveServer, body: dict[str, Any], named: str) -> None:

@@ -306,6 +306,24 @@ def test_a_malformed_input_item_is_a_400_naming_its_field(client: OpenAI, item: 
     assert named in e.value.message
 
 
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        (
+            {"tools": [{"type": "web_search"}, {**LOOKUP, "parameters": {"type": 5}}], "tool_choice": "required"},
+            "tools[1].parameters: type must be",
+        ),
+        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}}, "text.format.schema: type"),
+    ],
+)
+def test_a_schema_that_cannot_constrain_the_reply_is_a_400_naming_its_field(
+    client: OpenAI, fields: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(BadRequestError) as e:
+        client.responses.create(model="any", input="Hi", max_output_tokens=2, **fields)
+    assert named in e.value.message
+
+
 def test_translation_groups_function_calls_and_keeps_instructions_out_of_history() -> None:
     items: list[dict[str, Any]] = [
         {"role": "user", "content": "a"},

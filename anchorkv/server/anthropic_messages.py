@@ -11,6 +11,7 @@ reasons and usage.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -174,12 +175,25 @@ def to_chat(req: MessagesRequest) -> tuple[ChatCompletionRequest, int]:
     return ChatCompletionRequest.model_validate(_body(req, conv.messages)), conv.marks
 
 
+def _offered(req: MessagesRequest) -> list[int]:
+    """The tools the model is offered, by their place in the request. Anthropic's own tools are left out:
+    server tools run on Anthropic's side, and the schemas of the others (bash, text editor, ...) live there
+    too."""
+    return [i for i, t in enumerate(req.tools or []) if t.type in (None, "custom")]
+
+
+def field(req: MessagesRequest, chat_param: str) -> str:
+    """The request's field behind a field of its chat request (tools[i].function.parameters)."""
+    if m := re.fullmatch(r"tools\[(\d+)\]\.function\.parameters", chat_param):
+        return f"tools[{_offered(req)[int(m[1])]}].input_schema"
+    return chat_param
+
+
 def _body(req: MessagesRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Anthropic's own tools are left out: server tools run on Anthropic's side, and the schemas of the
-    others (bash, text editor, ...) live there too."""
+    offered = [(req.tools or [])[i] for i in _offered(req)]
     tools = [
         {"type": "function", "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema}}
-        for t in req.tools or [] if t.type in (None, "custom")
+        for t in offered
     ]  # fmt: skip
     body: dict[str, Any] = {"messages": messages, "max_tokens": req.max_tokens, "stream": req.stream}
     if "temperature" in req.model_fields_set:  # else the server's default

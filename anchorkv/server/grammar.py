@@ -24,7 +24,7 @@ from anchorkv.server.tool_calls import CLOSE, OPEN
 class RequestGrammarError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(f"{param}: {message}")
-        self.param = param
+        self.param, self.reason = param, message
 
 
 def json_grammar(schema: dict[str, Any], param: str) -> str:

@@ -9,6 +9,7 @@ prefix the cache then holds.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -255,9 +256,20 @@ def output_items(reply: dict[str, Any]) -> list[ResponseOutputItem]:
     return items
 
 
+def _offered(req: ResponsesRequest) -> list[int]:
+    """The tools offered to the model, the request's function tools, by their place in the request."""
+    return [i for i, t in enumerate(req.tools or []) if isinstance(t, FunctionTool)]
+
+
 def _tools(req: ResponsesRequest) -> list[FunctionTool]:
-    """The tools offered to the model: the request's function tools."""
     return [t for t in req.tools or [] if isinstance(t, FunctionTool)]
+
+
+def field(req: ResponsesRequest, chat_param: str) -> str:
+    """The request's field behind a field of its chat request (a tool's parameters, the format's schema)."""
+    if m := re.fullmatch(r"tools\[(\d+)\]\.function\.parameters", chat_param):
+        return f"tools[{_offered(req)[int(m[1])]}].parameters"
+    return "text.format.schema" if chat_param.startswith("response_format") else chat_param
 
 
 def _tool_choice(req: ResponsesRequest) -> Literal["auto", "required", "none"] | ToolChoiceFunction:

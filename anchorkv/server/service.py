@@ -118,11 +118,17 @@ class Service:
         return self.cfg.temperature
 
     async def params(
-        self, req: SamplingFields, prompt: list[int], prompt_param: str, clamp: bool = False
+        self,
+        req: SamplingFields,
+        prompt: list[int],
+        prompt_param: str,
+        clamp: bool = False,
+        field: Callable[[str], str] = str,
     ) -> SamplingParams:
-        """The request's sampling, checked against the prompt: a 400 naming the field where it cannot run.
-        With `clamp`, a max_tokens past the context's room is taken as that room (the agent APIs: Claude
-        Code asks for 128k output tokens whatever the model)."""
+        """The request's sampling, checked against the prompt: a 400 naming the field where it cannot run
+        (`field`: the agent API's name for a field of the chat request). With `clamp`, a max_tokens past the
+        context's room is taken as that room (the agent APIs: Claude Code asks for 128k output tokens
+        whatever the model)."""
         engine = self.engine
         max_tokens = self.max_tokens(req, prompt, prompt_param, clamp)
         bias = tuple((req.logit_bias or {}).items())
@@ -130,9 +136,9 @@ class Service:
         try:
             found = request_grammar(req)
         except RequestGrammarError as e:
-            raise APIError(400, str(e), e.param) from None
+            raise APIError(400, f"{field(e.param)}: {e.reason}", field(e.param)) from None
         if found is not None and (error := await asyncio.to_thread(engine.grammar_error, found[0])) is not None:
-            raise APIError(400, f"{found[1]}: {error}", found[1])
+            raise APIError(400, f"{field(found[1])}: {error}", field(found[1]))
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self._temperature(req),

@@ -30,7 +30,7 @@ def router(svc: Service) -> APIRouter:
         t0 = time.perf_counter()
         chat, _ = translated(lambda: am.to_chat(req), "messages")
         prompt, creq = await svc.chat_prompt(chat)
-        params = await svc.params(chat, prompt, "messages", clamp=True)
+        params = await svc.params(chat, prompt, "messages", clamp=True, field=lambda p: am.field(req, p))
         job = svc.submit("messages", prompt, params, creq)
         mid = f"msg_{uuid.uuid4().hex[:24]}"
         if req.stream:

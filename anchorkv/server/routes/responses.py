@@ -61,7 +61,7 @@ def router(svc: Service) -> APIRouter:
             history = kept
         chat = translated(lambda: oar.to_chat(req, history), "input", same=("tool_choice",))
         prompt, creq = await svc.chat_prompt(chat)
-        params = await svc.params(chat, prompt, "input", clamp=True)
+        params = await svc.params(chat, prompt, "input", clamp=True, field=lambda p: oar.field(req, p))
         req = req.model_copy(update={"temperature": params.temperature})  # echoed as run: the server's default
         job = svc.submit("responses", prompt, params, creq)
         rid = f"resp_{uuid.uuid4().hex[:24]}"
