@@ -192,6 +192,10 @@ def _cache_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> CacheCon
 
 
 def _engine_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> EngineConfig:
+    from anchorkv.model.loader import model_source_error
+
+    if a.model is not None and (error := model_source_error(a.model.expanduser())) is not None:
+        p.error(f"--model: {error}")
     try:
         return EngineConfig(
             model=a.model, dtype=a.dtype, threads=a.threads, device=a.device, ctx=a.ctx,

@@ -30,6 +30,9 @@ from tests.conftest import free_port
         (["bench", "engine", "--device", "tpu"], "--device"),
         (["bench", "stages", "--redis-tokens", "0"], "--redis-tokens"),  # an empty prompt: it used to hang
         (["bench", "compare", "--think-spread", "normal"], "--think-spread"),
+        (["serve", "--model", "/nonexistent/model.gguf"], "--model: model not found"),
+        (["serve", "--model", str(Path(__file__).parent)], "--model: "),  # a folder with no weights in it
+        (["bench", "engine", "--model", "/nonexistent/model.gguf"], "--model: model not found"),
     ],
 )
 def test_bad_flag_exits_2_naming_it(args: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:

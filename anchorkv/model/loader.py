@@ -73,15 +73,22 @@ def _sha256_files(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def model_source_error(source: Path) -> str | None:
+    """Why `source` cannot be a model (a GGUF file, or a folder of config.json and *.safetensors), or None."""
+    if not source.exists():
+        return f"model not found: {source}"
+    if source.is_dir() and (not any(source.glob("*.safetensors")) or not (source / "config.json").exists()):
+        return f"{source} is not a model folder: it needs config.json and *.safetensors"
+    return None
+
+
 def resolve_model(path: Path | None, cache_home: Path | None = None) -> ModelFiles:
     source = (path or bundled_model_path()).expanduser()
-    if not source.exists():
-        raise FileNotFoundError(f"model not found: {source}")
+    if (error := model_source_error(source)) is not None:
+        raise FileNotFoundError(error)
     cache = (cache_home or default_cache_home()) / "weights"
     if source.is_dir():
         files = sorted(source.glob("*.safetensors"))
-        if not files or not (source / "config.json").exists():
-            raise FileNotFoundError(f"{source} is not a model folder: it needs config.json and *.safetensors")
         key = _stat_key([*files, source / "config.json"])
         memo = cache / f"fingerprint-{key}.txt"
         if memo.exists():
