@@ -170,9 +170,14 @@ def _pipeline(p: argparse.ArgumentParser, a: argparse.Namespace, ecfg: EngineCon
     resources = [r.strip() or None for r in a.stage_resources.split(",")] if a.stage_resources else []
     if resources and len(resources) != ecfg.stages:
         p.error(f"--stage-resources names {len(resources)} resources for {ecfg.stages} stages")
-    from anchorkv.engine.ray_pipeline import RayPipeline
+    from anchorkv.engine.ray_pipeline import RayPipeline, unreachable
 
-    return RayPipeline(ecfg, ccfg, a.ray_address, resources)
+    if a.ray_address and (why := unreachable(a.ray_address)) is not None:
+        p.error(f"--ray-address {a.ray_address}: {why}")
+    try:
+        return RayPipeline(ecfg, ccfg, a.ray_address, resources)
+    except ValueError as e:  # a resource no node offers
+        p.error(str(e))
 
 
 def _cache_config(p: argparse.ArgumentParser, a: argparse.Namespace) -> CacheConfig:

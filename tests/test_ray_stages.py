@@ -178,18 +178,28 @@ def test_a_killed_stage_fails_requests_in_flight_with_503_and_comes_back(ray_eng
         next(gen, None)
 
 
-def test_the_cli_refuses_stage_flags_that_do_not_fit() -> None:
+def test_the_cli_refuses_stage_flags_that_do_not_fit(
+    ray_cluster: RayCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each at once, with a message naming the flag: a cluster that is not there, or a resource no node
+    offers, would otherwise keep `serve` waiting for minutes or for ever."""
     from anchorkv.cli import _cache_config, _engine_config, _pipeline, build_parser
 
     p = build_parser()
-    for argv in (
-        ["serve", "--stages", "3", "--distributed", "ray", "--stage-resources", "node_a,node_b"],
-        ["serve", "--stages", "3", "--ray-address", "127.0.0.1:1"],
-        ["serve", "--cache-redis", "localhost:6379"],
+    ray_flags = ["serve", "--stages", "2", "--distributed", "ray", "--ray-address"]
+    for argv, named in (
+        (["serve", "--stages", "3", "--distributed", "ray", "--stage-resources", "node_a,node_b"], "names 2"),
+        (["serve", "--stages", "3", "--ray-address", "127.0.0.1:1"], "--ray-address needs --distributed ray"),
+        (["serve", "--cache-redis", "localhost:6379"], "--cache-redis"),
+        ([*ray_flags, f"127.0.0.1:{free_port()}"], "nothing answers at"),
+        ([*ray_flags, ray_cluster.address, "--stage-resources", "node_a,node_c"], "offers node_c (custom resources"),
     ):
-        args = p.parse_args(argv)
+        t = time.monotonic()
         with pytest.raises(SystemExit):
+            args = p.parse_args(argv)
             _pipeline(p, args, _engine_config(p, args), _cache_config(p, args))
+        assert named in capsys.readouterr().err
+        assert time.monotonic() - t < 10
 
 
 def test_serve_with_stages_on_a_local_ray_instance(tmp_path: Path, client: TestClient) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import replace
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ MAX_RESTARTS = 8
 # a prefill piece's hidden states (C + 63 rows) go inline in the call's reply, not through the object store
 INLINE_BYTES = 2**20
 PING_S = 2.0  # how long /health waits for a stage
+RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 # stages sharing one host's cores: idle OpenMP threads sleep at once instead of spinning, or each stage's
 # spinning threads steal the cores the next stage computes on; a stage alone on its host computes faster
 # spinning (docs/distributed.md has both measurements)
@@ -109,6 +111,30 @@ class StageWorker:
         self.stage.cache.clear()
 
 
+def unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing answers at a Ray address (HOST:PORT, or ray://HOST:PORT), or None: Ray itself retries
+    for minutes. Other forms ("auto") are Ray's to resolve."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        return f"nothing answers at {host}:{port} ({e.strerror or e}); is its head node up (`ray start --head`)?"
+    return None
+
+
+def missing_resources(wanted: Sequence[str | None]) -> str | None:
+    """Why the cluster cannot place stages on the nodes that `wanted` names, or None: an actor waiting for a
+    resource no node offers would wait for ever."""
+    offered = ray.cluster_resources()
+    missing = [r for r in wanted if r and r not in offered]
+    if not missing:
+        return None
+    custom = sorted(r for r in offered if r not in RAY_BUILTIN_RESOURCES and ":" not in r)
+    return f"no node of the Ray cluster offers {', '.join(missing)} (custom resources offered: {', '.join(custom) or 'none'})"
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray instance whose listeners stay on loopback."""
     if ray.is_initialized():
@@ -135,6 +161,8 @@ class RayPipeline(Pipeline):
     ) -> None:
         """`resources[i]`: a custom resource that stage i's node offers (one unit is taken), or None."""
         connect(address)
+        if (error := missing_resources(resources)) is not None:
+            raise ValueError(f"--stage-resources: {error}")
         self.chunk_size = cfg.chunk_size
         self.device = torch.device("cpu")  # where the head keeps token ids and logits
         actor = ray.remote(StageWorker)
