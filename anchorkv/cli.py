@@ -612,8 +612,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         engine = Engine(ecfg, ccfg, _pipeline(parser, args, ecfg, ccfg))
-    except ValueError as e:  # e.g. a stride that is not a multiple of the chunk size
-        parser.error(str(e))
+    except (OSError, ValueError) as e:  # e.g. a stride that is not a multiple of the chunk size, or a
+        parser.error(str(e))  # --cache-home where no folder can be made
     logging.getLogger("anchorkv").info(
         "loaded %s (%s, %d layers, %d stages, ctx %d, %d parallel, decode rows %s)", engine.model_name,
         engine.model_cfg.arch, engine.model_cfg.n_layers, ecfg.stages, engine.ctx, ecfg.parallel,

@@ -33,6 +33,7 @@ from tests.conftest import free_port
         (["serve", "--model", "/nonexistent/model.gguf"], "--model: model not found"),
         (["serve", "--model", str(Path(__file__).parent)], "--model: "),  # a folder with no weights in it
         (["bench", "engine", "--model", "/nonexistent/model.gguf"], "--model: model not found"),
+        (["serve", "--cache-home", __file__], "Not a directory"),  # the imported weights' folder cannot be made
     ],
 )
 def test_bad_flag_exits_2_naming_it(args: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
