@@ -140,12 +140,53 @@ def test_thinking_and_metadata_are_ignored(client: anthropic.Anthropic) -> None:
     assert m.content
 
 
+def test_an_earlier_turns_thinking_is_left_out_of_the_prompt(client: anthropic.Anthropic) -> None:
+    """Claude Code sends an earlier turn's thinking back (from a session begun against Anthropic's API,
+    which drops it from the context as well): the reply is the one without it."""
+    thinking: list[Any] = [{"type": "thinking", "thinking": "France: Paris.", "signature": "sig"}]
+
+    def reply(before: list[Any]) -> anthropic.types.Message:
+        said = [*before, {"type": "text", "text": "Paris is the capital of France."}]
+        messages: list[Any] = [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": said},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+        return client.messages.create(model="any", max_tokens=8, extra_body={"temperature": 0}, messages=messages)
+
+    def read(m: anthropic.types.Message) -> int:
+        return m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+
+    without, with_thinking = reply([]), reply(thinking)
+    assert read(with_thinking) == read(without)
+    assert with_thinking.content == without.content
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [
         ({"max_tokens": 4, "messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}]}, "max_tokens"),
-        ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
+        (
+            {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+            "messages[0].content[0].type: this model reads text only, not 'image'",
+        ),
+        (
+            {
+                "max_tokens": 4,
+                "messages": [
+                    {"role": "user", "content": "Take a screenshot"},
+                    {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "shot", "input": {}}]},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "image", "source": {}}]}
+                        ],
+                    },
+                ],
+            },
+            "messages[2].content[0].content[0].type: this model reads text only",
+        ),  # fmt: skip
         ({"max_tokens": 4, "temperature": 3, "messages": [{"role": "user", "content": "x"}]}, "temperature"),
         (
             {

@@ -23,6 +23,10 @@ from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
 MAX_BREAKPOINTS = 4  # as Anthropic's API
 
 
+# an earlier turn's thinking is left out of the prompt, as Anthropic's API leaves it out of the context
+SKIPPED_BLOCKS = ("thinking", "redacted_thinking")
+
+
 class Block(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -31,8 +35,15 @@ class Block(BaseModel):
     name: str | None = None
     input: dict[str, Any] | None = None
     tool_use_id: str | None = None  # tool_result
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[Block] | None = None
     cache_control: dict[str, Any] | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _readable(cls, kind: str) -> str:
+        if kind not in ("text", "tool_use", "tool_result", *SKIPPED_BLOCKS):
+            raise ValueError(f"this model reads text only, not {kind!r}")
+        return kind
 
 
 class Message(BaseModel):
@@ -70,15 +81,6 @@ class MessagesRequest(RequestBody):
     stop_sequences: list[str] | None = None
     stream: bool = False
     cache_control: dict[str, Any] | None = None  # automatic caching: a breakpoint at the last message
-
-    @field_validator("messages")
-    @classmethod
-    def _text_only(cls, messages: list[Message]) -> list[Message]:
-        for i, m in enumerate(messages):
-            for j, b in enumerate(m.content if isinstance(m.content, list) else []):
-                if b.type not in ("text", "tool_use", "tool_result"):
-                    raise ValueError(f"messages[{i}].content[{j}]: this model reads text only, not {b.type!r}")
-        return messages
 
 
 class CountTokensRequest(MessagesRequest):
