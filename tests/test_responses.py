@@ -298,6 +298,10 @@ def test_an_image_part_is_a_400_naming_it(client: OpenAI) -> None:
         ({"role": "user", "content": 5}, "input[0].content"),
         ({"role": "user", "content": [{"type": "input_text", "text": 5}]}, "input[0].content[0].text"),
         ({"type": 5, "role": "user", "content": "hi"}, "input[0]: type must be a string"),
+        (
+            {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_image", "image_url": "x"}]},
+            "input[0].output[0]: this model reads text only",
+        ),
     ],
 )
 def test_a_malformed_input_item_is_a_400_naming_its_field(client: OpenAI, item: dict[str, Any], named: str) -> None:

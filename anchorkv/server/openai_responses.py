@@ -136,6 +136,12 @@ def _text(content: str | list[ContentPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text or "" for p in content)
 
 
+def _text_only(content: str | list[ContentPart], field: str) -> None:
+    for j, part in enumerate(content if isinstance(content, list) else []):
+        if part.type not in ("input_text", "output_text", "text"):
+            raise ValueError(f"{field}[{j}]: this model reads text only, not {part.type!r}")
+
+
 def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
     """Input items as chat messages. Raises ValueError naming a part this model cannot read."""
     if isinstance(items, str):
@@ -143,9 +149,7 @@ def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i, item in enumerate(items):
         if isinstance(item, MessageItem):
-            for j, part in enumerate(item.content if isinstance(item.content, list) else []):
-                if part.type not in ("input_text", "output_text", "text"):
-                    raise ValueError(f"input[{i}].content[{j}]: this model reads text only, not {part.type!r}")
+            _text_only(item.content, f"input[{i}].content")
             out.append({"role": item.role, "content": _text(item.content)})
         elif isinstance(item, FunctionCallItem):
             call = {"id": item.call_id or item.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
@@ -155,6 +159,7 @@ def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif isinstance(item, FunctionCallOutputItem):
+            _text_only(item.output, f"input[{i}].output")
             out.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
     return out
 
