@@ -117,6 +117,18 @@ def test_completion_logprobs_streamed_and_not(client: TestClient) -> None:
     assert {k: [x for p in parts for x in p[k]] for k in lp} == lp
 
 
+def test_tools_reach_the_template_as_openais_clients_send_them(client: TestClient, engine: Engine) -> None:
+    tool = {
+        "type": "function",
+        "function": {"name": "find", "description": "Find a book", "parameters": {"type": "object"}},
+    }
+    messages = [CHAT["messages"][0]]
+    text = client.post("/apply-template", json={"messages": messages, "tools": [tool]}).json()["prompt"]
+    assert text == engine.render_chat(messages, [tool]).text
+    without_type = {"function": tool["function"]}  # the same tool
+    assert client.post("/apply-template", json={"messages": messages, "tools": [without_type]}).json()["prompt"] == text
+
+
 def test_tokenize_gives_the_token_counts_anchors_take(client: TestClient, engine: Engine) -> None:
     system = {"role": "system", "content": "You answer questions about European geography. " * 8}
     messages = [system, CHAT["messages"][0]]

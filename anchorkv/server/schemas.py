@@ -179,8 +179,9 @@ class FunctionTool(ChatCompletionFunctionTool):
 
 
 def tool_dicts(tools: list[FunctionTool] | None) -> list[dict[str, Any]] | None:
-    """The tools as the client sent them, for the chat template."""
-    return None if tools is None else [t.model_dump(exclude_unset=True) for t in tools]
+    """The tools for the chat template, as OpenAI's clients send them: `type` first, then `function` with
+    the fields the client set."""
+    return None if tools is None else [{"type": "function", **t.model_dump(exclude_unset=True)} for t in tools]
 
 
 class SamplingFields(RequestBody):
