@@ -117,6 +117,24 @@ def test_simulate_cli_json_has_every_policy_and_field(tmp_path: Path) -> None:
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "said"),
+    [
+        ("cut.json", '{"messages": [', "cut.json: not valid JSON"),
+        ("cut.jsonl", '{"messages": []}\n{"messages": [\n', "cut.jsonl, line 2: not valid JSON"),
+        ("other.json", "[1, 2, 3]", "other.json: not a format the simulator reads"),
+    ],
+)
+def test_a_trace_it_cannot_read_exits_2_naming_the_file(
+    tmp_path: Path, name: str, text: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as exit:
+        main(["simulate", str(tmp_path / name)])
+    assert exit.value.code == 2
+    assert said in capsys.readouterr().err
+
+
 def test_the_simulator_predicts_the_servers_cached_tokens(engine: Engine) -> None:
     """Same requests, same cache code: the live server restores exactly what the simulator predicts."""
     requests = traces.generate("gen:tasks")[:3] + traces.generate("gen:rolling")[:3]

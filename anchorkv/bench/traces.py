@@ -84,6 +84,13 @@ def _oasst_paths(node: dict[str, Any], prefix: list[dict[str, Any]]) -> Iterator
         yield from _oasst_paths(r, path)
 
 
+def _json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e})") from None
+
+
 def read_file(path: Path, limit: int | None = None) -> list[Request]:
     """Every request in the file; with a limit, JSONL files stop reading once they have that many."""
     name = path.name
@@ -94,7 +101,7 @@ def read_file(path: Path, limit: int | None = None) -> list[Request]:
                 return out[:limit]
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            obj = _json(line, f"{path}, line {i + 1}")
             if isinstance(obj, dict) and "hash_ids" in obj:
                 out.append(Request(f"{name}:{i}", tokens=mooncake_tokens(obj["hash_ids"], obj.get("input_length", 0))))
             elif isinstance(obj, dict) and "prompt" in obj and "message_tree_id" in obj:
@@ -103,7 +110,7 @@ def read_file(path: Path, limit: int | None = None) -> list[Request]:
             elif (msgs := _messages(obj)) is not None:
                 out += session_requests(f"{name}:{i}", [_clean(m) for m in msgs])
         return out
-    data = json.loads(path.read_text())
+    data = _json(path.read_text(), str(path))
     if isinstance(data, list) and data and isinstance(data[0], dict) and "traj" in data[0]:  # tau-bench
         return [
             r for i, rec in enumerate(data) for r in session_requests(f"{name}:{i}", [_clean(m) for m in rec["traj"]])
