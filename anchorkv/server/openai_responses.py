@@ -103,7 +103,7 @@ def _item_tag(item: Any) -> str | None:
     return f"{kind}-item" if kind in ITEM_TYPES else "other-item" if isinstance(kind, str) else None
 
 
-# reasoning, item_reference and the other item types carry nothing this model reads: kept as sent, skipped
+# the other item types (reasoning, ...) are kept as sent and skipped; an item_reference is not looked up
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message-item")]
     | Annotated[FunctionCallItem, Tag("function_call-item")]
