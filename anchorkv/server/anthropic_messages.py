@@ -11,14 +11,13 @@ reasons and usage.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from typing import Annotated, Any, Literal
 
 import anthropic.types as at
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
+from anchorkv.server.schemas import ChatCompletionRequest, RequestBody, offered_tool
 
 MAX_BREAKPOINTS = 4  # as Anthropic's API
 
@@ -186,9 +185,8 @@ def _offered(req: MessagesRequest) -> list[int]:
 
 def field(req: MessagesRequest, chat_param: str) -> str:
     """The request's field behind a field of its chat request (tools[i].function.parameters)."""
-    if m := re.fullmatch(r"tools\[(\d+)\]\.function\.parameters", chat_param):
-        return f"tools[{_offered(req)[int(m[1])]}].input_schema"
-    return chat_param
+    i = offered_tool(chat_param, _offered(req))
+    return chat_param if i is None else f"tools[{i}].input_schema"
 
 
 def _body(req: MessagesRequest, messages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ prefix the cache then holds.
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ from openai.types.responses.response_usage import InputTokensDetails, OutputToke
 from openai.types.shared import ResponseFormatJSONObject, ResponseFormatText
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from anchorkv.server.schemas import ChatCompletionRequest, RequestBody
+from anchorkv.server.schemas import ChatCompletionRequest, RequestBody, offered_tool
 
 KEPT_RESPONSES = 1024
 
@@ -99,7 +98,7 @@ ITEM_TYPES = ("message", "function_call", "function_call_output")
 
 
 def _item_tag(item: Any) -> str | None:
-    kind = _type(item) if isinstance(item, dict) and "type" in item else "message"
+    kind = item.get("type", "message") if isinstance(item, dict) else "message"
     return f"{kind}-item" if kind in ITEM_TYPES else "other-item" if isinstance(kind, str) else None
 
 
@@ -272,8 +271,8 @@ def _tools(req: ResponsesRequest) -> list[FunctionTool]:
 
 def field(req: ResponsesRequest, chat_param: str) -> str:
     """The request's field behind a field of its chat request (a tool's parameters, the format's schema)."""
-    if m := re.fullmatch(r"tools\[(\d+)\]\.function\.parameters", chat_param):
-        return f"tools[{_offered(req)[int(m[1])]}].parameters"
+    if (i := offered_tool(chat_param, _offered(req))) is not None:
+        return f"tools[{i}].parameters"
     return "text.format.schema" if chat_param.startswith("response_format") else chat_param
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from openai.types.chat import ChatCompletionFunctionTool
@@ -176,6 +178,13 @@ class FunctionTool(ChatCompletionFunctionTool):
         if isinstance(data, dict) and data.get("type", "function") != "function":
             raise ValueError(f"type must be function (the only kind of tool a reply can call), not {data['type']!r}")
         return data
+
+
+def offered_tool(chat_param: str, offered: Sequence[int]) -> int | None:
+    """For `tools[i].function.parameters` of a chat request translated from an agent API's: where that tool
+    is in the agent API's request, whose tools `offered` lists by place; else None."""
+    m = re.fullmatch(r"tools\[(\d+)\]\.function\.parameters", chat_param)
+    return None if m is None else offered[int(m[1])]
 
 
 def tool_dicts(tools: list[FunctionTool] | None) -> list[dict[str, Any]] | None:

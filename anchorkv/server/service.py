@@ -136,9 +136,11 @@ class Service:
         try:
             found = request_grammar(req)
         except RequestGrammarError as e:
-            raise APIError(400, f"{field(e.param)}: {e.reason}", field(e.param)) from None
+            param = field(e.param)
+            raise APIError(400, f"{param}: {e.reason}", param) from None
         if found is not None and (error := await asyncio.to_thread(engine.grammar_error, found[0])) is not None:
-            raise APIError(400, f"{field(found[1])}: {error}", field(found[1]))
+            param = field(found[1])
+            raise APIError(400, f"{param}: {error}", param)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self._temperature(req),
